@@ -1,0 +1,131 @@
+"""The retention gate: one small MLP per decoder layer that predicts log beta per KV head.
+
+For token i entering layer l, the gate reads the layer's attention input x_i (the hidden state after the
+input norm, the tensor q/k/v projections read) and emits
+
+    log beta_i = logsigmoid(W2 silu(W1 x_i + b1) + b)          # [B, T, H_kv], fp32
+
+Token i's retention at step t is beta_i^(t - i), i.e. log alpha_{t,i} = (t - i) * log beta_i <= 0.
+The per-head bias b starts at 18 so that beta ~ 1 and the gated model starts equal to the frozen one.
+
+Variants (``GateConfig.gate_type``):
+  * ``"rg"``  - input is the attention input x_i (default, the paper's gate).
+  * ``"rg2"`` - input is the post-RoPE key and the value of token i, concatenated per KV head
+                ([k_h; v_h] -> one logit for head h; weights shared across heads of a layer).
+The gate always runs in fp32, whatever the model's dtype: beta^(t-i) over 10^4+ steps underflows in bf16.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GATE_TYPES = ("rg", "rg2")
+
+
+@dataclass
+class GateConfig:
+    """Everything needed to rebuild a set of gates and to check them against a base model."""
+
+    num_layers: int
+    hidden_size: int
+    num_kv_heads: int
+    head_dim: int
+    gate_type: str = "rg"
+    gate_hidden: int = 512
+    bias_init: float = 18.0
+    init_std: float = 0.02
+    # Provenance / training metadata, written into config.json (not used by the math).
+    base_model: str | None = None
+    base_revision: str | None = None
+    train_budget: int | None = None
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.gate_type not in GATE_TYPES:
+            raise ValueError(f"gate_type={self.gate_type!r} is unknown; choose one of {GATE_TYPES}")
+        for name in ("num_layers", "hidden_size", "num_kv_heads", "head_dim", "gate_hidden"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"GateConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+
+    @property
+    def in_features(self) -> int:
+        return self.hidden_size if self.gate_type == "rg" else 2 * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GateConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown gate config field(s) {unknown}; known fields: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def for_model(cls, model_config: Any, **overrides: Any) -> "GateConfig":
+        """Read layer count, hidden size and KV heads from a Hugging Face config."""
+        cfg = getattr(model_config, "text_config", None) or model_config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        base = dict(
+            num_layers=cfg.num_hidden_layers,
+            hidden_size=cfg.hidden_size,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            base_model=getattr(cfg, "_name_or_path", None) or None,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+
+class RetentionGate(nn.Module):
+    """Gate of one decoder layer: x -> log beta per KV head (fp32, <= 0)."""
+
+    def __init__(self, cfg: GateConfig):
+        super().__init__()
+        self.gate_type = cfg.gate_type
+        self.num_kv_heads = cfg.num_kv_heads
+        out = cfg.num_kv_heads if cfg.gate_type == "rg" else 1
+        self.w1 = nn.Linear(cfg.in_features, cfg.gate_hidden, bias=True)
+        self.w2 = nn.Linear(cfg.gate_hidden, out, bias=False)
+        self.bias = nn.Parameter(torch.full((cfg.num_kv_heads,), float(cfg.bias_init)))
+        nn.init.normal_(self.w1.weight, std=cfg.init_std)
+        nn.init.zeros_(self.w1.bias)
+        nn.init.normal_(self.w2.weight, std=cfg.init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """rg: x [B, T, d] -> log beta [B, H_kv, T].  rg2: x [B, H_kv, T, 2*D] -> log beta [B, H_kv, T]."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            h = self.w2(F.silu(self.w1(x)))                     # rg: [B, T, Hkv]; rg2: [B, Hkv, T, 1]
+            if self.gate_type == "rg":
+                logit = h.transpose(1, 2) + self.bias[:, None]  # [B, Hkv, T]
+            else:
+                logit = h.squeeze(-1) + self.bias[:, None]      # [B, Hkv, T]
+            return F.logsigmoid(logit)
+
+
+class RetentionGates(nn.Module):
+    """All gates of a model: ``gates[l]`` is layer l's :class:`RetentionGate`."""
+
+    def __init__(self, cfg: GateConfig):
+        super().__init__()
+        self.config = cfg
+        self.layers = nn.ModuleList(RetentionGate(cfg) for _ in range(cfg.num_layers))
+
+    def __getitem__(self, idx: int) -> RetentionGate:
+        return self.layers[idx]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
