@@ -1,0 +1,393 @@
+r"""Retention-gated attention ("soft eviction", TRIM-KV Eq. 3) and the soft cache size S_t.
+
+Math. Query i (position ``q_pos[i]``) attends to key j (position ``k_pos[j]``) with weight
+
+    w_ij = exp(scaling * q_i . k_j + d_ij * logb_j) / sum_{j' visible} exp(...),
+    d_ij = q_pos[i] - k_pos[j] >= 0,
+
+where ``logb_j = log beta_j <= 0`` is key j's log retention for its KV head. Key j is *visible* to query i
+iff ``k_pos[j] <= q_pos[i]``, both belong to the same segment (packed document) and the key slot is
+valid. A query row with no visible key returns zeros. ``logb_j -> -inf`` removes key j exactly for every
+later query (soft eviction becomes hard eviction); ``logb = 0`` is plain causal attention.
+
+GQA: query head h uses KV head ``h // G`` (``G = H // Hkv``) and that head's logb. Inside the kernels the
+G query heads of a KV head are folded into the query-row dimension (``q -> [B, Hkv, G*T, D]``), so keys
+and values are never repeated in memory.
+
+Gradients (used by the chunked backward, FlashAttention-2 style, recomputed from the saved log-sum-exp):
+
+    P = exp(S - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
+    dQ = scaling dS K,  dK = scaling dS^T Q,  dlogb_j = sum_{g, i} dS_ij * d_ij.
+
+Soft cache size (capacity loss): ``S_t = sum_{i visible to t} exp((pos_t - pos_i) * logb_i)``, the token
+itself counting 1, with ``dlogb_i = sum_t g_t * exp(...) * (pos_t - pos_i)``.
+
+Every fast path has a reference that materialises the full ``T x S`` matrices; the tests compare them.
+The chunked paths use O(T x block) memory and never build a ``T x S`` tensor.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "retention_attention",
+    "retention_attention_reference",
+    "retention_attention_chunked",
+    "capacity_sums",
+    "capacity_sums_reference",
+]
+
+IMPLS = ("auto", "reference", "chunked")
+_AUTO_CHUNK_ABOVE = 1024 * 1024  # "auto" uses the chunked path when T * S exceeds this
+_I64_MAX = torch.iinfo(torch.int64).max
+_I64_MIN = torch.iinfo(torch.int64).min
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared helpers: input checks, visibility, decay, block skipping
+# ----------------------------------------------------------------------------------------------------
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 inputs, fp64 stays fp64 (tests use it for tight tolerances)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_meta(q_pos, k_pos, q_seg, k_seg, k_valid, B: int, T: int, S: int):
+    """Validate positions / segments / validity and return them as int64 / bool tensors."""
+    if tuple(q_pos.shape) != (B, T) or tuple(k_pos.shape) != (B, S):
+        raise ValueError(f"q_pos must be [B, T]={[B, T]} and k_pos [B, S]={[B, S]}, "
+                         f"got {list(q_pos.shape)} and {list(k_pos.shape)}")
+    if (q_seg is None) != (k_seg is None):
+        raise ValueError("pass both q_seg and k_seg (document ids of queries and keys) or neither")
+    if q_seg is not None:
+        if tuple(q_seg.shape) != (B, T) or tuple(k_seg.shape) != (B, S):
+            raise ValueError(f"q_seg must be [B, T]={[B, T]} and k_seg [B, S]={[B, S]}, "
+                             f"got {list(q_seg.shape)} and {list(k_seg.shape)}")
+        q_seg, k_seg = q_seg.long(), k_seg.long()
+    if k_valid is not None:
+        if tuple(k_valid.shape) != (B, S):
+            raise ValueError(f"k_valid must be [B, S]={[B, S]}, got {list(k_valid.shape)}")
+        k_valid = k_valid.bool()
+    return q_pos.long(), k_pos.long(), q_seg, k_seg, k_valid
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, logb: Tensor | None) -> tuple[int, int]:
+    """Check the attention operand shapes; return (Hkv, G)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q must be [B, H, T, D] and k, v [B, Hkv, S, D] (heads before time)")
+    B, H, _, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[-1] != D or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"shape mismatch: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
+    if H % Hkv:
+        raise ValueError(f"{H} query heads are not a multiple of {Hkv} KV heads (GQA needs H = G * Hkv)")
+    if logb is not None and tuple(logb.shape) != (B, Hkv, S):
+        raise ValueError(f"logb must be [B, Hkv, S]={[B, Hkv, S]} (one log retention per KV head and key), "
+                         f"got {list(logb.shape)}")
+    return Hkv, H // Hkv
+
+
+def _visible(qp: Tensor, kp: Tensor, qs: Tensor | None, ks: Tensor | None, kv: Tensor | None) -> Tensor:
+    """[B, tq], [B, tk] -> [B, tq, tk] bool: key at or before the query, same segment, valid slot."""
+    vis = kp[:, None, :] <= qp[:, :, None]
+    if qs is not None:
+        vis = vis & (qs[:, :, None] == ks[:, None, :])
+    if kv is not None:
+        vis = vis & kv[:, None, :]
+    return vis
+
+
+def _decay(qp: Tensor, kp: Tensor, vis: Tensor, dtype: torch.dtype) -> Tensor:
+    """d_ij = q_pos[i] - k_pos[j] as [B, tq, tk]; 0 where not visible (keeps d * logb finite there)."""
+    d = (qp[:, :, None] - kp[:, None, :]).to(dtype)
+    return d.masked_fill(~vis, 0.0)
+
+
+def _blocks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _block_ranges(x: Tensor, size: int, fill: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per-block min and max of x [B, N] over entries where mask holds -> two [B, nblocks] tensors."""
+    B, N = x.shape
+    nb = -(-N // size)
+    idx = torch.arange(nb * size, device=x.device).clamp_max(N - 1)  # repeat the last entry as padding
+    xb = x[:, idx].view(B, nb, size)
+    if mask is None:
+        return xb.amin(-1), xb.amax(-1)
+    mb = mask[:, idx].view(B, nb, size)
+    return xb.masked_fill(~mb, _I64_MAX).amin(-1), xb.masked_fill(~mb, fill).amax(-1)
+
+
+def _block_table(q_pos, k_pos, q_seg, k_seg, k_valid, bq: int, bk: int) -> list[list[bool]]:
+    """live[qi][kj] is False only if no query of block qi can see any key of block kj in any batch row.
+
+    Safe skips: every valid key is after every query (min k_pos > max q_pos), the segment-id ranges of
+    queries and valid keys do not overlap, or the key block holds no valid slot.
+    """
+    _, q_max = _block_ranges(q_pos, bq, _I64_MIN, None)  # [B, nqb]
+    k_min, _ = _block_ranges(k_pos, bk, _I64_MIN, k_valid)  # [B, nkb]; _I64_MAX if no valid key
+    live = k_min[:, None, :] <= q_max[:, :, None]  # [B, nqb, nkb]
+    if q_seg is not None:
+        qs_min, qs_max = _block_ranges(q_seg, bq, _I64_MIN, None)
+        ks_min, ks_max = _block_ranges(k_seg, bk, _I64_MIN, k_valid)
+        live &= (ks_min[:, None, :] <= qs_max[:, :, None]) & (qs_min[:, :, None] <= ks_max[:, None, :])
+    return live.any(0).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Retention attention: reference
+# ----------------------------------------------------------------------------------------------------
+def retention_attention_reference(q, k, v, logb, *, scaling, q_pos, k_pos, q_seg=None, k_seg=None,
+                                  k_valid=None) -> Tensor:
+    """Ground truth: materialises the full [B, H, T, S] weights. Differentiable by autograd.
+
+    Shapes: q [B, H, T, D]; k, v [B, Hkv, S, D]; logb [B, Hkv, S] (None = no decay); q_pos, q_seg [B, T];
+    k_pos, k_seg, k_valid [B, S]. Returns [B, H, T, D] in q's dtype (math in fp32, or fp64 for fp64).
+    """
+    Hkv, G = _check_qkv(q, k, v, logb)
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    q_pos, k_pos, q_seg, k_seg, k_valid = _check_meta(q_pos, k_pos, q_seg, k_seg, k_valid, B, T, S)
+    cdt = _compute_dtype(q.dtype)
+    q5 = q.to(cdt).unflatten(1, (Hkv, G))  # [B, Hkv, G, T, D]
+    s = torch.einsum("bhgtd,bhsd->bhgts", q5, k.to(cdt)) * scaling  # [B, Hkv, G, T, S]
+    vis = _visible(q_pos, k_pos, q_seg, k_seg, k_valid)  # [B, T, S]
+    if logb is not None:
+        d = _decay(q_pos, k_pos, vis, cdt)  # [B, T, S]
+        s = s + d[:, None, None] * logb.to(cdt)[:, :, None, None, :]
+    s = s.masked_fill(~vis[:, None, None], -math.inf)
+    m = s.detach().amax(-1, keepdim=True)
+    m = m.masked_fill(m == -math.inf, 0.0)  # rows with no visible key
+    p = torch.exp(s - m)
+    denom = p.sum(-1, keepdim=True)
+    w = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+    out = torch.einsum("bhgts,bhsd->bhgtd", w, v.to(cdt))  # [B, Hkv, G, T, D]
+    return out.flatten(1, 2).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Retention attention: chunked (online softmax forward, recompute backward)
+# ----------------------------------------------------------------------------------------------------
+def _block_scores(qb: Tensor, kb: Tensor, logb_b: Tensor, d: Tensor, vis: Tensor, scaling: float) -> Tensor:
+    """qb [B, Hkv, G, bq, D], kb [B, Hkv, bk, D], logb_b [B, Hkv, bk], d / vis [B, bq, bk]
+    -> masked scores [B, Hkv, G, bq, bk] (-inf where not visible)."""
+    B, Hkv, G, bq, _ = qb.shape
+    s = (qb.flatten(2, 3) @ kb.transpose(-1, -2)).view(B, Hkv, G, bq, -1) * scaling
+    s = s + d[:, None, None] * logb_b[:, :, None, None, :]
+    return s.masked_fill(~vis[:, None, None], -math.inf)
+
+
+def _fold_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a [B, Hkv, G, bq, X] @ b [B, Hkv, X, Y] -> [B, Hkv, G, bq, Y] with G folded into rows."""
+    B, Hkv, G, bq, _ = a.shape
+    return (a.flatten(2, 3) @ b).view(B, Hkv, G, bq, -1)
+
+
+def _chunked_forward(q5, k, v, logb, meta, scaling, bq, bk) -> tuple[Tensor, Tensor]:
+    """Online-softmax forward. q5 [B, Hkv, G, T, D] -> out [B, Hkv, G, T, Dv], lse [B, Hkv, G, T]."""
+    q_pos, k_pos, q_seg, k_seg, k_valid = meta
+    B, Hkv, G, T, _ = q5.shape
+    out = q5.new_zeros(B, Hkv, G, T, v.shape[-1])
+    lse = q5.new_zeros(B, Hkv, G, T)
+    live = _block_table(q_pos, k_pos, q_seg, k_seg, k_valid, bq, bk)
+    for qi, (i0, i1) in enumerate(_blocks(T, bq)):
+        qb = q5[:, :, :, i0:i1]
+        m = q5.new_full((B, Hkv, G, i1 - i0), -math.inf)  # running max
+        l = q5.new_zeros(B, Hkv, G, i1 - i0)  # running sum of exp
+        acc = q5.new_zeros(B, Hkv, G, i1 - i0, v.shape[-1])
+        for kj, (j0, j1) in enumerate(_blocks(k.shape[2], bk)):
+            if not live[qi][kj]:
+                continue
+            qp, kp = q_pos[:, i0:i1], k_pos[:, j0:j1]
+            vis = _visible(qp, kp, _sl(q_seg, i0, i1), _sl(k_seg, j0, j1), _sl(k_valid, j0, j1))
+            d = _decay(qp, kp, vis, q5.dtype)
+            s = _block_scores(qb, k[:, :, j0:j1], logb[:, :, j0:j1], d, vis, scaling)
+            m_new = torch.maximum(m, s.amax(-1))
+            m_safe = m_new.masked_fill(m_new == -math.inf, 0.0)  # nothing visible yet
+            p = torch.exp(s - m_safe[..., None])  # [B, Hkv, G, bq, bk]
+            corr = torch.exp(m - m_safe)
+            l = l * corr + p.sum(-1)
+            acc = acc * corr[..., None] + _fold_matmul(p, v[:, :, j0:j1])
+            m = m_new
+        has = l > 0
+        out[:, :, :, i0:i1] = acc / torch.where(has, l, torch.ones_like(l))[..., None]
+        lse[:, :, :, i0:i1] = torch.where(has, m + torch.log(l), torch.zeros_like(l))
+    return out, lse
+
+
+def _sl(x: Tensor | None, a: int, b: int) -> Tensor | None:
+    return None if x is None else x[:, a:b]
+
+
+def _chunked_backward(do5, q5, k, v, logb, out5, lse, meta, scaling, bq, bk):
+    """Recompute P from lse block by block; returns dq5, dk, dv, dlogb (compute dtype)."""
+    q_pos, k_pos, q_seg, k_seg, k_valid = meta
+    T = q5.shape[3]
+    delta = (do5 * out5).sum(-1)  # [B, Hkv, G, T]
+    dq, dk, dv, dlogb = (torch.zeros_like(x) for x in (q5, k, v, logb))
+    live = _block_table(q_pos, k_pos, q_seg, k_seg, k_valid, bq, bk)
+    for qi, (i0, i1) in enumerate(_blocks(T, bq)):
+        qb, dob = q5[:, :, :, i0:i1], do5[:, :, :, i0:i1]
+        for kj, (j0, j1) in enumerate(_blocks(k.shape[2], bk)):
+            if not live[qi][kj]:
+                continue
+            qp, kp = q_pos[:, i0:i1], k_pos[:, j0:j1]
+            vis = _visible(qp, kp, _sl(q_seg, i0, i1), _sl(k_seg, j0, j1), _sl(k_valid, j0, j1))
+            d = _decay(qp, kp, vis, q5.dtype)  # [B, bq, bk]
+            kb, vb = k[:, :, j0:j1], v[:, :, j0:j1]
+            s = _block_scores(qb, kb, logb[:, :, j0:j1], d, vis, scaling)
+            p = torch.exp(s - lse[:, :, :, i0:i1, None])  # [B, Hkv, G, bq, bk]
+            dv[:, :, j0:j1] += p.flatten(2, 3).transpose(-1, -2) @ dob.flatten(2, 3)
+            dp = _fold_matmul(dob, vb.transpose(-1, -2))
+            ds = p * (dp - delta[:, :, :, i0:i1, None])
+            dq[:, :, :, i0:i1] += _fold_matmul(ds, kb) * scaling
+            dk[:, :, j0:j1] += (ds.flatten(2, 3).transpose(-1, -2) @ qb.flatten(2, 3)) * scaling
+            dlogb[:, :, j0:j1] += torch.einsum("bhgqk,bqk->bhk", ds, d)
+    return dq, dk, dv, dlogb
+
+
+class _RetentionAttentionFn(torch.autograd.Function):
+    """Chunked retention attention with a hand-written backward (grads for q, k, v and logb)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, logb, q_pos, k_pos, q_seg, k_seg, k_valid, scaling, bq, bk):
+        Hkv = k.shape[1]
+        cdt = _compute_dtype(q.dtype)
+        q5 = q.to(cdt).unflatten(1, (Hkv, q.shape[1] // Hkv))  # [B, Hkv, G, T, D]
+        meta = (q_pos, k_pos, q_seg, k_seg, k_valid)
+        out5, lse = _chunked_forward(q5, k.to(cdt), v.to(cdt), logb.to(cdt), meta, scaling, bq, bk)
+        ctx.save_for_backward(q, k, v, logb, out5, lse, q_pos, k_pos, q_seg, k_seg, k_valid)
+        ctx.cfg = (scaling, bq, bk)
+        return out5.flatten(1, 2).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, logb, out5, lse, *meta = ctx.saved_tensors
+        scaling, bq, bk = ctx.cfg
+        cdt = out5.dtype
+        do5 = dout.to(cdt).unflatten(1, out5.shape[1:3])  # [B, Hkv, G, T, Dv]
+        q5 = q.to(cdt).unflatten(1, out5.shape[1:3])
+        dq5, dk, dv, dlogb = _chunked_backward(do5, q5, k.to(cdt), v.to(cdt), logb.to(cdt), out5, lse,
+                                               tuple(meta), scaling, bq, bk)
+        need = ctx.needs_input_grad
+        return (dq5.flatten(1, 2).to(q.dtype) if need[0] else None,
+                dk.to(k.dtype) if need[1] else None,
+                dv.to(v.dtype) if need[2] else None,
+                dlogb.to(logb.dtype) if need[3] else None,
+                *([None] * 8))
+
+
+def retention_attention_chunked(q, k, v, logb, *, scaling, q_pos, k_pos, q_seg=None, k_seg=None,
+                                k_valid=None, block_q=128, block_k=128) -> Tensor:
+    """Same result as :func:`retention_attention_reference` with O(T x block) memory.
+
+    Query blocks x key blocks with an online softmax; the backward recomputes each block from the saved
+    log-sum-exp. Key blocks that no query of a block can see are skipped.
+    """
+    Hkv, _ = _check_qkv(q, k, v, logb)
+    B, _, T, _ = q.shape
+    S = k.shape[2]
+    meta = _check_meta(q_pos, k_pos, q_seg, k_seg, k_valid, B, T, S)
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
+    if logb is None:
+        logb = q.new_zeros(B, Hkv, S, dtype=torch.float32)
+    return _RetentionAttentionFn.apply(q, k, v, logb, *meta, float(scaling), int(block_q), int(block_k))
+
+
+def retention_attention(q, k, v, logb, *, scaling, q_pos, k_pos, q_seg=None, k_seg=None, k_valid=None,
+                        impl="auto", block_q=128, block_k=128) -> Tensor:
+    """Retention-gated attention; see the module docstring for the math.
+
+    q [B, H, T, D]; k, v [B, Hkv, S, D]; logb [B, Hkv, S] fp32 or None (plain attention);
+    q_pos [B, T], k_pos [B, S] int64; q_seg [B, T] / k_seg [B, S] document ids or None;
+    k_valid [B, S] bool or None. Returns [B, H, T, D] in q's dtype.
+    impl: "reference" (materialises T x S), "chunked" (O(T x block) memory) or "auto"
+    (chunked when T * S > 1024 * 1024).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "chunked" if q.shape[2] * k.shape[2] > _AUTO_CHUNK_ABOVE else "reference"
+    kw = dict(scaling=scaling, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, k_valid=k_valid)
+    if impl == "reference":
+        return retention_attention_reference(q, k, v, logb, **kw)
+    return retention_attention_chunked(q, k, v, logb, block_q=block_q, block_k=block_k, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Soft cache size S_t for the capacity loss
+# ----------------------------------------------------------------------------------------------------
+def _check_capacity(logb: Tensor, pos: Tensor, seg, valid):
+    if logb.dim() != 3:
+        raise ValueError(f"logb must be [B, Hkv, T], got {list(logb.shape)}")
+    B, _, T = logb.shape
+    pos, _, seg, _, valid = _check_meta(pos, pos, seg, seg, valid, B, T, T)
+    return pos, seg, valid
+
+
+def _retention_block(logb_b: Tensor, pos, seg, valid, t0, t1, i0, i1) -> tuple[Tensor, Tensor]:
+    """alpha_ti = exp((pos_t - pos_i) logb_i) for t in [t0, t1), i in [i0, i1): ([B, Hkv, bt, bi], d)."""
+    vis = _visible(pos[:, t0:t1], pos[:, i0:i1], _sl(seg, t0, t1), _sl(seg, i0, i1), _sl(valid, i0, i1))
+    d = _decay(pos[:, t0:t1], pos[:, i0:i1], vis, logb_b.dtype)  # [B, bt, bi]
+    alpha = torch.exp(d[:, None] * logb_b[:, :, None, :]).masked_fill(~vis[:, None], 0.0)
+    return alpha, d
+
+
+class _CapacitySumsFn(torch.autograd.Function):
+    """S_t = sum_i alpha_ti, blockwise; backward dlogb_i = sum_t g_t alpha_ti d_ti."""
+
+    @staticmethod
+    def forward(ctx, logb, pos, seg, valid, block):
+        T = logb.shape[2]
+        lc = logb.to(_compute_dtype(logb.dtype))
+        out = torch.zeros_like(lc)  # [B, Hkv, T]
+        live = _block_table(pos, pos, seg, seg, valid, block, block)
+        for ti, (t0, t1) in enumerate(_blocks(T, block)):
+            for ii, (i0, i1) in enumerate(_blocks(T, block)):
+                if live[ti][ii]:
+                    alpha, _ = _retention_block(lc[:, :, i0:i1], pos, seg, valid, t0, t1, i0, i1)
+                    out[:, :, t0:t1] += alpha.sum(-1)
+        ctx.save_for_backward(logb, pos, seg, valid)
+        ctx.block = block
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        logb, pos, seg, valid = ctx.saved_tensors
+        block, T = ctx.block, logb.shape[2]
+        lc = logb.to(_compute_dtype(logb.dtype))
+        g = g.to(lc.dtype)
+        dlogb = torch.zeros_like(lc)
+        live = _block_table(pos, pos, seg, seg, valid, block, block)
+        for ti, (t0, t1) in enumerate(_blocks(T, block)):
+            for ii, (i0, i1) in enumerate(_blocks(T, block)):
+                if live[ti][ii]:
+                    alpha, d = _retention_block(lc[:, :, i0:i1], pos, seg, valid, t0, t1, i0, i1)
+                    dlogb[:, :, i0:i1] += (g[:, :, t0:t1, None] * alpha * d[:, None]).sum(-2)
+        return dlogb.to(logb.dtype), None, None, None, None
+
+
+def capacity_sums(logb, pos, seg=None, valid=None, block=256) -> Tensor:
+    """Soft cache size S_t = sum_{i visible to t} exp((pos_t - pos_i) logb_i), blockwise.
+
+    logb [B, Hkv, T] fp32; pos [B, T] int64; seg [B, T] document ids or None; valid [B, T] bool or None.
+    Returns [B, Hkv, T] in fp32 (fp64 for fp64 logb). Differentiable w.r.t. logb, O(T x block) memory.
+    """
+    pos, seg, valid = _check_capacity(logb, pos, seg, valid)
+    if block < 1:
+        raise ValueError(f"block must be positive, got {block}")
+    return _CapacitySumsFn.apply(logb, pos, seg, valid, int(block))
+
+
+def capacity_sums_reference(logb, pos, seg=None, valid=None) -> Tensor:
+    """Brute-force S_t through a [B, Hkv, T, T] matrix; the ground truth for :func:`capacity_sums`."""
+    pos, seg, valid = _check_capacity(logb, pos, seg, valid)
+    lc = logb.to(_compute_dtype(logb.dtype))
+    vis = _visible(pos, pos, seg, seg, valid)  # [B, T, T]
+    d = _decay(pos, pos, vis, lc.dtype)
+    alpha = torch.exp(d[:, None] * lc[:, :, None, :])  # [B, Hkv, T, T]
+    return torch.where(vis[:, None], alpha, torch.zeros_like(alpha)).sum(-1)
