@@ -1,0 +1,195 @@
+"""The training losses: quality (KL + next-token CE) and capacity.
+
+Quality. The teacher is the frozen model with gates off; the student is the same model with gates on.
+Hidden state h_t (after the final norm, what the LM head reads) predicts token t+1, so position t is
+scored iff ``loss_mask[b, t+1]`` (e.g. assistant tokens in chat data). Over the set P of scored positions
+
+    L_KL  = 1/|P| sum_{t in P} sum_v p_T(v | h^T_t) (log p_T(v | h^T_t) - log p_S(v | h^S_t))
+    L_NTP = 1/|P| sum_{t in P} -log p_S(x_{t+1} | h^S_t)
+
+with p = softmax(softcap(lm_head(h))) computed in fp32. Vocabularies are large (~150k) and sequences
+long (16k-128k), so logits are never materialised for the whole sequence: the scored positions are
+gathered and pushed through the LM head ``chunk_size`` rows at a time. Each chunk's loss runs under
+non-reentrant activation checkpointing, so only the chunk's inputs ([chunk, d]) are kept for backward
+and its [chunk, V] logits are recomputed there; memory is O(chunk x V) in forward and backward.
+
+Capacity. S_t = sum_{i<=t} beta_i^(t-i) is the soft cache size of one (layer, KV head) after t tokens
+(the newest token counts 1). With budget M and t = pos + 1 (1-based count of tokens seen):
+
+    "paper":  L_cap = mean_{b,h,t} relu(S_t - M) / t                  # (1/T) sum_t (1/t) relu(S_t - M)
+    "code":   L_cap = sum_{b,h,t} relu(S_t - M) / max(t - M, 1)  /  #{(b,h,t): t > M}
+
+"paper" is Eq. (capacity loss) of arXiv 2512.03324; "code" is what the authors' later code does.
+Callers average ``capacity_loss`` over layers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+CAPACITY_FORMS = ("paper", "code")
+
+
+# --------------------------------------------------------------------------------------------- quality
+
+
+def _logprobs(hidden: torch.Tensor, lm_head: nn.Module, logit_softcap: float | None) -> torch.Tensor:
+    """[N, d] hidden -> [N, V] log-probabilities in fp32 (fp64 stays fp64), optionally soft-capped."""
+    logits = lm_head(hidden)  # [N, V]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    return F.log_softmax(logits, dim=-1)
+
+
+def _chunk_loss_sums(
+    student: torch.Tensor,  # [N, d]
+    teacher: torch.Tensor,  # [N, d]
+    targets: torch.Tensor,  # [N]
+    lm_head: nn.Module,
+    logit_softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed (not averaged) KL(p_T || p_S) and CE over the N rows of one chunk, fp32 scalars."""
+    with torch.no_grad():
+        t_logp = _logprobs(teacher, lm_head, logit_softcap)  # [N, V]
+    s_logp = _logprobs(student, lm_head, logit_softcap)  # [N, V]
+    kl = F.kl_div(s_logp, t_logp, reduction="sum", log_target=True)
+    ce = F.nll_loss(s_logp, targets, reduction="sum")
+    return kl, ce
+
+
+def _scored_rows(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into B*T rows) of hidden states whose NEXT token is a target: [P] int64."""
+    scored = torch.zeros_like(loss_mask, dtype=torch.bool)  # [B, T]
+    scored[:, :-1] = loss_mask[:, 1:]
+    return scored.reshape(-1).nonzero().squeeze(-1)  # [P]
+
+
+def distillation_losses(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    lm_head: nn.Module,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    chunk_size: int = 512,
+    logit_softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward KL(p_teacher || p_student) and next-token cross-entropy, computed in position chunks.
+
+    student_hidden [B, T, d] (requires grad), teacher_hidden [B, T, d] (no grad): final hidden states after
+    the model's final norm, i.e. what ``lm_head`` reads. lm_head: frozen d -> vocab module (e.g.
+    ``model.get_output_embeddings()``). input_ids [B, T] int64. loss_mask [B, T] bool: True where
+    input_ids[b, t] is a target token (predicted from position t-1; position 0 is never a target).
+    The hidden state at t is scored iff loss_mask[b, t+1].
+
+    Both losses are means over scored positions (KL summed over the vocabulary per position). Returns
+    (kl, ntp) fp32 scalars (fp64 for fp64 inputs; log-softmax never runs below fp32). With no scored position both are zeros still connected to student_hidden, so
+    ``backward()`` works. ``logit_softcap`` (Gemma-2 final softcap, ``cap * tanh(logits / cap)``) is
+    applied to both teacher and student logits. Memory is O(chunk_size x vocab) in forward and backward.
+    """
+    _check_distillation_inputs(student_hidden, teacher_hidden, input_ids, loss_mask, chunk_size)
+    B, T, d = student_hidden.shape
+    rows = _scored_rows(loss_mask.bool())  # [P]
+    if rows.numel() == 0:
+        zero = student_hidden.float().sum() * 0.0
+        return zero, zero.clone()
+
+    student_flat = student_hidden.reshape(B * T, d)  # [B*T, d]
+    teacher_flat = teacher_hidden.detach().reshape(B * T, d)  # [B*T, d]
+    targets_flat = input_ids.reshape(B * T)  # [B*T]
+    # Checkpoint only when a backward can follow; the chunk loss has no randomness (no RNG to replay).
+    use_ckpt = torch.is_grad_enabled() and student_hidden.requires_grad
+
+    # One gather for all scored rows: its backward is a single scatter into [B*T, d]. (A gather per chunk
+    # would allocate and accumulate a full [B*T, d] gradient per chunk.) split() backward is one concat.
+    student_rows = student_flat.index_select(0, rows)  # [P, d]
+
+    kl_sum = ce_sum = 0.0
+    for student, idx in zip(student_rows.split(chunk_size), rows.split(chunk_size)):  # [N, d], [N]
+        teacher = teacher_flat.index_select(0, idx)  # [N, d]
+        targets = targets_flat.index_select(0, idx + 1)  # [N], the next token of each scored row
+        if use_ckpt:
+            kl, ce = checkpoint(
+                _chunk_loss_sums, student, teacher, targets, lm_head, logit_softcap,
+                use_reentrant=False, preserve_rng_state=False,
+            )
+        else:
+            kl, ce = _chunk_loss_sums(student, teacher, targets, lm_head, logit_softcap)
+        kl_sum = kl_sum + kl
+        ce_sum = ce_sum + ce
+    n = rows.numel()
+    return kl_sum / n, ce_sum / n
+
+
+def _check_distillation_inputs(student_hidden, teacher_hidden, input_ids, loss_mask, chunk_size) -> None:
+    if student_hidden.dim() != 3:
+        raise ValueError(f"student_hidden must be [B, T, d], got shape {tuple(student_hidden.shape)}")
+    if teacher_hidden.shape != student_hidden.shape:
+        raise ValueError(
+            f"teacher_hidden {tuple(teacher_hidden.shape)} and student_hidden {tuple(student_hidden.shape)} "
+            "must have the same [B, T, d] shape: pass the final-norm hidden states of the same batch"
+        )
+    bt = tuple(student_hidden.shape[:2])
+    for name, t in (("input_ids", input_ids), ("loss_mask", loss_mask)):
+        if tuple(t.shape) != bt:
+            raise ValueError(f"{name} must be [B, T] = {bt} to match the hidden states, got {tuple(t.shape)}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+
+
+# -------------------------------------------------------------------------------------------- capacity
+
+
+def capacity_loss(
+    S: torch.Tensor,
+    pos: torch.Tensor,
+    budget: int,
+    *,
+    form: str = "paper",
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Capacity loss for one layer; a scalar fp32.
+
+    S [B, Hkv, T] fp32 soft cache sizes S_t = sum_{i<=t} beta_i^(t-i) (the token itself counts 1).
+    pos [B, T] int64 positions within each document (t = pos + 1 tokens seen, 1-based).
+    budget: M tokens per KV head. valid [B, T] bool or None: positions to include (e.g. not padding).
+
+    form="paper": mean over included (b, h, t) of relu(S_t - M) / t.
+    form="code":  sum over included (b, h, t) of relu(S_t - M) / max(t - M, 1), divided by the number of
+                  included (b, h, t) with t > M (at least 1).
+    """
+    if form not in CAPACITY_FORMS:
+        raise ValueError(f"capacity loss form={form!r} is unknown; choose one of {CAPACITY_FORMS}")
+    if budget < 1:
+        raise ValueError(f"capacity budget M must be at least 1 token per KV head, got {budget}")
+    _check_capacity_inputs(S, pos, valid)
+    B, H, T = S.shape
+
+    S = S.float()
+    t = (pos + 1).to(torch.float32)[:, None, :]  # [B, 1, T]
+    keep = torch.ones_like(pos, dtype=torch.bool) if valid is None else valid.bool()
+    keep = keep[:, None, :].expand(B, H, T)  # [B, H, T]
+    excess = F.relu(S - budget)  # [B, H, T]
+
+    if form == "paper":
+        terms = excess / t  # [B, H, T]
+        count = keep.sum()
+    else:
+        terms = excess / (t - budget).clamp_min(1.0)  # [B, H, T]
+        count = (keep & (t > budget)).sum()
+    # where() rather than multiply: S at excluded (padding) positions may hold inf / nan.
+    total = torch.where(keep, terms, torch.zeros_like(terms)).sum()
+    return total / count.clamp_min(1).to(torch.float32)
+
+
+def _check_capacity_inputs(S, pos, valid) -> None:
+    if S.dim() != 3:
+        raise ValueError(f"S must be [B, Hkv, T] soft cache sizes, got shape {tuple(S.shape)}")
+    bt = (S.shape[0], S.shape[2])
+    if tuple(pos.shape) != bt:
+        raise ValueError(f"pos must be [B, T] = {bt} to match S [B, Hkv, T], got {tuple(pos.shape)}")
+    if valid is not None and tuple(valid.shape) != bt:
+        raise ValueError(f"valid must be [B, T] = {bt} to match S [B, Hkv, T], got {tuple(valid.shape)}")
