@@ -1,0 +1,414 @@
+"""Gate checkpoints: a folder a person can open, saved atomically, loaded safely, shared on the Hub.
+
+A checkpoint folder holds exactly three files::
+
+    config.json        GateConfig fields + "trimkv_version" + "format_version"
+    model.safetensors  gates.state_dict(): layers.{l}.w1.weight, layers.{l}.w1.bias, layers.{l}.w2.weight,
+                       layers.{l}.bias  (fp32; independent of the base model's module tree)
+    README.md          generated model card with Hub front matter (library_name: trimkv)
+
+Weights are only ever read from safetensors (no pickle). Every failure raises a
+:class:`GateCheckpointError` subclass whose message names the file / key and says what to do.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import huggingface_hub
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from trimkv.gate import GateConfig, RetentionGates
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+_META_KEYS = ("trimkv_version", "format_version")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class GateCheckpointError(Exception):
+    """Base class of every checkpoint error raised by trimkv."""
+
+
+class CheckpointNotFoundError(GateCheckpointError, FileNotFoundError):
+    """The folder, a file in it, or the Hub repo does not exist (or is not reachable)."""
+
+
+class CorruptCheckpointError(GateCheckpointError, ValueError):
+    """A checkpoint file exists but cannot be read, or its contents do not match its config."""
+
+
+class GateMismatchError(GateCheckpointError, ValueError):
+    """The gates were trained for a base model of a different shape than the one given."""
+
+
+# --------------------------------------------------------------------------------------------- save
+
+
+def trimkv_version() -> str:
+    """Installed trimkv version, or ``"0+unknown"`` when running from an uninstalled tree."""
+    try:
+        return importlib.metadata.version("trimkv")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def save_gates(gates: RetentionGates, path: str | os.PathLike, *, metadata: dict | None = None) -> pathlib.Path:
+    """Write ``gates`` as a checkpoint folder at ``path`` and return its path.
+
+    The folder is built in a temp dir beside ``path`` and renamed into place, so a crash leaves either
+    the old checkpoint or the new one, never a mix. ``metadata`` (data, steps, eval numbers, ...)
+    goes into the model card.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _refuse_to_clobber(path)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        _write_config(tmp / CONFIG_NAME, gates.config)
+        save_file(_fp32_state_dict(gates), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_model_card(tmp / CARD_NAME, gates.config, metadata)
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _fp32_state_dict(gates: RetentionGates) -> dict[str, torch.Tensor]:
+    """CPU fp32 contiguous clones (safetensors rejects shared or strided storage)."""
+    return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in gates.state_dict().items()}
+
+
+def _write_config(file: pathlib.Path, config: GateConfig) -> None:
+    data = config.to_dict()
+    data.update(trimkv_version=trimkv_version(), format_version=FORMAT_VERSION)
+    try:
+        text = json.dumps(data, indent=2, sort_keys=False)
+    except TypeError as err:
+        raise GateCheckpointError(
+            f"cannot write {CONFIG_NAME}: a GateConfig field is not JSON-serializable ({err}); "
+            "keep GateConfig.extra / loss_weights to plain numbers, strings, lists and dicts"
+        ) from err
+    file.write_text(text + "\n", encoding="utf-8")
+
+
+def _refuse_to_clobber(path: pathlib.Path) -> None:
+    """Only an empty folder or an earlier trimkv checkpoint may be replaced."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise GateCheckpointError(f"cannot save gates to {path}: it is a file; pick a folder path")
+    if any(path.iterdir()) and not _is_trimkv_checkpoint(path):
+        raise GateCheckpointError(
+            f"cannot save gates to {path}: the folder exists and is not a trimkv checkpoint "
+            "(no config.json with a 'format_version'); pick another path or empty it first"
+        )
+
+
+def _is_trimkv_checkpoint(path: pathlib.Path) -> bool:
+    try:
+        data = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "format_version" in data
+
+
+def _swap_into_place(new: pathlib.Path, path: pathlib.Path) -> None:
+    """Rename ``new`` to ``path``; an existing ``path`` is moved aside first and deleted last."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.replace(path, old / "ckpt")
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old / "ckpt", path)  # put the previous checkpoint back
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------- model card
+
+
+def write_model_card(path: str | os.PathLike, config: GateConfig, metadata: dict | None = None) -> pathlib.Path:
+    """Write a README.md model card (Hub YAML front matter + a readable summary) to ``path``."""
+    path = pathlib.Path(path)
+    text = "\n".join([_front_matter(config), _card_body(config), _metadata_section(metadata), _usage(config)])
+    path.write_text(text.rstrip() + "\n", encoding="utf-8")
+    return path
+
+
+def _front_matter(config: GateConfig) -> str:
+    lines = ["---", "library_name: trimkv"]
+    if config.base_model:
+        lines.append(f"base_model: {json.dumps(config.base_model)}")  # a JSON string is a valid YAML scalar
+    lines += ["tags:", "- trimkv", "- kv-cache", "---", ""]
+    return "\n".join(lines)
+
+
+def _card_body(config: GateConfig) -> str:
+    base = config.base_model or "an unrecorded base model"
+    revision = f" (revision `{config.base_revision}`)" if config.base_revision else ""
+    budget = f"{config.train_budget} tokens" if config.train_budget else "not recorded"
+    weights = ", ".join(f"{k}={v}" for k, v in config.loss_weights.items()) or "not recorded"
+    rows = [
+        ("Base model", f"`{base}`{revision}"),
+        ("Gate type", f"`{config.gate_type}`"),
+        ("Layers", config.num_layers),
+        ("KV heads per layer", config.num_kv_heads),
+        ("Hidden size / head dim", f"{config.hidden_size} / {config.head_dim}"),
+        ("Gate MLP hidden size", config.gate_hidden),
+        ("Gate parameters", f"{gate_parameter_count(config):,}"),
+        ("Training KV budget M", budget),
+        ("Loss weights", weights),
+        ("trimkv version", trimkv_version()),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return (
+        f"# TRIM-KV retention gates for {base}\n\n"
+        "Learned retention gates ([TRIM-KV](https://arxiv.org/abs/2512.03324)) for a frozen base model: "
+        "one small MLP per decoder layer scores how long each token stays in a memory-bounded KV cache. "
+        "The base model's weights are not included.\n\n"
+        f"| | |\n|---|---|\n{table}\n"
+    )
+
+
+def _metadata_section(metadata: dict | None) -> str:
+    if not metadata:
+        return ""
+    lines = ["## Training and evaluation", ""]
+    for key, value in metadata.items():
+        shown = value if isinstance(value, (str, int, float)) else json.dumps(value, default=str)
+        lines.append(f"- **{key}**: {shown}")
+    return "\n".join(lines) + "\n"
+
+
+def _usage(config: GateConfig) -> str:
+    base = config.base_model or "<base model>"
+    return (
+        "## Usage\n\n```python\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from trimkv.checkpoint import load_gates\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{base}")\n'
+        'handle = load_gates(model, "<this repo id or folder>")\n```\n'
+    )
+
+
+def gate_parameter_count(config: GateConfig) -> int:
+    """Number of gate parameters implied by ``config`` (w1 + b1 + w2 + per-head bias, all layers)."""
+    out = config.num_kv_heads if config.gate_type == "rg" else 1
+    per_layer = config.in_features * config.gate_hidden + config.gate_hidden
+    per_layer += config.gate_hidden * out + config.num_kv_heads
+    return per_layer * config.num_layers
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+def parse_source(source: str) -> tuple[str, str | None]:
+    """Split ``"user/name@rev"`` into ``("user/name", "rev")``; no ``@`` gives ``(source, None)``."""
+    repo_id, sep, revision = str(source).partition("@")
+    if sep and not revision:
+        raise ValueError(f"{source!r} ends with '@' but names no revision; write 'user/name@main' or drop the '@'")
+    if not repo_id:
+        raise ValueError(f"{source!r} names no repo; write 'user/name' or 'user/name@revision'")
+    return repo_id, (revision or None)
+
+
+def load_gate_checkpoint(
+    source: str | os.PathLike, *, revision: str | None = None, local_files_only: bool | None = None
+) -> RetentionGates:
+    """Load gates from a checkpoint folder or a Hub repo (``"user/name"`` / ``"user/name@revision"``).
+
+    ``local_files_only=None`` follows ``HF_HUB_OFFLINE``. Returns fp32 gates on the CPU.
+    """
+    folder = _resolve_folder(source, revision, local_files_only)
+    config = _read_config(folder)
+    return _read_gates(folder, config)
+
+
+def _resolve_folder(source: str | os.PathLike, revision: str | None, local_files_only: bool | None) -> pathlib.Path:
+    """A local folder as is; otherwise a Hub repo id, downloaded (or found in the cache)."""
+    path = pathlib.Path(source).expanduser()
+    if path.exists() or isinstance(source, os.PathLike) or not _looks_like_repo_id(str(source)):
+        if revision is not None and path.exists():
+            raise ValueError(f"revision={revision!r} only applies to Hub repos, but {path} is a local folder")
+        return _check_folder(path)
+    repo_id, at_revision = parse_source(str(source))
+    if revision is not None and at_revision is not None and revision != at_revision:
+        raise ValueError(f"{source!r} names revision {at_revision!r} but revision={revision!r} was passed; give one")
+    return _download(repo_id, revision or at_revision, local_files_only)
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    return bool(_REPO_ID.match(text.partition("@")[0]))
+
+
+def _check_folder(path: pathlib.Path) -> pathlib.Path:
+    expected = f"a folder with {CONFIG_NAME} and {WEIGHTS_NAME} (as written by trimkv.checkpoint.save_gates)"
+    if not path.exists():
+        hint = "; for a Hub repo write 'user/name'" if "/" not in str(path) else ""
+        raise CheckpointNotFoundError(f"no gate checkpoint at {path}: expected {expected}{hint}")
+    if not path.is_dir():
+        raise CheckpointNotFoundError(f"{path} is a file, not a checkpoint folder: expected {expected}")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (path / name).is_file():
+            raise CheckpointNotFoundError(f"{path} has no {name}: expected {expected}")
+    return path
+
+
+def _offline() -> bool:
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    if env is not None:
+        return env.strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def _download(repo_id: str, revision: str | None, local_files_only: bool | None) -> pathlib.Path:
+    offline = _offline() if local_files_only is None else local_files_only
+    try:
+        folder = huggingface_hub.snapshot_download(
+            repo_id, revision=revision, allow_patterns=list(CHECKPOINT_FILES), local_files_only=offline
+        )
+    except (OSError, ValueError) as err:  # hub errors: not found, gated, offline, invalid id, incomplete cache
+        where = f"{repo_id}@{revision}" if revision else repo_id
+        how = "offline (HF_HUB_OFFLINE=1 or local_files_only=True) and not in the local Hub cache" if offline \
+            else "could not be fetched from the Hub"
+        raise CheckpointNotFoundError(
+            f"{where!r} is neither a local folder nor a cached/reachable Hub repo: it is {how} "
+            f"({type(err).__name__}: {err}). Check the path or repo id, log in for private repos, "
+            "or download it once while online."
+        ) from err
+    return _check_folder(pathlib.Path(folder))
+
+
+def _read_config(folder: pathlib.Path) -> GateConfig:
+    file = folder / CONFIG_NAME
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CorruptCheckpointError(f"{file} is not valid JSON ({err}); re-save the gates with save_gates") from err
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"{file} must hold a JSON object, got {type(data).__name__}")
+    version = data.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"{file} has format_version {version!r}; this trimkv ({trimkv_version()}) reads up to "
+            f"{FORMAT_VERSION}: upgrade trimkv"
+        )
+    fields = {k: v for k, v in data.items() if k not in _META_KEYS}
+    try:
+        return GateConfig.from_dict(fields)
+    except (TypeError, ValueError) as err:
+        raise CorruptCheckpointError(f"{file} does not describe a GateConfig: {err}") from err
+
+
+def _read_gates(folder: pathlib.Path, config: GateConfig) -> RetentionGates:
+    file = folder / WEIGHTS_NAME
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CorruptCheckpointError(
+            f"{file} is not a readable safetensors file ({err}); it may be truncated: re-download or re-save it"
+        ) from err
+    with torch.device("meta"):
+        gates = RetentionGates(config)
+    _check_tensors(file, tensors, gates.state_dict())
+    gates.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, assign=True)
+    return gates
+
+
+def _check_tensors(file: pathlib.Path, tensors: dict, expected: dict) -> None:
+    """Raise CorruptCheckpointError listing every missing, unexpected or mis-shaped key."""
+    problems = [f"missing key {k!r}" for k in expected if k not in tensors]
+    problems += [f"unexpected key {k!r}" for k in tensors if k not in expected]
+    problems += [
+        f"key {k!r} has shape {tuple(tensors[k].shape)}, config.json implies {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if problems:
+        raise CorruptCheckpointError(
+            f"{file} does not match its {CONFIG_NAME}: " + "; ".join(problems)
+            + ". The two files come from different saves; re-save the gates with save_gates"
+        )
+
+
+# ------------------------------------------------------------------------------------- model binding
+
+
+def check_compatible(gate_config: GateConfig, model: Any) -> None:
+    """Raise GateMismatchError, listing every difference, if the gates do not fit ``model``'s shape."""
+    theirs = GateConfig.for_model(getattr(model, "config", model))
+    checks = [
+        ("num_layers", "{} layers", "{}"),
+        ("hidden_size", "hidden size {}", "{}"),
+        ("num_kv_heads", "{} KV heads", "{}"),
+        ("head_dim", "head dim {}", "{}"),
+    ]
+    problems = [
+        f"gates were trained for {what.format(getattr(gate_config, name))}, "
+        f"this model has {has.format(getattr(theirs, name))}"
+        for name, what, has in checks
+        if getattr(gate_config, name) != getattr(theirs, name)
+    ]
+    if problems:
+        raise GateMismatchError(
+            "; ".join(problems)
+            + f": wrong base model? (gates' base_model: {gate_config.base_model or 'unrecorded'}, "
+            f"this model: {theirs.base_model or 'unknown'})"
+        )
+
+
+def load_gates(
+    model: Any, source: str | os.PathLike, *, revision: str | None = None,
+    local_files_only: bool | None = None, **attach_kwargs: Any,
+):
+    """Load a gate checkpoint, check it fits ``model``, and attach it; returns the attach handle."""
+    gates = load_gate_checkpoint(source, revision=revision, local_files_only=local_files_only)
+    check_compatible(gates.config, model)
+    gates.to(device=_model_device(model), dtype=torch.float32)
+    from trimkv.attach import attach_gates
+
+    return attach_gates(model, gates, **attach_kwargs)
+
+
+def _model_device(model: Any) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------- Hub
+
+
+def push_to_hub(
+    checkpoint_dir: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,
+    revision: str | None = None, commit_message: str = "Upload trimkv gates",
+) -> str:
+    """Validate ``checkpoint_dir``, create ``repo_id`` if needed, upload the checkpoint; return the commit url."""
+    folder = pathlib.Path(checkpoint_dir)
+    load_gate_checkpoint(folder)  # never publish a checkpoint that would not load
+    api = huggingface_hub.HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    repo_id = getattr(url, "repo_id", None) or repo_id
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    info = api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, revision=revision,
+        repo_type="model", allow_patterns=list(CHECKPOINT_FILES),
+    )
+    return str(getattr(info, "commit_url", info))
