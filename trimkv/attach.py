@@ -1,0 +1,272 @@
+"""Attaching retention gates to a frozen Hugging Face causal LM, by hooks (no copied modeling files).
+
+Two pieces of transformers' public machinery do all the work:
+
+* a forward pre-hook on every decoder layer's ``self_attn`` computes the gate from the attention input
+  (``kwargs["hidden_states"]``, already normalised) and stashes ``log beta`` for that layer, plus - when the
+  model runs with a :class:`~trimkv.cache.RetentionCache` - hands it to the layer's cache before
+  ``past_key_values.update`` runs;
+* the attention implementation ``"trimkv"`` registered with ``transformers.AttentionInterface`` replaces the
+  model's attention function. Without a bounded cache it computes retention-gated attention (the paper's
+  Eq. 3, training and soft-gated inference); with one it computes plain attention over the kept slots.
+
+No mask function is registered under ``"trimkv"``, so transformers passes ``attention_mask=None`` and this
+module masks by itself (causal, padding from the 2-D mask seen by a pre-hook on the decoder, packed
+documents from ``position_ids``, per-head slot validity from the cache).
+
+Adding a model family = making :func:`attention_modules` find its attention modules (usually nothing to do).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gate import GateConfig, RetentionGates
+
+ATTN_NAME = "trimkv"
+GATES_ATTR = "trimkv_gates"  # the gates live on the model as a submodule, so .to(), DDP and DeepSpeed see them
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The ``self_attn`` module of every decoder layer, in layer order."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise TypeError(
+            f"trimkv cannot find decoder layers on {type(model).__name__} (looked for `.get_decoder().layers`); "
+            "add this family to trimkv.attach.attention_modules"
+        )
+    mods = [getattr(layer, "self_attn", None) for layer in layers]
+    if any(m is None for m in mods):
+        raise TypeError(f"{type(model).__name__}: some decoder layers have no `self_attn` module; unsupported family")
+    return mods
+
+
+@dataclass
+class Record:
+    """What one layer's gate produced in the last forward (kept for the capacity loss)."""
+
+    logb: torch.Tensor          # [B, Hkv, T] fp32
+    pos: torch.Tensor           # [B, T] int64 positions within each document
+    seg: torch.Tensor | None    # [B, T] document ids, None = one document per row
+
+
+@dataclass
+class TrimKV:
+    """Handle returned by :func:`attach_gates`. ``handle.disabled()`` gives the frozen teacher."""
+
+    model: nn.Module
+    gates: RetentionGates
+    attn_impl: str = "auto"                     # training attention: "auto" | "reference" | "chunked"
+    enabled: bool = True
+    record: bool = False                        # keep per-layer logb for the capacity loss
+    records: dict[int, Record] = field(default_factory=dict)
+    original_attn: str | None = None
+    _hooks: list[Any] = field(default_factory=list)
+    _mask2d: torch.Tensor | None = None         # [B, past + T] padding mask of the current forward
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the model exactly as without gates (the teacher pass)."""
+        prev, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = prev
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[int, Record]]:
+        """Collect each layer's log beta during the forwards run inside the block."""
+        prev, self.record = self.record, True
+        self.records = {}
+        try:
+            yield self.records
+        finally:
+            self.record = prev
+
+    def detach(self) -> None:
+        detach_gates(self.model)
+
+
+def attach_gates(model: nn.Module, gates: RetentionGates | None = None, *, gate_config: GateConfig | None = None,
+                 attn_impl: str = "auto", **gate_overrides: Any) -> TrimKV:
+    """Attach ``gates`` (or fresh ones built from ``gate_config`` / the model's config) to ``model``.
+
+    The base model is frozen (``requires_grad=False``); only the gates train. Returns the :class:`TrimKV` handle,
+    also reachable as ``model.trimkv``.
+    """
+    from transformers import AttentionInterface
+
+    if getattr(model, "trimkv", None) is not None:
+        raise RuntimeError("gates are already attached to this model; call model.trimkv.detach() first")
+    mods = attention_modules(model)
+    if gates is None:
+        cfg = gate_config or GateConfig.for_model(model.config, **gate_overrides)
+        gates = RetentionGates(cfg)
+    from .checkpoint import check_compatible  # local import: checkpoint imports this module lazily too
+
+    check_compatible(gates.config, model)
+    param = next(model.parameters())
+    gates.to(device=param.device, dtype=torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.add_module(GATES_ATTR, gates)
+
+    AttentionInterface.register(ATTN_NAME, trimkv_attention)
+    handle = TrimKV(model=model, gates=gates, attn_impl=attn_impl, original_attn=model.config._attn_implementation)
+    model.trimkv = handle
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    handle._hooks.append(decoder.register_forward_pre_hook(_decoder_pre_hook(handle), with_kwargs=True))
+    for idx, mod in enumerate(mods):
+        mod._trimkv = (handle, idx)
+        handle._hooks.append(mod.register_forward_pre_hook(_attn_pre_hook(handle, idx), with_kwargs=True))
+    model.set_attn_implementation(ATTN_NAME)
+    return handle
+
+
+def detach_gates(model: nn.Module) -> RetentionGates | None:
+    """Remove hooks and gates; restore the original attention implementation. Returns the gates."""
+    handle: TrimKV | None = getattr(model, "trimkv", None)
+    if handle is None:
+        return None
+    for h in handle._hooks:
+        h.remove()
+    for mod in attention_modules(model):
+        for name in ("_trimkv", "_trimkv_logb", "_trimkv_cache_layer", "_trimkv_pos"):
+            mod.__dict__.pop(name, None)
+    if handle.original_attn is not None:
+        model.set_attn_implementation(handle.original_attn)
+    delattr(model, GATES_ATTR)
+    del model.trimkv
+    return handle.gates
+
+
+@contextlib.contextmanager
+def gates_disabled(model: nn.Module) -> Iterator[None]:
+    """``with gates_disabled(model):`` runs the frozen model as if no gates were attached."""
+    handle: TrimKV | None = getattr(model, "trimkv", None)
+    if handle is None:
+        yield
+        return
+    with handle.disabled():
+        yield
+
+
+# ----------------------------------------------------------------------------------------------- hooks
+def _decoder_pre_hook(handle: TrimKV):
+    def hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        handle._mask2d = mask if (torch.is_tensor(mask) and mask.dim() == 2) else None
+    return hook
+
+
+def _attn_pre_hook(handle: TrimKV, layer_idx: int):
+    def hook(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)  # [B, T, d]
+        cache = kwargs.get("past_key_values")
+        pos = kwargs.get("position_ids")
+        B, T = hidden.shape[:2]
+        if pos is None:
+            past = cache.get_seq_length(layer_idx) if cache is not None else 0
+            pos = torch.arange(past, past + T, device=hidden.device)[None]
+        pos = pos.expand(B, T)
+        gate = handle.gates[layer_idx]
+        logb = gate(hidden) if (handle.enabled and gate.gate_type == "rg") else None  # [B, Hkv, T]
+        module._trimkv_logb, module._trimkv_pos = logb, pos
+        layer = _retention_layer(cache, layer_idx)
+        module._trimkv_cache_layer = layer
+        if layer is not None:
+            new_valid = _new_token_mask(handle._mask2d, B, T, hidden.device)
+            gate_fn = None
+            if gate.gate_type == "rg2" and handle.enabled:
+                gate_fn = lambda k, v: gate(torch.cat([k, v], dim=-1))  # noqa: E731  [B,Hkv,T,2D] -> [B,Hkv,T]
+            layer.stage(logb=logb, pos=pos, valid=new_valid, gate_fn=gate_fn)
+    return hook
+
+
+def _retention_layer(cache: Any, layer_idx: int):
+    from .cache import RetentionCache
+
+    if isinstance(cache, RetentionCache):
+        return cache.layers[layer_idx]
+    return None
+
+
+def _new_token_mask(mask2d: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+    """[B, T] bool: which of the T new tokens are real (not padding)."""
+    if mask2d is None:
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    return mask2d[:, -T:].to(device=device, dtype=torch.bool)
+
+
+# ------------------------------------------------------------------------------- attention function
+def trimkv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: q [B, H, T, D], k/v [B, Hkv, S, D] -> out [B, T, H, D]."""
+    handle, layer_idx = module._trimkv
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    layer = getattr(module, "_trimkv_cache_layer", None)
+    if layer is not None:  # bounded cache: hard eviction already applied, plain attention over kept slots
+        from .cache import slot_attention
+
+        k_pos, k_valid = layer.attention_meta()                           # [B, Hkv, S] each
+        out = slot_attention(query, key, value, q_pos=module._trimkv_pos, k_pos=k_pos, k_valid=k_valid,
+                             scaling=scaling)
+        return out.transpose(1, 2), None
+    q_pos, k_pos, seg, k_valid = _positions(module._trimkv_pos, handle._mask2d, query.shape[2], key.shape[2])
+    logb = None
+    if handle.enabled:
+        logb = module._trimkv_logb
+        if logb is None:  # rg2: the gate reads post-RoPE [k; v]
+            logb = handle.gates[layer_idx](torch.cat([key, value], dim=-1))
+        if handle.record and key.shape[2] == query.shape[2]:
+            handle.records[layer_idx] = Record(logb=logb, pos=k_pos, seg=seg)
+    if logb is None:
+        out = _plain_attention(query, key, value, q_pos, k_pos, seg, k_valid, scaling)
+    else:
+        from .attention import retention_attention
+
+        out = retention_attention(query, key, value, logb, scaling=scaling, q_pos=q_pos, k_pos=k_pos,
+                                  q_seg=seg, k_seg=seg, k_valid=k_valid, impl=handle.attn_impl)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _positions(pos: torch.Tensor, mask2d: torch.Tensor | None, T: int, S: int):
+    """Positions, document ids and key validity for the no-bounded-cache path.
+
+    Without past (T == S, training): positions are ``position_ids``; a packed row starts a new document wherever
+    its positions do not increase by one. With a past (a DynamicCache while generating): positions are indices.
+    """
+    B, device = pos.shape[0], pos.device
+    seg = None
+    if T == S and mask2d is None:
+        q_pos = k_pos = pos
+        restart = torch.ones_like(pos, dtype=torch.bool)
+        restart[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+        if restart[:, 1:].any():
+            seg = restart.long().cumsum(-1)                               # [B, T]
+    else:
+        k_pos = torch.arange(S, device=device).expand(B, S)
+        q_pos = k_pos[:, S - T:]
+    k_valid = None if mask2d is None else mask2d[:, -S:].to(device=device, dtype=torch.bool)
+    return q_pos, k_pos, seg, k_valid
+
+
+def _plain_attention(q, k, v, q_pos, k_pos, seg, k_valid, scaling):
+    """Causal softmax attention with padding / packing masks, via SDPA (GQA without repeating k/v)."""
+    T, S = q.shape[2], k.shape[2]
+    if seg is None and k_valid is None and T == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+    mask = k_pos[:, None, :] <= q_pos[:, :, None]                         # [B, T, S]
+    if seg is not None:
+        mask = mask & (seg[:, None, :] == seg[:, :, None])
+    if k_valid is not None:
+        mask = mask & k_valid[:, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scaling, enable_gqa=True)
+    return out.masked_fill(~mask.any(-1)[:, None, :, None], 0.0)          # rows with no visible key -> 0

@@ -1,0 +1,189 @@
+"""A memory-bounded KV cache for ``model.generate(..., past_key_values=cache)``.
+
+Every (batch row, KV head) of every layer keeps at most ``budget`` tokens in fixed-capacity slot buffers that are
+allocated once and reused in place:
+
+    keys, values  [B, Hkv, C, D]      model dtype
+    pos           [B, Hkv, C] int64   token position, -1 = empty slot
+    logb          [B, Hkv, C] fp32    log retention of the token (from the gate)
+
+Decode steps (one new token) run the fused append+evict of :mod:`trimkv.eviction`. Multi-token updates (prefill
+chunks) attend over [kept slots + chunk] and then keep the top-``budget`` of them, so peak memory is
+O(budget + chunk): pass ``prefill_chunk_size=...`` to ``generate`` (or use :func:`trimkv.generate`) for long prompts.
+``get_seq_length()`` is the logical number of tokens seen, which is what ``generate`` uses for positions.
+
+Without gates (or with gates disabled) tokens get ``logb = -1``: the cache then keeps the most recent tokens.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .eviction import append_evict_, merge_topk_
+
+
+class RetentionLayer(CacheLayerMixin):
+    """One decoder layer's bounded cache (see module docstring)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, budget: int, *, sink: int = 0, window: int = 0):
+        super().__init__()
+        self.budget, self.sink, self.window = budget, sink, window
+        self.seen = 0
+        self.pos: torch.Tensor | None = None
+        self.logb: torch.Tensor | None = None
+        self._staged: dict | None = None
+        self._meta: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = torch.zeros(B, H, self.budget, D, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(B, H, self.budget, value_states.shape[-1], dtype=self.dtype, device=self.device)
+        self.pos = torch.full((B, H, self.budget), -1, dtype=torch.long, device=self.device)
+        self.logb = torch.zeros(B, H, self.budget, dtype=torch.float32, device=self.device)
+        self.is_initialized = True
+
+    def stage(self, *, logb: torch.Tensor | None, pos: torch.Tensor, valid: torch.Tensor,
+              gate_fn: Callable | None = None) -> None:
+        """Called by the attention pre-hook before ``update``: the new tokens' log beta [B, Hkv, T] (or a function
+        of (k, v) for rg2 gates), positions [B, T] and validity [B, T] (False = padding)."""
+        self._staged = dict(logb=logb, pos=pos, valid=valid, gate_fn=gate_fn)
+
+    def _take_staged(self, k: torch.Tensor, v: torch.Tensor):
+        B, H, T, _ = k.shape
+        st = self._staged or {}
+        self._staged = None
+        pos = st.get("pos")
+        if pos is None:
+            pos = torch.arange(self.seen, self.seen + T, device=k.device).expand(B, T)
+        valid = st.get("valid")
+        valid = torch.ones(B, T, dtype=torch.bool, device=k.device) if valid is None else valid
+        logb = st.get("logb")
+        if logb is None and st.get("gate_fn") is not None:
+            logb = st["gate_fn"](k, v)
+        if logb is None:  # no gate: recency (oldest scores lowest)
+            logb = torch.full((B, H, T), -1.0, device=k.device)
+        pos = pos[:, None, :].expand(B, H, T).masked_fill(~valid[:, None, :], -1)
+        return pos, logb.float(), valid
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Insert T new tokens; returns the keys/values the attention must see ([B, Hkv, S, D])."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        T = key_states.shape[2]
+        pos_new, logb_new, valid = self._take_staged(key_states, value_states)   # [B,H,T], [B,H,T], [B,T]
+        self.seen += T
+        t_now = pos_new.amax(dim=(1, 2)).clamp_min(self.pos.amax(dim=(1, 2)))   # [B]
+        if T == 1 and bool(valid.all()):
+            append_evict_(self.keys, self.values, self.pos, self.logb, key_states, value_states, pos_new,
+                          logb_new, t_now, sink=self.sink, window=self.window)
+            self._meta = (self.pos, self.pos >= 0)
+            return self.keys, self.values
+        k_all = torch.cat([self.keys, key_states.to(self.dtype)], dim=2)
+        v_all = torch.cat([self.values, value_states.to(self.dtype)], dim=2)
+        pos_all = torch.cat([self.pos, pos_new], dim=2)
+        logb_all = torch.cat([self.logb, logb_new], dim=2)
+        self._meta = (pos_all, pos_all >= 0)
+        merge_topk_(self.keys, self.values, self.pos, self.logb, k_all, v_all, pos_all, logb_all, t_now,
+                    sink=self.sink, window=self.window)
+        return k_all, v_all
+
+    def attention_meta(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [B, Hkv, S] and validity [B, Hkv, S] of the keys returned by the last ``update``."""
+        if self._meta is None:
+            raise RuntimeError("attention_meta() called before update()")
+        return self._meta
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.budget + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def num_kept(self) -> torch.Tensor:
+        """[B, Hkv] number of occupied slots."""
+        return (self.pos >= 0).sum(-1) if self.pos is not None else torch.zeros(0)
+
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.pos, self.logb))
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.keys.zero_(), self.values.zero_(), self.pos.fill_(-1), self.logb.zero_()
+        self.seen = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            for name in ("keys", "values", "pos", "logb"):
+                setattr(self, name, getattr(self, name).index_select(0, beam_idx.to(self.device)))
+
+
+class RetentionCache(Cache):
+    """Memory-bounded cache: ``budget`` tokens per (layer, batch row, KV head), evicting the lowest retention.
+
+    ``sink`` first tokens and the ``window`` most recent tokens are always kept and count toward the budget.
+    """
+
+    def __init__(self, budget: int, num_layers: int, *, sink: int = 0, window: int = 0):
+        if budget < 1:
+            raise ValueError(f"budget must be >= 1 token per KV head, got {budget}")
+        if sink < 0 or window < 0:
+            raise ValueError(f"sink and window must be >= 0, got sink={sink}, window={window}")
+        if budget <= sink + window:
+            raise ValueError(
+                f"budget={budget} leaves no room for eviction: it must exceed sink + window = {sink} + {window}; "
+                "raise the budget or shrink the sink/window"
+            )
+        super().__init__(layers=[RetentionLayer(budget, sink=sink, window=window) for _ in range(num_layers)])
+        self.budget, self.sink, self.window = budget, sink, window
+
+    @classmethod
+    def for_model(cls, model, budget: int, **kwargs) -> "RetentionCache":
+        cfg = getattr(model.config, "text_config", None) or model.config
+        return cls(budget, cfg.num_hidden_layers, **kwargs)
+
+    def nbytes(self) -> int:
+        """Bytes held by all slot buffers (K, V and the 12 bytes of metadata per slot)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("a RetentionCache cannot be cropped (evicted tokens are gone)")
+
+
+def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                   k_valid: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention over slot buffers with per-head validity, GQA folded (k/v never repeated).
+
+    q [B, H, T, D], k/v [B, Hkv, S, D], q_pos [B, T], k_pos/k_valid [B, Hkv, S] -> out [B, H, T, D].
+    """
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    qf = q.reshape(B, Hkv, G * T, D)                                          # query group folded into rows
+    qp = q_pos.repeat(1, G)                                                   # [B, G*T]
+    mask = k_valid[:, :, None, :] & (k_pos[:, :, None, :] <= qp[:, None, :, None])   # [B, Hkv, G*T, S]
+    out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scaling)
+    out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    return out.reshape(B, H, T, D)
+
+
+def dynamic_cache_nbytes(cache) -> int:
+    """Bytes of K/V held by a transformers DynamicCache (for side-by-side reports)."""
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if torch.is_tensor(t):
+                total += t.numel() * t.element_size()
+    return total

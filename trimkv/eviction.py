@@ -1,0 +1,65 @@
+"""Decode-time eviction: score the kept tokens, pick victims, write newcomers into freed slots in place.
+
+Each (batch row, KV head) owns ``C`` slots. A slot holds one token's key/value plus 12 bytes of metadata: its
+position ``pos`` (int64, -1 = empty) and its log retention ``logb`` (fp32). At step ``t`` the token in a slot
+scores
+
+    score = (t - pos) * logb        (<= 0; higher = keep)
+
+Sink tokens (``pos < sink``) and the recent window (``pos > t - window``) score +inf (always kept); empty slots
+score -inf (filled first). A newcomer scores 0, every unprotected kept token scores <= 0, so the newcomer always
+enters and the victim is an argmin over the slots: the cache reuses the victim's slot in place. Slot order does not
+matter for attention (RoPE is already applied to stored keys).
+
+Everything here is vectorised over batch x heads; there is no Python loop over heads or layers.
+"""
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def slot_scores(pos: torch.Tensor, logb: torch.Tensor, t_now: torch.Tensor, *, sink: int = 0,
+                window: int = 0) -> torch.Tensor:
+    """pos [B, H, N] int64 (-1 = empty), logb [B, H, N] fp32, t_now [B] -> score [B, H, N] fp32."""
+    t = t_now.view(-1, 1, 1)
+    score = (t - pos).to(torch.float32) * logb
+    if sink > 0:
+        score = score.masked_fill(pos < sink, float("inf"))
+    if window > 0:
+        score = score.masked_fill(pos > t - window, float("inf"))
+    return score.masked_fill(pos < 0, NEG_INF)
+
+
+def append_evict_(keys, values, pos, logb, k_new, v_new, pos_new, logb_new, t_now, *, sink=0, window=0):
+    """Fused decode step for one new token per (row, head), in place.
+
+    keys/values [B, H, C, D], pos [B, H, C], logb [B, H, C]; k_new/v_new [B, H, 1, D], pos_new/logb_new [B, H, 1].
+    The victim of each (row, head) is its lowest-scoring slot (an empty slot if any); the newcomer is written there.
+    Returns the victim slot index [B, H].
+    """
+    victim = slot_scores(pos, logb, t_now, sink=sink, window=window).argmin(dim=-1, keepdim=True)  # [B, H, 1]
+    D = keys.shape[-1]
+    idx = victim[..., None].expand(-1, -1, 1, D)
+    keys.scatter_(2, idx, k_new.to(keys.dtype))
+    values.scatter_(2, idx, v_new.to(values.dtype))
+    pos.scatter_(2, victim, pos_new)
+    logb.scatter_(2, victim, logb_new.to(logb.dtype))
+    return victim.squeeze(-1)
+
+
+def merge_topk_(keys, values, pos, logb, k_all, v_all, pos_all, logb_all, t_now, *, sink=0, window=0):
+    """Chunk step: keep the best ``C`` of (kept slots + new chunk), written back into the slot buffers in place.
+
+    ``*_all`` are the concatenation [old slots, new tokens] along the slot axis (N = C + T); invalid entries carry
+    pos = -1. Returns nothing; afterwards the buffers hold exactly the top-C by score (ties broken arbitrarily).
+    """
+    C, D = keys.shape[2], keys.shape[3]
+    score = slot_scores(pos_all, logb_all, t_now, sink=sink, window=window)        # [B, H, N]
+    top_score, top = score.topk(C, dim=-1, sorted=False)                            # [B, H, C]
+    keys.copy_(k_all.gather(2, top[..., None].expand(-1, -1, -1, D)))
+    values.copy_(v_all.gather(2, top[..., None].expand(-1, -1, -1, D)))
+    kept_pos = pos_all.gather(2, top)
+    pos.copy_(kept_pos.masked_fill(top_score == NEG_INF, -1))
+    logb.copy_(logb_all.gather(2, top))
