@@ -19,6 +19,7 @@ Adding a model family = making :func:`attention_modules` find its attention modu
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -137,7 +138,7 @@ def detach_gates(model: nn.Module) -> RetentionGates | None:
     for h in handle._hooks:
         h.remove()
     for mod in attention_modules(model):
-        for name in ("_trimkv", "_trimkv_logb", "_trimkv_cache_layer", "_trimkv_pos"):
+        for name in ("_trimkv", "_trimkv_logb", "_trimkv_cache_layer", "_trimkv_pos", "_trimkv_hist"):
             mod.__dict__.pop(name, None)
     if handle.original_attn is not None:
         model.set_attn_implementation(handle.original_attn)
@@ -177,8 +178,10 @@ def _attn_pre_hook(handle: TrimKV, layer_idx: int):
         pos = pos.expand(B, T)
         gate = handle.gates[layer_idx]
         logb = gate(hidden) if (handle.enabled and gate.gate_type == "rg") else None  # [B, Hkv, T]
-        module._trimkv_logb, module._trimkv_pos = logb, pos
         layer = _retention_layer(cache, layer_idx)
+        if logb is not None and layer is None and cache is not None:
+            logb = _with_cached_logb(module, cache, layer_idx, logb)       # [B, Hkv, past + T]
+        module._trimkv_logb, module._trimkv_pos = logb, pos
         module._trimkv_cache_layer = layer
         if layer is not None:
             new_valid = _new_token_mask(handle._mask2d, B, T, hidden.device)
@@ -187,6 +190,23 @@ def _attn_pre_hook(handle: TrimKV, layer_idx: int):
                 gate_fn = lambda k, v: gate(torch.cat([k, v], dim=-1))  # noqa: E731  [B,Hkv,T,2D] -> [B,Hkv,T]
             layer.stage(logb=logb, pos=pos, valid=new_valid, gate_fn=gate_fn)
     return hook
+
+
+def _with_cached_logb(module: nn.Module, cache: Any, layer_idx: int, logb: torch.Tensor) -> torch.Tensor:
+    """A full (non-evicting) cache, e.g. generate() with a DynamicCache: the gated attention needs log beta of every
+    cached key too, so the layer keeps the history of the cache it was filled with. logb [B, Hkv, T] -> [B, Hkv, S]."""
+    past = cache.get_seq_length(layer_idx)
+    owner, hist = getattr(module, "_trimkv_hist", (None, None))
+    if past == 0:
+        full = logb
+    elif owner is not None and owner() is cache and hist.shape[-1] == past and hist.shape[0] == logb.shape[0]:
+        full = torch.cat([hist, logb], dim=-1)
+    else:
+        raise RuntimeError(
+            f"layer {layer_idx}: the cache holds {past} tokens whose log retention is unknown (it was filled with the "
+            "gates disabled or detached); fill it with the gates enabled, or use a trimkv.RetentionCache")
+    module._trimkv_hist = (weakref.ref(cache), full)
+    return full
 
 
 def _retention_layer(cache: Any, layer_idx: int):
@@ -216,13 +236,18 @@ def trimkv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         from .cache import slot_attention
 
         k_pos, k_valid = layer.attention_meta()                           # [B, Hkv, S] each
-        out = slot_attention(query, key, value, q_pos=module._trimkv_pos, k_pos=k_pos, k_valid=k_valid,
-                             scaling=scaling)
+        need_w = layer.policy.needs_attention
+        res = slot_attention(query, key, value, q_pos=module._trimkv_pos, k_pos=k_pos, k_valid=k_valid,
+                             scaling=scaling, return_weights=need_w)
+        out, weights = res if need_w else (res, None)
+        layer.after_attention(weights, q_len=query.shape[2])              # policy update + chunk compaction
         return out.transpose(1, 2), None
     q_pos, k_pos, seg, k_valid = _positions(module._trimkv_pos, handle._mask2d, query.shape[2], key.shape[2])
     logb = None
     if handle.enabled:
         logb = module._trimkv_logb
+        if logb is not None:
+            logb = logb[..., -key.shape[2]:]                              # a sliding-window cache keeps the tail
         if logb is None:  # rg2: the gate reads post-RoPE [k; v]
             logb = handle.gates[layer_idx](torch.cat([key, value], dim=-1))
         if handle.record and key.shape[2] == query.shape[2]:

@@ -12,6 +12,8 @@ chunks) attend over [kept slots + chunk] and then keep the top-``budget`` of the
 O(budget + chunk): pass ``prefill_chunk_size=...`` to ``generate`` (or use :func:`trimkv.generate`) for long prompts.
 ``get_seq_length()`` is the logical number of tokens seen, which is what ``generate`` uses for positions.
 
+Which token goes is decided by an eviction policy (:mod:`trimkv.policies`): TRIM-KV's retention score by default,
+heuristic baselines for comparison. The ``logb`` buffer holds the policy's per-slot state (log beta for TRIM-KV).
 Without gates (or with gates disabled) tokens get ``logb = -1``: the cache then keeps the most recent tokens.
 """
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .eviction import append_evict_, merge_topk_
+from .eviction import append_evict_, evict_by_score_, keep_topk_, protect
+from .policies import EvictionPolicy, RetentionPolicy
 
 
 class RetentionLayer(CacheLayerMixin):
@@ -32,9 +35,11 @@ class RetentionLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, budget: int, *, sink: int = 0, window: int = 0):
+    def __init__(self, budget: int, *, sink: int = 0, window: int = 0, policy: EvictionPolicy | None = None):
         super().__init__()
         self.budget, self.sink, self.window = budget, sink, window
+        self.policy = policy or RetentionPolicy()
+        self._pending: tuple | None = None   # a chunk's [slots + chunk] candidates, compacted after attention
         self.seen = 0
         self.pos: torch.Tensor | None = None
         self.logb: torch.Tensor | None = None
@@ -68,32 +73,53 @@ class RetentionLayer(CacheLayerMixin):
         logb = st.get("logb")
         if logb is None and st.get("gate_fn") is not None:
             logb = st["gate_fn"](k, v)
-        if logb is None:  # no gate: recency (oldest scores lowest)
-            logb = torch.full((B, H, T), -1.0, device=k.device)
         pos = pos[:, None, :].expand(B, H, T).masked_fill(~valid[:, None, :], -1)
-        return pos, logb.float(), valid
+        return pos, self.policy.new_state(k, v, logb, pos), valid
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Insert T new tokens; returns the keys/values the attention must see ([B, Hkv, S, D])."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.after_attention()  # compact a chunk left pending (if no attention call did it)
         T = key_states.shape[2]
-        pos_new, logb_new, valid = self._take_staged(key_states, value_states)   # [B,H,T], [B,H,T], [B,T]
+        pos_new, state_new, valid = self._take_staged(key_states, value_states)   # [B,H,T], [B,H,T], [B,T]
         self.seen += T
-        t_now = pos_new.amax(dim=(1, 2)).clamp_min(self.pos.amax(dim=(1, 2)))   # [B]
+        t_now = pos_new.amax(dim=(1, 2)).clamp_min(self.pos.amax(dim=(1, 2)))    # [B]
         if T == 1 and bool(valid.all()):
-            append_evict_(self.keys, self.values, self.pos, self.logb, key_states, value_states, pos_new,
-                          logb_new, t_now, sink=self.sink, window=self.window)
+            self._decode_step(key_states, value_states, pos_new, state_new, t_now)
             self._meta = (self.pos, self.pos >= 0)
             return self.keys, self.values
         k_all = torch.cat([self.keys, key_states.to(self.dtype)], dim=2)
         v_all = torch.cat([self.values, value_states.to(self.dtype)], dim=2)
         pos_all = torch.cat([self.pos, pos_new], dim=2)
-        logb_all = torch.cat([self.logb, logb_new], dim=2)
+        state_all = torch.cat([self.logb, state_new], dim=2)
         self._meta = (pos_all, pos_all >= 0)
-        merge_topk_(self.keys, self.values, self.pos, self.logb, k_all, v_all, pos_all, logb_all, t_now,
-                    sink=self.sink, window=self.window)
+        self._pending = (k_all, v_all, pos_all, state_all, t_now)
         return k_all, v_all
+
+    def _decode_step(self, k, v, pos_new, state_new, t_now) -> None:
+        if self.policy.fused:
+            append_evict_(self.keys, self.values, self.pos, self.logb, k, v, pos_new, state_new, t_now,
+                          sink=self.sink, window=self.window)
+            return
+        score = protect(self.policy.scores(self.logb, self.pos, t_now), self.pos, t_now,
+                        sink=self.sink, window=self.window)
+        evict_by_score_(self.keys, self.values, self.pos, self.logb, k, v, pos_new, state_new, score)
+
+    def after_attention(self, weights: torch.Tensor | None = None, q_len: int = 1) -> None:
+        """Called by the attention with the per-slot weights (policies that need them), then compacts a pending
+        chunk to the best ``budget`` tokens."""
+        pending = self._pending
+        if weights is not None:
+            state, pos = (pending[3], pending[2]) if pending is not None else (self.logb, self.pos)
+            self.policy.observe(state, weights, pos, q_len)
+        if pending is None:
+            return
+        self._pending = None
+        k_all, v_all, pos_all, state_all, t_now = pending
+        score = protect(self.policy.scores(state_all, pos_all, t_now), pos_all, t_now,
+                        sink=self.sink, window=self.window)
+        keep_topk_(self.keys, self.values, self.pos, self.logb, k_all, v_all, pos_all, state_all, score)
 
     def attention_meta(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions [B, Hkv, S] and validity [B, Hkv, S] of the keys returned by the last ``update``."""
@@ -134,9 +160,11 @@ class RetentionCache(Cache):
     """Memory-bounded cache: ``budget`` tokens per (layer, batch row, KV head), evicting the lowest retention.
 
     ``sink`` first tokens and the ``window`` most recent tokens are always kept and count toward the budget.
+    ``policy`` picks the victims (default: TRIM-KV retention); one policy object is shared by all layers.
     """
 
-    def __init__(self, budget: int, num_layers: int, *, sink: int = 0, window: int = 0):
+    def __init__(self, budget: int, num_layers: int, *, sink: int = 0, window: int = 0,
+                 policy: EvictionPolicy | None = None):
         if budget < 1:
             raise ValueError(f"budget must be >= 1 token per KV head, got {budget}")
         if sink < 0 or window < 0:
@@ -146,7 +174,9 @@ class RetentionCache(Cache):
                 f"budget={budget} leaves no room for eviction: it must exceed sink + window = {sink} + {window}; "
                 "raise the budget or shrink the sink/window"
             )
-        super().__init__(layers=[RetentionLayer(budget, sink=sink, window=window) for _ in range(num_layers)])
+        self.policy = policy or RetentionPolicy()
+        layers = [RetentionLayer(budget, sink=sink, window=window, policy=self.policy) for _ in range(num_layers)]
+        super().__init__(layers=layers)
         self.budget, self.sink, self.window = budget, sink, window
 
     @classmethod
@@ -163,10 +193,11 @@ class RetentionCache(Cache):
 
 
 def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                   k_valid: torch.Tensor, scaling: float) -> torch.Tensor:
+                   k_valid: torch.Tensor, scaling: float, return_weights: bool = False):
     """Attention over slot buffers with per-head validity, GQA folded (k/v never repeated).
 
-    q [B, H, T, D], k/v [B, Hkv, S, D], q_pos [B, T], k_pos/k_valid [B, Hkv, S] -> out [B, H, T, D].
+    q [B, H, T, D], k/v [B, Hkv, S, D], q_pos [B, T], k_pos/k_valid [B, Hkv, S] -> out [B, H, T, D]
+    (and, with ``return_weights``, the softmax weights [B, Hkv, G*T, S] for attention-based policies).
     """
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -174,9 +205,14 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos: 
     qf = q.reshape(B, Hkv, G * T, D)                                          # query group folded into rows
     qp = q_pos.repeat(1, G)                                                   # [B, G*T]
     mask = k_valid[:, :, None, :] & (k_pos[:, :, None, :] <= qp[:, None, :, None])   # [B, Hkv, G*T, S]
+    empty = ~mask.any(-1, keepdim=True)
+    if return_weights:
+        logits = (qf.float() @ k.float().transpose(-1, -2)) * scaling
+        w = logits.masked_fill(~mask, float("-inf")).softmax(-1).masked_fill(empty, 0.0)
+        out = (w.to(v.dtype) @ v).reshape(B, H, T, D)
+        return out, w
     out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scaling)
-    out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
-    return out.reshape(B, H, T, D)
+    return out.masked_fill(empty, 0.0).reshape(B, H, T, D)
 
 
 def dynamic_cache_nbytes(cache) -> int:

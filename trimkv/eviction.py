@@ -23,13 +23,8 @@ NEG_INF = float("-inf")
 def slot_scores(pos: torch.Tensor, logb: torch.Tensor, t_now: torch.Tensor, *, sink: int = 0,
                 window: int = 0) -> torch.Tensor:
     """pos [B, H, N] int64 (-1 = empty), logb [B, H, N] fp32, t_now [B] -> score [B, H, N] fp32."""
-    t = t_now.view(-1, 1, 1)
-    score = (t - pos).to(torch.float32) * logb
-    if sink > 0:
-        score = score.masked_fill(pos < sink, float("inf"))
-    if window > 0:
-        score = score.masked_fill(pos > t - window, float("inf"))
-    return score.masked_fill(pos < 0, NEG_INF)
+    score = (t_now.view(-1, 1, 1) - pos).to(torch.float32) * logb
+    return protect(score, pos, t_now, sink=sink, window=window)
 
 
 def append_evict_(keys, values, pos, logb, k_new, v_new, pos_new, logb_new, t_now, *, sink=0, window=0):
@@ -53,13 +48,41 @@ def merge_topk_(keys, values, pos, logb, k_all, v_all, pos_all, logb_all, t_now,
     """Chunk step: keep the best ``C`` of (kept slots + new chunk), written back into the slot buffers in place.
 
     ``*_all`` are the concatenation [old slots, new tokens] along the slot axis (N = C + T); invalid entries carry
-    pos = -1. Returns nothing; afterwards the buffers hold exactly the top-C by score (ties broken arbitrarily).
+    pos = -1. Afterwards the buffers hold exactly the top-C by score (ties broken arbitrarily).
     """
-    C, D = keys.shape[2], keys.shape[3]
     score = slot_scores(pos_all, logb_all, t_now, sink=sink, window=window)        # [B, H, N]
+    keep_topk_(keys, values, pos, logb, k_all, v_all, pos_all, logb_all, score)
+
+
+def protect(score: torch.Tensor, pos: torch.Tensor, t_now: torch.Tensor, *, sink: int = 0,
+            window: int = 0) -> torch.Tensor:
+    """Apply sink / window protection (+inf) and empty slots (-inf) to any policy's raw scores [B, H, N]."""
+    t = t_now.view(-1, 1, 1)
+    if sink > 0:
+        score = score.masked_fill(pos < sink, float("inf"))
+    if window > 0:
+        score = score.masked_fill(pos > t - window, float("inf"))
+    return score.masked_fill(pos < 0, NEG_INF)
+
+
+def evict_by_score_(keys, values, pos, state, k_new, v_new, pos_new, state_new, score):
+    """Generic decode step for any policy: evict argmin of ``score`` [B, H, C] (already protected), write the
+    newcomer there. Same in-place contract as :func:`append_evict_`."""
+    victim = score.argmin(dim=-1, keepdim=True)                                    # [B, H, 1]
+    D = keys.shape[-1]
+    idx = victim[..., None].expand(-1, -1, 1, D)
+    keys.scatter_(2, idx, k_new.to(keys.dtype))
+    values.scatter_(2, idx, v_new.to(values.dtype))
+    pos.scatter_(2, victim, pos_new)
+    state.scatter_(2, victim, state_new.to(state.dtype))
+    return victim.squeeze(-1)
+
+
+def keep_topk_(keys, values, pos, state, k_all, v_all, pos_all, state_all, score):
+    """Keep the best C of N candidates by ``score`` [B, H, N] (already protected) in the slot buffers."""
+    C, D = keys.shape[2], keys.shape[3]
     top_score, top = score.topk(C, dim=-1, sorted=False)                            # [B, H, C]
     keys.copy_(k_all.gather(2, top[..., None].expand(-1, -1, -1, D)))
     values.copy_(v_all.gather(2, top[..., None].expand(-1, -1, -1, D)))
-    kept_pos = pos_all.gather(2, top)
-    pos.copy_(kept_pos.masked_fill(top_score == NEG_INF, -1))
-    logb.copy_(logb_all.gather(2, top))
+    pos.copy_(pos_all.gather(2, top).masked_fill(top_score == NEG_INF, -1))
+    state.copy_(state_all.gather(2, top))

@@ -1,0 +1,51 @@
+"""Eviction policies: a policy is a scoring rule over the tokens a cache layer keeps (higher = keep).
+
+The cache (:mod:`trimkv.cache`) owns the mechanics - slot buffers, sink/window protection, victim selection,
+in-place writes; a policy only says how each kept token scores. Every slot carries one fp32 ``state`` value
+(for TRIM-KV it is the token's log beta), set when the token enters and optionally updated from attention
+weights (H2O, TOVA, SnapKV need them; ``needs_attention = True`` makes the attention compute them).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class EvictionPolicy:
+    """Base class. Subclasses override :meth:`new_state`, :meth:`scores` and, if needed, :meth:`observe`."""
+
+    name = "base"
+    needs_attention = False   # the attention passes per-slot weights to observe()
+    fused = False             # scores are (t - pos) * state: the cache may use the fused append+evict kernel
+
+    def new_state(self, keys: torch.Tensor, values: torch.Tensor, logb: torch.Tensor | None,
+                  pos: torch.Tensor) -> torch.Tensor:
+        """State of T new tokens: keys/values [B, H, T, D], logb [B, H, T] or None, pos [B, H, T] -> [B, H, T]."""
+        return torch.zeros(pos.shape, dtype=torch.float32, device=pos.device)
+
+    def scores(self, state: torch.Tensor, pos: torch.Tensor, t_now: torch.Tensor) -> torch.Tensor:
+        """Raw keep-scores [B, H, N] of kept tokens at step t_now [B] (protection is applied by the cache)."""
+        raise NotImplementedError
+
+    def observe(self, state: torch.Tensor, weights: torch.Tensor, pos: torch.Tensor, q_len: int) -> None:
+        """Update ``state`` [B, H, S] in place from attention ``weights`` [B, H, G*q_len, S] (query heads folded)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class RetentionPolicy(EvictionPolicy):
+    """TRIM-KV: a token scores ``(t - pos) * log beta``; the lowest retention is evicted.
+
+    Without gates (or with gates disabled) tokens get log beta = -1, i.e. the cache keeps the most recent tokens.
+    """
+
+    name = "trimkv"
+    fused = True
+
+    def new_state(self, keys, values, logb, pos):
+        if logb is None:
+            return torch.full(pos.shape, -1.0, dtype=torch.float32, device=pos.device)
+        return logb.float()
+
+    def scores(self, state, pos, t_now):
+        return (t_now.view(-1, 1, 1) - pos).to(torch.float32) * state
