@@ -1,1 +1,32 @@
-"""trimkv."""
+"""trimkv: train, share and serve TRIM-KV retention gates on frozen Hugging Face causal LMs.
+
+Importing trimkv has no side effects: the ``"trimkv"`` attention implementation is registered with transformers
+when gates are attached.
+"""
+from .attach import TrimKV, attach_gates, detach_gates, gates_disabled
+from .cache import RetentionCache
+from .checkpoint import load_gate_checkpoint, load_gates, push_to_hub, save_gates
+from .gate import GateConfig, RetentionGate, RetentionGates
+from .generate import generate
+from .policies import EvictionPolicy, RetentionPolicy, get_policy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GateConfig",
+    "RetentionGate",
+    "RetentionGates",
+    "TrimKV",
+    "attach_gates",
+    "detach_gates",
+    "gates_disabled",
+    "RetentionCache",
+    "EvictionPolicy",
+    "RetentionPolicy",
+    "get_policy",
+    "save_gates",
+    "load_gates",
+    "load_gate_checkpoint",
+    "push_to_hub",
+    "generate",
+]

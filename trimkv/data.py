@@ -55,6 +55,7 @@ FORMATS = ("auto", "text", "chat")
 TOO_LONG = ("truncate", "drop", "error")
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 SHUFFLE_BUFFER_ROWS = 1024  # streaming shuffle buffer, in packed rows
+BUILTIN_SOURCES = ("prose", "prose-long")
 CACHE_VERSION = 1  # bump when the tokenisation or packing rules change
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
@@ -147,13 +148,31 @@ def load_documents(cfg: DataConfig):
 
 
 def _builtin_documents(cfg: DataConfig) -> list[str]:
-    """Documents of a ``builtin:<name>`` source."""
+    """Documents of a ``builtin:<name>`` source.
+
+    ``builtin:prose``: one document per docstring (short: ~100 tokens each).
+    ``builtin:prose-long``: the same text, shuffled by ``cfg.seed`` and joined into documents of about
+    ``2 * seq_len`` tokens, so that attention (and retention) spans whole training rows.
+    """
     name = cfg.source.split(":", 1)[1]
-    if name != "prose":
-        raise DataError(f"unknown builtin source {cfg.source!r}: the only one is 'builtin:prose'")
+    if name not in BUILTIN_SOURCES:
+        raise DataError(f"unknown builtin source {cfg.source!r}: choose one of "
+                        f"{['builtin:' + n for n in BUILTIN_SOURCES]}")
     from trimkv.corpus import prose_documents  # lazy: the corpus is only needed for this source
 
-    return prose_documents(cfg.split)
+    docs = prose_documents(cfg.split)
+    if name == "prose":
+        return docs
+    order = torch.randperm(len(docs), generator=_generator(cfg.seed, -1)).tolist()
+    target_chars, joined, current = 8 * cfg.seq_len, [], []
+    for i in order:
+        current.append(docs[i])
+        if sum(map(len, current)) >= target_chars:
+            joined.append("\n\n".join(current))
+            current = []
+    if current:
+        joined.append("\n\n".join(current))
+    return joined
 
 
 def _resolve_format(cfg: DataConfig, columns: list[str]) -> str:
@@ -372,7 +391,8 @@ def _source_fingerprint(cfg: DataConfig) -> list:
     if cfg.source.startswith("builtin:"):
         import trimkv.corpus
 
-        return [hashlib.sha256(Path(trimkv.corpus.__file__).read_bytes()).hexdigest()]
+        digest = hashlib.sha256(Path(trimkv.corpus.__file__).read_bytes()).hexdigest()
+        return [digest, cfg.seed] if cfg.source == "builtin:prose-long" else [digest]  # seed groups documents
     files = _local_files(cfg.source)
     if files is None:
         return [cfg.source]
