@@ -90,8 +90,8 @@ class TrimKV:
         finally:
             self.record = prev
 
-    def detach(self) -> None:
-        detach_gates(self.model)
+    def detach(self) -> RetentionGates | None:
+        return detach_gates(self.model)
 
 
 def attach_gates(model: nn.Module, gates: RetentionGates | None = None, *, gate_config: GateConfig | None = None,

@@ -1,0 +1,79 @@
+"""The retention gate: shapes, fp32 output, log beta <= 0, config validation and reading a model's shape."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from trimkv.gate import GateConfig, RetentionGate, RetentionGates
+
+
+def _cfg(**kw) -> GateConfig:
+    return GateConfig(**{**dict(num_layers=3, hidden_size=64, num_kv_heads=2, head_dim=16, gate_hidden=8), **kw})
+
+
+def test_rg_shape_is_batch_heads_time():
+    gate = RetentionGate(_cfg())
+    assert gate(torch.randn(2, 7, 64)).shape == (2, 2, 7)          # [B, T, d] -> [B, Hkv, T]
+
+
+def test_rg2_reads_key_and_value_per_head():
+    cfg = _cfg(gate_type="rg2")
+    assert cfg.in_features == 2 * 16
+    gate = RetentionGate(cfg)
+    assert gate(torch.randn(2, 2, 7, 32)).shape == (2, 2, 7)       # [B, Hkv, T, 2D] -> [B, Hkv, T]
+
+
+@pytest.mark.parametrize("gate_type", ["rg", "rg2"])
+def test_output_is_fp32_for_bf16_input(gate_type):
+    gate = RetentionGate(_cfg(gate_type=gate_type))
+    x = torch.randn(1, 5, 64) if gate_type == "rg" else torch.randn(1, 2, 5, 32)
+    out = gate(x.bfloat16())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, gate(x.bfloat16().float()))  # the bf16 input is upcast, not the math downcast
+
+
+def test_log_beta_is_non_positive_and_starts_near_zero():
+    torch.manual_seed(0)
+    gate = RetentionGate(_cfg(init_std=1.0, bias_init=0.0))          # wild weights: logits of both signs
+    logb = gate(10 * torch.randn(4, 50, 64))
+    assert (logb <= 0).all() and torch.isfinite(logb).all()
+    fresh = RetentionGate(_cfg())                                    # default bias 18: beta ~ 1 at step 0
+    assert fresh(torch.randn(2, 9, 64)).exp().min() > 1 - 1e-6
+
+
+def test_bias_initialisation_and_gate_stack():
+    gates = RetentionGates(_cfg(bias_init=3.0))
+    assert len(gates) == 3
+    assert all(torch.equal(g.bias, torch.full((2,), 3.0)) for g in gates.layers)
+    assert gates.num_parameters() == sum(p.numel() for p in gates.parameters())
+
+
+def test_from_dict_round_trips_and_rejects_unknown_fields():
+    cfg = _cfg(gate_type="rg2", base_model="x/y", loss_weights={"kl": 1.0})
+    assert GateConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="gate_hiden"):
+        GateConfig.from_dict({**cfg.to_dict(), "gate_hiden": 4})
+
+
+@pytest.mark.parametrize("bad", [dict(gate_type="rg9"), dict(num_kv_heads=0), dict(gate_hidden=-1)])
+def test_invalid_config_raises_naming_the_field(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        _cfg(**bad)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])
+def test_for_model_reads_layers_kv_heads_and_head_dim(family):
+    cfg = GateConfig.for_model(tiny_config(family, num_hidden_layers=3), gate_hidden=16)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim) == (3, 64, 2, 16)
+    assert cfg.gate_hidden == 16
+
+
+def test_for_model_defaults_kv_heads_and_head_dim():
+    from types import SimpleNamespace
+
+    mha = SimpleNamespace(num_hidden_layers=2, hidden_size=96, num_attention_heads=6)   # no GQA, no head_dim
+    cfg = GateConfig.for_model(mha)
+    assert (cfg.num_kv_heads, cfg.head_dim) == (6, 16)
+    wrapped = SimpleNamespace(text_config=tiny_config("llama"))                         # multimodal wrapper
+    assert GateConfig.for_model(wrapped).num_layers == 2
