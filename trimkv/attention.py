@@ -40,7 +40,7 @@ __all__ = [
     "capacity_sums_reference",
 ]
 
-IMPLS = ("auto", "reference", "chunked")
+IMPLS = ("auto", "reference", "chunked", "triton", "flex")
 _AUTO_CHUNK_ABOVE = 1024 * 1024  # "auto" uses the chunked path when T * S exceeds this
 _I64_MAX = torch.iinfo(torch.int64).max
 _I64_MIN = torch.iinfo(torch.int64).min
@@ -305,8 +305,10 @@ def retention_attention(q, k, v, logb, *, scaling, q_pos, k_pos, q_seg=None, k_s
     q [B, H, T, D]; k, v [B, Hkv, S, D]; logb [B, Hkv, S] fp32 or None (plain attention);
     q_pos [B, T], k_pos [B, S] int64; q_seg [B, T] / k_seg [B, S] document ids or None;
     k_valid [B, S] bool or None. Returns [B, H, T, D] in q's dtype.
-    impl: "reference" (materialises T x S), "chunked" (O(T x block) memory) or "auto"
-    (chunked when T * S > 1024 * 1024).
+    impl: "reference" (materialises T x S), "chunked" (O(T x block) memory), "auto"
+    (chunked when T * S > 1024 * 1024), or the GPU fast paths of :mod:`trimkv.kernels`: "triton" (FlashAttention-
+    style kernels, own 64 x 64 tiles; CPU only under TRITON_INTERPRET=1) and "flex" (FlexAttention score_mod; no
+    backward on CPU). block_q / block_k apply to the chunked path.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -315,6 +317,14 @@ def retention_attention(q, k, v, logb, *, scaling, q_pos, k_pos, q_seg=None, k_s
     kw = dict(scaling=scaling, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, k_valid=k_valid)
     if impl == "reference":
         return retention_attention_reference(q, k, v, logb, **kw)
+    if impl == "triton":
+        from .kernels.triton_attention import retention_attention_triton
+
+        return retention_attention_triton(q, k, v, logb, **kw)
+    if impl == "flex":
+        from .kernels.flex import retention_attention_flex
+
+        return retention_attention_flex(q, k, v, logb, **kw)
     return retention_attention_chunked(q, k, v, logb, block_q=block_q, block_k=block_k, **kw)
 
 

@@ -27,13 +27,29 @@ def slot_scores(pos: torch.Tensor, logb: torch.Tensor, t_now: torch.Tensor, *, s
     return protect(score, pos, t_now, sink=sink, window=window)
 
 
-def append_evict_(keys, values, pos, logb, k_new, v_new, pos_new, logb_new, t_now, *, sink=0, window=0):
+BACKENDS = ("torch", "triton", "auto")
+
+
+def append_evict_(keys, values, pos, logb, k_new, v_new, pos_new, logb_new, t_now, *, sink=0, window=0,
+                  backend="torch"):
     """Fused decode step for one new token per (row, head), in place.
 
     keys/values [B, H, C, D], pos [B, H, C], logb [B, H, C]; k_new/v_new [B, H, 1, D], pos_new/logb_new [B, H, 1].
     The victim of each (row, head) is its lowest-scoring slot (an empty slot if any); the newcomer is written there.
-    Returns the victim slot index [B, H].
+    Returns the victim slot index [B, H]. ``backend``: "torch" (this function, the reference and CPU default),
+    "triton" (one kernel, :mod:`trimkv.kernels.triton_evict`) or "auto" (triton on CUDA tensors when installed).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        from .kernels import has_triton
+
+        backend = "triton" if keys.is_cuda and has_triton() else "torch"
+    if backend == "triton":
+        from .kernels.triton_evict import append_evict_triton_
+
+        return append_evict_triton_(keys, values, pos, logb, k_new, v_new, pos_new, logb_new, t_now,
+                                    sink=sink, window=window)
     victim = slot_scores(pos, logb, t_now, sink=sink, window=window).argmin(dim=-1, keepdim=True)  # [B, H, 1]
     D = keys.shape[-1]
     idx = victim[..., None].expand(-1, -1, 1, D)

@@ -1,0 +1,103 @@
+"""Shared bits of the benchmarks: argument parsing, model loading, timing, tables and JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of a few seconds")
+    p.add_argument("--model", default=None,
+                   help="'smollm2' (default model, via trimkv.models.load_model), 'tiny' (random Llama) or a "
+                        "Hub id / folder; default: smollm2, tiny with --quick")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    return p
+
+
+def setup(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+
+def load(args):
+    """(model, config) on args.device in fp32 (bf16 on GPU), eval mode."""
+    name = args.model or ("tiny" if args.quick else "smollm2")
+    if name == "tiny":
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1 << 16)
+        model = AutoModelForCausalLM.from_config(cfg)
+    else:
+        from trimkv.models import load_model
+
+        model, _ = load_model(name, dtype="bfloat16" if args.device == "cuda" else "float32")
+    model = model.to(args.device).eval()
+    return model, model.config
+
+
+def sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timeit(fn: Callable[[], object], *, repeat: int, warmup: int = 1, device="cpu") -> float:
+    """Median seconds of ``fn()`` over ``repeat`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def table(rows: list[dict], title: str) -> str:
+    """A plain aligned text table of ``rows`` (same keys in every row)."""
+    if not rows:
+        return f"{title}\n(no rows)"
+    cols = list(rows[0])
+    cells = [[_fmt(r[c]) for c in cols] for r in rows]
+    w = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = "  ".join(c.rjust(w[i]) for i, c in enumerate(cols))
+    out = [title, line, "-" * len(line)]
+    out += ["  ".join(v.rjust(w[i]) for i, v in enumerate(row)) for row in cells]
+    return "\n".join(out)
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.0f}"
+    return str(x)
+
+
+def finish(args, name: str, rows: list[dict], title: str, extra: dict | None = None) -> dict:
+    print(table(rows, title))
+    if extra:
+        for k, v in extra.items():
+            print(f"{k}: {_fmt(v)}")
+    result = {"benchmark": name, "rows": rows, **(extra or {}), "env": env(args)}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def env(args) -> dict:
+    return {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": sys.version.split()[0], "machine": platform.machine(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}

@@ -1,0 +1,60 @@
+"""Fused decode-time append+evict in one Triton kernel (the GPU fast path of :func:`trimkv.eviction.append_evict_`).
+
+One program per (batch row, KV head): it reads the slot metadata (pos int64, logb fp32; 12 bytes per slot),
+scores every slot ``(t - pos) * logb`` (sink / window -> +inf, empty -> -inf), takes the argmin (the first one on
+ties, like ``torch.argmin``) and writes the newcomer's key, value, position and log beta into that slot in place.
+Same contract and result as the PyTorch reference; tested against it under ``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _append_evict_kernel(KEYS, VALUES, POS, LOGB, KNEW, VNEW, POSNEW, LOGBNEW, TNOW, VICTIM,
+                         H, C, D, SINK, WINDOW,
+                         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)             # b * H + h
+    b = row // H
+    offs_c = tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    pos = tl.load(POS + row * C + offs_c, mask=c_ok, other=0)
+    lb = tl.load(LOGB + row * C + offs_c, mask=c_ok, other=0.0)
+    t = tl.load(TNOW + b)
+    score = (t - pos).to(tl.float32) * lb
+    score = tl.where(pos < SINK, float("inf"), score)
+    score = tl.where((WINDOW > 0) & (pos > t - WINDOW), float("inf"), score)
+    score = tl.where(pos < 0, float("-inf"), score)
+    score = tl.where(c_ok, score, float("inf"))       # padding lanes are never chosen
+    # argmin, first index on ties (also when every slot is +inf): smallest index among the minima
+    smin = tl.min(score, 0)
+    victim = tl.min(tl.where(score == smin, offs_c, BLOCK_C), 0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    k = tl.load(KNEW + row * D + offs_d, mask=d_ok)
+    v = tl.load(VNEW + row * D + offs_d, mask=d_ok)
+    tl.store(KEYS + (row * C + victim) * D + offs_d, k.to(KEYS.dtype.element_ty), mask=d_ok)
+    tl.store(VALUES + (row * C + victim) * D + offs_d, v.to(VALUES.dtype.element_ty), mask=d_ok)
+    tl.store(POS + row * C + victim, tl.load(POSNEW + row))
+    tl.store(LOGB + row * C + victim, tl.load(LOGBNEW + row).to(tl.float32))
+    tl.store(VICTIM + row, victim)
+
+
+def append_evict_triton_(keys, values, pos, logb, k_new, v_new, pos_new, logb_new, t_now, *, sink=0, window=0):
+    """Same contract as :func:`trimkv.eviction.append_evict_`: keys/values [B, H, C, D], pos [B, H, C] int64,
+    logb [B, H, C] fp32 (all contiguous, updated in place); k_new/v_new [B, H, 1, D], pos_new/logb_new [B, H, 1],
+    t_now [B]. Returns the victim slot index [B, H]."""
+    B, H, C, D = keys.shape
+    for name, t in (("keys", keys), ("values", values), ("pos", pos), ("logb", logb)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous: the kernel writes the slot buffers in place")
+    if values.shape[-1] != D:
+        raise ValueError("the fused kernel needs keys and values of the same head dim")
+    victim = torch.empty(B, H, dtype=torch.int64, device=keys.device)
+    _append_evict_kernel[(B * H,)](
+        keys, values, pos, logb, k_new.contiguous(), v_new.contiguous(), pos_new.to(torch.int64).contiguous(),
+        logb_new.float().contiguous(), t_now.to(torch.int64).contiguous(), victim, H, C, D, int(sink), int(window),
+        BLOCK_C=triton.next_power_of_2(C), BLOCK_D=triton.next_power_of_2(D))
+    return victim
