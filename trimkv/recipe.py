@@ -61,6 +61,8 @@ class TrainSection:
     warmup_steps: int = 100          # linear warm-up steps
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8           # AdamW eps. Gate grads start ~1e-8 (sigmoid(18) is saturated): a smaller eps
+                                     # (e.g. 1e-15) lets short runs move beta; the paper keeps the default
     grad_clip: float = 1.0           # max global grad norm (0 = off)
     grad_accum: int = 1              # micro-batches per optimiser step
     seed: int = 0
@@ -69,6 +71,12 @@ class TrainSection:
     bf16: bool = True                # bf16 autocast on GPU (ignored on CPU)
     device: str = "auto"             # auto | cpu | cuda
     log_every: int = 1               # steps between metric lines
+    engine: str = "auto"             # auto (ddp under torchrun, else plain) | plain | ddp | deepspeed
+    zero_stage: int = 2              # DeepSpeed ZeRO stage: 2 (default) | 3 (frozen base too big for one GPU) | 1
+    ds_config: str | None = None     # DeepSpeed JSON (e.g. launch/ds_zero3_offload.json); None = built from zero_stage
+    save_every: int = 0              # steps between training checkpoints in <run_dir>/checkpoints (0 = never)
+    keep_last: int = 2               # training checkpoints to keep (oldest deleted first)
+    resume: bool = False             # continue from the newest valid training checkpoint of run_dir
 
 
 @dataclass
@@ -107,10 +115,14 @@ _CHOICES = {
     ("loss", "capacity_form"): ("paper", "code"),
     ("train", "attn_impl"): ("auto", "reference", "chunked"),
     ("train", "device"): ("auto", "cpu", "cuda"),
+    ("train", "engine"): ("auto", "plain", "ddp", "deepspeed"),
+    ("train", "zero_stage"): (1, 2, 3),
     ("logging", "wandb"): ("disabled", "offline", "online"),
 }
 _POSITIVE = {("loss", "budget"), ("loss", "chunk_size"), ("train", "steps"), ("train", "grad_accum"),
-             ("gates", "gate_hidden"), ("train", "log_every")}
+             ("gates", "gate_hidden"), ("train", "log_every"), ("train", "keep_last")}
+_NON_NEGATIVE = {("train", "save_every"), ("train", "warmup_steps"), ("train", "grad_clip"), ("train", "lr"),
+                 ("train", "min_lr"), ("train", "weight_decay")}
 
 
 def _section(cls, raw: Any, name: str):
@@ -141,9 +153,14 @@ def _coerce(section: str, key: str, val: Any, default: Any) -> Any:
             raise RecipeError(f"'{section}.{key}' must be true or false, got {val!r}")
     elif isinstance(default, (int, float)) and val is not None:
         try:
-            val = type(default)(float(val)) if isinstance(default, float) else int(val)
+            num = float(val) if not isinstance(val, bool) else None
         except (TypeError, ValueError):
-            raise RecipeError(f"'{section}.{key}' must be a number, got {val!r}") from None
+            num = None
+        if num is None:
+            raise RecipeError(f"'{section}.{key}' must be a number, got {val!r}")
+        if not isinstance(default, float) and not num.is_integer():   # 2.5 steps must not silently become 2
+            raise RecipeError(f"'{section}.{key}' must be an integer, got {val!r}")
+        val = num if isinstance(default, float) else int(num)
     elif isinstance(default, tuple) and isinstance(val, list):
         val = tuple(float(v) for v in val)
     choices = _CHOICES.get((section, key))
@@ -151,6 +168,8 @@ def _coerce(section: str, key: str, val: Any, default: Any) -> Any:
         raise RecipeError(f"'{section}.{key}' = {val!r} is not one of {choices}")
     if (section, key) in _POSITIVE and (not isinstance(val, int) or val < 1):
         raise RecipeError(f"'{section}.{key}' must be a positive integer, got {val!r}")
+    if (section, key) in _NON_NEGATIVE and val < 0:
+        raise RecipeError(f"'{section}.{key}' must be >= 0, got {val!r}")
     return val
 
 

@@ -1,4 +1,4 @@
-"""Training retention gates: the step (visible code) and a single-process loop (CPU or one GPU).
+"""Training retention gates: the step (visible code) and the loop; engines (plain / DDP / DeepSpeed) in engine.py.
 
     loss = kl_weight * KL(teacher || gated) + ntp_weight * CE + capacity_weight * L_cap
 
@@ -70,7 +70,8 @@ def lr_lambda(step: int, *, warmup: int, total: int, lr: float, min_lr: float) -
 
 def build_optimizer(params, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     params = [p for p in params if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
+                            weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, warmup=cfg.warmup_steps, total=cfg.steps, lr=cfg.lr, min_lr=cfg.min_lr))
     return opt, sched
@@ -106,51 +107,60 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def train_loop(model, handle: TrimKV, batches: Iterator[dict], recipe: Recipe, *, log: MetricsLog | None = None,
-               progress: bool = True, start_step: int = 0, optimizer=None, scheduler=None) -> list[dict]:
-    """Run ``recipe.train.steps`` optimiser steps. Returns the per-step metrics (also logged)."""
-    cfg, device = recipe.train, next(model.parameters()).device
-    if optimizer is None:
-        optimizer, scheduler = build_optimizer(handle.gates.parameters(), cfg)
-    use_bf16 = cfg.bf16 and device.type == "cuda"
+               progress: bool = True, start_step: int = 0, optimizer=None, scheduler=None, engine=None,
+               checkpoints=None, until_step: int | None = None) -> list[dict]:
+    """Run optimiser steps ``start_step + 1 .. recipe.train.steps``. Returns the per-step metrics (also logged).
+
+    ``engine`` (trimkv.engine) runs each micro-batch's training step and the optimiser; default: a plain
+    single-process engine (with ``optimizer`` / ``scheduler`` if given). ``checkpoints`` (a
+    :class:`trimkv.resume.TrainingCheckpoints`) gets a training checkpoint every ``train.save_every`` steps and
+    at the last step; it stores ``batches.state_dict()`` as the data position when the stream has one.
+    ``until_step`` stops early after that step, as a preempted job would (the schedule still spans all steps).
+    """
+    from .engine import PlainEngine, all_reduce_mean
+
+    cfg = recipe.train
+    if engine is None:
+        engine = PlainEngine(model, handle, recipe, optimizer, scheduler)
+    end = min(cfg.steps, until_step) if until_step is not None else cfg.steps
     history = []
-    bar = _progress(cfg.steps, start_step, enabled=progress)
+    bar = _progress(cfg.steps, start_step, enabled=progress and engine.info.is_main)
     t0, tokens = time.perf_counter(), 0
-    for step in range(start_step, cfg.steps):
-        optimizer.zero_grad(set_to_none=True)
+    for step in range(start_step, end):
         parts = []
-        for _ in range(cfg.grad_accum):
-            batch = _to(next(batches), device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = training_step(model, handle, batch, recipe.loss)
-            (out.loss / cfg.grad_accum).backward()
-            parts.append(out)
-            tokens += batch["input_ids"].numel()
-        gnorm = torch.nn.utils.clip_grad_norm_(handle.gates.parameters(), cfg.grad_clip or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        m = _metrics(parts, gnorm, scheduler.get_last_lr()[0], tokens / (time.perf_counter() - t0))
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            parts.append(engine.forward_backward(batch, last=micro == cfg.grad_accum - 1))
+            tokens += batch["input_ids"].numel() * engine.info.world_size
+        gnorm = engine.optimizer_step()
+        m = _metrics(parts, gnorm, engine.lr(), tokens / (time.perf_counter() - t0), all_reduce_mean)
         history.append({"step": step + 1, **m})
         if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
             log.log(step + 1, m)
         bar.update(step + 1, m)
+        if checkpoints is not None and cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            position = batches.state_dict() if hasattr(batches, "state_dict") else {}
+            checkpoints.save(engine, step + 1, position)
     bar.close()
     return history
 
 
-def _metrics(parts: list[StepOutput], gnorm, lr: float, tok_s: float) -> dict[str, Any]:
+def _metrics(parts: list[StepOutput], gnorm, lr: float, tok_s: float, reduce=None) -> dict[str, Any]:
+    """Mean over the step's micro-batches (and over ranks, when ``reduce`` averages across processes)."""
     n = len(parts)
+    local = torch.tensor([[p.loss.item(), p.kl.item(), p.ntp.item(), p.cap.item(), p.soft_cache, *p.mean_beta]
+                          for p in parts], dtype=torch.float64).mean(0)
+    if reduce is not None:
+        local = reduce(local)
+    loss, kl, ntp, cap, soft_cache, *betas = local.tolist()
     return {
-        "loss": sum(p.loss.item() for p in parts) / n,
-        "kl": sum(p.kl.item() for p in parts) / n,
-        "ntp": sum(p.ntp.item() for p in parts) / n,
-        "cap": sum(p.cap.item() for p in parts) / n,
-        "soft_cache": sum(p.soft_cache for p in parts) / n,
-        "mean_beta": [sum(v) / n for v in zip(*(p.mean_beta for p in parts))],
+        "loss": loss,
+        "kl": kl,
+        "ntp": ntp,
+        "cap": cap,
+        "soft_cache": soft_cache,
+        "mean_beta": betas,
         "grad_norm": float(gnorm),
         "lr": lr,
         "tokens_per_s": tok_s,
