@@ -45,12 +45,13 @@ def haystack_of(sample):
 @pytest.mark.parametrize("task", sorted(TASKS))
 @pytest.mark.parametrize("haystack", ["filler", "prose"])
 def test_length_on_target_and_answers_in_context(tokenizer, task, haystack):
-    for sample in make_samples(task, tokenizer, context_length=400, n=2, seed=3, haystack=haystack):
+    for sample in make_samples(task, tokenizer, context_length=480, n=2, seed=3, haystack=haystack):
         prompt = render_prompt(sample, tokenizer)
         length = n_tokens(tokenizer, prompt)
-        assert 0.95 * 400 <= length <= 400
+        assert 0.95 * 480 <= length <= 480
         assert sample.metadata["n_tokens"] == length
-        assert prompt.startswith("<|user|>") and prompt.endswith("<|assistant|>\n")
+        assert sample.answer_prefix  # RULER-style: generation continues after an answer prefix
+        assert prompt.startswith("<|user|>") and prompt.endswith("<|assistant|>\n" + sample.answer_prefix)
         question_at = prompt.index("Question:")
         for answer in sample.answers:  # the answer comes before the question: the cache must keep it
             assert 0 <= prompt.find(answer) < question_at
@@ -150,13 +151,13 @@ def test_frequent_words_top_three(tokenizer):
 def test_render_plain_and_without_template(tokenizer):
     (sample,) = make_samples("passkey", tokenizer, context_length=300, n=1, chat=False)
     plain = render_prompt(sample, tokenizer)
-    assert plain.endswith("Question: What is the pass key?\nAnswer:") and "<|user|>" not in plain
+    assert plain.endswith("\n\nWhat is the pass key? The pass key is") and "<|user|>" not in plain
     assert 0.95 * 300 <= n_tokens(tokenizer, plain) <= 300
     assert render_prompt(sample, tokenizer, chat=True).startswith("<|user|>")
     no_template = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
     (sample,) = make_samples("passkey", no_template, context_length=300, n=1, chat=True)
     assert sample.metadata["chat"] is False
-    assert render_prompt(sample, no_template, chat=True).endswith("Answer:")
+    assert render_prompt(sample, no_template, chat=True).endswith("What is the pass key? The pass key is")
 
 
 def test_errors_name_the_problem(tokenizer):

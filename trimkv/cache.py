@@ -100,9 +100,9 @@ class RetentionLayer(CacheLayerMixin):
     def _decode_step(self, k, v, pos_new, state_new, t_now) -> None:
         if self.policy.fused:
             append_evict_(self.keys, self.values, self.pos, self.logb, k, v, pos_new, state_new, t_now,
-                          sink=self.sink, window=self.window)
+                          sink=self.sink, window=self.window, backend="auto")   # Triton kernel on CUDA
             return
-        score = protect(self.policy.scores(self.logb, self.pos, t_now), self.pos, t_now,
+        score = protect(self._scores(self.logb, self.pos, t_now, self.keys), self.pos, t_now,
                         sink=self.sink, window=self.window)
         evict_by_score_(self.keys, self.values, self.pos, self.logb, k, v, pos_new, state_new, score)
 
@@ -117,9 +117,14 @@ class RetentionLayer(CacheLayerMixin):
             return
         self._pending = None
         k_all, v_all, pos_all, state_all, t_now = pending
-        score = protect(self.policy.scores(state_all, pos_all, t_now), pos_all, t_now,
+        score = protect(self._scores(state_all, pos_all, t_now, k_all), pos_all, t_now,
                         sink=self.sink, window=self.window)
         keep_topk_(self.keys, self.values, self.pos, self.logb, k_all, v_all, pos_all, state_all, score)
+
+    def _scores(self, state, pos, t_now, keys):
+        if self.policy.needs_keys:   # e.g. KeyDiff: scores depend on all candidates' keys [B, H, N, D]
+            return self.policy.scores(state, pos, t_now, keys=keys)
+        return self.policy.scores(state, pos, t_now)
 
     def attention_meta(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions [B, Hkv, S] and validity [B, Hkv, S] of the keys returned by the last ``update``."""

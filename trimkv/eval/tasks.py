@@ -66,6 +66,7 @@ class Sample:
     question: str
     answers: list[str]
     metadata: dict = field(default_factory=dict)
+    answer_prefix: str = ""  # RULER's answer prefix ("The pass key is"), generation continues after it
 
     @property
     def prompt_messages(self) -> list[dict[str, str]]:
@@ -73,6 +74,8 @@ class Sample:
 
     @property
     def prompt_text(self) -> str:
+        if self.answer_prefix:  # RULER's plain template: the question, then the answer prefix to continue
+            return f"{self.context}\n\n{self.question} {self.answer_prefix}"
         return f"{self.context}\n\nQuestion: {self.question}\nAnswer:"
 
 
@@ -87,7 +90,7 @@ def render_prompt(sample: Sample, tokenizer, chat: bool | None = None) -> str:
         chat = sample.metadata.get("chat", True)
     if chat and getattr(tokenizer, "chat_template", None):
         messages = sample.prompt_messages
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + sample.answer_prefix
     return sample.prompt_text
 
 
@@ -119,6 +122,7 @@ class _Plan:
     min_size: int = 1  # the smallest body size that makes a valid sample
     pad: bool = False  # top the body up to the target length with haystack text placed before it
     metadata: dict = field(default_factory=dict)
+    answer_prefix: str = ""
 
 
 def _passkey(rng: random.Random, depth: float) -> _Plan:
@@ -128,6 +132,7 @@ def _passkey(rng: random.Random, depth: float) -> _Plan:
         "Find it and memorize it. I will quiz you about it.",
         question="What is the pass key?",
         answers=[key],
+        answer_prefix="The pass key is",
         needles=[(depth, f"The pass key is {key}. Remember it. {key} is the pass key.")],
     )
 
@@ -142,6 +147,7 @@ def _multikey_needle(rng: random.Random, depth: float, num_needles: int = 4) -> 
         "I will ask you about one of them.",
         question=f"What is the special magic number for {keys[0]} mentioned in the text above?",
         answers=[values[0]],
+        answer_prefix=f"The special magic number for {keys[0]} mentioned in the text is",
         needles=needles,
         metadata={"key": keys[0], "distractor_keys": keys[1:]},
     )
@@ -155,6 +161,7 @@ def _multivalue_needle(rng: random.Random, depth: float, num_values: int = 4) ->
         "I will ask you about them.",
         question=f"What are all the special magic numbers for {key} mentioned in the text above?",
         answers=values,
+        answer_prefix=f"The special magic numbers for {key} mentioned in the text are",
         needles=[(_spread(depth, i, num_values), _magic(key, v)) for i, v in enumerate(values)],
         metadata={"key": key},
     )
@@ -178,6 +185,7 @@ def _kv_retrieval(rng: random.Random, depth: float) -> _Plan:
         instruction="Extract the value corresponding to the specified key in the JSON object below.",
         question=f'What is the value associated with the key "{query}" in the JSON object above?',
         answers=[answer],
+        answer_prefix=f'The value associated with the key "{query}" is',
         body=body,
         pad=True,
         metadata={"key": query},
@@ -198,6 +206,7 @@ def _variable_tracking(rng: random.Random, depth: float, num_hops: int = 4, num_
         instruction="Memorize and track the chain(s) of variable assignment hidden in the following text.",
         question=f"Find all variables that are assigned the value {values[0]} in the text above.",
         answers=names[: num_hops + 1],
+        answer_prefix=f"The variables assigned the value {values[0]} are:",
         needles=needles,
         metadata={"value": values[0]},
     )
@@ -222,6 +231,7 @@ def _frequent_words(rng: random.Random, depth: float, alpha: float = 2.0, vocab:
         "appears.",
         question="What are the three most frequently appearing coded words in the text above?",
         answers=words[:3],
+        answer_prefix="The three most frequently appearing coded words are:",
         body=body,
         min_size=math.ceil(1 / gap),
     )
@@ -279,7 +289,8 @@ def make_samples(
         rng = random.Random(f"trimkv.eval:{task}:{seed}:{i}")
         depth = depths[i % len(depths)]
         plan = TASKS[task](rng, depth, **options)
-        sample = Sample(task, context_length, depth, "", plan.question, plan.answers, dict(plan.metadata))
+        sample = Sample(task, context_length, depth, "", plan.question, plan.answers, dict(plan.metadata),
+                        answer_prefix=plan.answer_prefix)
         sample.metadata.update(chat=chat, haystack=haystack, seed=seed)
         if plan.body is None:
             _fit_haystack(sample, plan, tokenizer, haystack, rng)

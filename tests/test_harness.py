@@ -1,0 +1,133 @@
+"""The eval harness on a tiny model: every cell written, reruns skip finished cells, same memory for every policy,
+a budget that evicts nothing equals the full cache, trimkv needs gates."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from test_eval_tasks import tokenizer  # noqa: F401  (the offline byte-level BPE fixture)
+from trimkv.attach import attach_gates
+from trimkv.checkpoint import save_gates
+from trimkv.eval import harness
+from trimkv.eval.harness import markdown_table, run_eval
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls on a shared 2-core machine: one thread is ~10x faster than oversubscribed ones."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+VOCAB = 400   # the tiny tokenizer's vocabulary
+KW = dict(tasks=["passkey"], lengths=[256], n_samples=2, sink=2, window=4, prefill_chunk=64, max_new_tokens=3,
+          progress=False)
+
+
+def tiny():
+    return build_tiny_model(vocab_size=VOCAB, initializer_range=0.2)
+
+
+@pytest.fixture
+def gates_dir(tmp_path):
+    model = tiny()
+    handle = attach_gates(model, gate_hidden=8)
+    return save_gates(handle.gates, tmp_path / "gates")
+
+
+def test_writes_every_cell_and_reruns_skip_them(tokenizer, tmp_path, gates_dir, monkeypatch):  # noqa: F811
+    model = tiny()
+    policies = ["full", "trimkv", "streaming", "h2o"]
+    recs = run_eval(model, tokenizer, budgets=[16, 32], policies=policies, gates=gates_dir, out_dir=tmp_path / "r",
+                    **KW)
+    assert len(recs) == 1 + 3 * 2
+    assert not hasattr(model, "trimkv")                                   # the harness detached what it attached
+    out = tmp_path / "r"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == recs
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == len(recs) * 2
+    assert all(0.0 <= r["score"] <= 1.0 and isinstance(r["prediction"], str) for r in rows)
+    table = (out / "results.md").read_text()
+    assert "| passkey | 256 | h2o |" in table and "M=16" in table and "M=32" in table
+    # same memory accounting for every bounded policy; the full cache holds the whole sequence
+    by = {(r["policy"], r["budget"]): r for r in recs}
+    assert by[("streaming", 16)]["kv_bytes"] == by[("h2o", 16)]["kv_bytes"] == by[("trimkv", 16)]["kv_bytes"]
+    assert by[("full", None)]["kv_bytes"] > by[("h2o", 32)]["kv_bytes"] > by[("h2o", 16)]["kv_bytes"]
+
+    def boom(*a, **k):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(harness, "_run_cell", boom)
+    again = run_eval(model, tokenizer, budgets=[16, 32], policies=policies, gates=gates_dir, out_dir=out, **KW)
+    assert again == recs
+    with pytest.raises(AssertionError, match="recomputed"):              # a changed setting is a new cell
+        run_eval(model, tokenizer, budgets=[16], policies=["h2o"], out_dir=out, **{**KW, "window": 5})
+
+
+def test_budget_that_evicts_nothing_matches_the_full_cache(tokenizer, tmp_path):  # noqa: F811
+    recs = run_eval(tiny(), tokenizer, budgets=[300], policies=["full", "streaming", "tova"], out_dir=tmp_path, **KW)
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    preds = {}
+    for r in rows:
+        preds.setdefault(r["policy"], []).append(r["prediction"])
+    assert preds["streaming"] == preds["full"] == preds["tova"]
+    assert len(recs) == 3
+
+
+def test_trimkv_without_gates_explains(tokenizer, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="needs trained gates"):
+        run_eval(tiny(), tokenizer, budgets=[16], policies=["trimkv"], out_dir=tmp_path, **KW)
+
+
+def test_unknown_names_are_listed(tokenizer, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="valid policies"):
+        run_eval(tiny(), tokenizer, budgets=[16], policies=["lru"], out_dir=tmp_path, **KW)
+    with pytest.raises(ValueError, match="valid tasks"):
+        run_eval(tiny(), tokenizer, budgets=[16], policies=["h2o"], out_dir=tmp_path, **{**KW, "tasks": ["qa"]})
+
+
+def test_markdown_table_repeats_the_full_cache_under_every_budget():
+    recs = [dict(task="passkey", length=2048, policy="full", budget=None, score=1.0),
+            dict(task="passkey", length=2048, policy="h2o", budget=32, score=0.25),
+            dict(task="passkey", length=2048, policy="h2o", budget=64, score=0.5)]
+    table = markdown_table(recs)
+    assert "| passkey | 2048 | full | 100.0 | 100.0 |" in table
+    assert "| passkey | 2048 | h2o | 25.0 | 50.0 |" in table
+
+
+# --------------------------------------------------------------------------------------- pictures
+
+
+def is_png(path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_accuracy_and_fidelity_plots(tmp_path):
+    from trimkv.eval.plots import plot_accuracy_vs_budget, plot_fidelity
+
+    recs = [dict(task="passkey", length=2048, policy="full", budget=None, score=1.0)]
+    recs += [dict(task=t, length=2048, policy=p, budget=b, score=b / 128) for t in ("passkey", "kv_retrieval")
+             for p in ("trimkv", "h2o") for b in (32, 64, 128)]
+    assert is_png(plot_accuracy_vs_budget(recs, tmp_path / "acc.png"))
+    fid = [dict(policy=p, budget=b, kl=1 / b, top1=0.9, ppl_ratio=1.1) for p in ("h2o", "tova") for b in (16, 32)]
+    assert is_png(plot_fidelity(fid, tmp_path / "kl.png"))
+
+
+def test_retention_heatmap_and_kept_tokens(tmp_path):
+    from trimkv.eval.plots import kept_positions, plot_kept_tokens, plot_retention_heatmap, retention_by_head
+
+    model = tiny()
+    attach_gates(model, gate_hidden=8)
+    ids = torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
+    vals = retention_by_head(model, ids)
+    assert vals.shape == (2, 2) and (vals <= 0).all()
+    assert is_png(plot_retention_heatmap(vals, tmp_path / "heat.png"))
+    kept = kept_positions(model, ids, budget=10, policy="streaming", sink=2, window=3, prefill_chunk=16)
+    assert kept.shape == (4, 40) and (kept.sum(1) == 10).all()
+    assert kept[:, :2].all() and kept[:, -8:].all() and not kept[:, 2:32].any()       # sinks + most recent
+    assert is_png(plot_kept_tokens(kept, tmp_path / "kept.png", num_kv_heads=2, tokens=[str(i) for i in range(40)]))

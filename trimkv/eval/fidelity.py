@@ -1,0 +1,119 @@
+"""Long-text fidelity: how far memory-bounded decoding drifts from the full cache on real text, teacher-forced.
+
+For each text (real English from ``trimkv.corpus`` split ``"eval"``, never seen in training), the first
+``prefix_tokens`` are prefilled in chunks of ``prefill_chunk`` and the next ``continuation_tokens`` are fed
+``step`` at a time (1 = true decoding: every step evicts; larger steps are faster but let the cache hold
+``budget + step`` tokens during a step). Each continuation token's next-token distribution is compared with the
+full-cache one (a single causal forward over the whole text):
+
+  * ``kl``        - mean over tokens of KL(p_full || p_bounded), in nats;
+  * ``top1``      - fraction of tokens whose argmax agrees;
+  * ``ppl_ratio`` - perplexity of the text under the bounded cache / under the full cache (1.0 = no loss).
+
+Policies and budgets are judged with the same cache, sink/window protection and schedule as the task harness.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from trimkv import corpus
+from trimkv.eval.harness import FULL, _progress, make_cache, policy_context, prepared_gates
+
+
+def eval_texts(tokenizer, *, n_texts: int, n_tokens: int, seed: int = 0) -> list[torch.Tensor]:
+    """``n_texts`` token id tensors [1, n_tokens] of eval-split prose (different seeds, so different documents)."""
+    texts = []
+    for i in range(n_texts):
+        chars = 6 * n_tokens
+        while True:
+            ids = tokenizer(corpus.prose_text("eval", chars, seed=seed + i), return_tensors="pt",
+                            add_special_tokens=False)["input_ids"]
+            if ids.shape[1] >= n_tokens:
+                break
+            chars *= 2
+        texts.append(ids[:, :n_tokens])
+    return texts
+
+
+@torch.no_grad()
+def full_logprobs(model, ids: torch.Tensor, n_last: int) -> torch.Tensor:
+    """Log-probs [n_last, V] predicting the last ``n_last`` tokens of ``ids``, from one full-attention forward."""
+    logits = model(ids, use_cache=False, logits_to_keep=n_last + 1).logits[0, :-1]
+    return logits.float().log_softmax(-1)
+
+
+@torch.no_grad()
+def bounded_logprobs(model, ids: torch.Tensor, cache, *, prefix: int, prefill_chunk: int, step: int) -> torch.Tensor:
+    """Teacher-forced log-probs [T - prefix, V] predicting ``ids[prefix:]`` through ``cache``."""
+    out = []
+    for s in range(0, prefix, prefill_chunk):
+        e = min(s + prefill_chunk, prefix)
+        logits = model(ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    out.append(logits[0, -1:])
+    T = ids.shape[1]
+    for s in range(prefix, T - 1, step):
+        e = min(s + step, T - 1)
+        out.append(model(ids[:, s:e], past_key_values=cache, use_cache=True).logits[0])
+    return torch.cat(out).float().log_softmax(-1)
+
+
+def compare(ref: torch.Tensor, test: torch.Tensor, targets: torch.Tensor) -> dict:
+    """KL(ref || test), top-1 agreement and perplexities of two log-prob tables [N, V] on ``targets`` [N]."""
+    kl = F.kl_div(test, ref, log_target=True, reduction="none").sum(-1)             # [N]
+    nll_ref = -ref.gather(-1, targets[:, None]).squeeze(-1)
+    nll_test = -test.gather(-1, targets[:, None]).squeeze(-1)
+    return dict(kl=kl.mean().item(), top1=(ref.argmax(-1) == test.argmax(-1)).float().mean().item(),
+                nll_full=nll_ref.mean().item(), nll=nll_test.mean().item())
+
+
+def run_fidelity(model, tokenizer, *, budgets, policies, gates=None, n_texts: int = 2, prefix_tokens: int = 1024,
+                 continuation_tokens: int = 256, step: int = 1, seed: int = 0, sink: int = 4, window: int = 16,
+                 prefill_chunk: int = 256, out_dir=None, progress: bool = True) -> list[dict]:
+    """One record per (policy, budget): mean kl / top1 over all continuation tokens of all texts, and the
+    perplexity ratio. Writes ``fidelity.json`` and ``fidelity.md`` into ``out_dir`` when given."""
+    policies = [p for p in policies if p != FULL]
+    budgets = sorted({int(b) for b in budgets})
+    device = next(model.parameters()).device
+    texts = [t.to(device) for t in eval_texts(tokenizer, n_texts=n_texts, n_tokens=prefix_tokens +
+                                              continuation_tokens, seed=seed)]
+    sums: dict[tuple, dict] = {}
+    with prepared_gates(model, gates, need_trained="trimkv" in policies) as handle:
+        with handle.disabled():
+            refs = [full_logprobs(model, ids, continuation_tokens) for ids in texts]
+        with _progress(progress, total=len(texts) * len(policies) * len(budgets)) as bar:
+            for policy in policies:
+                for budget in budgets:
+                    bar.describe(f"fidelity {policy} M={budget}")
+                    for i, (ids, ref) in enumerate(zip(texts, refs)):
+                        cache = make_cache(model, policy, budget, sink=sink, window=window, seed=seed * 1000 + i)
+                        with policy_context(handle, policy):
+                            test = bounded_logprobs(model, ids, cache, prefix=prefix_tokens,
+                                                    prefill_chunk=prefill_chunk, step=step)
+                        m = compare(ref, test, ids[0, prefix_tokens:])
+                        acc = sums.setdefault((policy, budget), dict(kl=0.0, top1=0.0, nll=0.0, nll_full=0.0))
+                        for k in acc:
+                            acc[k] += m[k] / len(texts)
+                        bar.advance()
+    records = [dict(policy=p, budget=b, kl=v["kl"], top1=v["top1"], ppl=math.exp(v["nll"]),
+                    ppl_full=math.exp(v["nll_full"]), ppl_ratio=math.exp(v["nll"] - v["nll_full"]),
+                    n_texts=n_texts, prefix_tokens=prefix_tokens, continuation_tokens=continuation_tokens, step=step,
+                    sink=sink, window=window) for (p, b), v in sums.items()]
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fidelity.json").write_text(json.dumps(records, indent=1))
+        (out / "fidelity.md").write_text(fidelity_table(records))
+    return records
+
+
+def fidelity_table(records: list[dict]) -> str:
+    lines = ["| policy | M | KL(full‖bounded) | top-1 agree | ppl ratio |", "|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['policy']} | {r['budget']} | {r['kl']:.4f} | {100 * r['top1']:.1f}% | "
+                     f"{r['ppl_ratio']:.3f} |")
+    return "\n".join(lines) + "\n"

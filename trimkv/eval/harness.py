@@ -1,0 +1,288 @@
+"""The evaluation harness: every (task, length, budget, policy) cell judged with the same cache, schedule and scoring.
+
+    run_eval(model, tokenizer, tasks=["passkey"], lengths=[2048], budgets=[32, 64, 128],
+             policies=["full", "trimkv", "streaming", "h2o"], n_samples=20, gates="checkpoints/smollm2",
+             out_dir="results/")
+
+Every policy runs in the same :class:`~trimkv.cache.RetentionCache` (same ``budget`` tokens per KV head, same
+``sink`` and ``window`` protection, same chunked prefill of ``prefill_chunk`` tokens, greedy decoding), so only
+the scoring rule differs; ``"full"`` is transformers' DynamicCache (no eviction, budget ignored). ``"trimkv"``
+needs gates; the baselines run with the gates disabled (fresh gates are attached, disabled, when the model has
+none: the bounded cache needs trimkv's attention hooks for positions and per-head slot masks).
+
+Outputs in ``out_dir``:
+  * ``cells/<model>/<cell>.json``  - one finished cell: its settings, metrics and per-sample predictions. A rerun
+    with the same (model, task, length, budget, policy, n, seed) and the same settings skips it.
+  * ``predictions.jsonl``          - one line per sample of every requested cell.
+  * ``metrics.json``               - one record per cell (mean score, seconds, KV bytes, ...).
+  * ``results.md``                 - a Markdown table: rows (task, length, policy), columns budgets.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from trimkv.eval.tasks import TASK_METRIC, TASKS, make_samples, render_prompt, score
+
+FULL = "full"
+# Enough new tokens for each task's answer plus a little wording around it.
+MAX_NEW_TOKENS = {"passkey": 16, "multikey_needle": 20, "multivalue_needle": 64, "kv_retrieval": 48,
+                  "variable_tracking": 40, "frequent_words": 32}
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    length: int
+    budget: int | None        # None = full cache
+    policy: str
+
+    @property
+    def slug(self) -> str:
+        return f"{self.task}-L{self.length}-{self.policy}-M{self.budget if self.budget is not None else 'full'}"
+
+
+def policy_names() -> list[str]:
+    from trimkv.policies import POLICIES
+
+    return [FULL, *POLICIES]
+
+
+# ----------------------------------------------------------------------------------------- gates and caches
+
+
+@contextlib.contextmanager
+def prepared_gates(model, gates=None, *, need_trained: bool = False) -> Iterator:
+    """Yield the model's gate handle: ``gates`` (a checkpoint path) loaded and attached, the gates already on the
+    model, or - when no policy needs trained gates - fresh ones (for the hooks) that are detached on exit."""
+    from trimkv.attach import attach_gates
+
+    handle = getattr(model, "trimkv", None)
+    attached_here = False
+    if gates is not None:
+        from trimkv.checkpoint import load_gates
+
+        if handle is not None:
+            raise ValueError(f"the model already has gates attached, and gates={str(gates)!r} was given too: pass "
+                             "gates=None to evaluate the attached ones, or detach them first (model.trimkv.detach())")
+        handle, attached_here = load_gates(model, gates), True
+    elif handle is None:
+        if need_trained:
+            raise ValueError("policy 'trimkv' needs trained gates: pass gates=<checkpoint folder> (CLI: --gates) "
+                             "or attach them first with trimkv.load_gates(model, path)")
+        handle, attached_here = attach_gates(model, gate_hidden=8), True
+    try:
+        yield handle
+    finally:
+        if attached_here:
+            handle.detach()
+
+
+def policy_context(handle, policy: str):
+    """Gates on for ``trimkv``, off for every baseline and the full cache."""
+    return contextlib.nullcontext() if policy == "trimkv" else handle.disabled()
+
+
+def make_cache(model, policy: str, budget: int | None, *, sink: int, window: int, seed: int = 0):
+    """A fresh cache for one sequence: DynamicCache for ``"full"``, else a RetentionCache with the policy."""
+    from transformers import DynamicCache
+
+    from trimkv.cache import RetentionCache
+    from trimkv.policies import get_policy
+
+    if policy == FULL:
+        return DynamicCache(config=model.config)
+    if budget is None:
+        raise ValueError(f"policy {policy!r} needs a budget (tokens per KV head)")
+    kwargs = {"seed": seed} if policy == "random" else {}
+    return RetentionCache.for_model(model, budget, sink=sink, window=window, policy=get_policy(policy, **kwargs))
+
+
+def cache_nbytes(cache) -> int:
+    from trimkv.cache import RetentionCache, dynamic_cache_nbytes
+
+    return cache.nbytes() if isinstance(cache, RetentionCache) else dynamic_cache_nbytes(cache)
+
+
+def greedy(model, tokenizer, ids: torch.Tensor, cache, *, prefill_chunk: int, max_new_tokens: int) -> str:
+    """Greedy continuation of ``ids`` [1, T] with ``cache``; returns the decoded new text."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
+                             max_new_tokens=max_new_tokens, prefill_chunk_size=prefill_chunk, pad_token_id=pad)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+# ----------------------------------------------------------------------------------------- the harness
+
+
+def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: int, out_dir, gates=None,
+             seed: int = 0, sink: int = 4, window: int = 16, prefill_chunk: int = 256,
+             max_new_tokens: int | None = None, haystack: str = "filler", chat: bool = True,
+             progress: bool = True) -> list[dict]:
+    """Evaluate every cell (see module docstring); returns the metrics records (also written to ``out_dir``)."""
+    tasks, policies = list(tasks), list(policies)
+    _check_names(tasks, policies)
+    budgets = sorted({int(b) for b in budgets})
+    if any(p != FULL for p in policies) and not budgets:
+        raise ValueError("give at least one budget (tokens per KV head) for the bounded-cache policies")
+    out = Path(out_dir)
+    model_name = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    cells = [Cell(t, int(L), None if p == FULL else b, p) for t in tasks for L in lengths for p in policies
+             for b in ([None] if p == FULL else budgets)]
+    records: list[dict] = []
+    predictions: list[dict] = []
+    with prepared_gates(model, gates, need_trained="trimkv" in policies) as handle:
+        settings = dict(model=model_name, n=n_samples, seed=seed, sink=sink, window=window,
+                        prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, haystack=haystack, chat=chat)
+        gate_id = _fingerprint(handle.gates) if "trimkv" in policies else None
+        todo, done = [], {}
+        for cell in cells:
+            cfg = _cell_settings(cell, settings, gate_id)
+            path = out / "cells" / _safe(model_name) / f"{cell.slug}-n{n_samples}-s{seed}-{_digest(cfg)}.json"
+            if path.is_file():
+                done[cell] = json.loads(path.read_text())
+            else:
+                todo.append((cell, cfg, path))
+        samples = {}
+        with _progress(progress, total=len(todo) * n_samples) as bar:
+            for cell, cfg, path in todo:
+                key = (cell.task, cell.length)
+                if key not in samples:
+                    samples[key] = make_samples(cell.task, tokenizer, context_length=cell.length, n=n_samples,
+                                                seed=seed, haystack=haystack, chat=chat)
+                done[cell] = _run_cell(model, tokenizer, handle, cell, cfg, samples[key], bar)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(done[cell], indent=1))
+    for cell in cells:
+        records.append(done[cell]["metrics"])
+        predictions += done[cell]["predictions"]
+    _write_outputs(out, records, predictions)
+    return records
+
+
+def _run_cell(model, tokenizer, handle, cell: Cell, cfg: dict, samples, bar) -> dict:
+    device = next(model.parameters()).device
+    max_new = cfg["max_new_tokens"] or MAX_NEW_TOKENS.get(cell.task, 32)
+    rows, t_cell = [], time.perf_counter()
+    bar.describe(cell.slug)
+    for i, sample in enumerate(samples):
+        ids = tokenizer(render_prompt(sample, tokenizer), return_tensors="pt", add_special_tokens=False)
+        ids = ids["input_ids"].to(device)
+        cache = make_cache(model, cell.policy, cell.budget, sink=cfg["sink"], window=cfg["window"],
+                           seed=cfg["seed"] * 1000 + i)
+        t0 = time.perf_counter()
+        with policy_context(handle, cell.policy):
+            pred = greedy(model, tokenizer, ids, cache, prefill_chunk=cfg["prefill_chunk"], max_new_tokens=max_new)
+        rows.append(dict(asdict(cell), index=i, depth=sample.depth, prompt_tokens=int(ids.shape[1]),
+                         answers=sample.answers, prediction=pred,
+                         score=score(pred, sample.answers, TASK_METRIC[cell.task]),
+                         kv_bytes=cache_nbytes(cache), seconds=round(time.perf_counter() - t0, 3)))
+        bar.advance()
+    n = len(rows)
+    metrics = dict(asdict(cell), model=cfg["model"], n=n, seed=cfg["seed"],
+                   score=sum(r["score"] for r in rows) / max(n, 1), metric=TASK_METRIC[cell.task],
+                   kv_bytes=max((r["kv_bytes"] for r in rows), default=0),
+                   seconds=round(time.perf_counter() - t_cell, 2),
+                   mean_prompt_tokens=sum(r["prompt_tokens"] for r in rows) / max(n, 1))
+    return dict(settings=cfg, metrics=metrics, predictions=rows)
+
+
+def _cell_settings(cell: Cell, settings: dict, gate_id: str | None) -> dict:
+    cfg = dict(settings, **asdict(cell))
+    if cell.policy == FULL:                 # the full cache ignores the eviction settings
+        cfg.update(sink=None, window=None)
+    cfg["gates"] = gate_id if cell.policy == "trimkv" else None
+    return cfg
+
+
+def _check_names(tasks, policies) -> None:
+    bad_t = [t for t in tasks if t not in TASKS]
+    if bad_t:
+        raise ValueError(f"unknown task(s) {bad_t}; valid tasks: {', '.join(TASKS)}")
+    bad_p = [p for p in policies if p not in policy_names()]
+    if bad_p:
+        raise ValueError(f"unknown policy(ies) {bad_p}; valid policies: {', '.join(policy_names())}")
+
+
+def _fingerprint(gates) -> str:
+    h = hashlib.sha1()
+    for name, t in sorted(gates.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def _digest(cfg: dict) -> str:
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+# ----------------------------------------------------------------------------------------- outputs
+
+
+def _write_outputs(out: Path, records: list[dict], predictions: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(records, indent=1))
+    with open(out / "predictions.jsonl", "w") as f:
+        for row in predictions:
+            f.write(json.dumps(row) + "\n")
+    (out / "results.md").write_text(markdown_table(records))
+
+
+def markdown_table(records: list[dict]) -> str:
+    """Rows (task, length, policy), columns budgets; the full cache fills every column with its one score."""
+    budgets = sorted({r["budget"] for r in records if r["budget"] is not None})
+    head = "| task | length | policy | " + " | ".join(f"M={b}" for b in budgets) + " |"
+    lines = [head, "|" + "---|" * (3 + len(budgets))]
+    groups: dict[tuple, dict] = {}
+    for r in records:
+        groups.setdefault((r["task"], r["length"], r["policy"]), {})[r["budget"]] = r["score"]
+    for (task, length, policy), by_budget in groups.items():
+        if policy == FULL:
+            vals = [by_budget[None]] * len(budgets)
+        else:
+            vals = [by_budget.get(b) for b in budgets]
+        cells = " | ".join("" if v is None else f"{100 * v:.1f}" for v in vals)
+        lines.append(f"| {task} | {length} | {policy} | {cells} |")
+    return "\n".join(lines) + "\n\nScores in % (RULER string match); `full` = no eviction (same value for any M).\n"
+
+
+# ----------------------------------------------------------------------------------------- progress
+
+
+class _Bar:
+    def __init__(self, prog=None, task=None):
+        self.prog, self.task = prog, task
+
+    def describe(self, text: str) -> None:
+        if self.prog is not None:
+            self.prog.update(self.task, description=text)
+
+    def advance(self) -> None:
+        if self.prog is not None:
+            self.prog.advance(self.task)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[_Bar]:
+    if not enabled or total == 0:
+        yield _Bar()
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn()) as prog:
+        yield _Bar(prog, prog.add_task("eval", total=total))

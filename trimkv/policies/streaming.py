@@ -1,0 +1,28 @@
+"""StreamingLLM (Xiao et al., 2023, arXiv 2309.17453): attention sinks + a window of the most recent tokens.
+
+The rule is recency: a token scores its position (the newest scores highest), so once the sink tokens and the
+most recent ones fill the budget, the oldest non-sink token goes. Run it with ``sink=4`` (the paper's four
+sink tokens); the recent window is whatever the rest of the budget holds, so the cache's own ``window`` only
+matters for ties and does not change the result.
+
+Deviation: none in the kept set. StreamingLLM re-assigns positions inside the cache ("rolling" RoPE); here keys
+keep the rotary positions they were computed with, as every other policy in this cache does.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import EvictionPolicy
+
+
+class StreamingPolicy(EvictionPolicy):
+    """Keep sinks + the most recent tokens. Stored as ``(t - pos) * -1``, so the fused decode kernel applies."""
+
+    name = "streaming"
+    fused = True
+
+    def new_state(self, keys, values, logb, pos):
+        return torch.full(pos.shape, -1.0, dtype=torch.float32, device=pos.device)
+
+    def scores(self, state, pos, t_now):
+        return (t_now.view(-1, 1, 1) - pos).to(torch.float32) * state     # = pos - t: newest highest
