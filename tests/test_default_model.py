@@ -52,7 +52,7 @@ def test_bounded_cache_with_room_matches_full_cache(smollm):
 
 def test_passkey_full_cache_and_constant_bounded_memory(smollm):
     model, tok = smollm
-    sample = make_samples("passkey", tok, context_length=768, n=1, seed=1, depths=[0.5])[0]
+    sample = make_samples("passkey", tok, context_length=768, n=1, seed=1, depths=[0.5], chat=False)[0]
     prompt = render_prompt(sample, tok)
     handle = attach_gates(model)
     try:

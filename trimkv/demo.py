@@ -54,7 +54,7 @@ def run_demo(*, retrain: bool = False, steps: int | None = None, context: int = 
     model, tok = load_model()
     handle = load_gates(model, ckpt)
     M = budget or handle.gates.config.train_budget or 64
-    sample = make_samples("passkey", tok, context_length=context, n=1, seed=seed, depths=[0.5])[0]
+    sample = make_samples("passkey", tok, context_length=context, n=1, seed=seed, depths=[0.5], chat=False)[0]
     prompt = render_prompt(sample, tok)
     print(f"\nprompt: {len(tok(prompt, add_special_tokens=False)['input_ids'])} tokens, a pass key hidden at 50% depth "
           f"in filler; question: {sample.question!r}; expected answer: {sample.answers[0]}")

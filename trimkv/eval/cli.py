@@ -51,6 +51,7 @@ def _eval(args: argparse.Namespace) -> int:
     from trimkv.eval.harness import markdown_table, run_eval
 
     recs = run_eval(model, tok, tasks=args.tasks, lengths=args.lengths, n_samples=args.n, haystack=args.haystack,
+                    chat=args.chat,
                     max_new_tokens=args.max_new_tokens, **common)
     print(markdown_table(recs))
     print(f"results in {args.out}/ (metrics.json, predictions.jsonl, results.md)")
@@ -123,6 +124,9 @@ def add_commands(sub) -> None:
                    help=f"comma-separated, of: {','.join(policy_names())}")
     e.add_argument("--n", type=int, default=20, help="samples per cell (texts with --fidelity)")
     e.add_argument("--haystack", default="filler", choices=["filler", "prose"])
+    e.add_argument("--chat", action="store_true",
+                   help="wrap prompts in the chat template (default: RULER's plain template with an answer prefix; "
+                        "SmolLM2-135M answers the pass key far more reliably that way)")
     e.add_argument("--max-new-tokens", type=int, default=None, help="default: per task")
     e.add_argument("--out", default="results", help="output folder (finished cells are reused)")
     e.add_argument("--fidelity", action="store_true", help="long-text KL / top-1 / ppl ratio instead of tasks")

@@ -126,7 +126,7 @@ def greedy(model, tokenizer, ids: torch.Tensor, cache, *, prefill_chunk: int, ma
 
 def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: int, out_dir, gates=None,
              seed: int = 0, sink: int = 4, window: int = 16, prefill_chunk: int = 256,
-             max_new_tokens: int | None = None, haystack: str = "filler", chat: bool = True,
+             max_new_tokens: int | None = None, haystack: str = "filler", chat: bool = False,
              progress: bool = True) -> list[dict]:
     """Evaluate every cell (see module docstring); returns the metrics records (also written to ``out_dir``)."""
     tasks, policies = list(tasks), list(policies)
