@@ -11,27 +11,13 @@
 #   DRY_RUN=1    print the exact command instead of running it
 set -euo pipefail
 
-if [[ $# -lt 1 ]]; then
-    echo "usage: $0 RECIPE.yaml [--resume] [--set section.field=value ...]" >&2
-    exit 2
-fi
-
-gpu_count() {
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi -L | wc -l
-    else
-        echo 1
-    fi
-}
+# shellcheck source=_common.sh
+source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/_common.sh"
+require_recipe "$@"
 
 nproc="${NPROC:-$(gpu_count)}"
 read -r -a torchrun <<< "${TORCHRUN:-torchrun}"
 
 cmd=("${torchrun[@]}" --standalone --nnodes=1 --nproc-per-node="$nproc" -m trimkv.cli train "$@")
 
-if [[ "${DRY_RUN:-0}" == "1" ]]; then
-    printf '%q ' "${cmd[@]}"
-    printf '\n'
-    exit 0
-fi
-exec "${cmd[@]}"
+run_or_print "${cmd[@]}"

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny randomly initialised causal LMs of the supported families (one factory for all tests)."""
+"""Shared fixtures: tiny randomly initialised causal LMs of the supported families (one factory for all tests), an
+offline byte-level BPE tokenizer, and a one-thread switch for modules that run many tiny forwards."""
 from __future__ import annotations
 
 import copy
@@ -50,3 +51,41 @@ def tiny_model():
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: one thread is ~10x faster than oversubscribed ones.
+
+    Use per module: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level BPE trained in milliseconds on a few sentences: any text encodes, nothing downloads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]
+    )
+    corpus = ["The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."] * 5
+    corpus += ["The pass key is 71432. Remember it. What is the special magic number for the key?"] * 3
+    corpus += ["Return the value of the object, or raise an error if the argument is not a string."] * 3
+    bpe.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok

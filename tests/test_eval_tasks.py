@@ -4,34 +4,9 @@ import json
 import re
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from trimkv.eval import TASK_METRIC, TASKS, make_samples, render_prompt, score
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """A byte-level BPE trained in milliseconds on a few sentences: any text encodes, nothing downloads."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]
-    )
-    corpus = ["The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."] * 5
-    corpus += ["The pass key is 71432. Remember it. What is the special magic number for the key?"] * 3
-    corpus += ["Return the value of the object, or raise an error if the argument is not a string."] * 3
-    bpe.train_from_iterator(corpus, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
 
 def n_tokens(tok, text):
     return len(tok(text, add_special_tokens=False)["input_ids"])

@@ -9,25 +9,18 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from test_eval_tasks import tokenizer  # noqa: F401  (the offline byte-level BPE fixture)
 from trimkv.eval.fidelity import compare, eval_texts, run_fidelity
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 KW = dict(n_texts=1, prefix_tokens=96, continuation_tokens=24, sink=2, window=4, prefill_chunk=32, progress=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def tiny():
     return build_tiny_model(vocab_size=400, initializer_range=0.2)
 
 
-def test_no_eviction_is_exact_and_small_budget_drifts(tokenizer, tmp_path):  # noqa: F811
+def test_no_eviction_is_exact_and_small_budget_drifts(tokenizer, tmp_path):
     recs = run_fidelity(tiny(), tokenizer, budgets=[12, 200], policies=["full", "streaming", "h2o"], out_dir=tmp_path,
                         **KW)
     by = {(r["policy"], r["budget"]): r for r in recs}
@@ -41,7 +34,7 @@ def test_no_eviction_is_exact_and_small_budget_drifts(tokenizer, tmp_path):  # n
     assert "| h2o | 12 |" in (tmp_path / "fidelity.md").read_text()
 
 
-def test_chunked_continuation_matches_token_by_token_without_eviction(tokenizer):  # noqa: F811
+def test_chunked_continuation_matches_token_by_token_without_eviction(tokenizer):
     recs = run_fidelity(tiny(), tokenizer, budgets=[200], policies=["tova"], step=8, **KW)
     assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-5) and recs[0]["top1"] == 1.0
 
@@ -55,7 +48,7 @@ def test_compare_on_known_distributions():
     assert m["nll"] - m["nll_full"] == pytest.approx((math.log(1 / 0.1) - math.log(1 / 0.9)) / 2)
 
 
-def test_eval_texts_are_sized_and_differ(tokenizer):  # noqa: F811
+def test_eval_texts_are_sized_and_differ(tokenizer):
     a, b = eval_texts(tokenizer, n_texts=2, n_tokens=64)
     assert a.shape == b.shape == (1, 64)
     assert not torch.equal(a, b)

@@ -8,20 +8,12 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from test_eval_tasks import tokenizer  # noqa: F401  (the offline byte-level BPE fixture)
 from trimkv.attach import attach_gates
 from trimkv.checkpoint import save_gates
 from trimkv.eval import harness
 from trimkv.eval.harness import markdown_table, run_eval
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread is ~10x faster than oversubscribed ones."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 400   # the tiny tokenizer's vocabulary
 KW = dict(tasks=["passkey"], lengths=[256], n_samples=2, sink=2, window=4, prefill_chunk=64, max_new_tokens=3,
@@ -39,7 +31,7 @@ def gates_dir(tmp_path):
     return save_gates(handle.gates, tmp_path / "gates")
 
 
-def test_writes_every_cell_and_reruns_skip_them(tokenizer, tmp_path, gates_dir, monkeypatch):  # noqa: F811
+def test_writes_every_cell_and_reruns_skip_them(tokenizer, tmp_path, gates_dir, monkeypatch):
     model = tiny()
     policies = ["full", "trimkv", "streaming", "h2o"]
     recs = run_eval(model, tokenizer, budgets=[16, 32], policies=policies, gates=gates_dir, out_dir=tmp_path / "r",
@@ -69,7 +61,7 @@ def test_writes_every_cell_and_reruns_skip_them(tokenizer, tmp_path, gates_dir, 
         run_eval(model, tokenizer, budgets=[16], policies=["h2o"], out_dir=out, **{**KW, "window": 5})
 
 
-def test_budget_that_evicts_nothing_matches_the_full_cache(tokenizer, tmp_path):  # noqa: F811
+def test_budget_that_evicts_nothing_matches_the_full_cache(tokenizer, tmp_path):
     recs = run_eval(tiny(), tokenizer, budgets=[300], policies=["full", "streaming", "tova"], out_dir=tmp_path, **KW)
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     preds = {}
@@ -79,12 +71,12 @@ def test_budget_that_evicts_nothing_matches_the_full_cache(tokenizer, tmp_path):
     assert len(recs) == 3
 
 
-def test_trimkv_without_gates_explains(tokenizer, tmp_path):  # noqa: F811
+def test_trimkv_without_gates_explains(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="needs trained gates"):
         run_eval(tiny(), tokenizer, budgets=[16], policies=["trimkv"], out_dir=tmp_path, **KW)
 
 
-def test_unknown_names_are_listed(tokenizer, tmp_path):  # noqa: F811
+def test_unknown_names_are_listed(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="valid policies"):
         run_eval(tiny(), tokenizer, budgets=[16], policies=["lru"], out_dir=tmp_path, **KW)
     with pytest.raises(ValueError, match="valid tasks"):

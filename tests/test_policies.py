@@ -10,14 +10,7 @@ from trimkv.attach import attach_gates
 from trimkv.cache import RetentionCache, RetentionLayer
 from trimkv.policies import POLICIES, get_policy
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread is ~10x faster than oversubscribed ones."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 D = 4
 

@@ -51,12 +51,7 @@ def append_evict_(keys, values, pos, logb, k_new, v_new, pos_new, logb_new, t_no
         return append_evict_triton_(keys, values, pos, logb, k_new, v_new, pos_new, logb_new, t_now,
                                     sink=sink, window=window)
     victim = slot_scores(pos, logb, t_now, sink=sink, window=window).argmin(dim=-1, keepdim=True)  # [B, H, 1]
-    D = keys.shape[-1]
-    idx = victim[..., None].expand(-1, -1, 1, D)
-    keys.scatter_(2, idx, k_new.to(keys.dtype))
-    values.scatter_(2, idx, v_new.to(values.dtype))
-    pos.scatter_(2, victim, pos_new)
-    logb.scatter_(2, victim, logb_new.to(logb.dtype))
+    _write_slots_(keys, values, pos, logb, victim, k_new, v_new, pos_new, logb_new)
     return victim.squeeze(-1)
 
 
@@ -85,13 +80,20 @@ def evict_by_score_(keys, values, pos, state, k_new, v_new, pos_new, state_new, 
     """Generic decode step for any policy: evict argmin of ``score`` [B, H, C] (already protected), write the
     newcomer there. Same in-place contract as :func:`append_evict_`."""
     victim = score.argmin(dim=-1, keepdim=True)                                    # [B, H, 1]
-    D = keys.shape[-1]
-    idx = victim[..., None].expand(-1, -1, 1, D)
+    _write_slots_(keys, values, pos, state, victim, k_new, v_new, pos_new, state_new)
+    return victim.squeeze(-1)
+
+
+def _write_slots_(keys, values, pos, state, victim, k_new, v_new, pos_new, state_new):
+    """Write one newcomer per (row, head) into slot ``victim`` [B, H, 1], in place (cast to the buffers' dtypes).
+
+    keys/values [B, H, C, D], pos/state [B, H, C]; k_new/v_new [B, H, 1, D], pos_new/state_new [B, H, 1].
+    """
+    idx = victim[..., None].expand(-1, -1, 1, keys.shape[-1])                      # [B, H, 1, D]
     keys.scatter_(2, idx, k_new.to(keys.dtype))
     values.scatter_(2, idx, v_new.to(values.dtype))
     pos.scatter_(2, victim, pos_new)
     state.scatter_(2, victim, state_new.to(state.dtype))
-    return victim.squeeze(-1)
 
 
 def keep_topk_(keys, values, pos, state, k_all, v_all, pos_all, state_all, score):

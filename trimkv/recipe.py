@@ -131,11 +131,7 @@ def _section(cls, raw: Any, name: str):
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe section '{name}' must be a mapping, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            hint = difflib.get_close_matches(key, fields, n=1)
-            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise RecipeError(f"unknown field '{name}.{key}'{extra}; valid fields: {sorted(fields)}")
+    _reject_unknown(raw, fields, "field", prefix=f"{name}.")
     values = {}
     for key, val in raw.items():
         default = getattr(cls(), key) if cls is not _data_config() else None
@@ -144,6 +140,19 @@ def _section(cls, raw: Any, name: str):
         return cls(**values)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"recipe section '{name}': {err}") from err
+
+
+def _reject_unknown(keys, valid, what: str, *, prefix: str = "") -> None:
+    """Raise naming the first key not in ``valid``, with the closest valid name as a hint.
+
+    ``what`` names one key ("field", "recipe section"); its last word, pluralised, heads the list of valid names.
+    """
+    for key in keys:
+        if key not in valid:
+            hint = difflib.get_close_matches(key, valid, n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+            noun = what.rsplit(" ", 1)[-1]
+            raise RecipeError(f"unknown {what} '{prefix}{key}'{extra}; valid {noun}s: {sorted(valid)}")
 
 
 def _coerce(section: str, key: str, val: Any, default: Any) -> Any:
@@ -184,11 +193,7 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError("a recipe must be a YAML mapping with sections model/gates/data/loss/train/output/logging")
     sections = {f.name: f for f in dataclasses.fields(Recipe)}
-    for key in raw:
-        if key not in sections:
-            hint = difflib.get_close_matches(key, sections, n=1)
-            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise RecipeError(f"unknown recipe section '{key}'{extra}; valid sections: {sorted(sections)}")
+    _reject_unknown(raw, sections, "recipe section")
     if "data" not in raw:
         raise RecipeError("recipe has no 'data' section; set at least data.source (e.g. 'builtin:prose')")
     classes = dict(model=ModelSection, gates=GatesSection, data=_data_config(), loss=LossSection,

@@ -16,6 +16,9 @@ Kernels (all fp32 accumulation; q/k/v may be fp16 / bf16 / fp32, logb is fp32):
 * ``_attn_bwd_dq``   one program per (query block, batch x query head): dQ.
 * ``_cap_fwd`` / ``_cap_bwd``: S_t = sum_{i visible to t} exp((pos_t - pos_i) logb_i) and its logb gradient.
 
+The attention kernels share their tile helpers (``_load_q_tile``, ``_load_kv_tile``, ``_score_tile``,
+``_probs_and_ds``), so the forward and both backward passes compute one score formula from the same loads.
+
 Key blocks that no query of a query block can see (every valid key position after every query position) are
 skipped with a per-block table computed on the host side, as in the chunked PyTorch path. Nothing of size T x S
 is ever allocated. On CPU the kernels run under ``TRITON_INTERPRET=1`` (slow; tests only).
@@ -49,41 +52,88 @@ def _visible(qp, kp, q_ok, k_ok, QSEG, KSEG, KVALID, q_off, k_off, seg_q_ok, HAS
 
 
 @triton.jit
+def _query_program(H, HKV):
+    """A (query block, batch x query head) program -> its query block, batch x query head, batch, batch x KV head
+    (GQA: query head h reads KV head h // (H / HKV))."""
+    mb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    return mb, bh, b, b * HKV + (bh % H) // (H // HKV)
+
+
+@triton.jit
+def _load_q_tile(Q, QPOS, bh, b, mb, T, D, offs_d, d_ok, BLOCK_M: tl.constexpr):
+    """Query block ``mb`` of (batch x query head) ``bh`` -> offsets [BM], in range [BM], q [BM, BD], positions [BM]."""
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < T
+    q = tl.load(Q + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    qp = tl.load(QPOS + b * T + offs_m, mask=m_ok, other=-1)
+    return offs_m, m_ok, q, qp
+
+
+@triton.jit
+def _load_grad_rows(DO, LSE, DELTA, bh, offs_m, m_ok, T, D, offs_d, d_ok):
+    """The backward's per-query inputs of a query block: dO [BM, BD], log-sum-exp [BM], delta = rowsum(dO * O) [BM]."""
+    do = tl.load(DO + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                 other=0.0)
+    lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + bh * T + offs_m, mask=m_ok, other=0.0)
+    return do, lse, delta
+
+
+@triton.jit
+def _load_kv_tile(K, V, KPOS, LOGB, kvh, b, nb, S, D, offs_d, d_ok, BLOCK_N: tl.constexpr):
+    """Key block ``nb`` of (batch x KV head) ``kvh`` -> offsets [BN], in range [BN], k / v [BN, BD], positions [BN],
+    log retentions [BN]."""
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < S
+    kd_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + kvh * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kd_mask, other=0.0)
+    v = tl.load(V + kvh * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kd_mask, other=0.0)
+    kp = tl.load(KPOS + b * S + offs_n, mask=n_ok, other=0)
+    lb = tl.load(LOGB + kvh * S + offs_n, mask=n_ok, other=0.0)
+    return offs_n, n_ok, k, v, kp, lb
+
+
+@triton.jit
+def _score_tile(q, k, lb, qp, kp, m_ok, n_ok, q_off, k_off, QSEG, KSEG, KVALID, scaling,
+                HAS_SEG: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    """One tile of scores: s = scaling * q.k + dist * logb [BM, BN] (-inf where not visible) and
+    dist = q_pos - k_pos [BM, BN] (0 where not visible)."""
+    vis = _visible(qp, kp, m_ok, n_ok, QSEG, KSEG, KVALID, q_off, k_off, m_ok, HAS_SEG, HAS_VALID)
+    dist = tl.where(vis, (qp[:, None] - kp[None, :]).to(tl.float32), 0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scaling + dist * lb[None, :]
+    return tl.where(vis, s, float("-inf")), dist
+
+
+@triton.jit
+def _probs_and_ds(s, lse, do, v, delta, PREC: tl.constexpr):
+    """Backward of one tile: probabilities p = exp(s - lse) (0 where s is -inf) and dS = p * (dO.v - delta)."""
+    p = tl.exp(s - lse[:, None])                                                    # [BM, BN]
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, LOGB, QPOS, KPOS, QSEG, KSEG, KVALID, QMAX, KMIN, OUT, LSE,
               scaling, H, HKV, T, S, D, NQB, NKB,
               HAS_SEG: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    mb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    hk = (bh % H) // (H // HKV)
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    mb, bh, b, kvh = _query_program(H, HKV)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < T
     d_ok = offs_d < D
-    q = tl.load(Q + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
-                other=0.0)
-    qp = tl.load(QPOS + b * T + offs_m, mask=m_ok, other=-1)
+    offs_m, m_ok, q, qp = _load_q_tile(Q, QPOS, bh, b, mb, T, D, offs_d, d_ok, BLOCK_M)
     q_max = tl.load(QMAX + b * NQB + mb)
-    kvh = b * HKV + hk
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for nb in range(0, NKB):
         k_min = tl.load(KMIN + b * NKB + nb)
         if k_min <= q_max:
-            offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < S
-            kd_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + kvh * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kd_mask, other=0.0)
-            v = tl.load(V + kvh * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kd_mask, other=0.0)
-            kp = tl.load(KPOS + b * S + offs_n, mask=n_ok, other=0)
-            lb = tl.load(LOGB + kvh * S + offs_n, mask=n_ok, other=0.0)
-            vis = _visible(qp, kp, m_ok, n_ok, QSEG, KSEG, KVALID, b * T + offs_m, b * S + offs_n, m_ok,
-                           HAS_SEG, HAS_VALID)
-            dist = (qp[:, None] - kp[None, :]).to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scaling
-            s = tl.where(vis, s + tl.where(vis, dist * lb[None, :], 0.0), float("-inf"))
+            offs_n, n_ok, k, v, kp, lb = _load_kv_tile(K, V, KPOS, LOGB, kvh, b, nb, S, D, offs_d, d_ok, BLOCK_N)
+            s, _ = _score_tile(q, k, lb, qp, kp, m_ok, n_ok, b * T + offs_m, b * S + offs_n, QSEG, KSEG, KVALID,
+                               scaling, HAS_SEG, HAS_VALID, PREC)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_safe[:, None])
@@ -109,15 +159,9 @@ def _attn_bwd_dkdv(Q, K, V, LOGB, QPOS, KPOS, QSEG, KSEG, KVALID, QMAX, KMIN, DO
     b = kvh // HKV
     hk = kvh % HKV
     G = H // HKV
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    n_ok = offs_n < S
     d_ok = offs_d < D
-    kd_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + kvh * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kd_mask, other=0.0)
-    v = tl.load(V + kvh * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kd_mask, other=0.0)
-    kp = tl.load(KPOS + b * S + offs_n, mask=n_ok, other=0)
-    lb = tl.load(LOGB + kvh * S + offs_n, mask=n_ok, other=0.0)
+    offs_n, n_ok, k, v, kp, lb = _load_kv_tile(K, V, KPOS, LOGB, kvh, b, nb, S, D, offs_d, d_ok, BLOCK_N)
     k_min = tl.load(KMIN + b * NKB + nb)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -127,24 +171,15 @@ def _attn_bwd_dkdv(Q, K, V, LOGB, QPOS, KPOS, QSEG, KSEG, KVALID, QMAX, KMIN, DO
         for mb in range(0, NQB):
             q_max = tl.load(QMAX + b * NQB + mb)
             if k_min <= q_max:
-                offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-                m_ok = offs_m < T
-                qd_mask = m_ok[:, None] & d_ok[None, :]
-                q = tl.load(Q + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-                do = tl.load(DO + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-                lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0)
-                delta = tl.load(DELTA + bh * T + offs_m, mask=m_ok, other=0.0)
-                qp = tl.load(QPOS + b * T + offs_m, mask=m_ok, other=-1)
-                vis = _visible(qp, kp, m_ok, n_ok, QSEG, KSEG, KVALID, b * T + offs_m, b * S + offs_n, m_ok,
-                               HAS_SEG, HAS_VALID)
-                dist = tl.where(vis, (qp[:, None] - kp[None, :]).to(tl.float32), 0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * scaling + dist * lb[None, :]
-                p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)                       # [BM, BN]
+                offs_m, m_ok, q, qp = _load_q_tile(Q, QPOS, bh, b, mb, T, D, offs_d, d_ok, BLOCK_M)
+                do, lse, delta = _load_grad_rows(DO, LSE, DELTA, bh, offs_m, m_ok, T, D, offs_d, d_ok)
+                s, dist = _score_tile(q, k, lb, qp, kp, m_ok, n_ok, b * T + offs_m, b * S + offs_n, QSEG, KSEG,
+                                      KVALID, scaling, HAS_SEG, HAS_VALID, PREC)
+                p, ds = _probs_and_ds(s, lse, do, v, delta, PREC)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-                ds = p * (dp - delta[:, None])
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
                 dl += tl.sum(ds * dist, 0)
+    kd_mask = n_ok[:, None] & d_ok[None, :]
     tl.store(DK + kvh * S * D + offs_n[:, None] * D + offs_d[None, :], dk * scaling, mask=kd_mask)
     tl.store(DV + kvh * S * D + offs_n[:, None] * D + offs_d[None, :], dv, mask=kd_mask)
     tl.store(DLOGB + kvh * S + offs_n, dl, mask=n_ok)
@@ -155,41 +190,23 @@ def _attn_bwd_dq(Q, K, V, LOGB, QPOS, KPOS, QSEG, KSEG, KVALID, QMAX, KMIN, DO, 
                  scaling, H, HKV, T, S, D, NQB, NKB,
                  HAS_SEG: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    mb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    kvh = b * HKV + (bh % H) // (H // HKV)
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    mb, bh, b, kvh = _query_program(H, HKV)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < T
     d_ok = offs_d < D
-    qd_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-    lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(DELTA + bh * T + offs_m, mask=m_ok, other=0.0)
-    qp = tl.load(QPOS + b * T + offs_m, mask=m_ok, other=-1)
+    offs_m, m_ok, q, qp = _load_q_tile(Q, QPOS, bh, b, mb, T, D, offs_d, d_ok, BLOCK_M)
+    do, lse, delta = _load_grad_rows(DO, LSE, DELTA, bh, offs_m, m_ok, T, D, offs_d, d_ok)
     q_max = tl.load(QMAX + b * NQB + mb)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for nb in range(0, NKB):
         k_min = tl.load(KMIN + b * NKB + nb)
         if k_min <= q_max:
-            offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < S
-            kd_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + kvh * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kd_mask, other=0.0)
-            v = tl.load(V + kvh * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kd_mask, other=0.0)
-            kp = tl.load(KPOS + b * S + offs_n, mask=n_ok, other=0)
-            lb = tl.load(LOGB + kvh * S + offs_n, mask=n_ok, other=0.0)
-            vis = _visible(qp, kp, m_ok, n_ok, QSEG, KSEG, KVALID, b * T + offs_m, b * S + offs_n, m_ok,
-                           HAS_SEG, HAS_VALID)
-            dist = tl.where(vis, (qp[:, None] - kp[None, :]).to(tl.float32), 0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scaling + dist * lb[None, :]
-            p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
+            offs_n, n_ok, k, v, kp, lb = _load_kv_tile(K, V, KPOS, LOGB, kvh, b, nb, S, D, offs_d, d_ok, BLOCK_N)
+            s, _ = _score_tile(q, k, lb, qp, kp, m_ok, n_ok, b * T + offs_m, b * S + offs_n, QSEG, KSEG, KVALID,
+                               scaling, HAS_SEG, HAS_VALID, PREC)
+            _, ds = _probs_and_ds(s, lse, do, v, delta, PREC)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    tl.store(DQ + bh * T * D + offs_m[:, None] * D + offs_d[None, :], dq * scaling, mask=qd_mask)
+    tl.store(DQ + bh * T * D + offs_m[:, None] * D + offs_d[None, :], dq * scaling,
+             mask=m_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
