@@ -41,7 +41,7 @@ def _mb(nbytes: int) -> str:
 
 
 def run_demo(*, retrain: bool = False, steps: int | None = None, context: int = 2048, budget: int | None = None,
-             seed: int = 3) -> dict:
+             seed: int = 3, depth: float = 0.25) -> dict:
     from .checkpoint import load_gates
     from .eval.tasks import make_samples, render_prompt, score
     from .generate import generate
@@ -54,9 +54,10 @@ def run_demo(*, retrain: bool = False, steps: int | None = None, context: int = 
     model, tok = load_model()
     handle = load_gates(model, ckpt)
     M = budget or handle.gates.config.train_budget or 64
-    sample = make_samples("passkey", tok, context_length=context, n=1, seed=seed, depths=[0.5], chat=False)[0]
+    sample = make_samples("passkey", tok, context_length=context, n=1, seed=seed, depths=[depth], chat=False)[0]
     prompt = render_prompt(sample, tok)
-    print(f"\nprompt: {len(tok(prompt, add_special_tokens=False)['input_ids'])} tokens, a pass key hidden at 50% depth "
+    print(f"\nprompt: {len(tok(prompt, add_special_tokens=False)['input_ids'])} tokens, a pass key hidden at "
+          f"{depth:.0%} depth "
           f"in filler; question: {sample.question!r}; expected answer: {sample.answers[0]}")
     with handle.disabled():
         full = generate(model, tok, prompt, budget=None, max_new_tokens=24)
@@ -67,4 +68,16 @@ def run_demo(*, retrain: bool = False, steps: int | None = None, context: int = 
         ok = "correct" if score(g.text, sample.answers, "all") == 1.0 else "wrong"
         print(f"{name:36s} KV {_mb(g.kv_bytes):>10s}  {g.seconds:5.1f} s  [{ok}]  answer: {g.text!r}")
     print(f"\nKV memory ratio bounded/full: {bounded.kv_bytes / max(full.kv_bytes, 1):.3f}")
-    return {"full": full, "bounded": bounded, "answer": sample.answers[0]}
+    fidelity = _fidelity(model, tok, M)   # the gates attached above
+    return {"full": full, "bounded": bounded, "answer": sample.answers[0], "fidelity": fidelity}
+
+
+def _fidelity(model, tok, M: int) -> list[dict]:
+    """How far bounded decoding drifts from the full cache on real prose: learned retention vs StreamingLLM."""
+    from .eval.fidelity import fidelity_table, run_fidelity
+
+    print(f"\nlong-text fidelity vs the full cache (eval-split prose, 256-token prefix, 64 decoded tokens, M={M}):")
+    recs = run_fidelity(model, tok, budgets=[M], policies=["trimkv", "streaming"], gates=None, n_texts=1,
+                        prefix_tokens=256, continuation_tokens=64, progress=False)
+    print(fidelity_table(recs))
+    return recs
