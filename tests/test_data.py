@@ -339,3 +339,15 @@ def test_builtin_prose(tokenizer, tmp_path):
     b = next(batches(cfg, tokenizer))
     assert b["input_ids"].shape == (2, 32)
     assert not b["loss_mask"][b["position_ids"] == 0].any()
+
+
+def test_prose_recall_appends_a_copy_of_an_earlier_paragraph():
+    from trimkv.data import _with_recall
+
+    parts = ["First paragraph about lists and the numbers 4123 and 977 that matter later on in the text.",
+             "Second paragraph, still in the first half of the document, describing dictionaries in prose.",
+             "Third paragraph " + "filler words " * 20, "Fourth paragraph " + "more words " * 20]
+    text = _with_recall(parts, seed=0)
+    head, copy = text.rsplit("\n\n", 1)
+    assert head == "\n\n".join(parts)
+    assert copy in parts[:2] and head.index(copy) < len(head) // 2   # verbatim, from the first half

@@ -55,7 +55,7 @@ FORMATS = ("auto", "text", "chat")
 TOO_LONG = ("truncate", "drop", "error")
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 SHUFFLE_BUFFER_ROWS = 1024  # streaming shuffle buffer, in packed rows
-BUILTIN_SOURCES = ("prose", "prose-long")
+BUILTIN_SOURCES = ("prose", "prose-long", "prose-recall")
 CACHE_VERSION = 1  # bump when the tokenisation or packing rules change
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
@@ -163,16 +163,32 @@ def _builtin_documents(cfg: DataConfig) -> list[str]:
     docs = prose_documents(cfg.split)
     if name == "prose":
         return docs
+    recall = name == "prose-recall"
+    target_chars = (3 if recall else 8) * cfg.seq_len
     order = torch.randperm(len(docs), generator=_generator(cfg.seed, -1)).tolist()
-    target_chars, joined, current = 8 * cfg.seq_len, [], []
+    joined, current = [], []
     for i in order:
         current.append(docs[i])
         if sum(map(len, current)) >= target_chars:
-            joined.append("\n\n".join(current))
+            joined.append(_with_recall(current, i) if recall else "\n\n".join(current))
             current = []
     if current:
         joined.append("\n\n".join(current))
     return joined
+
+
+def _with_recall(parts: list[str], seed: int) -> str:
+    """``builtin:prose-recall``: the joined text, then a verbatim copy of one paragraph from its first half.
+
+    The copy is predictable only from the earlier occurrence, so the distillation loss rewards gates that keep
+    informative tokens of earlier text (numbers, names) alive, a long-range signal ordinary prose rarely has.
+    Measured once on SmolLM2 (150 steps x 512 tokens, M=64): passkey at 2k stayed at 0/8, like ``prose-long``.
+    """
+    text = "\n\n".join(parts)
+    paragraphs = [p for p in text[: len(text) // 2].split("\n\n") if 80 <= len(p) <= 400]
+    if not paragraphs:
+        return text
+    return text + "\n\n" + paragraphs[seed % len(paragraphs)]
 
 
 def _resolve_format(cfg: DataConfig, columns: list[str]) -> str:
@@ -392,7 +408,8 @@ def _source_fingerprint(cfg: DataConfig) -> list:
         import trimkv.corpus
 
         digest = hashlib.sha256(Path(trimkv.corpus.__file__).read_bytes()).hexdigest()
-        return [digest, cfg.seed] if cfg.source == "builtin:prose-long" else [digest]  # seed groups documents
+        grouped = cfg.source in ("builtin:prose-long", "builtin:prose-recall")
+        return [digest, cfg.seed, CACHE_VERSION + 1] if grouped else [digest]  # seed groups documents
     files = _local_files(cfg.source)
     if files is None:
         return [cfg.source]
