@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import retention_attention
+from .cache import RetentionCache, slot_attention
 from .gate import GateConfig, RetentionGates
 
 ATTN_NAME = "trimkv"
@@ -210,8 +212,6 @@ def _with_cached_logb(module: nn.Module, cache: Any, layer_idx: int, logb: torch
 
 
 def _retention_layer(cache: Any, layer_idx: int):
-    from .cache import RetentionCache
-
     if isinstance(cache, RetentionCache):
         return cache.layers[layer_idx]
     return None
@@ -233,8 +233,6 @@ def trimkv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     layer = getattr(module, "_trimkv_cache_layer", None)
     if layer is not None:  # bounded cache: hard eviction already applied, plain attention over kept slots
-        from .cache import slot_attention
-
         k_pos, k_valid = layer.attention_meta()                           # [B, Hkv, S] each
         need_w = layer.policy.needs_attention
         res = slot_attention(query, key, value, q_pos=module._trimkv_pos, k_pos=k_pos, k_valid=k_valid,
@@ -255,8 +253,6 @@ def trimkv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     if logb is None:
         out = _plain_attention(query, key, value, q_pos, k_pos, seg, k_valid, scaling)
     else:
-        from .attention import retention_attention
-
         out = retention_attention(query, key, value, logb, scaling=scaling, q_pos=q_pos, k_pos=k_pos,
                                   q_seg=seg, k_seg=seg, k_valid=k_valid, impl=handle.attn_impl)
     return out.transpose(1, 2).contiguous(), None

@@ -53,6 +53,7 @@ class RetentionLayer(CacheLayerMixin):
         self.values = torch.zeros(B, H, self.budget, value_states.shape[-1], dtype=self.dtype, device=self.device)
         self.pos = torch.full((B, H, self.budget), -1, dtype=torch.long, device=self.device)
         self.logb = torch.zeros(B, H, self.budget, dtype=torch.float32, device=self.device)
+        self.t_now = torch.full((B,), -1, dtype=torch.long, device=self.device)   # latest position seen per row
         self.is_initialized = True
 
     def stage(self, *, logb: torch.Tensor | None, pos: torch.Tensor, valid: torch.Tensor,
@@ -84,7 +85,7 @@ class RetentionLayer(CacheLayerMixin):
         T = key_states.shape[2]
         pos_new, state_new, valid = self._take_staged(key_states, value_states)   # [B,H,T], [B,H,T], [B,T]
         self.seen += T
-        t_now = pos_new.amax(dim=(1, 2)).clamp_min(self.pos.amax(dim=(1, 2)))    # [B]
+        self.t_now = t_now = torch.maximum(self.t_now, pos_new.amax(dim=(1, 2)))  # [B], O(B*H*T) not O(slots)
         if T == 1 and bool(valid.all()):
             self._decode_step(key_states, value_states, pos_new, state_new, t_now)
             self._meta = (self.pos, self.pos >= 0)
@@ -152,12 +153,12 @@ class RetentionLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         if self.is_initialized:
-            self.keys.zero_(), self.values.zero_(), self.pos.fill_(-1), self.logb.zero_()
+            self.keys.zero_(), self.values.zero_(), self.pos.fill_(-1), self.logb.zero_(), self.t_now.fill_(-1)
         self.seen = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
-            for name in ("keys", "values", "pos", "logb"):
+            for name in ("keys", "values", "pos", "logb", "t_now"):
                 setattr(self, name, getattr(self, name).index_select(0, beam_idx.to(self.device)))
 
 

@@ -29,8 +29,8 @@ class StepOutput:
     kl: torch.Tensor
     ntp: torch.Tensor
     cap: torch.Tensor
-    soft_cache: float           # peak soft cache size max_t S_t, mean over layers and heads
-    mean_beta: list[float]      # per layer
+    soft_cache: torch.Tensor    # [] peak soft cache size max_t S_t, mean over layers and heads (detached)
+    mean_beta: torch.Tensor     # [L] mean beta per layer (detached; read once per step by _metrics)
 
 
 def training_step(model: torch.nn.Module, handle: TrimKV, batch: dict[str, torch.Tensor],
@@ -50,13 +50,14 @@ def training_step(model: torch.nn.Module, handle: TrimKV, batch: dict[str, torch
         rec = records[idx]
         S = capacity_sums(rec.logb, rec.pos, rec.seg)                               # [B, Hkv, T]
         caps.append(capacity_loss(S, rec.pos, loss_cfg.budget, form=loss_cfg.capacity_form))
-        sizes.append(S.amax(-1).mean().item())           # peak soft cache size
-        betas.append(rec.logb.exp().mean().item())
+        sizes.append(S.detach().amax(-1).mean())                                     # peak soft cache size
+        betas.append(rec.logb.detach().exp().mean())
     if not caps:
         raise RuntimeError("no gate records were collected: are the gates attached and enabled?")
     cap = torch.stack(caps).mean()
     loss = loss_cfg.kl_weight * kl + loss_cfg.ntp_weight * ntp + loss_cfg.capacity_weight * cap
-    return StepOutput(loss, kl.detach(), ntp.detach(), cap.detach(), sum(sizes) / len(sizes), betas)
+    # metrics stay on the device: no per-layer host sync inside the step
+    return StepOutput(loss, kl.detach(), ntp.detach(), cap.detach(), torch.stack(sizes).mean(), torch.stack(betas))
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, lr: float, min_lr: float) -> float:
@@ -149,8 +150,9 @@ def train_loop(model, handle: TrimKV, batches: Iterator[dict], recipe: Recipe, *
 def _metrics(parts: list[StepOutput], gnorm, lr: float, tok_s: float, reduce=None) -> dict[str, Any]:
     """Mean over the step's micro-batches (and over ranks, when ``reduce`` averages across processes)."""
     n = len(parts)
-    local = torch.tensor([[p.loss.item(), p.kl.item(), p.ntp.item(), p.cap.item(), p.soft_cache, *p.mean_beta]
-                          for p in parts], dtype=torch.float64).mean(0)
+    rows = [torch.cat([torch.stack([p.loss.detach(), p.kl, p.ntp, p.cap, p.soft_cache]).float(), p.mean_beta.float()])
+            for p in parts]
+    local = torch.stack(rows).double().mean(0).cpu()                                   # one host transfer per step
     if reduce is not None:
         local = reduce(local)
     loss, kl, ntp, cap, soft_cache, *betas = local.tolist()
