@@ -24,8 +24,11 @@ class EvictionPolicy:
         return torch.zeros(pos.shape, dtype=torch.float32, device=pos.device)
 
     def scores(self, state: torch.Tensor, pos: torch.Tensor, t_now: torch.Tensor) -> torch.Tensor:
-        """Raw keep-scores [B, H, N] of kept tokens at step t_now [B] (protection is applied by the cache)."""
-        raise NotImplementedError
+        """Raw keep-scores [B, H, N] of kept tokens at step t_now [B] (protection is applied by the cache).
+
+        Default: the per-slot state *is* the score (H2O, TOVA, SnapKV, K-norm, random); override when the score
+        depends on the step or the position."""
+        return state
 
     def observe(self, state: torch.Tensor, weights: torch.Tensor, pos: torch.Tensor, q_len: int) -> None:
         """Update ``state`` [B, H, S] in place from attention ``weights`` [B, H, G*q_len, S] (query heads folded)."""

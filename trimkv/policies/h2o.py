@@ -19,8 +19,5 @@ class H2OPolicy(EvictionPolicy):
     name = "h2o"
     needs_attention = True
 
-    def scores(self, state, pos, t_now):
-        return state
-
     def observe(self, state, weights, pos, q_len):
         state += weights.sum(dim=2)                 # [B, Hkv, G*q, S] -> [B, Hkv, S]

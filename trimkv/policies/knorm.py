@@ -15,5 +15,3 @@ class KNormPolicy(EvictionPolicy):
     def new_state(self, keys, values, logb, pos):
         return -keys.float().norm(dim=-1)                                            # [B, H, T]
 
-    def scores(self, state, pos, t_now):
-        return state

@@ -20,8 +20,5 @@ class RandomPolicy(EvictionPolicy):
     def new_state(self, keys, values, logb, pos):
         return torch.rand(pos.shape, generator=self.generator).to(pos.device)
 
-    def scores(self, state, pos, t_now):
-        return state
-
     def __repr__(self) -> str:
         return f"RandomPolicy(seed={self.seed})"

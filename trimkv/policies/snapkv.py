@@ -33,9 +33,6 @@ class SnapKVPolicy(EvictionPolicy):
             raise ValueError(f"SnapKV kernel must be an odd number >= 1, got {kernel}")
         self.obs_window, self.kernel, self.pooling = obs_window, kernel, pooling
 
-    def scores(self, state, pos, t_now):
-        return state
-
     def observe(self, state, weights, pos, q_len):
         if q_len == 1:                              # decode: scores stay as the prefill left them
             return

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import EvictionPolicy
+from .base import RetentionPolicy
 
 
-class StreamingPolicy(EvictionPolicy):
-    """Keep sinks + the most recent tokens. Stored as ``(t - pos) * -1``, so the fused decode kernel applies."""
+class StreamingPolicy(RetentionPolicy):
+    """Keep sinks + the most recent tokens: TRIM-KV's scoring with every log beta = -1, i.e. ``pos - t``
+    (newest highest), so the fused decode kernel applies."""
 
     name = "streaming"
-    fused = True
 
     def new_state(self, keys, values, logb, pos):
-        return torch.full(pos.shape, -1.0, dtype=torch.float32, device=pos.device)
-
-    def scores(self, state, pos, t_now):
-        return (t_now.view(-1, 1, 1) - pos).to(torch.float32) * state     # = pos - t: newest highest
+        return super().new_state(keys, values, None, pos)   # ignore any gate: constant decay

@@ -20,9 +20,6 @@ class TOVAPolicy(EvictionPolicy):
     name = "tova"
     needs_attention = True
 
-    def scores(self, state, pos, t_now):
-        return state
-
     def observe(self, state, weights, pos, q_len):
         w = rearrange(weights, "b h (g t) s -> b h g t s", t=q_len)
         state.copy_(w[:, :, :, -1].mean(dim=2))     # last query, averaged over the group: [B, Hkv, S]
