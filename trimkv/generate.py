@@ -1,12 +1,14 @@
 """Generation helpers: the same prompt with the full cache and with a memory-bounded one, with KV byte counts."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 
 from .cache import RetentionCache, dynamic_cache_nbytes
+from .policies import EvictionPolicy
 
 
 @dataclass
@@ -18,24 +20,35 @@ class Generation:
     seconds: float
 
 
+def new_cache(model, budget: int | None = None, *, sink: int = 4, window: int = 16,
+              policy: EvictionPolicy | None = None) -> Cache:
+    """``budget=None``: transformers' full DynamicCache; else a RetentionCache of ``budget`` tokens per KV head."""
+    if budget is None:
+        return DynamicCache(config=model.config)
+    return RetentionCache.for_model(model, budget, sink=sink, window=window, policy=policy)
+
+
+def kv_nbytes(cache: Cache) -> int:
+    """Bytes of K/V (and slot metadata) a cache holds."""
+    return cache.nbytes() if isinstance(cache, RetentionCache) else dynamic_cache_nbytes(cache)
+
+
 def generate(model, tokenizer, prompt: str | torch.Tensor, *, budget: int | None = None, sink: int = 4,
-             window: int = 16, prefill_chunk: int = 256, max_new_tokens: int = 32, **gen_kwargs) -> Generation:
-    """Greedy generation with ``budget`` tokens per KV head (``None`` = transformers' full DynamicCache).
+             window: int = 16, policy: EvictionPolicy | None = None, cache: Cache | None = None,
+             prefill_chunk: int = 256, max_new_tokens: int = 32, **gen_kwargs) -> Generation:
+    """Greedy generation with ``budget`` tokens per KV head (``None`` = transformers' full DynamicCache), or with a
+    ready ``cache``.
 
     The prompt is prefilled in chunks of ``prefill_chunk`` tokens so the bounded cache never holds more than
     ``budget + prefill_chunk`` tokens per head.
     """
-    import time
-
     if isinstance(prompt, str):
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     else:
         ids = prompt
     ids = ids.to(next(model.parameters()).device)
-    if budget is None:
-        cache = DynamicCache(config=model.config)
-    else:
-        cache = RetentionCache.for_model(model, budget, sink=sink, window=window)
+    if cache is None:
+        cache = new_cache(model, budget, sink=sink, window=window, policy=policy)
     gen_kwargs.setdefault("do_sample", False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t0 = time.perf_counter()
@@ -45,6 +58,5 @@ def generate(model, tokenizer, prompt: str | torch.Tensor, *, budget: int | None
                              pad_token_id=pad, **gen_kwargs)
     seconds = time.perf_counter() - t0
     new = out[0, ids.shape[1]:]
-    nbytes = cache.nbytes() if isinstance(cache, RetentionCache) else dynamic_cache_nbytes(cache)
     return Generation(tokenizer.decode(new, skip_special_tokens=True).strip(), int(new.numel()),
-                      int(ids.shape[1]), nbytes, seconds)
+                      int(ids.shape[1]), kv_nbytes(cache), seconds)

@@ -31,6 +31,8 @@ from typing import Iterator
 import torch
 
 from trimkv.eval.tasks import TASK_METRIC, TASKS, make_samples, render_prompt, score
+from trimkv.generate import generate, new_cache
+from trimkv.policies import get_policy
 
 FULL = "full"
 # Enough new tokens for each task's answer plus a little wording around it.
@@ -93,32 +95,12 @@ def policy_context(handle, policy: str):
 
 def make_cache(model, policy: str, budget: int | None, *, sink: int, window: int, seed: int = 0):
     """A fresh cache for one sequence: DynamicCache for ``"full"``, else a RetentionCache with the policy."""
-    from transformers import DynamicCache
-
-    from trimkv.cache import RetentionCache
-    from trimkv.policies import get_policy
-
     if policy == FULL:
-        return DynamicCache(config=model.config)
+        return new_cache(model)
     if budget is None:
         raise ValueError(f"policy {policy!r} needs a budget (tokens per KV head)")
     kwargs = {"seed": seed} if policy == "random" else {}
-    return RetentionCache.for_model(model, budget, sink=sink, window=window, policy=get_policy(policy, **kwargs))
-
-
-def cache_nbytes(cache) -> int:
-    from trimkv.cache import RetentionCache, dynamic_cache_nbytes
-
-    return cache.nbytes() if isinstance(cache, RetentionCache) else dynamic_cache_nbytes(cache)
-
-
-def greedy(model, tokenizer, ids: torch.Tensor, cache, *, prefill_chunk: int, max_new_tokens: int) -> str:
-    """Greedy continuation of ``ids`` [1, T] with ``cache``; returns the decoded new text."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
-                             max_new_tokens=max_new_tokens, prefill_chunk_size=prefill_chunk, pad_token_id=pad)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return new_cache(model, budget, sink=sink, window=window, policy=get_policy(policy, **kwargs))
 
 
 # ----------------------------------------------------------------------------------------- the harness
@@ -179,13 +161,13 @@ def _run_cell(model, tokenizer, handle, cell: Cell, cfg: dict, samples, bar) -> 
         ids = ids["input_ids"].to(device)
         cache = make_cache(model, cell.policy, cell.budget, sink=cfg["sink"], window=cfg["window"],
                            seed=cfg["seed"] * 1000 + i)
-        t0 = time.perf_counter()
         with policy_context(handle, cell.policy):
-            pred = greedy(model, tokenizer, ids, cache, prefill_chunk=cfg["prefill_chunk"], max_new_tokens=max_new)
+            gen = generate(model, tokenizer, ids, cache=cache, prefill_chunk=cfg["prefill_chunk"],
+                           max_new_tokens=max_new)
         rows.append(dict(asdict(cell), index=i, depth=sample.depth, prompt_tokens=int(ids.shape[1]),
-                         answers=sample.answers, prediction=pred,
-                         score=score(pred, sample.answers, TASK_METRIC[cell.task]),
-                         kv_bytes=cache_nbytes(cache), seconds=round(time.perf_counter() - t0, 3)))
+                         answers=sample.answers, prediction=gen.text,
+                         score=score(gen.text, sample.answers, TASK_METRIC[cell.task]),
+                         kv_bytes=gen.kv_bytes, seconds=round(gen.seconds, 3)))
         bar.advance()
     n = len(rows)
     metrics = dict(asdict(cell), model=cfg["model"], n=n, seed=cfg["seed"],
