@@ -20,11 +20,15 @@ import torch
 NEG_INF = float("-inf")
 
 
+def retention_score(pos: torch.Tensor, logb: torch.Tensor, t_now: torch.Tensor) -> torch.Tensor:
+    """TRIM-KV's keep-score ``(t - pos) * log beta``: pos [B, H, N], logb [B, H, N], t_now [B] -> [B, H, N] fp32."""
+    return (t_now.view(-1, 1, 1) - pos).to(torch.float32) * logb
+
+
 def slot_scores(pos: torch.Tensor, logb: torch.Tensor, t_now: torch.Tensor, *, sink: int = 0,
                 window: int = 0) -> torch.Tensor:
-    """pos [B, H, N] int64 (-1 = empty), logb [B, H, N] fp32, t_now [B] -> score [B, H, N] fp32."""
-    score = (t_now.view(-1, 1, 1) - pos).to(torch.float32) * logb
-    return protect(score, pos, t_now, sink=sink, window=window)
+    """pos [B, H, N] int64 (-1 = empty), logb [B, H, N] fp32, t_now [B] -> protected score [B, H, N] fp32."""
+    return protect(retention_score(pos, logb, t_now), pos, t_now, sink=sink, window=window)
 
 
 BACKENDS = ("torch", "triton", "auto")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..eviction import retention_score
+
 
 class EvictionPolicy:
     """Base class. Subclasses override :meth:`new_state`, :meth:`scores` and, if needed, :meth:`observe`."""
@@ -52,4 +54,4 @@ class RetentionPolicy(EvictionPolicy):
         return logb.float()
 
     def scores(self, state, pos, t_now):
-        return (t_now.view(-1, 1, 1) - pos).to(torch.float32) * state
+        return retention_score(pos, state, t_now)   # the same formula the fused decode step uses
