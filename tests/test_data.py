@@ -1,6 +1,7 @@
 """Tests for trimkv.data: loading, tokenising, packing, batching and caching (offline, fast)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -351,3 +352,36 @@ def test_prose_recall_appends_a_copy_of_an_earlier_paragraph():
     head, copy = text.rsplit("\n\n", 1)
     assert head == "\n\n".join(parts)
     assert copy in parts[:2] and head.index(copy) < len(head) // 2   # verbatim, from the first half
+
+
+def test_prose_facts_restate_each_fact_later_in_words_the_eval_tasks_never_use():
+    import random as _random
+
+    from trimkv.data import _with_facts
+
+    parts = [f"Paragraph {i} talks about sockets, files and the number {i}." for i in range(40)]
+    for seed in range(20):
+        text = _with_facts(parts, _random.Random(seed))
+        assert text == _with_facts(parts, _random.Random(seed))                       # seeded
+        inserted = [s for s in re.split(r"(?<=\.)\s+", text) if not s.startswith("Paragraph")]
+        inserted = [s.strip() for s in inserted]
+        assert len(inserted) == 6, inserted                                           # 3 statements + 3 recalls
+        values = [s.rstrip(".").split()[-1] for s in inserted]
+        for value in set(values):
+            first, second = [i for i, v in enumerate(values) if v == value][:2]
+            pos = [text.index(inserted[first]), text.rindex(inserted[second])]
+            assert pos[0] < pos[1] and (pos[1] - pos[0]) > 0.2 * len(text)             # recalled far later
+        lowered = text.lower()
+        for eval_words in ("pass key", "magic number", "var ", "uuid", "question:", "answer:"):
+            assert eval_words not in lowered
+
+
+def test_prose_facts_builtin_documents_fit_their_rows(tokenizer, tmp_path):
+    pytest.importorskip("trimkv.corpus")
+    from trimkv.data import _builtin_documents
+
+    cfg = cfg_for("builtin:prose-facts", tmp_path, seq_len=512, pack=False)
+    docs = _builtin_documents(cfg)
+    assert len(docs) > 10 and all("\n\n" in d for d in docs[:-1])
+    assert sum("To recap" in d or "As noted earlier" in d or "Recall that" in d or "Once more" in d
+               for d in docs) >= len(docs) // 2

@@ -55,7 +55,7 @@ FORMATS = ("auto", "text", "chat")
 TOO_LONG = ("truncate", "drop", "error")
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 SHUFFLE_BUFFER_ROWS = 1024  # streaming shuffle buffer, in packed rows
-BUILTIN_SOURCES = ("prose", "prose-long", "prose-recall")
+BUILTIN_SOURCES = ("prose", "prose-long", "prose-recall", "prose-facts")
 CACHE_VERSION = 1  # bump when the tokenisation or packing rules change
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
@@ -153,6 +153,9 @@ def _builtin_documents(cfg: DataConfig) -> list[str]:
     ``builtin:prose``: one document per docstring (short: ~100 tokens each).
     ``builtin:prose-long``: the same text, shuffled by ``cfg.seed`` and joined into documents of about
     ``2 * seq_len`` tokens, so that attention (and retention) spans whole training rows.
+    ``builtin:prose-recall``: documents of ~``seq_len`` tokens ending in a copy of an earlier paragraph.
+    ``builtin:prose-facts``: documents of ~0.9 ``seq_len`` tokens with made-up facts recalled far later (see
+    :func:`_with_facts`); use it with ``pack: false`` so that no fact is cut off from its recall.
     """
     name = cfg.source.split(":", 1)[1]
     if name not in BUILTIN_SOURCES:
@@ -163,14 +166,16 @@ def _builtin_documents(cfg: DataConfig) -> list[str]:
     docs = prose_documents(cfg.split)
     if name == "prose":
         return docs
-    recall = name == "prose-recall"
-    target_chars = (3 if recall else 8) * cfg.seq_len
+    chars_per_token = {"prose-long": 8, "prose-recall": 3, "prose-facts": 2.7}[name]
+    target_chars = chars_per_token * cfg.seq_len
     order = torch.randperm(len(docs), generator=_generator(cfg.seed, -1)).tolist()
     joined, current = [], []
     for i in order:
         current.append(docs[i])
         if sum(map(len, current)) >= target_chars:
-            joined.append(_with_recall(current, i) if recall else "\n\n".join(current))
+            joined.append(_with_recall(current, i) if name == "prose-recall"
+                          else _with_facts(current, random.Random(cfg.seed * 100_003 + i)) if name == "prose-facts"
+                          else "\n\n".join(current))
             current = []
     if current:
         joined.append("\n\n".join(current))
@@ -189,6 +194,47 @@ def _with_recall(parts: list[str], seed: int) -> str:
     if not paragraphs:
         return text
     return text + "\n\n" + paragraphs[seed % len(paragraphs)]
+
+
+# ``builtin:prose-facts``. The wording is our own and shares nothing with the evaluation tasks of trimkv.eval.tasks
+# (no "pass key", "magic number", "VAR", JSON or UUIDs; the prose comes from the corpus's train split, the evaluation
+# haystacks from its eval split or from filler sentences). tests/test_data.py checks this.
+_SYLLABLES = ("ka", "lo", "mi", "ren", "tor", "vas", "el", "dun", "pri", "sol", "ba", "qu", "zen", "fa", "ri", "mo")
+_ATTRIBUTES = ("room number", "order number", "badge number", "serial number", "ticket number", "account number",
+               "locker code", "invoice number", "phone extension", "batch code", "shelf mark", "seat number")
+_STATEMENTS = ("Note that the {attr} of {name} is {value}.", "{name}'s {attr} is {value}.",
+               "For the record, {name} was given {attr} {value}.", "The {attr} assigned to {name} is {value}.")
+_RECALLS = ("To recap, the {attr} of {name} is {value}.", "As noted earlier, {name}'s {attr} is {value}.",
+            "Recall that {name} was given {attr} {value}.", "Once more: the {attr} assigned to {name} is {value}.")
+
+
+def _made_up_word(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(syllables))
+
+
+def _with_facts(parts: list[str], rng: random.Random, num_facts: int = 3) -> str:
+    """``builtin:prose-facts``: the joined paragraphs with ``num_facts`` made-up facts ("<name>'s <attribute> is
+    <value>") inserted in the first 60% of the text, each restated once at least 30% of the text later.
+
+    A restated value (a 3-7 digit number or a made-up word) is predictable only from its statement, hundreds of
+    tokens back, so the distillation loss pays for keeping those few tokens in a budget far smaller than the
+    text - the skill a memory-bounded cache needs - while the prose around them stays ordinary text.
+    """
+    paragraphs = "\n\n".join(parts).split("\n\n")
+    inserts: list[tuple[float, int, str]] = []   # (depth, order, sentence); order keeps a statement first
+    for _ in range(num_facts):
+        name = f"{_made_up_word(rng, 2).title()} {_made_up_word(rng, 3).title()}"
+        attr = rng.choice(_ATTRIBUTES)
+        value = (str(rng.randint(10 ** (d := rng.randint(3, 7)) // 10, 10 ** d - 1)) if rng.random() < 0.75
+                 else _made_up_word(rng, 3))
+        said = rng.uniform(0.0, 0.6)
+        inserts.append((said, 0, rng.choice(_STATEMENTS).format(attr=attr, name=name, value=value)))
+        inserts.append((rng.uniform(said + 0.3, 1.0), 1, rng.choice(_RECALLS).format(attr=attr, name=name,
+                                                                                    value=value)))
+    extra: list[list[str]] = [[] for _ in paragraphs]
+    for depth, _, sentence in sorted(inserts):   # appended at the end of the paragraph at that depth, in order
+        extra[min(int(depth * len(paragraphs)), len(paragraphs) - 1)].append(sentence)
+    return "\n\n".join(" ".join([p, *e]) for p, e in zip(paragraphs, extra))
 
 
 def _resolve_format(cfg: DataConfig, columns: list[str]) -> str:
@@ -408,8 +454,9 @@ def _source_fingerprint(cfg: DataConfig) -> list:
         import trimkv.corpus
 
         digest = hashlib.sha256(Path(trimkv.corpus.__file__).read_bytes()).hexdigest()
-        grouped = cfg.source in ("builtin:prose-long", "builtin:prose-recall")
-        return [digest, cfg.seed, CACHE_VERSION + 1] if grouped else [digest]  # seed groups documents
+        grouped = cfg.source != "builtin:prose"   # the seed groups documents; data.py builds them
+        builder = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+        return [digest, cfg.seed, CACHE_VERSION + 1, builder] if grouped else [digest]
     files = _local_files(cfg.source)
     if files is None:
         return [cfg.source]
