@@ -215,3 +215,26 @@ def test_cli_has_resume_flag():
     args = build_parser().parse_args(["train", "r.yaml", "--resume"])
     assert args.resume is True
     assert build_parser().parse_args(["train", "r.yaml"]).resume is False
+
+
+def test_init_from_starts_at_the_checkpoints_gates(setup, full_run, tmp_path):
+    """gates.init_from: step 0 of a warm start is the checkpoint's gates (a 0-step run exports them unchanged);
+    a checkpoint of another width is refused with the fields to change."""
+    from trimkv.finetune import initial_gates
+    from trimkv.models import load_model
+    from trimkv.recipe import RecipeError
+
+    full_gates, _ = full_run
+    model_dir, data, base = setup
+    raw = recipe_dict(model_dir, data, tmp_path / "warm")
+    raw["gates"]["init_from"] = str(full_gates)
+    model, _ = load_model(str(model_dir))
+    warm = initial_gates(model, parse_recipe(raw))
+    want = gates_of(full_gates)
+    got = warm.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    fresh = initial_gates(model, parse_recipe(recipe_dict(model_dir, data, tmp_path / "fresh"))).state_dict()
+    assert not torch.equal(fresh["layers.0.w1.weight"], want["layers.0.w1.weight"])   # trained != fresh init
+    raw["gates"]["gate_hidden"] = 32
+    with pytest.raises(RecipeError, match="gate_hidden"):
+        initial_gates(model, parse_recipe(raw))

@@ -11,12 +11,12 @@ from typing import Any, Iterator
 import torch
 
 from .attach import attach_gates
-from .checkpoint import save_gates
+from .checkpoint import check_compatible, load_gate_checkpoint, save_gates
 from .data import build_dataset
 from .engine import barrier, build_engine, close_distributed, init_distributed, main_process_first, print0
 from .gate import GateConfig, RetentionGates
 from .models import load_model
-from .recipe import Recipe, load_recipe, save_recipe
+from .recipe import Recipe, RecipeError, load_recipe, save_recipe
 from .resume import ResumeError, TrainingCheckpoints
 from .train import MetricsLog, train_loop
 
@@ -85,6 +85,23 @@ def gate_config_for(model, recipe: Recipe) -> GateConfig:
     )
 
 
+def initial_gates(model, recipe: Recipe) -> RetentionGates:
+    """Fresh gates as the recipe's ``gates`` section says, or - with ``gates.init_from`` - those weights loaded from a
+    gate checkpoint (a warm start; the exported config still records this recipe's budget and loss weights)."""
+    gates = RetentionGates(gate_config_for(model, recipe))
+    source = recipe.gates.init_from
+    if source:
+        start = load_gate_checkpoint(source)
+        check_compatible(start.config, model)
+        mine, theirs = gates.config, start.config
+        if (mine.gate_type, mine.gate_hidden) != (theirs.gate_type, theirs.gate_hidden):
+            raise RecipeError(f"gates.init_from={source!r} holds {theirs.gate_type} gates of width {theirs.gate_hidden}, "
+                              f"the recipe asks for {mine.gate_type} gates of width {mine.gate_hidden}: set "
+                              f"gates.gate_type / gates.gate_hidden to match the checkpoint")
+        gates.load_state_dict(start.state_dict())
+    return gates
+
+
 def finetune(recipe: Recipe | str | Path, *, overrides: list[str] | None = None, progress: bool = True,
              resume: bool | None = None, until_step: int | None = None) -> Path:
     """Train gates as the recipe says; returns the exported checkpoint folder.
@@ -117,7 +134,7 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
                                       trust_remote_code=m.trust_remote_code, device=str(info.device))
         if not recipe.data.streaming:
             build_dataset(recipe.data, tokenizer)
-    handle = attach_gates(model, gate_config=gate_config_for(model, recipe), attn_impl=cfg.attn_impl)
+    handle = attach_gates(model, initial_gates(model, recipe), attn_impl=cfg.attn_impl)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # dropout-free LMs: only switches checkpointing on; the base stays frozen

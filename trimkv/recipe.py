@@ -41,6 +41,8 @@ class GatesSection:
     gate_hidden: int = 512           # MLP width (the paper uses 512; smaller for small models)
     bias_init: float = 18.0          # per-head bias init: beta ~ 1 at step 0 (the paper's value)
     init_std: float = 0.02           # std of the normal init of W1 and W2
+    init_from: str | None = None     # start from trained gates (checkpoint folder or Hub id) instead of a fresh init;
+                                     # their gate_type / gate_hidden must match the two fields above
 
 
 @dataclass
