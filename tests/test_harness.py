@@ -123,3 +123,17 @@ def test_retention_heatmap_and_kept_tokens(tmp_path):
     assert kept.shape == (4, 40) and (kept.sum(1) == 10).all()
     assert kept[:, :2].all() and kept[:, -8:].all() and not kept[:, 2:32].any()       # sinks + most recent
     assert is_png(plot_kept_tokens(kept, tmp_path / "kept.png", num_kv_heads=2, tokens=[str(i) for i in range(40)]))
+
+
+def test_needle_depths_span_the_requested_range_and_are_part_of_the_cell_key(tokenizer, tmp_path):
+    model = tiny()
+    kw = dict(KW, n_samples=3)
+    run_eval(model, tokenizer, budgets=[16], policies=["full"], out_dir=tmp_path / "r", **kw)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["depth"] for r in rows] == pytest.approx([0.1, 0.5, 0.9])          # the default: 10% to 90%
+    run_eval(model, tokenizer, budgets=[16], policies=["full"], out_dir=tmp_path / "r", depths=(0.0, 1.0), **kw)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["depth"] for r in rows] == pytest.approx([0.0, 0.5, 1.0])          # a new cell, not the cached one
+    assert len(list((tmp_path / "r" / "cells").rglob("*.json"))) == 2
+    with pytest.raises(ValueError, match="depths"):
+        run_eval(model, tokenizer, budgets=[16], policies=["full"], out_dir=tmp_path / "r", depths=(0.9, 0.1), **kw)

@@ -19,6 +19,16 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in _csv(text)]
+    except ValueError:
+        values = []
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated fractions LO,HI, got {text!r}")
+    return values
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(t) for t in _csv(text)]
@@ -51,7 +61,7 @@ def _eval(args: argparse.Namespace) -> int:
     from trimkv.eval.harness import markdown_table, run_eval
 
     recs = run_eval(model, tok, tasks=args.tasks, lengths=args.lengths, n_samples=args.n, haystack=args.haystack,
-                    chat=args.chat,
+                    chat=args.chat, depths=args.depths,
                     max_new_tokens=args.max_new_tokens, **common)
     print(markdown_table(recs))
     print(f"results in {args.out}/ (metrics.json, predictions.jsonl, results.md)")
@@ -124,6 +134,8 @@ def add_commands(sub) -> None:
                    help=f"comma-separated, of: {','.join(policy_names())}")
     e.add_argument("--n", type=int, default=20, help="samples per cell (texts with --fidelity)")
     e.add_argument("--haystack", default="filler", choices=["filler", "prose"])
+    e.add_argument("--depths", type=_floats, default=[0.1, 0.9], metavar="LO,HI",
+                   help="needle depths spread evenly over [LO, HI] (fractions of the haystack)")
     e.add_argument("--chat", action="store_true",
                    help="wrap prompts in the chat template (default: RULER's plain template with an answer prefix; "
                         "SmolLM2-135M answers the pass key far more reliably that way)")

@@ -35,6 +35,7 @@ from trimkv.generate import generate, new_cache
 from trimkv.policies import get_policy
 
 FULL = "full"
+DEPTHS = (0.1, 0.9)   # needle depths are spread evenly over this range (the issue's "depths 10%-90%")
 # Enough new tokens for each task's answer plus a little wording around it.
 MAX_NEW_TOKENS = {"passkey": 16, "multikey_needle": 20, "multivalue_needle": 64, "kv_retrieval": 48,
                   "variable_tracking": 40, "frequent_words": 32}
@@ -109,8 +110,14 @@ def make_cache(model, policy: str, budget: int | None, *, sink: int, window: int
 def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: int, out_dir, gates=None,
              seed: int = 0, sink: int = 4, window: int = 16, prefill_chunk: int = 256,
              max_new_tokens: int | None = None, haystack: str = "filler", chat: bool = False,
-             progress: bool = True) -> list[dict]:
-    """Evaluate every cell (see module docstring); returns the metrics records (also written to ``out_dir``)."""
+             depths: tuple[float, float] = DEPTHS, progress: bool = True) -> list[dict]:
+    """Evaluate every cell (see module docstring); returns the metrics records (also written to ``out_dir``).
+
+    Sample i of a cell puts its needle at depth ``lo + (hi - lo) * i / (n - 1)`` for ``depths = (lo, hi)``."""
+    lo, hi = map(float, depths)
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"depths={depths!r}: need 0 <= lo <= hi <= 1 (fractions of the haystack)")
+    spread = [lo + (hi - lo) * i / (n_samples - 1) for i in range(n_samples)] if n_samples > 1 else [(lo + hi) / 2]
     tasks, policies = list(tasks), list(policies)
     _check_names(tasks, policies)
     budgets = sorted({int(b) for b in budgets})
@@ -124,7 +131,8 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
     predictions: list[dict] = []
     with prepared_gates(model, gates, need_trained="trimkv" in policies) as handle:
         settings = dict(model=model_name, n=n_samples, seed=seed, sink=sink, window=window,
-                        prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, haystack=haystack, chat=chat)
+                        prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, haystack=haystack, chat=chat,
+                        depths=[lo, hi])
         gate_id = _fingerprint(handle.gates) if "trimkv" in policies else None
         todo, done = [], {}
         for cell in cells:
@@ -140,7 +148,7 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
                 key = (cell.task, cell.length)
                 if key not in samples:
                     samples[key] = make_samples(cell.task, tokenizer, context_length=cell.length, n=n_samples,
-                                                seed=seed, haystack=haystack, chat=chat)
+                                                seed=seed, haystack=haystack, chat=chat, depths=spread)
                 done[cell] = _run_cell(model, tokenizer, handle, cell, cfg, samples[key], bar)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(done[cell], indent=1))
