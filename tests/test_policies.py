@@ -197,3 +197,36 @@ def test_every_policy_generates_within_budget(name):
         p = layer.pos[0]
         assert (p[:, None, :] == torch.tensor([0, 1])[None, :, None]).any(-1).all()   # sinks kept
         assert (p.max(-1).values == 48 + 6 - 2).all()                                  # newest token kept
+
+
+def test_needle_oracle_keeps_the_given_positions_then_the_most_recent():
+    from trimkv.policies.oracle import NeedleOraclePolicy
+
+    layer = RetentionLayer(5, sink=1, policy=NeedleOraclePolicy([3, 4]))
+    feed(layer, ones(10), 0)                       # prefill: sink 0, needle 3-4, then the most recent 8, 9
+    assert kept(layer) == {0, 3, 4, 8, 9}
+    feed(layer, ones(1), 10)                       # decode: the oldest non-needle goes, never the needle
+    assert kept(layer) == {0, 3, 4, 9, 10}
+
+
+def test_oracle_in_the_harness_keeps_the_needle_tokens(tokenizer):
+    from trimkv.eval.harness import make_cache, needle_positions
+    from trimkv.eval.tasks import make_samples, render_prompt
+
+    sample = make_samples("passkey", tokenizer, context_length=256, n=1, depths=[0.3], chat=False)[0]
+    prompt = render_prompt(sample, tokenizer)
+    keep = needle_positions(sample, prompt, tokenizer)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert sample.answers[0] in tokenizer.decode([ids[i] for i in keep])  # the positions spell the needle
+    model = build_tiny_model(vocab_size=400)
+    handle = attach_gates(model, gate_hidden=8)
+    cache = make_cache(model, "oracle", len(keep) + 8, sink=2, window=4, keep_positions=keep)
+    with handle.disabled(), torch.no_grad():
+        model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    for layer in cache.layers:
+        assert set(keep) <= set(layer.pos[0, 0].tolist())
+    with pytest.raises(ValueError, match="keep_positions"):
+        make_cache(model, "oracle", 16, sink=2, window=4)
+    body = make_samples("frequent_words", tokenizer, context_length=512, n=1, chat=False)[0]
+    with pytest.raises(ValueError, match="no needles"):
+        needle_positions(body, render_prompt(body, tokenizer), tokenizer)

@@ -33,8 +33,10 @@ import torch
 from trimkv.eval.tasks import TASK_METRIC, TASKS, make_samples, render_prompt, score
 from trimkv.generate import generate, new_cache
 from trimkv.policies import get_policy
+from trimkv.policies.oracle import NeedleOraclePolicy
 
 FULL = "full"
+ORACLE = "oracle"     # keeps the needle sentences, then the most recent tokens: an upper bound (policies/oracle.py)
 DEPTHS = (0.1, 0.9)   # needle depths are spread evenly over this range (the issue's "depths 10%-90%")
 # Enough new tokens for each task's answer plus a little wording around it.
 MAX_NEW_TOKENS = {"passkey": 16, "multikey_needle": 20, "multivalue_needle": 64, "kv_retrieval": 48,
@@ -56,7 +58,7 @@ class Cell:
 def policy_names() -> list[str]:
     from trimkv.policies import POLICIES
 
-    return [FULL, *POLICIES]
+    return [FULL, *POLICIES, ORACLE]
 
 
 # ----------------------------------------------------------------------------------------- gates and caches
@@ -94,14 +96,32 @@ def policy_context(handle, policy: str):
     return contextlib.nullcontext() if policy == "trimkv" else handle.disabled()
 
 
-def make_cache(model, policy: str, budget: int | None, *, sink: int, window: int, seed: int = 0):
-    """A fresh cache for one sequence: DynamicCache for ``"full"``, else a RetentionCache with the policy."""
+def make_cache(model, policy: str, budget: int | None, *, sink: int, window: int, seed: int = 0,
+               keep_positions=None):
+    """A fresh cache for one sequence: DynamicCache for ``"full"``, else a RetentionCache with the policy
+    (``"oracle"`` needs ``keep_positions``, the prompt positions of the needle tokens)."""
     if policy == FULL:
         return new_cache(model)
     if budget is None:
         raise ValueError(f"policy {policy!r} needs a budget (tokens per KV head)")
-    kwargs = {"seed": seed} if policy == "random" else {}
-    return new_cache(model, budget, sink=sink, window=window, policy=get_policy(policy, **kwargs))
+    if policy == ORACLE:
+        if keep_positions is None:
+            raise ValueError("policy 'oracle' needs keep_positions (the needle tokens' prompt positions)")
+        rule = NeedleOraclePolicy(keep_positions)
+    else:
+        rule = get_policy(policy, **({"seed": seed} if policy == "random" else {}))
+    return new_cache(model, budget, sink=sink, window=window, policy=rule)
+
+
+def needle_positions(sample, prompt: str, tokenizer) -> list[int]:
+    """Token positions of ``prompt`` that overlap a needle sentence of ``sample`` (for the oracle policy)."""
+    needles = sample.metadata.get("needles")
+    if not needles:
+        raise ValueError(f"task {sample.task!r} has no needles in a haystack: the 'oracle' policy only applies to "
+                         "passkey, multikey_needle and multivalue_needle")
+    spans = [(m.start(), m.end()) for n in needles for m in re.finditer(re.escape(n), prompt)]
+    offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [i for i, (a, b) in enumerate(offsets) if any(a < e and b > s for s, e in spans)]
 
 
 # ----------------------------------------------------------------------------------------- the harness
@@ -165,10 +185,11 @@ def _run_cell(model, tokenizer, handle, cell: Cell, cfg: dict, samples, bar) -> 
     rows, t_cell = [], time.perf_counter()
     bar.describe(cell.slug)
     for i, sample in enumerate(samples):
-        ids = tokenizer(render_prompt(sample, tokenizer), return_tensors="pt", add_special_tokens=False)
-        ids = ids["input_ids"].to(device)
+        prompt = render_prompt(sample, tokenizer)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+        keep = needle_positions(sample, prompt, tokenizer) if cell.policy == ORACLE else None
         cache = make_cache(model, cell.policy, cell.budget, sink=cfg["sink"], window=cfg["window"],
-                           seed=cfg["seed"] * 1000 + i)
+                           seed=cfg["seed"] * 1000 + i, keep_positions=keep)
         with policy_context(handle, cell.policy):
             gen = generate(model, tokenizer, ids, cache=cache, prefill_chunk=cfg["prefill_chunk"],
                            max_new_tokens=max_new)

@@ -55,7 +55,8 @@ class Sample:
     The user turn is ``context`` + ``"\\n\\nQuestion: "`` + ``question``; ``render_prompt`` wraps it in
     the chat template or, for plain text, appends ``"\\nAnswer:"``. ``metadata`` records how it was built:
     ``n_tokens`` (measured prompt length), ``chat`` (whether the length was fitted to the chat rendering),
-    ``haystack``, ``seed``, ``needle_depths`` (where each needle landed, as a fraction of the haystack)
+    ``haystack``, ``seed``, ``needles`` (the needle sentences, for the oracle policy), ``needle_depths`` (where each
+    needle landed, as a fraction of the haystack)
     and task-specific fields.
     """
 
@@ -352,6 +353,8 @@ def _fit_body(sample: Sample, plan: _Plan, tokenizer, haystack: str, rng: random
 
 def _fit_haystack(sample: Sample, plan: _Plan, tokenizer, haystack: str, rng: random.Random) -> None:
     """Fill the context with as many haystack words as fit, with the needles inserted at their depths."""
+
+    sample.metadata["needles"] = [text for _, text in plan.needles]   # what the oracle policy keeps
 
     def compose(text: str) -> str:
         text, sample.metadata["needle_depths"] = _insert_needles(text, plan.needles)
