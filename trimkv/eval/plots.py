@@ -1,7 +1,7 @@
 """Pictures (PNG, matplotlib's Agg backend, nothing shown on screen).
 
   * :func:`plot_accuracy_vs_budget` - per (task, length), score vs budget M, one line per policy, the full cache
-    as a dashed horizontal line (from the harness's ``metrics.json`` records).
+    as a dashed horizontal line and the needle oracle (if run) dotted (from the harness's ``metrics.json``).
   * :func:`plot_fidelity`           - KL(full || bounded) vs budget per policy (from ``fidelity.json``).
   * :func:`retention_by_head` + :func:`plot_retention_heatmap` - mean log beta (or beta) per layer x KV head of
     a gate checkpoint on some text.
@@ -53,7 +53,8 @@ def plot_accuracy_vs_budget(records: list[dict], path) -> Path:
         rows = [r for r in records if r["task"] == task and r["length"] == length]
         for policy in sorted({r["policy"] for r in rows} - {FULL}):
             pts = sorted((r["budget"], 100 * r["score"]) for r in rows if r["policy"] == policy)
-            ax.plot(*zip(*pts), marker="o", label=policy, lw=2.2 if policy == "trimkv" else 1.2)
+            style = dict(ls=":", color="gray", label="oracle (keeps the needle)") if policy == "oracle" else {}
+            ax.plot(*zip(*pts), marker="o", **{"label": policy, "lw": 2.2 if policy == "trimkv" else 1.2, **style})
         for r in rows:
             if r["policy"] == FULL:
                 ax.axhline(100 * r["score"], color="black", ls="--", lw=1, label="full cache")
