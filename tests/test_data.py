@@ -365,7 +365,7 @@ def test_prose_facts_restate_each_fact_later_in_words_the_eval_tasks_never_use()
         assert text == _with_facts(parts, _random.Random(seed))                       # seeded
         inserted = [s for s in re.split(r"(?<=\.)\s+", text) if not s.startswith("Paragraph")]
         inserted = [s.strip() for s in inserted]
-        assert len(inserted) == 6, inserted                                           # 3 statements + 3 recalls
+        assert len(inserted) == 10, inserted                                          # 5 statements + 5 recalls
         values = [s.rstrip(".").split()[-1] for s in inserted]
         for value in set(values):
             first, second = [i for i, v in enumerate(values) if v == value][:2]

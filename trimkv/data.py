@@ -212,7 +212,7 @@ def _made_up_word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(_SYLLABLES) for _ in range(syllables))
 
 
-def _with_facts(parts: list[str], rng: random.Random, num_facts: int = 3) -> str:
+def _with_facts(parts: list[str], rng: random.Random, num_facts: int = 5) -> str:
     """``builtin:prose-facts``: the joined paragraphs with ``num_facts`` made-up facts ("<name>'s <attribute> is
     <value>") inserted in the first 60% of the text, each restated once at least 30% of the text later.
 
