@@ -85,6 +85,16 @@ def gate_config_for(model, recipe: Recipe) -> GateConfig:
     )
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of the frozen decoder layers (transformers renamed the method in 5.x;
+    the old name warns and goes in v6)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def initial_gates(model, recipe: Recipe) -> RetentionGates:
     """Fresh gates as the recipe's ``gates`` section says, or - with ``gates.init_from`` - those weights loaded from a
     gate checkpoint (a warm start; the exported config still records this recipe's budget and loss weights)."""
@@ -136,7 +146,7 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
             build_dataset(recipe.data, tokenizer)
     handle = attach_gates(model, initial_gates(model, recipe), attn_impl=cfg.attn_impl)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()  # dropout-free LMs: only switches checkpointing on; the base stays frozen
     engine = build_engine(model, handle, recipe, info)
     state = checkpoints.load_latest(engine) if resume else None
