@@ -84,6 +84,23 @@ def test_full_cache_with_soft_gates_matches_recomputing(gate_type):
             assert not torch.allclose(full, plain, atol=1e-3)          # the gates really act
 
 
+def test_full_cache_log_beta_history_follows_a_beam_reorder():
+    """Beam search reorders a DynamicCache between steps; the gates' log-beta history must move with its rows."""
+    model, _ = gated_model(bias_init=1.0)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    nxt = torch.randint(3, 128, (2, 1), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        plain = DynamicCache(config=model.config)
+        model(input_ids=ids, past_key_values=plain, use_cache=True)
+        want = model(input_ids=nxt[[1, 1]], past_key_values=plain, use_cache=True).logits   # no reorder: row 1
+        beams = DynamicCache(config=model.config)
+        model(input_ids=ids, past_key_values=beams, use_cache=True)
+        beams.reorder_cache(torch.tensor([1, 1]))          # both beams continue row 1, as generate() would
+        got = model(input_ids=nxt[[1, 1]], past_key_values=beams, use_cache=True).logits
+    torch.testing.assert_close(got[0], want[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
+
+
 def test_full_cache_filled_without_gates_is_refused():
     model, handle = gated_model(bias_init=1.0)
     cache = DynamicCache(config=model.config)

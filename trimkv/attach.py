@@ -19,7 +19,6 @@ Adding a model family = making :func:`attention_modules` find its attention modu
 from __future__ import annotations
 
 import contextlib
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -140,7 +139,7 @@ def detach_gates(model: nn.Module) -> RetentionGates | None:
     for h in handle._hooks:
         h.remove()
     for mod in attention_modules(model):
-        for name in ("_trimkv", "_trimkv_logb", "_trimkv_cache_layer", "_trimkv_pos", "_trimkv_hist"):
+        for name in ("_trimkv", "_trimkv_logb", "_trimkv_cache_layer", "_trimkv_pos"):
             mod.__dict__.pop(name, None)
     if handle.original_attn is not None:
         model.set_attn_implementation(handle.original_attn)
@@ -196,19 +195,37 @@ def _attn_pre_hook(handle: TrimKV, layer_idx: int):
 
 def _with_cached_logb(module: nn.Module, cache: Any, layer_idx: int, logb: torch.Tensor) -> torch.Tensor:
     """A full (non-evicting) cache, e.g. generate() with a DynamicCache: the gated attention needs log beta of every
-    cached key too, so the layer keeps the history of the cache it was filled with. logb [B, Hkv, T] -> [B, Hkv, S]."""
+    cached key too, so the cache object carries that history per layer (reordered with it in beam search).
+    logb [B, Hkv, T] -> [B, Hkv, S]."""
     past = cache.get_seq_length(layer_idx)
-    owner, hist = getattr(module, "_trimkv_hist", (None, None))
+    history = _logb_history(cache)
+    hist = history.get(layer_idx)
     if past == 0:
         full = logb
-    elif owner is not None and owner() is cache and hist.shape[-1] == past and hist.shape[0] == logb.shape[0]:
+    elif hist is not None and hist.shape[-1] == past and hist.shape[0] == logb.shape[0]:
         full = torch.cat([hist, logb], dim=-1)
     else:
         raise RuntimeError(
             f"layer {layer_idx}: the cache holds {past} tokens whose log retention is unknown (it was filled with the "
             "gates disabled or detached); fill it with the gates enabled, or use a trimkv.RetentionCache")
-    module._trimkv_hist = (weakref.ref(cache), full)
+    history[layer_idx] = full
     return full
+
+
+def _logb_history(cache: Any) -> dict[int, torch.Tensor]:
+    """The per-layer log-beta history stored on ``cache``; its ``reorder_cache`` (beam search) reorders it too."""
+    history = getattr(cache, "_trimkv_logb", None)
+    if history is None:
+        history = cache._trimkv_logb = {}
+        reorder = cache.reorder_cache
+
+        def reorder_with_history(beam_idx: torch.LongTensor) -> None:
+            reorder(beam_idx)
+            for idx, h in history.items():
+                history[idx] = h.index_select(0, beam_idx.to(h.device))
+
+        cache.reorder_cache = reorder_with_history
+    return history
 
 
 def _retention_layer(cache: Any, layer_idx: int):
