@@ -137,3 +137,18 @@ def test_needle_depths_span_the_requested_range_and_are_part_of_the_cell_key(tok
     assert len(list((tmp_path / "r" / "cells").rglob("*.json"))) == 2
     with pytest.raises(ValueError, match="depths"):
         run_eval(model, tokenizer, budgets=[16], policies=["full"], out_dir=tmp_path / "r", depths=(0.9, 0.1), **kw)
+
+
+def test_plot_cli_draws_several_results_folders_together(tmp_path, capsys):
+    from trimkv.eval.cli import main
+
+    for length in (2048, 4096):
+        folder = tmp_path / str(length)
+        folder.mkdir()
+        recs = [dict(task="passkey", length=length, policy="full", budget=None, score=0.5),
+                dict(task="passkey", length=length, policy="trimkv", budget=64, score=0.25)]
+        (folder / "metrics.json").write_text(json.dumps(recs))
+    assert main(["plot", "accuracy", str(tmp_path / "2048"), str(tmp_path / "4096")]) == 0
+    assert is_png(tmp_path / "2048" / "accuracy_vs_budget.png")
+    with pytest.raises(SystemExit, match="no metrics.json"):
+        main(["plot", "accuracy", str(tmp_path / "2048"), str(tmp_path / "missing")])

@@ -72,9 +72,13 @@ def _plot(args: argparse.Namespace) -> int:
     from trimkv.eval import plots
 
     if args.what in ("accuracy", "fidelity"):
-        folder = Path(args.results or ".")
+        folders = [Path(f) for f in (args.results or ["."])]
+        folder = folders[0]
         name = "metrics.json" if args.what == "accuracy" else "fidelity.json"
-        recs = json.loads((folder / name).read_text())
+        missing = [str(f / name) for f in folders if not (f / name).is_file()]
+        if missing:
+            raise SystemExit(f"no {name} in {', '.join(missing)}: run `trimkv eval` with that --out first")
+        recs = [r for f in folders for r in json.loads((f / name).read_text())]
         if args.what == "accuracy":
             out = plots.plot_accuracy_vs_budget(recs, args.out or folder / "accuracy_vs_budget.png")
         else:
@@ -150,8 +154,9 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("plot", help="PNG pictures: accuracy / fidelity curves, retention heat map, kept tokens")
     p.add_argument("what", choices=["accuracy", "fidelity", "retention", "kept"])
-    p.add_argument("results", nargs="?", default=None, help="accuracy/fidelity: the eval --out folder")
-    p.add_argument("--out", default=None, help="PNG path")
+    p.add_argument("results", nargs="*", default=None,
+                   help="accuracy/fidelity: eval --out folder(s), their records drawn together")
+    p.add_argument("--out", default=None, help="PNG path (default: in the first results folder)")
     p.add_argument("--metric", default="kl", choices=["kl", "top1", "ppl_ratio"], help="fidelity: the y axis")
     _model_args(p)
     p.add_argument("--text", default=None, help="retention/kept: text to run (default: eval-split prose)")
