@@ -51,10 +51,14 @@ def plot_accuracy_vs_budget(records: list[dict], path) -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (task, length) in zip(axes[0], panels):
         rows = [r for r in records if r["task"] == task and r["length"] == length]
+        palette = iter(f"C{i}" for i in range(10) if i != 7)   # C7 (gray) is the oracle's
         for policy in sorted({r["policy"] for r in rows} - {FULL}):
             pts = sorted((r["budget"], 100 * r["score"]) for r in rows if r["policy"] == policy)
-            style = dict(ls=":", color="gray", label="oracle (keeps the needle)") if policy == "oracle" else {}
-            ax.plot(*zip(*pts), marker="o", **{"label": policy, "lw": 2.2 if policy == "trimkv" else 1.2, **style})
+            style = (dict(ls=":", color="gray", label="oracle (keeps the needle)") if policy == "oracle"
+                     else dict(color=next(palette, None)))
+            if policy == "trimkv":
+                style.update(lw=2.6, zorder=5)
+            ax.plot(*zip(*pts), marker="o", **{"label": policy, "lw": 1.2, **style})
         for r in rows:
             if r["policy"] == FULL:
                 ax.axhline(100 * r["score"], color="black", ls="--", lw=1, label="full cache")
@@ -64,7 +68,7 @@ def plot_accuracy_vs_budget(records: list[dict], path) -> Path:
         ax.set_ylabel("score (%)")
         ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="best")
+    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return _save(fig, path)
 
 
