@@ -71,6 +71,7 @@ class TrimKV:
     original_attn: str | None = None
     _hooks: list[Any] = field(default_factory=list)
     _mask2d: torch.Tensor | None = None         # [B, past + T] padding mask of the current forward
+    _new_valid: tuple | None = None             # (T, [B, T] mask or None = all real), once per forward
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -164,6 +165,7 @@ def _decoder_pre_hook(handle: TrimKV):
     def hook(module, args, kwargs):
         mask = kwargs.get("attention_mask")
         handle._mask2d = mask if (torch.is_tensor(mask) and mask.dim() == 2) else None
+        handle._new_valid = None   # the first attention layer of this forward computes it
     return hook
 
 
@@ -181,11 +183,13 @@ def _attn_pre_hook(handle: TrimKV, layer_idx: int):
         logb = gate(hidden) if (handle.enabled and gate.gate_type == "rg") else None  # [B, Hkv, T]
         layer = _retention_layer(cache, layer_idx)
         if logb is not None and layer is None and cache is not None:
-            logb = _with_cached_logb(module, cache, layer_idx, logb)       # [B, Hkv, past + T]
+            logb = _with_cached_logb(cache, layer_idx, logb)               # [B, Hkv, past + T]
         module._trimkv_logb, module._trimkv_pos = logb, pos
         module._trimkv_cache_layer = layer
         if layer is not None:
-            new_valid = _new_token_mask(handle._mask2d, B, T, hidden.device)
+            if handle._new_valid is None or handle._new_valid[0] != T:
+                handle._new_valid = (T, _new_token_mask(handle._mask2d, T, hidden.device))
+            new_valid = handle._new_valid[1]
             gate_fn = None
             if gate.gate_type == "rg2" and handle.enabled:
                 gate_fn = lambda k, v: gate(torch.cat([k, v], dim=-1))  # noqa: E731  [B,Hkv,T,2D] -> [B,Hkv,T]
@@ -193,7 +197,7 @@ def _attn_pre_hook(handle: TrimKV, layer_idx: int):
     return hook
 
 
-def _with_cached_logb(module: nn.Module, cache: Any, layer_idx: int, logb: torch.Tensor) -> torch.Tensor:
+def _with_cached_logb(cache: Any, layer_idx: int, logb: torch.Tensor) -> torch.Tensor:
     """A full (non-evicting) cache, e.g. generate() with a DynamicCache: the gated attention needs log beta of every
     cached key too, so the cache object carries that history per layer (reordered with it in beam search).
     logb [B, Hkv, T] -> [B, Hkv, S]."""
@@ -234,11 +238,13 @@ def _retention_layer(cache: Any, layer_idx: int):
     return None
 
 
-def _new_token_mask(mask2d: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
-    """[B, T] bool: which of the T new tokens are real (not padding)."""
+def _new_token_mask(mask2d: torch.Tensor | None, T: int, device) -> torch.Tensor | None:
+    """[B, T] bool: which of the T new tokens are real (not padding); None when all are (no mask, or a mask whose
+    last T columns are all set). Called once per forward: the one host sync here spares one per layer."""
     if mask2d is None:
-        return torch.ones(B, T, dtype=torch.bool, device=device)
-    return mask2d[:, -T:].to(device=device, dtype=torch.bool)
+        return None
+    new = mask2d[:, -T:].to(device=device, dtype=torch.bool)
+    return None if bool(new.all()) else new
 
 
 # ------------------------------------------------------------------------------- attention function

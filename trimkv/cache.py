@@ -56,10 +56,10 @@ class RetentionLayer(CacheLayerMixin):
         self.t_now = torch.full((B,), -1, dtype=torch.long, device=self.device)   # latest position seen per row
         self.is_initialized = True
 
-    def stage(self, *, logb: torch.Tensor | None, pos: torch.Tensor, valid: torch.Tensor,
+    def stage(self, *, logb: torch.Tensor | None, pos: torch.Tensor, valid: torch.Tensor | None,
               gate_fn: Callable | None = None) -> None:
         """Called by the attention pre-hook before ``update``: the new tokens' log beta [B, Hkv, T] (or a function
-        of (k, v) for rg2 gates), positions [B, T] and validity [B, T] (False = padding)."""
+        of (k, v) for rg2 gates), positions [B, T] and validity [B, T] (False = padding; None = all real)."""
         self._staged = dict(logb=logb, pos=pos, valid=valid, gate_fn=gate_fn)
 
     def _take_staged(self, k: torch.Tensor, v: torch.Tensor):
@@ -69,12 +69,13 @@ class RetentionLayer(CacheLayerMixin):
         pos = st.get("pos")
         if pos is None:
             pos = torch.arange(self.seen, self.seen + T, device=k.device).expand(B, T)
-        valid = st.get("valid")
-        valid = torch.ones(B, T, dtype=torch.bool, device=k.device) if valid is None else valid
+        valid = st.get("valid")                  # None: every new token is real
         logb = st.get("logb")
         if logb is None and st.get("gate_fn") is not None:
             logb = st["gate_fn"](k, v)
-        pos = pos[:, None, :].expand(B, H, T).masked_fill(~valid[:, None, :], -1)
+        pos = pos[:, None, :].expand(B, H, T)
+        if valid is not None:
+            pos = pos.masked_fill(~valid[:, None, :], -1)
         return pos, self.policy.new_state(k, v, logb, pos), valid
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -83,10 +84,10 @@ class RetentionLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.after_attention()  # compact a chunk left pending (if no attention call did it)
         T = key_states.shape[2]
-        pos_new, state_new, valid = self._take_staged(key_states, value_states)   # [B,H,T], [B,H,T], [B,T]
+        pos_new, state_new, valid = self._take_staged(key_states, value_states)   # [B,H,T], [B,H,T], [B,T]|None
         self.seen += T
         self.t_now = t_now = torch.maximum(self.t_now, pos_new.amax(dim=(1, 2)))  # [B], O(B*H*T) not O(slots)
-        if T == 1 and bool(valid.all()):
+        if T == 1 and (valid is None or bool(valid.all())):   # the hooks pass None: no host sync
             self._decode_step(key_states, value_states, pos_new, state_new, t_now)
             self._meta = (self.pos, self.pos >= 0)
             return self.keys, self.values
