@@ -166,16 +166,19 @@ def _builtin_documents(cfg: DataConfig) -> list[str]:
     docs = prose_documents(cfg.split)
     if name == "prose":
         return docs
-    chars_per_token = {"prose-long": 8, "prose-recall": 3, "prose-facts": 2.7}[name]
+    # characters of docstrings per training token, and how a group of docstrings becomes one document
+    chars_per_token, build = {
+        "prose-long": (8, lambda parts, i: "\n\n".join(parts)),
+        "prose-recall": (3, _with_recall),
+        "prose-facts": (2.7, lambda parts, i: _with_facts(parts, random.Random(cfg.seed * 100_003 + i))),
+    }[name]
     target_chars = chars_per_token * cfg.seq_len
     order = torch.randperm(len(docs), generator=_generator(cfg.seed, -1)).tolist()
     joined, current = [], []
     for i in order:
         current.append(docs[i])
         if sum(map(len, current)) >= target_chars:
-            joined.append(_with_recall(current, i) if name == "prose-recall"
-                          else _with_facts(current, random.Random(cfg.seed * 100_003 + i)) if name == "prose-facts"
-                          else "\n\n".join(current))
+            joined.append(build(current, i))
             current = []
     if current:
         joined.append("\n\n".join(current))

@@ -126,7 +126,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def add_commands(sub) -> None:
     """Add ``eval`` and ``plot`` to the ``trimkv`` command's subparsers."""
-    from trimkv.eval.harness import policy_names
+    from trimkv.eval.harness import DEPTHS, policy_names
     from trimkv.eval.tasks import TASKS
 
     e = sub.add_parser("eval", help="accuracy (or --fidelity) of eviction policies over budgets, cached per cell")
@@ -138,7 +138,7 @@ def add_commands(sub) -> None:
                    help=f"comma-separated, of: {','.join(policy_names())}")
     e.add_argument("--n", type=int, default=20, help="samples per cell (texts with --fidelity)")
     e.add_argument("--haystack", default="filler", choices=["filler", "prose"])
-    e.add_argument("--depths", type=_floats, default=[0.1, 0.9], metavar="LO,HI",
+    e.add_argument("--depths", type=_floats, default=list(DEPTHS), metavar="LO,HI",
                    help="needle depths spread evenly over [LO, HI] (fractions of the haystack)")
     e.add_argument("--chat", action="store_true",
                    help="wrap prompts in the chat template (default: RULER's plain template with an answer prefix; "
