@@ -14,6 +14,7 @@ from transformers import DynamicCache
 
 from trimkv.attach import attach_gates
 from trimkv.cache import RetentionCache, dynamic_cache_nbytes
+from trimkv.compat import cache_kwargs
 
 try:
     from . import common
@@ -61,7 +62,7 @@ def decode_seconds(model, cache, L: int, steps: int, device) -> float:
 
     def step():
         pos = torch.tensor([[state["t"]]], device=device)
-        model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True)
+        model(input_ids=tok, position_ids=pos, **cache_kwargs(model, cache), use_cache=True)
         state["t"] += 1
 
     return common.timeit(step, repeat=steps, warmup=2, device=device)

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 from conftest import build_tiny_model
 from trimkv.attach import attach_gates
 from trimkv.cache import RetentionCache
+from trimkv.compat import cache_kwargs
 
 GEN = torch.Generator().manual_seed(1)
 PROMPT = torch.randint(3, 128, (1, 40), generator=GEN)
@@ -22,7 +23,7 @@ def gated_model(family="llama", **gate_kw):
 
 def generate(model, ids, cache, mask=None, n=10, **kw):
     mask = torch.ones_like(ids) if mask is None else mask
-    return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=n, do_sample=False,
+    return model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=n, do_sample=False,
                           pad_token_id=0, return_dict_in_generate=True, output_logits=True, **kw)
 
 
@@ -91,12 +92,12 @@ def test_full_cache_log_beta_history_follows_a_beam_reorder():
     nxt = torch.randint(3, 128, (2, 1), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         plain = DynamicCache(config=model.config)
-        model(input_ids=ids, past_key_values=plain, use_cache=True)
-        want = model(input_ids=nxt[[1, 1]], past_key_values=plain, use_cache=True).logits   # no reorder: row 1
+        model(input_ids=ids, **cache_kwargs(model, plain), use_cache=True)
+        want = model(input_ids=nxt[[1, 1]], **cache_kwargs(model, plain), use_cache=True).logits   # no reorder: row 1
         beams = DynamicCache(config=model.config)
-        model(input_ids=ids, past_key_values=beams, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(model, beams), use_cache=True)
         beams.reorder_cache(torch.tensor([1, 1]))          # both beams continue row 1, as generate() would
-        got = model(input_ids=nxt[[1, 1]], past_key_values=beams, use_cache=True).logits
+        got = model(input_ids=nxt[[1, 1]], **cache_kwargs(model, beams), use_cache=True).logits
     torch.testing.assert_close(got[0], want[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
 
@@ -106,9 +107,9 @@ def test_full_cache_filled_without_gates_is_refused():
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         with handle.disabled():
-            model(input_ids=PROMPT[:, :10], past_key_values=cache, use_cache=True)
+            model(input_ids=PROMPT[:, :10], **cache_kwargs(model, cache), use_cache=True)
         with pytest.raises(RuntimeError, match="log retention is unknown"):
-            model(input_ids=PROMPT[:, 10:11], past_key_values=cache, use_cache=True)
+            model(input_ids=PROMPT[:, 10:11], **cache_kwargs(model, cache), use_cache=True)
 
 
 # ------------------------------------------------------------------------------------ prefill top-M
@@ -131,7 +132,7 @@ def test_prefill_keeps_exactly_the_top_m_by_score(sink, window):
     cache = RetentionCache.for_model(model, budget, sink=sink, window=window)
     log = GateLog(handle)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
     log.remove()
     kept = kept_sets(cache)
     for layer, outs in log.out.items():
@@ -156,7 +157,7 @@ def test_decode_matches_greedy_eviction_and_never_reallocates():
     ptrs = None
     with torch.no_grad():
         for t in range(ids.shape[1]):
-            model(input_ids=ids[:, t: t + 1], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, t: t + 1], **cache_kwargs(model, cache), use_cache=True)
             for layer in range(len(cache.layers)):
                 logb = log.out[layer][-1]                                     # [B, Hkv, 1]
                 for b in range(B):
@@ -211,13 +212,13 @@ def test_seq_length_is_logical_and_memory_is_constant():
     cache = RetentionCache.for_model(model, budget=8)
     assert cache.get_seq_length() == 0 and cache.nbytes() == 0
     with torch.no_grad():
-        model(input_ids=PROMPT[:, :20], past_key_values=cache, use_cache=True)
+        model(input_ids=PROMPT[:, :20], **cache_kwargs(model, cache), use_cache=True)
         assert cache.get_seq_length() == 20
         full = cache.nbytes()
         # 2 layers x B=1 x Hkv=2 x C=8 slots x (K + V: 2 x 16 fp32, pos int64, logb fp32)
         assert full == 2 * 1 * 2 * 8 * (2 * 16 * 4 + 8 + 4)
         for t in range(20, 30):
-            model(input_ids=PROMPT[:, t: t + 1], past_key_values=cache, use_cache=True)
+            model(input_ids=PROMPT[:, t: t + 1], **cache_kwargs(model, cache), use_cache=True)
             assert cache.nbytes() == full
     assert cache.get_seq_length() == 30
     assert all(int(layer.num_kept().max()) == 8 for layer in cache.layers)

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 from conftest import build_tiny_model
 from trimkv.attach import attach_gates
 from trimkv.global_cache import GlobalRetentionCache
+from trimkv.compat import cache_kwargs
 
 GEN = torch.Generator().manual_seed(3)
 PROMPT = torch.randint(3, 128, (2, 24), generator=GEN)          # batch of 2
@@ -28,7 +29,7 @@ def gated_model(spread: bool = True):
 
 def generate(model, ids, cache, mask=None, n=8):
     mask = torch.ones_like(ids) if mask is None else mask
-    return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=n, do_sample=False,
+    return model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=n, do_sample=False,
                           pad_token_id=0, return_dict_in_generate=True, output_logits=True)
 
 
@@ -52,7 +53,7 @@ def test_total_is_bounded_and_floors_hold(chunk):
     hook = model.register_forward_hook(lambda *a: kept.append(cache.num_kept()))
     kw = {} if chunk is None else {"prefill_chunk_size": chunk}
     mask = torch.ones_like(PROMPT)
-    model.generate(PROMPT, attention_mask=mask, past_key_values=cache, max_new_tokens=12, do_sample=False,
+    model.generate(PROMPT, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=12, do_sample=False,
                    pad_token_id=0, **kw)
     hook.remove()
     nbytes = cache.nbytes()

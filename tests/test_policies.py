@@ -9,6 +9,7 @@ from conftest import build_tiny_model
 from trimkv.attach import attach_gates
 from trimkv.cache import RetentionCache, RetentionLayer
 from trimkv.policies import POLICIES, get_policy
+from trimkv.compat import cache_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,7 +189,7 @@ def test_every_policy_generates_within_budget(name):
     ids = torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(0))
     cache = RetentionCache.for_model(model, 12, sink=2, window=3, policy=get_policy(name))
     with handle.disabled() if name != "trimkv" else torch.no_grad(), torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=6,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), max_new_tokens=6,
                              do_sample=False, pad_token_id=0, prefill_chunk_size=16)
     assert out.shape[1] == 48 + 6
     for layer in cache.layers:
@@ -222,7 +223,7 @@ def test_oracle_in_the_harness_keeps_the_needle_tokens(tokenizer):
     handle = attach_gates(model, gate_hidden=8)
     cache = make_cache(model, "oracle", len(keep) + 8, sink=2, window=4, keep_positions=keep)
     with handle.disabled(), torch.no_grad():
-        model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([ids]), **cache_kwargs(model, cache), use_cache=True)
     for layer in cache.layers:
         assert set(keep) <= set(layer.pos[0, 0].tolist())
     with pytest.raises(ValueError, match="keep_positions"):

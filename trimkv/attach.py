@@ -28,6 +28,7 @@ from torch import nn
 
 from .attention import retention_attention
 from .cache import RetentionCache, slot_attention
+from .compat import cache_from
 from .gate import GateConfig, RetentionGates
 
 ATTN_NAME = "trimkv"
@@ -172,7 +173,7 @@ def _decoder_pre_hook(handle: TrimKV):
 def _attn_pre_hook(handle: TrimKV, layer_idx: int):
     def hook(module, args, kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)  # [B, T, d]
-        cache = kwargs.get("past_key_values")
+        cache = cache_from(kwargs)                      # "cache" from transformers 5.24, "past_key_values" before
         pos = kwargs.get("position_ids")
         B, T = hidden.shape[:2]
         if pos is None:

@@ -8,6 +8,7 @@ import torch
 from transformers import Cache, DynamicCache
 
 from .cache import RetentionCache, dynamic_cache_nbytes
+from .compat import cache_kwargs
 from .policies import EvictionPolicy
 
 
@@ -53,7 +54,7 @@ def generate(model, tokenizer, prompt: str | torch.Tensor, *, budget: int | None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache),
                              max_new_tokens=max_new_tokens, prefill_chunk_size=prefill_chunk,
                              pad_token_id=pad, **gen_kwargs)
     seconds = time.perf_counter() - t0

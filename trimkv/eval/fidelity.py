@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from trimkv import corpus
+from trimkv.compat import cache_kwargs
 from trimkv.eval.harness import FULL, _progress, make_cache, policy_context, prepared_gates
 
 
@@ -53,12 +54,12 @@ def bounded_logprobs(model, ids: torch.Tensor, cache, *, prefix: int, prefill_ch
     out = []
     for s in range(0, prefix, prefill_chunk):
         e = min(s + prefill_chunk, prefix)
-        logits = model(ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(ids[:, s:e], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
     out.append(logits[0, -1:])
     T = ids.shape[1]
     for s in range(prefix, T - 1, step):
         e = min(s + step, T - 1)
-        out.append(model(ids[:, s:e], past_key_values=cache, use_cache=True).logits[0])
+        out.append(model(ids[:, s:e], **cache_kwargs(model, cache), use_cache=True).logits[0])
     return torch.cat(out).float().log_softmax(-1)
 
 

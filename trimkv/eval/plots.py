@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trimkv.compat import cache_kwargs
+
 FULL = "full"
 
 
@@ -134,7 +136,7 @@ def kept_positions(model, ids: torch.Tensor, *, budget: int, policy: str = "trim
     cache = make_cache(model, policy, budget, sink=sink, window=window)
     with policy_context(handle, policy):
         for s in range(0, ids.shape[1], prefill_chunk):
-            model(ids[:, s:s + prefill_chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(ids[:, s:s + prefill_chunk], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     T = ids.shape[1]
     rows = []
     for layer in cache.layers:
