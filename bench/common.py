@@ -16,8 +16,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of a few seconds")
     p.add_argument("--model", default=None,
-                   help="'smollm2' (default model, via trimkv.models.load_model), 'tiny' (random Llama) or a "
-                        "Hub id / folder; default: smollm2, tiny with --quick")
+                   help="'smollm2' (default model, via trimkv.models.load_model), 'smollm2-shape' (random weights of "
+                        "the same shape: speed only, nothing to fetch), 'tiny' (random Llama) or a Hub id / folder; "
+                        "default: smollm2, tiny with --quick")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
@@ -33,18 +34,28 @@ def setup(args) -> None:
 def load(args):
     """(model, config) on args.device in fp32 (bf16 on GPU), eval mode."""
     name = args.model or ("tiny" if args.quick else "smollm2")
-    if name == "tiny":
+    if name in RANDOM_SHAPES:
         from transformers import AutoModelForCausalLM, LlamaConfig
 
-        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1 << 16)
-        model = AutoModelForCausalLM.from_config(cfg)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**RANDOM_SHAPES[name], max_position_embeddings=1 << 16))
+        if args.device.startswith("cuda"):
+            model = model.to(torch.bfloat16)
     else:
         from trimkv.models import load_model
 
         model, _ = load_model(name, dtype="bfloat16" if args.device == "cuda" else "float32")
     model = model.to(args.device).eval()
     return model, model.config
+
+
+# Random-weight Llamas: "tiny" for smoke runs, "smollm2-shape" = SmolLM2-135M's shape (30 layers, 9 heads, 3 KV heads).
+RANDOM_SHAPES = {
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16),
+    "smollm2-shape": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                          num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+                          rope_theta=100000.0),
+}
 
 
 def sync(device) -> None:

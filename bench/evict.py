@@ -35,7 +35,8 @@ def evict_seconds(n_layers, hkv, d, M, dtype, device, backend: str, repeat: int)
         pos_new = t.view(1, 1, 1).expand(1, hkv, 1)
         logb_new = torch.full((1, hkv, 1), -0.5, device=device)
         for kb, vb, pb, lb in bufs:
-            append_evict_(kb, vb, pb, lb, k, k, pos_new, logb_new, t, sink=4, window=16, backend=backend)
+            append_evict_(kb, vb, pb, lb, k, k, pos_new, logb_new, t, sink=4, window=16, backend=backend,
+                          return_victim=False)   # as the cache calls it
         state["t"] += 1
 
     return common.timeit(step, repeat=repeat, warmup=3, device=device)

@@ -3,9 +3,18 @@ offline byte-level BPE tokenizer, and a one-thread switch for modules that run m
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run under the interpreter (set before anything imports triton); on a GPU they
+# are compiled, as users run them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # where device-generic tests build every tensor
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma")
 

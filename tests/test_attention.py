@@ -59,7 +59,8 @@ def _grads(fn, case, **kw):
     inputs = [case[n].clone().requires_grad_(True) for n in ("q", "k", "v", "logb")]
     args = {n: x for n, x in case.items() if n not in ("q", "k", "v", "logb")}
     out = fn(*inputs, **args, **kw)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g = g.to(device=out.device, dtype=out.dtype)             # device-generic: the gradient lives where out does
     grads = torch.autograd.grad(out, inputs, g)
     return out, grads
 

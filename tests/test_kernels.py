@@ -1,10 +1,8 @@
-"""Fast paths equal their PyTorch references: Triton attention / capacity sums / fused eviction (run on CPU under
-the Triton interpreter) and the FlexAttention forward."""
+"""Fast paths equal their PyTorch references: Triton attention / capacity sums / fused eviction (compiled on a GPU,
+run under the Triton interpreter on CPU: conftest sets TRITON_INTERPRET=1 there) and FlexAttention."""
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import: CPU runs the interpreter
 
 import pytest
 import torch
@@ -21,7 +19,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 from trimkv.kernels.triton_attention import capacity_sums_triton, retention_attention_triton  # noqa: E402
 from trimkv.kernels.triton_evict import append_evict_triton_  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import DEVICE as DEV  # noqa: E402
 
 ATTN_CASES = {
     "gqa2_odd37": dict(H=4, Hkv=2, T=37),
@@ -142,11 +140,31 @@ def test_triton_append_evict_equals_reference_over_steps(sink, window, fill):
 def test_triton_append_evict_ties_pick_first_slot_like_torch():
     ref = _slots(fill=13)
     ref["logb"].zero_()  # every kept token scores 0: argmin ties everywhere
-    fast = {n: t.clone() for n, t in ref.items()}
+    fast = {n: t.clone().to(DEV) for n, t in ref.items()}
     B, H, _, D = ref["keys"].shape
     args = (torch.ones(B, H, 1, D), torch.ones(B, H, 1, D), torch.full((B, H, 1), 50), torch.zeros(B, H, 1),
             torch.tensor([50, 50]))
-    assert torch.equal(append_evict_(*ref.values(), *args), append_evict_triton_(*fast.values(), *args))
+    want = append_evict_(*ref.values(), *args)
+    assert torch.equal(want, append_evict_triton_(*fast.values(), *(a.to(DEV) for a in args)).cpu())
+
+
+def test_triton_append_evict_reads_strided_newcomers():
+    """The cache hands the kernel a position broadcast over heads (stride 0) and k/v views: no copies needed."""
+    ref = _slots(fill=13, seed=5)
+    fast = {n: t.clone().to(DEV) for n, t in ref.items()}
+    B, H, _, D = ref["keys"].shape
+    g = torch.Generator().manual_seed(2)
+    kv = torch.randn(B, 1, H, 2 * D, generator=g).transpose(1, 2)         # [B, H, 1, 2D], non-contiguous heads
+    k, v = kv[..., :D], kv[..., D:]
+    t = torch.tensor([60, 61])
+    pos_new = t.view(B, 1, 1).expand(B, H, 1)                             # stride 0 over heads
+    logb_new = -torch.rand(B, 1, 1, generator=g).expand(B, H, 1)
+    want = append_evict_(*ref.values(), k.contiguous(), v.contiguous(), pos_new.contiguous(),
+                         logb_new.contiguous(), t)
+    got = append_evict_triton_(*fast.values(), k.to(DEV), v.to(DEV), pos_new.to(DEV), logb_new.to(DEV), t.to(DEV))
+    assert torch.equal(want, got.cpu())
+    for n in ref:
+        assert torch.equal(ref[n], fast[n].cpu()), n
 
 
 def test_append_evict_rejects_unknown_backend():

@@ -264,3 +264,28 @@ def test_capacity_rejects_bad_arguments():
         capacity_loss(S, pos, 0)
     with pytest.raises(ValueError, match="pos"):
         capacity_loss(S, pos[:, :2], 2)
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_fused_path_equals_the_checkpointed_reference(softcap):
+    """A frozen nn.Linear head takes the fused path (gradient computed in the forward); same values and gradients
+    as the checkpointed per-chunk path, for KL and CE weighted differently."""
+    student, teacher, head, ids, mask = _batch(seed=7)
+    grads, values = [], []
+    for fused in (True, False):
+        s = student.detach().clone().requires_grad_(True)
+        kl, ce = distillation_losses(s, teacher, head, ids, mask, chunk_size=5, logit_softcap=softcap, fused=fused)
+        (0.7 * kl + 1.3 * ce).backward()
+        grads.append(s.grad)
+        values.append(torch.stack([kl, ce]).detach())
+        below = type(kl.grad_fn.next_functions[0][0]).__name__            # kl = sum / n: the node under the division
+        assert ("Fused" in below) == fused, below
+    torch.testing.assert_close(values[0], values[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-10)
+
+
+def test_fused_path_keeps_no_logits_for_backward():
+    student, teacher, head, ids, _ = _batch(seed=8)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    largest, _ = _saved_numel(lambda: distillation_losses(student, teacher, head, ids, mask, chunk_size=4))
+    assert largest <= B * T * D          # only [P, d] gradients, never a [rows, V] tensor

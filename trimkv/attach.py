@@ -65,7 +65,7 @@ class TrimKV:
 
     model: nn.Module
     gates: RetentionGates
-    attn_impl: str = "auto"                     # training attention: "auto" | "reference" | "chunked"
+    attn_impl: str = "auto"                     # training attention, one of trimkv.attention.IMPLS
     enabled: bool = True
     record: bool = False                        # keep per-layer logb for the capacity loss
     records: dict[int, Record] = field(default_factory=dict)
@@ -73,6 +73,8 @@ class TrimKV:
     _hooks: list[Any] = field(default_factory=list)
     _mask2d: torch.Tensor | None = None         # [B, past + T] padding mask of the current forward
     _new_valid: tuple | None = None             # (T, [B, T] mask or None = all real), once per forward
+    _meta: tuple | None = None                  # (T, S, positions/segments/validity), once per forward
+    packed: bool | None = None                  # training rows hold several documents? None = look (a host sync)
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -92,6 +94,16 @@ class TrimKV:
             yield self.records
         finally:
             self.record = prev
+
+    @contextlib.contextmanager
+    def rows_packed(self, packed: bool | None) -> Iterator[None]:
+        """Tell the forwards inside the block whether the rows hold several documents (computed on the host by the
+        training step, so the GPU never waits to find out); ``None`` = find out from ``position_ids``."""
+        prev, self.packed = self.packed, packed
+        try:
+            yield
+        finally:
+            self.packed = prev
 
     def detach(self) -> RetentionGates | None:
         return detach_gates(self.model)
@@ -166,7 +178,7 @@ def _decoder_pre_hook(handle: TrimKV):
     def hook(module, args, kwargs):
         mask = kwargs.get("attention_mask")
         handle._mask2d = mask if (torch.is_tensor(mask) and mask.dim() == 2) else None
-        handle._new_valid = None   # the first attention layer of this forward computes it
+        handle._new_valid = handle._meta = None   # the first attention layer of this forward computes them
     return hook
 
 
@@ -264,7 +276,10 @@ def trimkv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         out, weights = res if need_w else (res, None)
         layer.after_attention(weights, q_len=query.shape[2])              # policy update + chunk compaction
         return out.transpose(1, 2), None
-    q_pos, k_pos, seg, k_valid = _positions(module._trimkv_pos, handle._mask2d, query.shape[2], key.shape[2])
+    T, S = query.shape[2], key.shape[2]
+    if handle._meta is None or handle._meta[:2] != (T, S):   # the same for every layer of one forward
+        handle._meta = (T, S, _positions(module._trimkv_pos, handle._mask2d, T, S, handle.packed))
+    q_pos, k_pos, seg, k_valid = handle._meta[2]
     logb = None
     if handle.enabled:
         logb = module._trimkv_logb
@@ -282,19 +297,23 @@ def trimkv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return out.transpose(1, 2).contiguous(), None
 
 
-def _positions(pos: torch.Tensor, mask2d: torch.Tensor | None, T: int, S: int):
+def _positions(pos: torch.Tensor, mask2d: torch.Tensor | None, T: int, S: int, packed: bool | None = None):
     """Positions, document ids and key validity for the no-bounded-cache path.
 
     Without past (T == S, training): positions are ``position_ids``; a packed row starts a new document wherever
-    its positions do not increase by one. With a past (a DynamicCache while generating): positions are indices.
+    its positions do not increase by one. ``packed`` (known on the host by the training step) says whether any row
+    does; ``None`` finds out, at the cost of one host sync per forward. With a past (a DynamicCache while
+    generating): positions are indices.
     """
     B, device = pos.shape[0], pos.device
     seg = None
     if T == S and mask2d is None:
         q_pos = k_pos = pos
-        restart = torch.ones_like(pos, dtype=torch.bool)
-        restart[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-        if restart[:, 1:].any():
+        if packed is None:
+            packed = bool((pos[:, 1:] != pos[:, :-1] + 1).any())
+        if packed:
+            restart = torch.ones_like(pos, dtype=torch.bool)
+            restart[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
             seg = restart.long().cumsum(-1)                               # [B, T]
     else:
         k_pos = torch.arange(S, device=device).expand(B, S)

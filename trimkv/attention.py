@@ -32,6 +32,8 @@ import math
 import torch
 from torch import Tensor
 
+from .kernels import has_triton
+
 __all__ = [
     "retention_attention",
     "retention_attention_reference",
@@ -40,8 +42,9 @@ __all__ = [
     "capacity_sums_reference",
 ]
 
-IMPLS = ("auto", "reference", "chunked", "triton", "flex")
-_AUTO_CHUNK_ABOVE = 1024 * 1024  # "auto" uses the chunked path when T * S exceeds this
+IMPLS = ("auto", "reference", "chunked", "triton", "flex")   # the one list of training-attention implementations
+CAPACITY_IMPLS = ("auto", "chunked", "triton")                # implementations of the soft cache sizes S_t
+_AUTO_CHUNK_ABOVE = 1024 * 1024  # on CPU, "auto" uses the chunked path when T * S exceeds this
 _I64_MAX = torch.iinfo(torch.int64).max
 _I64_MIN = torch.iinfo(torch.int64).min
 
@@ -305,15 +308,13 @@ def retention_attention(q, k, v, logb, *, scaling, q_pos, k_pos, q_seg=None, k_s
     q [B, H, T, D]; k, v [B, Hkv, S, D]; logb [B, Hkv, S] fp32 or None (plain attention);
     q_pos [B, T], k_pos [B, S] int64; q_seg [B, T] / k_seg [B, S] document ids or None;
     k_valid [B, S] bool or None. Returns [B, H, T, D] in q's dtype.
-    impl: "reference" (materialises T x S), "chunked" (O(T x block) memory), "auto"
-    (chunked when T * S > 1024 * 1024), or the GPU fast paths of :mod:`trimkv.kernels`: "triton" (FlashAttention-
-    style kernels, own 64 x 64 tiles; CPU only under TRITON_INTERPRET=1) and "flex" (FlexAttention score_mod; no
-    backward on CPU). block_q / block_k apply to the chunked path.
+    impl: "reference" (materialises T x S), "chunked" (O(T x block) memory), or the GPU fast paths of
+    :mod:`trimkv.kernels`: "triton" (FlashAttention-style kernels, own 64 x 64 tiles; CPU only under
+    TRITON_INTERPRET=1) and "flex" (FlexAttention score_mod; no backward on CPU). "auto" is "triton" on CUDA tensors
+    (when triton is installed) and, on CPU, "reference" up to T * S = 1024 * 1024, "chunked" above.
+    block_q / block_k apply to the chunked path.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = "chunked" if q.shape[2] * k.shape[2] > _AUTO_CHUNK_ABOVE else "reference"
+    impl = resolve_impl(impl, q, k.shape[2])
     kw = dict(scaling=scaling, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, k_valid=k_valid)
     if impl == "reference":
         return retention_attention_reference(q, k, v, logb, **kw)
@@ -326,6 +327,18 @@ def retention_attention(q, k, v, logb, *, scaling, q_pos, k_pos, q_seg=None, k_s
 
         return retention_attention_flex(q, k, v, logb, **kw)
     return retention_attention_chunked(q, k, v, logb, block_q=block_q, block_k=block_k, **kw)
+
+
+def resolve_impl(impl: str, q: Tensor, S: int) -> str:
+    """The implementation ``impl="auto"`` stands for with queries ``q`` [B, H, T, D] and S keys (see
+    :func:`retention_attention`); any other name is checked against :data:`IMPLS` and returned."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    if q.is_cuda and has_triton():
+        return "triton"
+    return "chunked" if q.shape[2] * S > _AUTO_CHUNK_ABOVE else "reference"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -381,12 +394,22 @@ class _CapacitySumsFn(torch.autograd.Function):
         return dlogb.to(logb.dtype), None, None, None, None
 
 
-def capacity_sums(logb, pos, seg=None, valid=None, block=256) -> Tensor:
+def capacity_sums(logb, pos, seg=None, valid=None, block=256, impl="auto") -> Tensor:
     """Soft cache size S_t = sum_{i visible to t} exp((pos_t - pos_i) logb_i), blockwise.
 
     logb [B, Hkv, T] fp32; pos [B, T] int64; seg [B, T] document ids or None; valid [B, T] bool or None.
     Returns [B, Hkv, T] in fp32 (fp64 for fp64 logb). Differentiable w.r.t. logb, O(T x block) memory.
+    ``impl``: "chunked" (PyTorch blocks of ``block``), "triton" (one kernel; 64-wide blocks) or "auto" (triton on
+    CUDA tensors when triton is installed and logb is not fp64, else chunked).
     """
+    if impl not in CAPACITY_IMPLS:
+        raise ValueError(f"capacity impl must be one of {CAPACITY_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "triton" if logb.is_cuda and logb.dtype != torch.float64 and has_triton() else "chunked"
+    if impl == "triton":
+        from .kernels.triton_attention import capacity_sums_triton
+
+        return capacity_sums_triton(logb, pos, seg, valid)
     pos, seg, valid = _check_capacity(logb, pos, seg, valid)
     if block < 1:
         raise ValueError(f"block must be positive, got {block}")

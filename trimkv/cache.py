@@ -102,7 +102,8 @@ class RetentionLayer(CacheLayerMixin):
     def _decode_step(self, k, v, pos_new, state_new, t_now) -> None:
         if self.policy.fused:
             append_evict_(self.keys, self.values, self.pos, self.logb, k, v, pos_new, state_new, t_now,
-                          sink=self.sink, window=self.window, backend="auto")   # Triton kernel on CUDA
+                          sink=self.sink, window=self.window, backend="auto",   # Triton kernel on CUDA
+                          return_victim=False)
             return
         score = protect(self._scores(self.logb, self.pos, t_now, self.keys), self.pos, t_now,
                         sink=self.sink, window=self.window)
@@ -141,6 +142,9 @@ class RetentionLayer(CacheLayerMixin):
         return self.budget + query_length, 0
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:   # the name of get_max_length up to transformers 5.16
         return -1
 
     def num_kept(self) -> torch.Tensor:

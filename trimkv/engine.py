@@ -179,7 +179,9 @@ class PlainEngine:
 
     def forward_backward(self, batch: dict[str, torch.Tensor], *, last: bool):
         """One micro-batch: training step + backward of ``loss / grad_accum``; returns the StepOutput."""
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        from .train import prepare_batch
+
+        batch = prepare_batch(batch, self.device)
         with self._sync_context(last):
             out = self.wrapped(batch)
             (out.loss / self.recipe.train.grad_accum).backward()
@@ -188,14 +190,15 @@ class PlainEngine:
     def _sync_context(self, last: bool):
         return contextlib.nullcontext()
 
-    def optimizer_step(self) -> float:
-        """Clip, step, schedule, zero the gradients; returns the (pre-clip) global gradient norm."""
+    def optimizer_step(self) -> torch.Tensor:
+        """Clip, step, schedule, zero the gradients; returns the (pre-clip) global gradient norm as a 0-d tensor on
+        the device (read by the loop together with the step's metrics: one host transfer per step)."""
         clip = self.recipe.train.grad_clip or float("inf")
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(gnorm)
+        return gnorm
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -287,17 +290,19 @@ class DeepSpeedEngine(PlainEngine):
         self.zero_stage = ds_cfg["zero_optimization"]["stage"]
 
     def forward_backward(self, batch, *, last: bool):
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        from .train import prepare_batch
+
+        batch = prepare_batch(batch, self.device)
         out = self.wrapped(batch)
         self.wrapped.backward(out.loss)   # DeepSpeed divides by gradient_accumulation_steps itself
         if not last:
             self.wrapped.step()           # accumulates only (not a boundary)
         return out
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self) -> torch.Tensor:
         self.wrapped.step()               # boundary: reduce, clip, AdamW, schedule, zero
         gnorm = self.wrapped.get_global_grad_norm()
-        return float(gnorm) if gnorm is not None else float("nan")
+        return torch.as_tensor(float("nan") if gnorm is None else gnorm, dtype=torch.float32)
 
     def lr(self) -> float:
         return self.wrapped.get_lr()[0]

@@ -35,13 +35,14 @@ BACKENDS = ("torch", "triton", "auto")
 
 
 def append_evict_(keys, values, pos, logb, k_new, v_new, pos_new, logb_new, t_now, *, sink=0, window=0,
-                  backend="torch"):
+                  backend="torch", return_victim=True):
     """Fused decode step for one new token per (row, head), in place.
 
     keys/values [B, H, C, D], pos [B, H, C], logb [B, H, C]; k_new/v_new [B, H, 1, D], pos_new/logb_new [B, H, 1].
     The victim of each (row, head) is its lowest-scoring slot (an empty slot if any); the newcomer is written there.
-    Returns the victim slot index [B, H]. ``backend``: "torch" (this function, the reference and CPU default),
-    "triton" (one kernel, :mod:`trimkv.kernels.triton_evict`) or "auto" (triton on CUDA tensors when installed).
+    Returns the victim slot index [B, H] (None with ``return_victim=False``, which spares the Triton path an
+    allocation). ``backend``: "torch" (this function, the reference and CPU default), "triton" (one kernel,
+    :mod:`trimkv.kernels.triton_evict`) or "auto" (triton on CUDA tensors when installed).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -53,10 +54,10 @@ def append_evict_(keys, values, pos, logb, k_new, v_new, pos_new, logb_new, t_no
         from .kernels.triton_evict import append_evict_triton_
 
         return append_evict_triton_(keys, values, pos, logb, k_new, v_new, pos_new, logb_new, t_now,
-                                    sink=sink, window=window)
+                                    sink=sink, window=window, return_victim=return_victim)
     victim = slot_scores(pos, logb, t_now, sink=sink, window=window).argmin(dim=-1, keepdim=True)  # [B, H, 1]
     _write_slots_(keys, values, pos, logb, victim, k_new, v_new, pos_new, logb_new)
-    return victim.squeeze(-1)
+    return victim.squeeze(-1) if return_victim else None
 
 
 def merge_topk_(keys, values, pos, logb, k_all, v_all, pos_all, logb_all, t_now, *, sink=0, window=0):

@@ -250,6 +250,9 @@ class GlobalLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:   # the name of get_max_length up to transformers 5.16
+        return -1
+
     def nbytes(self) -> int:
         return 0  # the pool is counted once by the cache
 

@@ -60,7 +60,65 @@ def _chunk_loss_sums(
     return kl, ce
 
 
-def _scored_rows(loss_mask: torch.Tensor) -> torch.Tensor:
+def _softcapped(logits: torch.Tensor, logit_softcap: float | None) -> torch.Tensor:
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits if logit_softcap is None else logit_softcap * torch.tanh(logits / logit_softcap)
+
+
+class _FusedDistillation(torch.autograd.Function):
+    """Summed KL(p_T || p_S) and CE over the scored rows, through a frozen linear LM head, with the gradient w.r.t.
+    the student rows computed in the same pass, chunk by chunk.
+
+    With l = softcap(z), z = W h + b the student logits: dKL/dl = p_S - p_T, dCE/dl = p_S - onehot(target), and
+    dl/dz = 1 - (l / cap)^2 with a softcap. The forward keeps two [P, d] gradients (for KL and for CE) instead of
+    any [P, V] tensor, so the backward is a scale-and-add: the teacher and student logits are computed once
+    (the checkpointed reference path computes both twice). Same numbers as :func:`_chunk_loss_sums`.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, targets, weight, bias, logit_softcap, chunk_size):
+        acc = torch.promote_types(student.dtype, torch.float32)           # fp32 (fp64 stays fp64)
+        grad_kl = torch.empty(student.shape, dtype=acc, device=student.device)   # [P, d]
+        grad_ce = torch.empty_like(grad_kl)
+        kl_sum = ce_sum = student.new_zeros((), dtype=acc)
+        for a in range(0, student.shape[0], chunk_size):
+            b = min(a + chunk_size, student.shape[0])
+            t_logp = _softcapped(F.linear(teacher[a:b], weight, bias), logit_softcap).log_softmax(-1)   # [N, V]
+            s_logits = _softcapped(F.linear(student[a:b], weight, bias), logit_softcap)
+            s_logp = s_logits.log_softmax(-1)
+            p_t = t_logp.exp()
+            kl_sum = kl_sum + (p_t * (t_logp - s_logp)).sum()
+            tgt = targets[a:b, None]
+            ce_sum = ce_sum - s_logp.gather(-1, tgt).sum()
+            g_kl = s_logp.exp_()                                           # p_S, in place of s_logp
+            g_ce = g_kl.clone().scatter_add_(-1, tgt, torch.full_like(tgt, -1, dtype=g_kl.dtype))
+            g_kl.sub_(p_t)
+            del p_t, t_logp
+            if logit_softcap is not None:
+                dcap = 1 - (s_logits / logit_softcap) ** 2
+                g_kl.mul_(dcap)
+                g_ce.mul_(dcap)
+            del s_logits
+            grad_kl[a:b] = g_kl.to(weight.dtype) @ weight                  # [N, V] @ [V, d]
+            grad_ce[a:b] = g_ce.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_kl, grad_ce)
+        ctx.student_dtype = student.dtype
+        return kl_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, g_kl, g_ce):
+        grad_kl, grad_ce = ctx.saved_tensors
+        grad = grad_kl * g_kl.to(grad_kl.dtype) + grad_ce * g_ce.to(grad_kl.dtype)
+        return grad.to(ctx.student_dtype), None, None, None, None, None, None
+
+
+def _fusable(lm_head: nn.Module) -> bool:
+    """The fused loss needs a plain linear LM head that does not train (every trimkv base model's)."""
+    return (type(lm_head) is nn.Linear and not lm_head.weight.requires_grad
+            and (lm_head.bias is None or not lm_head.bias.requires_grad))
+
+
+def scored_rows(loss_mask: torch.Tensor) -> torch.Tensor:
     """Flat indices (into B*T rows) of hidden states whose NEXT token is a target: [P] int64."""
     scored = torch.zeros_like(loss_mask, dtype=torch.bool)  # [B, T]
     scored[:, :-1] = loss_mask[:, 1:]
@@ -74,8 +132,10 @@ def distillation_losses(
     input_ids: torch.Tensor,
     loss_mask: torch.Tensor,
     *,
+    rows: torch.Tensor | None = None,
     chunk_size: int = 512,
     logit_softcap: float | None = None,
+    fused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward KL(p_teacher || p_student) and next-token cross-entropy, computed in position chunks.
 
@@ -83,16 +143,19 @@ def distillation_losses(
     the model's final norm, i.e. what ``lm_head`` reads. lm_head: frozen d -> vocab module (e.g.
     ``model.get_output_embeddings()``). input_ids [B, T] int64. loss_mask [B, T] bool: True where
     input_ids[b, t] is a target token (predicted from position t-1; position 0 is never a target).
-    The hidden state at t is scored iff loss_mask[b, t+1].
+    The hidden state at t is scored iff loss_mask[b, t+1]; ``rows`` may give those positions precomputed
+    (``scored_rows(loss_mask)``, e.g. on the host, which spares the GPU a host sync).
 
     Both losses are means over scored positions (KL summed over the vocabulary per position). Returns
     (kl, ntp) fp32 scalars (fp64 for fp64 inputs; log-softmax never runs below fp32). With no scored position both are zeros still connected to student_hidden, so
     ``backward()`` works. ``logit_softcap`` (Gemma-2 final softcap, ``cap * tanh(logits / cap)``) is
     applied to both teacher and student logits. Memory is O(chunk_size x vocab) in forward and backward.
+    With a frozen ``nn.Linear`` LM head (``fused=True``) the gradient is computed in the forward pass
+    (:class:`_FusedDistillation`); otherwise each chunk runs under activation checkpointing.
     """
     _check_distillation_inputs(student_hidden, teacher_hidden, input_ids, loss_mask, chunk_size)
     B, T, d = student_hidden.shape
-    rows = _scored_rows(loss_mask.bool())  # [P]
+    rows = scored_rows(loss_mask.bool()) if rows is None else rows  # [P]
     if rows.numel() == 0:
         zero = student_hidden.float().sum() * 0.0
         return zero, zero.clone()
@@ -100,12 +163,19 @@ def distillation_losses(
     student_flat = student_hidden.reshape(B * T, d)  # [B*T, d]
     teacher_flat = teacher_hidden.detach().reshape(B * T, d)  # [B*T, d]
     targets_flat = input_ids.reshape(B * T)  # [B*T]
-    # Checkpoint only when a backward can follow; the chunk loss has no randomness (no RNG to replay).
-    use_ckpt = torch.is_grad_enabled() and student_hidden.requires_grad
+    grad_needed = torch.is_grad_enabled() and student_hidden.requires_grad
+    n = rows.numel()
 
     # One gather for all scored rows: its backward is a single scatter into [B*T, d]. (A gather per chunk
     # would allocate and accumulate a full [B*T, d] gradient per chunk.) split() backward is one concat.
     student_rows = student_flat.index_select(0, rows)  # [P, d]
+    if grad_needed and fused and _fusable(lm_head):
+        kl_sum, ce_sum = _FusedDistillation.apply(
+            student_rows, teacher_flat.index_select(0, rows), targets_flat.index_select(0, rows + 1),
+            lm_head.weight, lm_head.bias, logit_softcap, int(chunk_size))
+        return kl_sum / n, ce_sum / n
+    # Reference path: checkpoint each chunk when a backward can follow (no randomness, no RNG to replay).
+    use_ckpt = grad_needed
 
     kl_sum = ce_sum = 0.0
     for student, idx in zip(student_rows.split(chunk_size), rows.split(chunk_size)):  # [N, d], [N]
@@ -120,7 +190,6 @@ def distillation_losses(
             kl, ce = _chunk_loss_sums(student, teacher, targets, lm_head, logit_softcap)
         kl_sum = kl_sum + kl
         ce_sum = ce_sum + ce
-    n = rows.numel()
     return kl_sum / n, ce_sum / n
 
 

@@ -8,6 +8,7 @@ transformers copy beside it so later loads take about a second.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -88,22 +89,34 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", revision: s
 
 def _default_converted() -> Path:
     """Folder with a transformers copy of the default model, converted from the GGUF on first use."""
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = default_model_dir() / "hf"
+    out = default_model_dir() / f"hf-{transformers.__version__}"   # conversions differ between releases
     if (out / "config.json").is_file():
         return out
     folder = fetch_default_model()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
-    model.config.quantization_config = None
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
-    tmp = out.with_name("hf.part")
+    tmp = out.with_name(out.name + ".part")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    _drop_quantization_config(tmp / "config.json")        # de-quantised: plain fp32 weights
     os.replace(tmp, out)
     return out
+
+
+def _drop_quantization_config(config_file: Path) -> None:
+    """Remove the GGUF quantization entry from a de-quantised copy's config.json (transformers 5.4 reads
+    any ``quantization_config`` key, even ``null``, as "pre-quantised" and fails)."""
+    data = json.loads(config_file.read_text())
+    if "quantization_config" in data:
+        del data["quantization_config"]
+        tmp = config_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, config_file)
 
 
 def _load_peft(path: str, torch_dtype, device):

@@ -21,6 +21,12 @@ from typing import Any
 
 import yaml
 
+from .attention import IMPLS
+from .engine import ENGINES
+from .gate import GATE_TYPES
+from .losses import CAPACITY_FORMS
+from .models import DTYPES
+
 
 class RecipeError(ValueError):
     """A recipe field is unknown, mistyped or out of range."""
@@ -37,7 +43,7 @@ class ModelSection:
 
 @dataclass
 class GatesSection:
-    gate_type: str = "rg"            # "rg" (attention input) | "rg2" (post-RoPE [k; v])
+    gate_type: str = "rg"            # trimkv.gate.GATE_TYPES: "rg" (attention input) | "rg2" (post-RoPE [k; v])
     gate_hidden: int = 512           # MLP width (the paper uses 512; smaller for small models)
     bias_init: float = 18.0          # per-head bias init: beta ~ 1 at step 0 (the paper's value)
     init_std: float = 0.02           # std of the normal init of W1 and W2
@@ -68,7 +74,8 @@ class TrainSection:
     grad_clip: float = 1.0           # max global grad norm (0 = off)
     grad_accum: int = 1              # micro-batches per optimiser step
     seed: int = 0
-    attn_impl: str = "auto"          # training attention: auto | reference | chunked
+    attn_impl: str = "auto"          # training attention (trimkv.attention.IMPLS): auto = triton on CUDA, reference /
+                                     # chunked (by length) on CPU | reference | chunked | triton | flex
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing of the frozen layers
     bf16: bool = True                # bf16 autocast on GPU (ignored on CPU)
     device: str = "auto"             # auto | cpu | cuda
@@ -111,13 +118,14 @@ class Recipe:
         return Path(self.output.checkpoint or Path(self.output.run_dir) / "gates")
 
 
+# Lists of names are owned by the modules that implement them; validation reads them from there.
 _CHOICES = {
-    ("model", "dtype"): ("float32", "bfloat16", "float16"),
-    ("gates", "gate_type"): ("rg", "rg2"),
-    ("loss", "capacity_form"): ("paper", "code"),
-    ("train", "attn_impl"): ("auto", "reference", "chunked"),
+    ("model", "dtype"): tuple(DTYPES),
+    ("gates", "gate_type"): GATE_TYPES,
+    ("loss", "capacity_form"): CAPACITY_FORMS,
+    ("train", "attn_impl"): IMPLS,
     ("train", "device"): ("auto", "cpu", "cuda"),
-    ("train", "engine"): ("auto", "plain", "ddp", "deepspeed"),
+    ("train", "engine"): ENGINES,
     ("train", "zero_stage"): (1, 2, 3),
     ("logging", "wandb"): ("disabled", "offline", "online"),
 }

@@ -19,7 +19,7 @@ import torch
 
 from .attach import TrimKV
 from .attention import capacity_sums
-from .losses import capacity_loss, distillation_losses
+from .losses import capacity_loss, distillation_losses, scored_rows
 from .recipe import LossSection, Recipe
 
 
@@ -33,31 +33,48 @@ class StepOutput:
     mean_beta: torch.Tensor     # [L] mean beta per layer (detached; read once per step by _metrics)
 
 
-def training_step(model: torch.nn.Module, handle: TrimKV, batch: dict[str, torch.Tensor],
+def prepare_batch(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, Any]:
+    """A data batch (CPU tensors [B, T]) on ``device``, plus what the step needs to know about it from the host:
+    ``scored_rows`` (flat indices of the positions whose next token is a target) and ``packed`` (does any row hold
+    several documents). Working these out here, before the copy, keeps the GPU step free of host syncs."""
+    pos, mask = batch["position_ids"], batch["loss_mask"].bool()
+    out: dict[str, Any] = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    out["scored_rows"] = scored_rows(mask.cpu()).to(device, non_blocking=True)
+    out["packed"] = bool((pos[:, 1:] != pos[:, :-1] + 1).any())
+    return out
+
+
+def training_step(model: torch.nn.Module, handle: TrimKV, batch: dict[str, Any],
                   loss_cfg: LossSection) -> StepOutput:
-    """One forward of teacher and student and the three losses (no backward, no optimiser)."""
+    """One forward of teacher and student and the three losses (no backward, no optimiser).
+
+    ``batch``: ``input_ids`` / ``position_ids`` / ``loss_mask`` [B, T], optionally with the host-side extras of
+    :func:`prepare_batch` (``scored_rows``, ``packed``).
+    """
     input_ids, position_ids, loss_mask = batch["input_ids"], batch["position_ids"], batch["loss_mask"]
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
-    with torch.no_grad(), handle.disabled():
-        teacher = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-    with handle.recording() as records:
-        student = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    with handle.rows_packed(batch.get("packed")):
+        with torch.no_grad(), handle.disabled():
+            teacher = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        with handle.recording() as records:
+            student = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    kl, ntp = distillation_losses(student, teacher, lm_head, input_ids, loss_mask,
+    kl, ntp = distillation_losses(student, teacher, lm_head, input_ids, loss_mask, rows=batch.get("scored_rows"),
                                   chunk_size=loss_cfg.chunk_size, logit_softcap=softcap)
-    caps, sizes, betas = [], [], []
-    for idx in sorted(records):
-        rec = records[idx]
-        S = capacity_sums(rec.logb, rec.pos, rec.seg)                               # [B, Hkv, T]
-        caps.append(capacity_loss(S, rec.pos, loss_cfg.budget, form=loss_cfg.capacity_form))
-        sizes.append(S.detach().amax(-1).mean())                                     # peak soft cache size
-        betas.append(rec.logb.detach().exp().mean())
-    if not caps:
+    if not records:
         raise RuntimeError("no gate records were collected: are the gates attached and enabled?")
-    cap = torch.stack(caps).mean()
+    # Every layer sees the same positions: one capacity computation over all layers' heads [B, L * Hkv, T]
+    # (the mean over it is the mean over layers of each layer's capacity loss, all layers being the same size).
+    first = records[min(records)]
+    logb = torch.cat([records[idx].logb for idx in sorted(records)], dim=1)            # [B, L * Hkv, T]
+    S = capacity_sums(logb, first.pos, first.seg)                                       # [B, L * Hkv, T]
+    cap = capacity_loss(S, first.pos, loss_cfg.budget, form=loss_cfg.capacity_form)
+    L = len(records)
     loss = loss_cfg.kl_weight * kl + loss_cfg.ntp_weight * ntp + loss_cfg.capacity_weight * cap
     # metrics stay on the device: no per-layer host sync inside the step
-    return StepOutput(loss, kl.detach(), ntp.detach(), cap.detach(), torch.stack(sizes).mean(), torch.stack(betas))
+    soft_cache = S.detach().amax(-1).mean()                                             # peak soft cache size
+    mean_beta = logb.detach().exp().unflatten(1, (L, -1)).mean(dim=(0, 2, 3))           # [L]
+    return StepOutput(loss, kl.detach(), ntp.detach(), cap.detach(), soft_cache, mean_beta)
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, lr: float, min_lr: float) -> float:
@@ -149,13 +166,14 @@ def train_loop(model, handle: TrimKV, batches: Iterator[dict], recipe: Recipe, *
 
 def _metrics(parts: list[StepOutput], gnorm, lr: float, tok_s: float, reduce=None) -> dict[str, Any]:
     """Mean over the step's micro-batches (and over ranks, when ``reduce`` averages across processes)."""
-    n = len(parts)
     rows = [torch.cat([torch.stack([p.loss.detach(), p.kl, p.ntp, p.cap, p.soft_cache]).float(), p.mean_beta.float()])
             for p in parts]
-    local = torch.stack(rows).double().mean(0).cpu()                                   # one host transfer per step
+    local = torch.stack(rows).double().mean(0)
     if reduce is not None:
         local = reduce(local)
-    loss, kl, ntp, cap, soft_cache, *betas = local.tolist()
+    gnorm = torch.as_tensor(gnorm).detach().to(local.device, torch.float64).reshape(1)
+    values = torch.cat([local, gnorm]).cpu()                                           # one host transfer per step
+    loss, kl, ntp, cap, soft_cache, *betas, gnorm = values.tolist()
     return {
         "loss": loss,
         "kl": kl,
@@ -163,7 +181,7 @@ def _metrics(parts: list[StepOutput], gnorm, lr: float, tok_s: float, reduce=Non
         "cap": cap,
         "soft_cache": soft_cache,
         "mean_beta": betas,
-        "grad_norm": float(gnorm),
+        "grad_norm": gnorm,
         "lr": lr,
         "tokens_per_s": tok_s,
     }

@@ -276,12 +276,26 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def compute_dtype(q: Tensor, k: Tensor, v: Tensor) -> torch.dtype:
+    """The one dtype the kernels read q, k and v in (``tl.dot`` never mixes dtypes).
+
+    Under autocast it is the autocast dtype, as for ``F.scaled_dot_product_attention`` (inside a bf16-autocast
+    Llama, RoPE returns fp32 q/k while v stays bf16); otherwise the inputs' dtype, promoted if they differ.
+    """
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+
+
 class _TritonRetentionAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, logb, q_pos, k_pos, q_seg, k_seg, k_valid, scaling, bq, bk):
         B, H, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
+        dt = compute_dtype(q, k, v)
+        q, k, v = q.to(dt).contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous()
         logb = logb.float().contiguous()
         q_max, k_min = _tables(q_pos, k_pos, k_valid, bq, bk)
         meta = (q_pos.contiguous(), k_pos.contiguous(), _aux(q_seg, q_pos), _aux(k_seg, k_pos),
@@ -311,7 +325,8 @@ class _TritonRetentionAttention(torch.autograd.Function):
         nqb, nkb = sizes[-2], sizes[-1]
         _attn_bwd_dkdv[(nkb, B * Hkv)](q, k, v, logb, *meta, dout, lse, delta, dk, dv, dlogb, *sizes, **cfg)
         _attn_bwd_dq[(nqb, B * H)](q, k, v, logb, *meta, dout, lse, delta, dq, *sizes, **cfg)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlogb, *([None] * 8)
+        q_dt, k_dt, v_dt = ctx.in_dtypes
+        return dq.to(q_dt), dk.to(k_dt), dv.to(v_dt), dlogb, *([None] * 8)
 
 
 def retention_attention_triton(q, k, v, logb, *, scaling, q_pos, k_pos, q_seg=None, k_seg=None, k_valid=None,
@@ -319,15 +334,18 @@ def retention_attention_triton(q, k, v, logb, *, scaling, q_pos, k_pos, q_seg=No
     """Retention attention through the Triton kernels; same contract as ``retention_attention_reference``.
 
     q [B, H, T, D]; k, v [B, Hkv, S, D]; logb [B, Hkv, S] fp32 or None; q_pos / q_seg [B, T]; k_pos / k_seg /
-    k_valid [B, S]. fp16 / bf16 / fp32 inputs (fp32 accumulation); returns [B, H, T, D] in q's dtype. Block sizes
-    must be powers of two >= 16.
+    k_valid [B, S]. fp16 / bf16 / fp32 inputs (fp32 accumulation), read in :func:`compute_dtype` (the autocast
+    dtype under autocast); returns [B, H, T, D] in that dtype, gradients in the inputs' dtypes. Block sizes must be
+    powers of two >= 16.
     """
     Hkv, _ = _check_qkv(q, k, v, logb)
     B, _, T, _ = q.shape
     S = k.shape[2]
     q_pos, k_pos, q_seg, k_seg, k_valid = _check_meta(q_pos, k_pos, q_seg, k_seg, k_valid, B, T, S)
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"the Triton path takes fp16 / bf16 / fp32 inputs, got {q.dtype}; use impl='chunked'")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"the Triton path takes fp16 / bf16 / fp32 inputs, got {name} in {x.dtype}; "
+                             "use impl='chunked'")
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if blk < 16 or blk & (blk - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot tiles), got {blk}")

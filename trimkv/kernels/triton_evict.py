@@ -14,10 +14,11 @@ import triton.language as tl
 
 @triton.jit
 def _append_evict_kernel(KEYS, VALUES, POS, LOGB, KNEW, VNEW, POSNEW, LOGBNEW, TNOW, VICTIM,
-                         H, C, D, SINK, WINDOW,
-                         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                         H, C, D, SINK, WINDOW, sk_b, sk_h, sv_b, sv_h, sp_b, sp_h, sl_b, sl_h,
+                         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_VICTIM: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)             # b * H + h
     b = row // H
+    h = row % H
     offs_c = tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     pos = tl.load(POS + row * C + offs_c, mask=c_ok, other=0)
@@ -33,28 +34,34 @@ def _append_evict_kernel(KEYS, VALUES, POS, LOGB, KNEW, VNEW, POSNEW, LOGBNEW, T
     victim = tl.min(tl.where(score == smin, offs_c, BLOCK_C), 0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    k = tl.load(KNEW + row * D + offs_d, mask=d_ok)
-    v = tl.load(VNEW + row * D + offs_d, mask=d_ok)
+    k = tl.load(KNEW + b * sk_b + h * sk_h + offs_d, mask=d_ok)
+    v = tl.load(VNEW + b * sv_b + h * sv_h + offs_d, mask=d_ok)
     tl.store(KEYS + (row * C + victim) * D + offs_d, k.to(KEYS.dtype.element_ty), mask=d_ok)
     tl.store(VALUES + (row * C + victim) * D + offs_d, v.to(VALUES.dtype.element_ty), mask=d_ok)
-    tl.store(POS + row * C + victim, tl.load(POSNEW + row))
-    tl.store(LOGB + row * C + victim, tl.load(LOGBNEW + row).to(tl.float32))
-    tl.store(VICTIM + row, victim)
+    tl.store(POS + row * C + victim, tl.load(POSNEW + b * sp_b + h * sp_h).to(tl.int64))
+    tl.store(LOGB + row * C + victim, tl.load(LOGBNEW + b * sl_b + h * sl_h).to(tl.float32))
+    if WRITE_VICTIM:
+        tl.store(VICTIM + row, victim)
 
 
-def append_evict_triton_(keys, values, pos, logb, k_new, v_new, pos_new, logb_new, t_now, *, sink=0, window=0):
+def append_evict_triton_(keys, values, pos, logb, k_new, v_new, pos_new, logb_new, t_now, *, sink=0, window=0,
+                         return_victim: bool = True):
     """Same contract as :func:`trimkv.eviction.append_evict_`: keys/values [B, H, C, D], pos [B, H, C] int64,
-    logb [B, H, C] fp32 (all contiguous, updated in place); k_new/v_new [B, H, 1, D], pos_new/logb_new [B, H, 1],
-    t_now [B]. Returns the victim slot index [B, H]."""
+    logb [B, H, C] fp32 (all contiguous, updated in place); k_new/v_new [B, H, 1, D], pos_new/logb_new [B, H, 1]
+    (any strides, e.g. a position broadcast over heads), t_now [B]. Returns the victim slot index [B, H]
+    (``return_victim=False``: None, one allocation less on the decode hot path)."""
     B, H, C, D = keys.shape
     for name, t in (("keys", keys), ("values", values), ("pos", pos), ("logb", logb)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous: the kernel writes the slot buffers in place")
     if values.shape[-1] != D:
         raise ValueError("the fused kernel needs keys and values of the same head dim")
-    victim = torch.empty(B, H, dtype=torch.int64, device=keys.device)
+    k_new = k_new if k_new.stride(-1) == 1 else k_new.contiguous()
+    v_new = v_new if v_new.stride(-1) == 1 else v_new.contiguous()
+    victim = torch.empty(B, H, dtype=torch.int64, device=keys.device) if return_victim else pos
     _append_evict_kernel[(B * H,)](
-        keys, values, pos, logb, k_new.contiguous(), v_new.contiguous(), pos_new.to(torch.int64).contiguous(),
-        logb_new.float().contiguous(), t_now.to(torch.int64).contiguous(), victim, H, C, D, int(sink), int(window),
-        BLOCK_C=triton.next_power_of_2(C), BLOCK_D=triton.next_power_of_2(D))
-    return victim
+        keys, values, pos, logb, k_new, v_new, pos_new, logb_new, t_now.to(torch.int64).contiguous(), victim,
+        H, C, D, int(sink), int(window), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        pos_new.stride(0), pos_new.stride(1), logb_new.stride(0), logb_new.stride(1),
+        BLOCK_C=triton.next_power_of_2(C), BLOCK_D=triton.next_power_of_2(D), WRITE_VICTIM=return_victim)
+    return victim if return_victim else None

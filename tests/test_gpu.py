@@ -1,0 +1,105 @@
+"""The GPU paths users run, checked against the CPU references (skipped without CUDA).
+
+* the default training attention on CUDA is the compiled Triton kernel, and a gate-training step under bf16
+  autocast (the recipe default there) gives the fp32 CPU step's losses and gradients within bf16 tolerance;
+* that step runs without a single host sync (forward, losses, capacity sums, backward);
+* the capacity sums dispatch to the Triton S_t kernel;
+* generation with a bounded cache (Triton append+evict inside ``generate``) gives the CPU tokens.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import build_tiny_model, requires_cuda
+from test_train import fixed_batch
+from trimkv.attach import attach_gates
+from trimkv.attention import capacity_sums, resolve_impl
+from trimkv.cache import RetentionCache
+from trimkv.compat import cache_kwargs
+from trimkv.recipe import LossSection
+from trimkv.train import prepare_batch, training_step
+
+pytestmark = requires_cuda
+pytest.importorskip("triton")
+
+
+def _gated(device, seed=0):
+    model = build_tiny_model("llama", seed=seed).to(device)
+    torch.manual_seed(seed)
+    handle = attach_gates(model, gate_hidden=16, bias_init=3.0)
+    return model, handle
+
+
+def _step(model, handle, device, autocast: bool):
+    batch = prepare_batch(fixed_batch(T=160), device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = training_step(model, handle, batch, LossSection(budget=16, chunk_size=64))
+    out.loss.backward()
+    grads = torch.cat([p.grad.flatten().float().cpu() for p in handle.gates.parameters()])
+    return out, grads
+
+
+def test_auto_is_triton_on_cuda():
+    q = torch.zeros(1, 1, 8, 16, device="cuda")
+    assert resolve_impl("auto", q, 8) == "triton"
+    assert resolve_impl("auto", q.cpu(), 8) == "reference"
+
+
+def test_bf16_autocast_step_matches_the_fp32_cpu_step():
+    ref_model, ref_handle = _gated("cpu")
+    ref, ref_g = _step(ref_model, ref_handle, "cpu", autocast=False)
+    model, handle = _gated("cuda")
+    out, g = _step(model, handle, "cuda", autocast=True)
+    for name in ("loss", "kl", "ntp", "cap"):
+        a, b = getattr(out, name).item(), getattr(ref, name).item()
+        assert a == pytest.approx(b, rel=5e-2, abs=5e-3), name
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    cos = torch.nn.functional.cosine_similarity(g, ref_g, dim=0).item()
+    assert cos > 0.98, f"bf16 gate gradient direction differs from fp32: cosine {cos:.4f}"
+
+
+def test_training_step_has_no_host_sync():
+    model, handle = _gated("cuda")
+    batch = prepare_batch(fixed_batch(T=160), "cuda")
+    _step(model, handle, "cuda", autocast=True)                    # warm-up: Triton compiles, caches fill
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = training_step(model, handle, batch, LossSection(budget=16, chunk_size=64))
+            out.loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert not syncs, f"{len(syncs)} host syncs in the training step, first: {syncs[0]}"
+
+
+def test_capacity_sums_use_the_triton_kernel_and_match():
+    g = torch.Generator().manual_seed(0)
+    logb = (-0.1 * torch.rand(2, 6, 300, generator=g)).cuda().requires_grad_(True)
+    pos = torch.arange(300).repeat(2, 1).cuda()
+    fast = capacity_sums(logb, pos)                                 # auto -> triton on CUDA
+    assert "Triton" in type(fast.grad_fn).__name__
+    ref = capacity_sums(logb.detach().cpu().double(), pos.cpu(), impl="chunked")
+    torch.testing.assert_close(fast.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("budget", [8, 24])
+def test_bounded_generate_on_gpu_gives_the_cpu_tokens(budget):
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for device in ("cpu", "cuda"):
+        model, _ = _gated(device, seed=1)
+        cache = RetentionCache.for_model(model, budget, sink=2, window=4)
+        x = ids.to(device)
+        with torch.no_grad():
+            out = model.generate(x, attention_mask=torch.ones_like(x), **cache_kwargs(model, cache),
+                                 max_new_tokens=12, do_sample=False, prefill_chunk_size=16, pad_token_id=0)
+        outs.append(out.cpu())
+        assert (cache.layers[0].num_kept() <= budget).all()
+    assert torch.equal(outs[0], outs[1])
