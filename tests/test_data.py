@@ -385,3 +385,62 @@ def test_prose_facts_builtin_documents_fit_their_rows(tokenizer, tmp_path):
     assert len(docs) > 10 and all("\n\n" in d for d in docs[:-1])
     assert sum("To recap" in d or "As noted earlier" in d or "Recall that" in d or "Once more" in d
                for d in docs) >= len(docs) // 2
+
+
+# ----------------------------------------------------------------------------- completion format, mixtures
+
+
+def test_completion_rows_train_on_the_completion_only(tokenizer, tmp_path):
+    rows = [{"prompt": "what is two plus two?", "completion": " two plus two is four."},
+            {"prompt": "the quick brown fox", "completion": " jumps over the lazy dog"}]
+    source = write_jsonl(tmp_path / "pc.jsonl", rows)
+    built = build_dataset(cfg_for(source, tmp_path, seq_len=64, pack=False), tokenizer)
+    for row, raw in zip(built, rows):
+        target = tokenizer.decode(row["input_ids"][row["loss_mask"]].tolist())
+        assert target.strip() == raw["completion"].strip()
+
+
+def test_completion_column_of_the_wrong_type_is_named(tokenizer, tmp_path):
+    source = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": 3}])
+    with pytest.raises(DataError, match="'completion' must hold strings"):
+        build_dataset(cfg_for(source, tmp_path, seq_len=64, pack=False), tokenizer)
+
+
+def test_mixture_draws_rows_by_weight_each_source_keeping_its_masks(tokenizer, tmp_path):
+    text_file = write_jsonl(tmp_path / "text.jsonl", [{"text": " ".join(SENTENCES[i % 5:])} for i in range(300)])
+    chat = write_jsonl(tmp_path / "chat.jsonl", CHAT * 40)
+    mix = DataConfig(mixture=[{"source": text_file, "weight": 3}, {"source": chat, "weight": 1, "pack": False}],
+                     seq_len=128, cache_dir=str(tmp_path / "cache"), batch_size=1)
+    text_rows = {tuple(r["input_ids"].tolist())
+                 for r in build_dataset(cfg_for(text_file, tmp_path, seq_len=128), tokenizer)}
+    rows = data.epoch_rows(mix, tokenizer, epoch=0)
+    assert len(rows) == data.prepare_data(mix, tokenizer)
+    from_text = [tuple(r["input_ids"].tolist()) in text_rows for r in rows]
+    share = sum(from_text) / len(rows)
+    assert 0.6 < share < 0.9, share                                   # weight 3 : 1
+    for row, is_text in zip(rows, from_text):
+        if is_text:
+            assert row["loss_mask"][row["position_ids"] > 0].all()     # plain text: all but each document's first
+        else:
+            assert 0 < row["loss_mask"].sum() < len(row["loss_mask"])   # chat: the assistant replies only
+    assert [tuple(r["input_ids"].tolist()) for r in data.epoch_rows(mix, tokenizer, epoch=0)] == \
+        [tuple(r["input_ids"].tolist()) for r in rows]                  # deterministic: exact resume works
+    assert next(batches(mix, tokenizer, skip_batches=3))["input_ids"][0].tolist() == rows[3]["input_ids"].tolist()
+
+
+@pytest.mark.parametrize("mixture, match", [
+    ([], "non-empty list"),
+    ([{"weight": 1}], "must be a mapping with a 'source'"),
+    ([{"source": "builtin:prose", "weight": 0}], "weight must be a positive number"),
+    ([{"source": "builtin:prose", "seq_len": 8}], "unknown field.*seq_len"),
+])
+def test_mixture_entries_are_validated(mixture, match):
+    with pytest.raises(ValueError, match=match):
+        DataConfig(mixture=mixture)
+
+
+def test_source_and_mixture_are_exclusive():
+    with pytest.raises(ValueError, match="not both"):
+        DataConfig(source="builtin:prose", mixture=[{"source": "builtin:prose"}])
+    with pytest.raises(ValueError, match="source is empty"):
+        DataConfig()

@@ -17,7 +17,7 @@ FIELD = re.compile(r"^\s+[A-Za-z_]+:\s*\S")
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_parses_and_validates(path):
     recipe = load_recipe(path)
-    assert recipe.data.source and recipe.loss.budget > 0
+    assert recipe.data.describe() and recipe.data.components() and recipe.loss.budget > 0
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)

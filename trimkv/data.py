@@ -45,17 +45,19 @@ import json
 import os
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 
-FORMATS = ("auto", "text", "chat")
+FORMATS = ("auto", "text", "chat", "completion")
 TOO_LONG = ("truncate", "drop", "error")
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 SHUFFLE_BUFFER_ROWS = 1024  # streaming shuffle buffer, in packed rows
-BUILTIN_SOURCES = ("prose", "prose-long", "prose-recall", "prose-facts")
+BUILTIN_SOURCES = ("prose", "prose-long", "prose-recall", "prose-facts", "qa", "qa-plain")
+QA_DOCUMENTS = 2048  # documents a builtin:qa source generates (max_samples overrides)
+SPANS_COLUMN = "target_spans"  # optional with format text: [[start, end), ...] character spans that are the targets
 CACHE_VERSION = 1  # bump when the tokenisation or packing rules change
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
@@ -70,14 +72,22 @@ class DataConfig:
 
     ``source``: ``"builtin:prose"`` (the corpus shipped with trimkv), a Hub dataset id, or a local
     ``.jsonl`` / ``.json`` / ``.parquet`` / ``.txt`` file or a folder of such files.
-    ``format``: ``"auto"`` picks ``"chat"`` if ``messages_column`` exists, else ``"text"`` if
-    ``text_column`` exists. ``cache_dir`` defaults to ``~/.cache/trimkv/data``.
+    ``format``: ``"auto"`` picks ``"chat"`` if ``messages_column`` exists, else ``"completion"`` if
+    ``prompt_column`` and ``completion_column`` exist (the completion is the target), else ``"text"`` if
+    ``text_column`` exists (every token a target, or only those in a ``target_spans`` column when present).
+    ``cache_dir`` defaults to ``~/.cache/trimkv/data``.
+    ``mixture``: instead of ``source``, a list of sources, each a mapping with ``source``, ``weight`` (default 1)
+    and any of ``format``, ``*_column``, ``split``, ``pack``, ``too_long``, ``max_samples`` (the mixture's own
+    values of these are the defaults); every batch row comes from one of them, drawn with probability
+    proportional to its weight (``seq_len``, ``batch_size``, ``seed``, ``cache_dir`` are shared).
     """
 
-    source: str
+    source: str | None = None
     format: str = "auto"
     text_column: str = "text"
     messages_column: str = "messages"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
     split: str = "train"
     seq_len: int = 1024
     batch_size: int = 1
@@ -87,6 +97,7 @@ class DataConfig:
     streaming: bool = False
     max_samples: int | None = None
     cache_dir: str | None = None
+    mixture: list | None = None
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -99,8 +110,46 @@ class DataConfig:
             raise ValueError(f"DataConfig.batch_size={self.batch_size}: must be >= 1")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"DataConfig.max_samples={self.max_samples}: must be >= 1 or None")
-        if not self.source:
-            raise ValueError("DataConfig.source is empty: give 'builtin:prose', a Hub id or a path")
+        if self.mixture is not None:
+            if self.source:
+                raise ValueError("give DataConfig.source or DataConfig.mixture, not both")
+            self.components()                                   # validates every entry
+        elif not self.source:
+            raise ValueError("DataConfig.source is empty: give 'builtin:prose', a Hub id or a path "
+                             "(or a mixture of sources)")
+
+    def describe(self) -> str:
+        """The source, or the mixture's sources with their weights."""
+        if self.mixture is None:
+            return str(self.source)
+        return "mixture of " + ", ".join(f"{c.source} (weight {w:g})" for c, w in self.components())
+
+    def components(self) -> list[tuple["DataConfig", float]]:
+        """A mixture's sources as (DataConfig, weight) pairs; a plain config is its own single component."""
+        if self.mixture is None:
+            return [(self, 1.0)]
+        if not isinstance(self.mixture, (list, tuple)) or not self.mixture:
+            raise ValueError("DataConfig.mixture must be a non-empty list of {source: ..., weight: ...} mappings")
+        shared = {"seq_len", "batch_size", "seed", "cache_dir", "streaming"}
+        own = {f.name for f in fields(DataConfig)} - shared - {"mixture"}
+        out = []
+        for i, entry in enumerate(self.mixture):
+            if not isinstance(entry, dict) or "source" not in entry:
+                raise ValueError(f"DataConfig.mixture[{i}] must be a mapping with a 'source', got {entry!r}")
+            unknown = sorted(set(entry) - own - {"weight"})
+            if unknown:
+                raise ValueError(f"DataConfig.mixture[{i}] has unknown field(s) {unknown}; a component may set "
+                                 f"weight and {sorted(own)} (shared: {sorted(shared)})")
+            weight = entry.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 \
+                    or weight == float("inf"):
+                raise ValueError(f"DataConfig.mixture[{i}].weight must be a positive number, got {weight!r}")
+            values = {f.name: getattr(self, f.name) for f in fields(DataConfig) if f.name != "mixture"}
+            values.update({k: v for k, v in entry.items() if k != "weight"})   # the mixture's fields are defaults
+            out.append((DataConfig(**values), float(weight)))
+        if self.streaming:
+            raise ValueError("DataConfig.mixture does not stream yet: set streaming: false")
+        return out
 
 
 # ----------------------------------------------------------------------------- loading
@@ -122,12 +171,15 @@ def _local_files(source: str) -> list[Path] | None:
     return None
 
 
-def load_documents(cfg: DataConfig):
-    """Raw rows of ``cfg.source``: a ``datasets.Dataset``, or an ``IterableDataset`` when streaming."""
+def load_documents(cfg: DataConfig, tokenizer=None):
+    """Raw rows of ``cfg.source``: a ``datasets.Dataset``, or an ``IterableDataset`` when streaming.
+    (``tokenizer``: the builtin QA sources fit their documents to ``seq_len`` tokens with it.)"""
     import datasets
 
     if cfg.source.startswith("builtin:"):
-        ds = datasets.Dataset.from_dict({"text": _builtin_documents(cfg)})
+        docs = _builtin_documents(cfg, tokenizer)
+        ds = datasets.Dataset.from_list(docs) if docs and isinstance(docs[0], dict) else \
+            datasets.Dataset.from_dict({"text": docs})
         ds = ds.to_iterable_dataset() if cfg.streaming else ds
     elif (files := _local_files(cfg.source)) is not None:
         builders = {LOCAL_BUILDERS[f.suffix] for f in files}
@@ -141,13 +193,13 @@ def load_documents(cfg: DataConfig):
                                    split=cfg.split, streaming=cfg.streaming, **extra)
     else:
         ds = datasets.load_dataset(cfg.source, split=cfg.split, streaming=cfg.streaming)
-    if cfg.max_samples is not None:
+    if cfg.max_samples is not None and not cfg.source.startswith("builtin:qa"):
         ds = ds.take(cfg.max_samples) if cfg.streaming else ds.select(
             range(min(cfg.max_samples, len(ds))))
     return ds
 
 
-def _builtin_documents(cfg: DataConfig) -> list[str]:
+def _builtin_documents(cfg: DataConfig, tokenizer=None) -> list[str] | list[dict]:
     """Documents of a ``builtin:<name>`` source.
 
     ``builtin:prose``: one document per docstring (short: ~100 tokens each).
@@ -156,6 +208,9 @@ def _builtin_documents(cfg: DataConfig) -> list[str]:
     ``builtin:prose-recall``: documents of ~``seq_len`` tokens ending in a copy of an earlier paragraph.
     ``builtin:prose-facts``: documents of ~0.9 ``seq_len`` tokens with made-up facts recalled far later (see
     :func:`_with_facts`); use it with ``pack: false`` so that no fact is cut off from its recall.
+    ``builtin:qa`` / ``builtin:qa-plain``: long-context QA documents of at most ``seq_len`` tokens, chat / plain
+    text with the answers as the only targets (:mod:`trimkv.synthqa`); ``max_samples`` documents (default
+    :data:`QA_DOCUMENTS`). Use them with ``pack: false``.
     """
     name = cfg.source.split(":", 1)[1]
     if name not in BUILTIN_SOURCES:
@@ -166,6 +221,17 @@ def _builtin_documents(cfg: DataConfig) -> list[str]:
     docs = prose_documents(cfg.split)
     if name == "prose":
         return docs
+    if name in ("qa", "qa-plain"):
+        if tokenizer is None:
+            raise DataError(f"{cfg.source} fits its documents to seq_len tokens: it needs the tokenizer")
+        from trimkv.synthqa import qa_documents
+
+        paragraphs = [p.strip() for d in docs for p in d.split("\n\n") if p.strip()]
+        try:
+            return qa_documents(paragraphs, tokenizer, length=cfg.seq_len, n_docs=cfg.max_samples or QA_DOCUMENTS,
+                                chat=name == "qa", seed=cfg.seed)
+        except ValueError as err:
+            raise DataError(f"{cfg.source}: {err}") from err
     # characters of docstrings per training token, and how a group of docstrings becomes one document
     chars_per_token, build = {
         "prose-long": (8, lambda parts, i: "\n\n".join(parts)),
@@ -245,16 +311,19 @@ def _resolve_format(cfg: DataConfig, columns: list[str]) -> str:
     fmt = cfg.format
     if fmt == "auto":
         fmt = ("chat" if cfg.messages_column in columns
+               else "completion" if cfg.prompt_column in columns and cfg.completion_column in columns
                else "text" if cfg.text_column in columns else None)
         if fmt is None:
             raise DataError(
-                f"{cfg.source} has neither a {cfg.messages_column!r} nor a {cfg.text_column!r} "
-                f"column (it has {columns}): set DataConfig.messages_column or .text_column")
-    column, field = ((cfg.text_column, "text_column") if fmt == "text"
-                     else (cfg.messages_column, "messages_column"))
-    if column not in columns:
-        raise DataError(f"{cfg.source} has no column {column!r} for format={fmt!r} "
-                        f"(it has {columns}): set DataConfig.{field}")
+                f"{cfg.source} has no {cfg.messages_column!r}, {cfg.prompt_column!r} + "
+                f"{cfg.completion_column!r} or {cfg.text_column!r} column (it has {columns}): set "
+                "DataConfig.messages_column, .prompt_column / .completion_column or .text_column")
+    needed = {"text": [("text_column", cfg.text_column)], "chat": [("messages_column", cfg.messages_column)],
+              "completion": [("prompt_column", cfg.prompt_column), ("completion_column", cfg.completion_column)]}
+    for field_name, column in needed[fmt]:
+        if column not in columns:
+            raise DataError(f"{cfg.source} has no column {column!r} for format={fmt!r} "
+                            f"(it has {columns}): set DataConfig.{field_name}")
     return fmt
 
 
@@ -270,6 +339,13 @@ def tokenize_document(example: dict, tokenizer, cfg: DataConfig) -> dict:
     fmt = cfg.format if cfg.format != "auto" else _resolve_format(cfg, list(example))
     if fmt == "chat":
         ids, target = _tokenize_chat(example[cfg.messages_column], tokenizer)
+    elif fmt == "completion":
+        prompt, completion = example[cfg.prompt_column], example[cfg.completion_column]
+        _check_str(prompt, cfg.prompt_column), _check_str(completion, cfg.completion_column)
+        ids, target = _tokenize_spans(prompt + completion, [[len(prompt), len(prompt) + len(completion)]],
+                                      tokenizer)
+    elif example.get(SPANS_COLUMN) is not None:                 # text whose targets are character spans
+        ids, target = _tokenize_spans(example[cfg.text_column], example[SPANS_COLUMN], tokenizer)
     else:
         ids = tokenizer(example[cfg.text_column], add_special_tokens=True)["input_ids"]
         if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
@@ -278,6 +354,23 @@ def tokenize_document(example: dict, tokenizer, cfg: DataConfig) -> dict:
     if target:
         target[0] = False
     return {"input_ids": list(ids), "target": target}
+
+
+def _check_str(value, column: str) -> None:
+    if not isinstance(value, str):
+        raise DataError(f"column {column!r} must hold strings, got {type(value).__name__}: {value!r:.80}")
+
+
+def _tokenize_spans(text: str, spans, tokenizer) -> tuple[list[int], list[bool]]:
+    """Token ids [n] of ``text`` (special tokens as the tokenizer adds them) and whether each overlaps one of the
+    ``[start, end)`` character ``spans``; an EOS is appended (not a target) so the document ends visibly."""
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    target = _overlaps(offsets, sorted((int(a), int(b)) for a, b in spans))
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+        target.append(False)
+    return ids, target
 
 
 def _tokenize_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[bool]]:
@@ -326,7 +419,7 @@ def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> l
 
 def _iter_tokenized(cfg: DataConfig, tokenizer) -> Iterator[dict]:
     """Tokenised documents of ``cfg.source``, with empty rows skipped and ``too_long`` applied."""
-    ds = load_documents(cfg)
+    ds = load_documents(cfg, tokenizer)
     columns = ds.column_names
     if columns is None:  # streaming without known features: look at the first row
         columns = list(next(iter(ds), {}).keys())
@@ -459,6 +552,10 @@ def _source_fingerprint(cfg: DataConfig) -> list:
         digest = hashlib.sha256(Path(trimkv.corpus.__file__).read_bytes()).hexdigest()
         grouped = cfg.source != "builtin:prose"   # the seed groups documents; data.py builds them
         builder = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+        if cfg.source.startswith("builtin:qa"):
+            import trimkv.synthqa
+
+            builder += hashlib.sha256(Path(trimkv.synthqa.__file__).read_bytes()).hexdigest()
         return [digest, cfg.seed, CACHE_VERSION + 1, builder] if grouped else [digest]
     files = _local_files(cfg.source)
     if files is None:
@@ -482,22 +579,48 @@ def batches(cfg: DataConfig, tokenizer, *, epoch: int = 0, skip_batches: int = 0
     if cfg.streaming:
         stream = _streamed_batches(cfg, tokenizer, epoch)
     else:
-        rows = build_dataset(cfg, tokenizer)
+        rows = epoch_rows(cfg, tokenizer, epoch)
         if len(rows) < cfg.batch_size * world_size:
-            raise DataError(f"{cfg.source} gave {len(rows)} rows of seq_len={cfg.seq_len}, fewer than "
+            raise DataError(f"{cfg.describe()} gave {len(rows)} rows of seq_len={cfg.seq_len}, fewer than "
                             f"batch_size={cfg.batch_size} x world_size={world_size}: add data or "
                             "lower DataConfig.batch_size / seq_len")
-        order = torch.randperm(len(rows), generator=_generator(cfg.seed, epoch)).tolist()
-        stream = (_collate([rows[i] for i in order[s: s + cfg.batch_size]], tokenizer)
-                  for s in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size))
+        stream = (_collate(rows[s: s + cfg.batch_size], tokenizer)
+                  for s in range(0, len(rows) - cfg.batch_size + 1, cfg.batch_size))
     yield from _shard(stream, rank, world_size, skip_batches)
+
+
+def prepare_data(cfg: DataConfig, tokenizer) -> int:
+    """Build (or find cached) the rows of every source of ``cfg``; returns how many rows an epoch has."""
+    return sum(len(build_dataset(c, tokenizer)) for c, _ in cfg.components())
+
+
+def epoch_rows(cfg: DataConfig, tokenizer, epoch: int) -> list[dict]:
+    """The rows of one epoch in training order, which depends only on ``(cfg.seed, epoch)``.
+
+    One source: its rows, shuffled. A mixture: as many rows as all its sources hold together, each drawn from a
+    source picked with probability proportional to its weight; every source walks through its own shuffled rows
+    (starting over when the draws ask for more than it has).
+    """
+    g = _generator(cfg.seed, epoch)
+    comps = cfg.components()
+    tables = [build_dataset(c, tokenizer) for c, _ in comps]
+    perms = [torch.randperm(len(t), generator=g).tolist() for t in tables]
+    if len(tables) == 1:
+        return [tables[0][i] for i in perms[0]]
+    weights = torch.tensor([w for _, w in comps], dtype=torch.float64)
+    picks = torch.multinomial(weights, sum(map(len, tables)), replacement=True, generator=g).tolist()
+    cursor, rows = [0] * len(tables), []
+    for c in picks:
+        rows.append(tables[c][perms[c][cursor[c] % len(perms[c])]])
+        cursor[c] += 1
+    return rows
 
 
 def num_batches(cfg: DataConfig, tokenizer, *, world_size: int = 1) -> int:
     """Batches per epoch and rank that ``batches`` yields (not available when streaming)."""
     if cfg.streaming:
         raise DataError("the number of batches of a streamed dataset is unknown: set a max_steps")
-    return len(build_dataset(cfg, tokenizer)) // cfg.batch_size // world_size
+    return prepare_data(cfg, tokenizer) // cfg.batch_size // world_size
 
 
 def _shard(stream: Iterator, rank: int, world_size: int, skip: int) -> Iterator:

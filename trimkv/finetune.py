@@ -12,7 +12,7 @@ import torch
 
 from .attach import attach_gates
 from .checkpoint import check_compatible, load_gate_checkpoint, save_gates
-from .data import build_dataset
+from .data import prepare_data
 from .engine import barrier, build_engine, close_distributed, init_distributed, main_process_first, print0
 from .gate import GateConfig, RetentionGates
 from .models import load_model
@@ -49,7 +49,7 @@ class EpochStream:
                 item = next(self._it)
             except StopIteration:
                 if self.index == 0:              # a whole epoch without one batch
-                    raise DataError(f"{self.cfg.source}: epoch {self.epoch} gave no batch for rank {self.rank} "
+                    raise DataError(f"{self.cfg.describe()}: epoch {self.epoch} gave no batch for rank {self.rank} "
                                     f"of {self.world_size}") from None
                 self.epoch, self.index, self._it = self.epoch + 1, 0, None
                 continue
@@ -143,7 +143,7 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
         model, tokenizer = load_model(m.name, dtype=m.dtype, revision=m.revision, gguf_file=m.gguf_file,
                                       trust_remote_code=m.trust_remote_code, device=str(info.device))
         if not recipe.data.streaming:
-            build_dataset(recipe.data, tokenizer)
+            prepare_data(recipe.data, tokenizer)
     handle = attach_gates(model, initial_gates(model, recipe), attn_impl=cfg.attn_impl)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
@@ -170,7 +170,7 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
     last = history[-1] if history else {}
     if info.is_main:
         reached = last.get("step", state.step if state else 0)
-        meta = {"data": recipe.data.source, "steps": reached, "seq_len": recipe.data.seq_len,
+        meta = {"data": recipe.data.describe(), "steps": reached, "seq_len": recipe.data.seq_len,
                 "final_metrics": {k: last[k] for k in ("loss", "kl", "ntp", "cap", "soft_cache") if k in last}}
         save_gates(gates, out, metadata=meta)
         if progress:
