@@ -45,12 +45,18 @@ def _env() -> dict:
     return info
 
 
-def run_tests(out: Path, extra: list[str]) -> dict:
+def run_tests(out: Path, extra: list[str], timeout: float | None) -> dict:
     """The whole suite in a subprocess with compiled kernels; the pytest summary line parsed into counts."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", *extra]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        text = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        (out / "tests.log").write_text(text)
+        return {"part": "tests (compiled kernels)", "ok": False, "seconds": time.perf_counter() - t0,
+                "result": f"stopped after {timeout:.0f} s: {text.count('.')} dots, {text.count('F')} F so far"}
     (out / "tests.log").write_text(proc.stdout + proc.stderr)
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", proc.stdout)}
     failed = counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0)
@@ -89,7 +95,7 @@ def run_benchmarks(out: Path, model: str) -> list[dict]:
 def _bench_summary(name: str, res: dict) -> str:
     rows = res["rows"]
     if name == "attention":
-        return "; ".join(f"{r['impl']}@{r['tokens']}: {1e3 * r['seconds']:.1f} ms" for r in rows)
+        return "; ".join(f"{r['impl']}@{r['T']}: {1e3 * r['seconds']:.1f} ms" for r in rows)
     if name == "train_step":
         r = rows[0]
         return (f"{r['tokens']} tok {r['dtype']}: gate step {1e3 * r['gate_step_s']:.0f} ms vs frozen "
@@ -148,6 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="training steps of the smoke run")
     p.add_argument("--skip", nargs="*", default=[], choices=["tests", "bench", "train"], help="parts to leave out")
     p.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. '-n 8' with pytest-xdist")
+    p.add_argument("--tests-timeout", type=float, default=None, help="stop the test suite after this many seconds")
     args = p.parse_args(argv)
     import torch
 
@@ -163,7 +170,7 @@ def main(argv=None) -> int:
     print(json.dumps(env), flush=True)
     rows: list[dict] = []
     if "tests" not in args.skip:
-        rows.append(run_tests(out, args.pytest_args.split()))
+        rows.append(run_tests(out, args.pytest_args.split(), args.tests_timeout))
         print(table(rows[-1:]), flush=True)
     if "bench" not in args.skip:
         rows += run_benchmarks(out, "smollm2" if have_model else "smollm2-shape")

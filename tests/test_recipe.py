@@ -24,7 +24,7 @@ def test_there_are_recipes():
 def test_shipped_recipes_parse(path):
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
-    assert recipe.data.source and recipe.loss.budget >= 1 and recipe.train.steps >= 1
+    assert recipe.data.components() and recipe.loss.budget >= 1 and recipe.train.steps >= 1
     assert isinstance(recipe.train.lr, float)            # YAML's "3.0e-3" / "2e-4" become floats
 
 

@@ -152,7 +152,9 @@ def train_loop(model, handle: TrimKV, batches: Iterator[dict], recipe: Recipe, *
             parts.append(engine.forward_backward(batch, last=micro == cfg.grad_accum - 1))
             tokens += batch["input_ids"].numel() * engine.info.world_size
         gnorm = engine.optimizer_step()
-        m = _metrics(parts, gnorm, engine.lr(), tokens / (time.perf_counter() - t0), all_reduce_mean)
+        elapsed = time.perf_counter() - t0
+        m = _metrics(parts, gnorm, engine.lr(), tokens / elapsed, all_reduce_mean)
+        m["seconds"] = elapsed                                              # since this process started the loop
         history.append({"step": step + 1, **m})
         if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
             log.log(step + 1, m)
