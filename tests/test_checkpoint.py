@@ -12,12 +12,12 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from trimkv import checkpoint as ckpt
+from trimkv.gate import check_compatible
 from trimkv.checkpoint import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     GateCheckpointError,
     GateMismatchError,
-    check_compatible,
     load_gate_checkpoint,
     parse_source,
     push_to_hub,
@@ -216,9 +216,8 @@ def test_check_compatible_names_every_mismatch(tiny_llama):
 
 
 def test_load_gates_checks_then_attaches(saved, tiny_llama, monkeypatch):
-    attach = pytest.importorskip("trimkv.attach")
     calls = []
-    monkeypatch.setattr(attach, "attach_gates", lambda model, gates, **kw: calls.append((model, gates, kw)) or "h")
+    monkeypatch.setattr(ckpt, "attach_gates", lambda model, gates, **kw: calls.append((model, gates, kw)) or "h")
     assert ckpt.load_gates(tiny_llama, saved, mode="x") == "h"
     model, gates, kw = calls[0]
     assert model is tiny_llama and kw == {"mode": "x"} and gates.layers[0].w1.weight.dtype == torch.float32

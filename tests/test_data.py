@@ -444,3 +444,20 @@ def test_source_and_mixture_are_exclusive():
         DataConfig(source="builtin:prose", mixture=[{"source": "builtin:prose"}])
     with pytest.raises(ValueError, match="source is empty"):
         DataConfig()
+
+
+def test_documents_without_targets_are_skipped_with_a_warning(tokenizer, tmp_path):
+    long_prompt = " ".join(SENTENCES * 4)
+    rows = [{"prompt": "what is two plus two?", "completion": " four."},
+            {"prompt": long_prompt, "completion": " the lazy dog"},     # the completion is cut off at seq_len
+            {"prompt": "and the fox?", "completion": ""}]                # nothing to train on
+    source = write_jsonl(tmp_path / "cut.jsonl", rows)
+    with pytest.warns(UserWarning, match="2 of 3 documents have no target token"):
+        built = build_dataset(cfg_for(source, tmp_path, seq_len=24, pack=False), tokenizer)
+    assert len(built) == 1 and built[0]["loss_mask"].any()
+
+
+def test_non_string_text_is_named(tokenizer, tmp_path):
+    source = write_jsonl(tmp_path / "num.jsonl", [{"text": "fine"}, {"text": 42}])
+    with pytest.raises(DataError, match=r"row 1: column 'text' must hold strings, got int"):
+        build_dataset(cfg_for(source, tmp_path), tokenizer)

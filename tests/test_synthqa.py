@@ -93,3 +93,11 @@ def test_wording_shares_nothing_with_the_eval_tasks(tokenizer, tmp_path):  # noq
 def test_too_short_rows_are_explained(tokenizer, tmp_path):  # noqa: F811
     with pytest.raises(DataError, match="raise seq_len"):
         build_dataset(_cfg("builtin:qa", tmp_path, seq_len=60), tokenizer)
+
+
+def test_every_row_keeps_its_answers_with_the_real_tokenizer_shape(tokenizer, tmp_path):  # noqa: F811
+    """Fitting counts the whole rendering (pieces tokenise differently once joined): no row is cut short."""
+    for source in ("builtin:qa", "builtin:qa-plain"):
+        for length in (700, 900):
+            rows = build_dataset(_cfg(source, tmp_path, seq_len=length, n=25), tokenizer)
+            assert len(rows) == 25 and all(r["loss_mask"].any() and len(r["input_ids"]) <= length for r in rows)

@@ -29,7 +29,7 @@ from torch import nn
 from .attention import retention_attention
 from .cache import RetentionCache, slot_attention
 from .compat import cache_from
-from .gate import GateConfig, RetentionGates
+from .gate import GateConfig, RetentionGates, check_compatible
 
 ATTN_NAME = "trimkv"
 GATES_ATTR = "trimkv_gates"  # the gates live on the model as a submodule, so .to(), DDP and DeepSpeed see them
@@ -124,8 +124,6 @@ def attach_gates(model: nn.Module, gates: RetentionGates | None = None, *, gate_
     if gates is None:
         cfg = gate_config or GateConfig.for_model(model.config, **gate_overrides)
         gates = RetentionGates(cfg)
-    from .checkpoint import check_compatible  # local import: checkpoint imports this module lazily too
-
     check_compatible(gates.config, model)
     param = next(model.parameters())
     gates.to(device=param.device, dtype=torch.float32)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .kernels import has_triton
+from .shapes import I64_MIN, block_ranges, check_capacity, check_meta, check_qkv
 
 __all__ = [
     "retention_attention",
@@ -45,51 +46,14 @@ __all__ = [
 IMPLS = ("auto", "reference", "chunked", "triton", "flex")   # the one list of training-attention implementations
 CAPACITY_IMPLS = ("auto", "chunked", "triton")                # implementations of the soft cache sizes S_t
 _AUTO_CHUNK_ABOVE = 1024 * 1024  # on CPU, "auto" uses the chunked path when T * S exceeds this
-_I64_MAX = torch.iinfo(torch.int64).max
-_I64_MIN = torch.iinfo(torch.int64).min
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shared helpers: input checks, visibility, decay, block skipping
+# Shared helpers: visibility, decay, block skipping (input checks: trimkv.shapes)
 # ----------------------------------------------------------------------------------------------------
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp16/bf16/fp32 inputs, fp64 stays fp64 (tests use it for tight tolerances)."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def _check_meta(q_pos, k_pos, q_seg, k_seg, k_valid, B: int, T: int, S: int):
-    """Validate positions / segments / validity and return them as int64 / bool tensors."""
-    if tuple(q_pos.shape) != (B, T) or tuple(k_pos.shape) != (B, S):
-        raise ValueError(f"q_pos must be [B, T]={[B, T]} and k_pos [B, S]={[B, S]}, "
-                         f"got {list(q_pos.shape)} and {list(k_pos.shape)}")
-    if (q_seg is None) != (k_seg is None):
-        raise ValueError("pass both q_seg and k_seg (document ids of queries and keys) or neither")
-    if q_seg is not None:
-        if tuple(q_seg.shape) != (B, T) or tuple(k_seg.shape) != (B, S):
-            raise ValueError(f"q_seg must be [B, T]={[B, T]} and k_seg [B, S]={[B, S]}, "
-                             f"got {list(q_seg.shape)} and {list(k_seg.shape)}")
-        q_seg, k_seg = q_seg.long(), k_seg.long()
-    if k_valid is not None:
-        if tuple(k_valid.shape) != (B, S):
-            raise ValueError(f"k_valid must be [B, S]={[B, S]}, got {list(k_valid.shape)}")
-        k_valid = k_valid.bool()
-    return q_pos.long(), k_pos.long(), q_seg, k_seg, k_valid
-
-
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, logb: Tensor | None) -> tuple[int, int]:
-    """Check the attention operand shapes; return (Hkv, G)."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("q must be [B, H, T, D] and k, v [B, Hkv, S, D] (heads before time)")
-    B, H, _, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    if k.shape[0] != B or k.shape[-1] != D or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"shape mismatch: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
-    if H % Hkv:
-        raise ValueError(f"{H} query heads are not a multiple of {Hkv} KV heads (GQA needs H = G * Hkv)")
-    if logb is not None and tuple(logb.shape) != (B, Hkv, S):
-        raise ValueError(f"logb must be [B, Hkv, S]={[B, Hkv, S]} (one log retention per KV head and key), "
-                         f"got {list(logb.shape)}")
-    return Hkv, H // Hkv
 
 
 def _visible(qp: Tensor, kp: Tensor, qs: Tensor | None, ks: Tensor | None, kv: Tensor | None) -> Tensor:
@@ -112,30 +76,18 @@ def _blocks(n: int, size: int) -> list[tuple[int, int]]:
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _block_ranges(x: Tensor, size: int, fill: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Per-block min and max of x [B, N] over entries where mask holds -> two [B, nblocks] tensors."""
-    B, N = x.shape
-    nb = -(-N // size)
-    idx = torch.arange(nb * size, device=x.device).clamp_max(N - 1)  # repeat the last entry as padding
-    xb = x[:, idx].view(B, nb, size)
-    if mask is None:
-        return xb.amin(-1), xb.amax(-1)
-    mb = mask[:, idx].view(B, nb, size)
-    return xb.masked_fill(~mb, _I64_MAX).amin(-1), xb.masked_fill(~mb, fill).amax(-1)
-
-
 def _block_table(q_pos, k_pos, q_seg, k_seg, k_valid, bq: int, bk: int) -> list[list[bool]]:
     """live[qi][kj] is False only if no query of block qi can see any key of block kj in any batch row.
 
     Safe skips: every valid key is after every query (min k_pos > max q_pos), the segment-id ranges of
     queries and valid keys do not overlap, or the key block holds no valid slot.
     """
-    _, q_max = _block_ranges(q_pos, bq, _I64_MIN, None)  # [B, nqb]
-    k_min, _ = _block_ranges(k_pos, bk, _I64_MIN, k_valid)  # [B, nkb]; _I64_MAX if no valid key
+    _, q_max = block_ranges(q_pos, bq, I64_MIN, None)  # [B, nqb]
+    k_min, _ = block_ranges(k_pos, bk, I64_MIN, k_valid)  # [B, nkb]; I64_MAX if no valid key
     live = k_min[:, None, :] <= q_max[:, :, None]  # [B, nqb, nkb]
     if q_seg is not None:
-        qs_min, qs_max = _block_ranges(q_seg, bq, _I64_MIN, None)
-        ks_min, ks_max = _block_ranges(k_seg, bk, _I64_MIN, k_valid)
+        qs_min, qs_max = block_ranges(q_seg, bq, I64_MIN, None)
+        ks_min, ks_max = block_ranges(k_seg, bk, I64_MIN, k_valid)
         live &= (ks_min[:, None, :] <= qs_max[:, :, None]) & (qs_min[:, :, None] <= ks_max[:, None, :])
     return live.any(0).tolist()
 
@@ -150,10 +102,10 @@ def retention_attention_reference(q, k, v, logb, *, scaling, q_pos, k_pos, q_seg
     Shapes: q [B, H, T, D]; k, v [B, Hkv, S, D]; logb [B, Hkv, S] (None = no decay); q_pos, q_seg [B, T];
     k_pos, k_seg, k_valid [B, S]. Returns [B, H, T, D] in q's dtype (math in fp32, or fp64 for fp64).
     """
-    Hkv, G = _check_qkv(q, k, v, logb)
+    Hkv, G = check_qkv(q, k, v, logb)
     B, H, T, _ = q.shape
     S = k.shape[2]
-    q_pos, k_pos, q_seg, k_seg, k_valid = _check_meta(q_pos, k_pos, q_seg, k_seg, k_valid, B, T, S)
+    q_pos, k_pos, q_seg, k_seg, k_valid = check_meta(q_pos, k_pos, q_seg, k_seg, k_valid, B, T, S)
     cdt = _compute_dtype(q.dtype)
     q5 = q.to(cdt).unflatten(1, (Hkv, G))  # [B, Hkv, G, T, D]
     s = torch.einsum("bhgtd,bhsd->bhgts", q5, k.to(cdt)) * scaling  # [B, Hkv, G, T, S]
@@ -290,10 +242,10 @@ def retention_attention_chunked(q, k, v, logb, *, scaling, q_pos, k_pos, q_seg=N
     Query blocks x key blocks with an online softmax; the backward recomputes each block from the saved
     log-sum-exp. Key blocks that no query of a block can see are skipped.
     """
-    Hkv, _ = _check_qkv(q, k, v, logb)
+    Hkv, _ = check_qkv(q, k, v, logb)
     B, _, T, _ = q.shape
     S = k.shape[2]
-    meta = _check_meta(q_pos, k_pos, q_seg, k_seg, k_valid, B, T, S)
+    meta = check_meta(q_pos, k_pos, q_seg, k_seg, k_valid, B, T, S)
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
     if logb is None:
@@ -344,14 +296,6 @@ def resolve_impl(impl: str, q: Tensor, S: int) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Soft cache size S_t for the capacity loss
 # ----------------------------------------------------------------------------------------------------
-def _check_capacity(logb: Tensor, pos: Tensor, seg, valid):
-    if logb.dim() != 3:
-        raise ValueError(f"logb must be [B, Hkv, T], got {list(logb.shape)}")
-    B, _, T = logb.shape
-    pos, _, seg, _, valid = _check_meta(pos, pos, seg, seg, valid, B, T, T)
-    return pos, seg, valid
-
-
 def _retention_block(logb_b: Tensor, pos, seg, valid, t0, t1, i0, i1) -> tuple[Tensor, Tensor]:
     """alpha_ti = exp((pos_t - pos_i) logb_i) for t in [t0, t1), i in [i0, i1): ([B, Hkv, bt, bi], d)."""
     vis = _visible(pos[:, t0:t1], pos[:, i0:i1], _sl(seg, t0, t1), _sl(seg, i0, i1), _sl(valid, i0, i1))
@@ -410,7 +354,7 @@ def capacity_sums(logb, pos, seg=None, valid=None, block=256, impl="auto") -> Te
         from .kernels.triton_attention import capacity_sums_triton
 
         return capacity_sums_triton(logb, pos, seg, valid)
-    pos, seg, valid = _check_capacity(logb, pos, seg, valid)
+    pos, seg, valid = check_capacity(logb, pos, seg, valid)
     if block < 1:
         raise ValueError(f"block must be positive, got {block}")
     return _CapacitySumsFn.apply(logb, pos, seg, valid, int(block))
@@ -418,7 +362,7 @@ def capacity_sums(logb, pos, seg=None, valid=None, block=256, impl="auto") -> Te
 
 def capacity_sums_reference(logb, pos, seg=None, valid=None) -> Tensor:
     """Brute-force S_t through a [B, Hkv, T, T] matrix; the ground truth for :func:`capacity_sums`."""
-    pos, seg, valid = _check_capacity(logb, pos, seg, valid)
+    pos, seg, valid = check_capacity(logb, pos, seg, valid)
     lc = logb.to(_compute_dtype(logb.dtype))
     vis = _visible(pos, pos, seg, seg, valid)  # [B, T, T]
     d = _decay(pos, pos, vis, lc.dtype)

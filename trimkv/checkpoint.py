@@ -8,7 +8,8 @@ A checkpoint folder holds exactly three files::
     README.md          generated model card with Hub front matter (library_name: trimkv)
 
 Weights are only ever read from safetensors (no pickle). Every failure raises a
-:class:`GateCheckpointError` subclass whose message names the file / key and says what to do.
+:class:`GateCheckpointError` subclass whose message names the file / key and says what to do (the classes live in
+:mod:`trimkv.errors` and are importable from here).
 """
 from __future__ import annotations
 
@@ -26,7 +27,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from trimkv.gate import GateConfig, RetentionGates
+from .attach import attach_gates
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, GateCheckpointError, GateMismatchError
+from .gate import GateConfig, RetentionGates, check_compatible
+
+__all__ = ["save_gates", "load_gate_checkpoint", "load_gates", "push_to_hub", "write_model_card",
+           "GateCheckpointError", "CheckpointNotFoundError", "CorruptCheckpointError", "GateMismatchError"]
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -35,22 +41,6 @@ CARD_NAME = "README.md"
 CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 _META_KEYS = ("trimkv_version", "format_version")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-class GateCheckpointError(Exception):
-    """Base class of every checkpoint error raised by trimkv."""
-
-
-class CheckpointNotFoundError(GateCheckpointError, FileNotFoundError):
-    """The folder, a file in it, or the Hub repo does not exist (or is not reachable)."""
-
-
-class CorruptCheckpointError(GateCheckpointError, ValueError):
-    """A checkpoint file exists but cannot be read, or its contents do not match its config."""
-
-
-class GateMismatchError(GateCheckpointError, ValueError):
-    """The gates were trained for a base model of a different shape than the one given."""
 
 
 # --------------------------------------------------------------------------------------------- save
@@ -351,39 +341,17 @@ def _check_tensors(file: pathlib.Path, tensors: dict, expected: dict) -> None:
 # ------------------------------------------------------------------------------------- model binding
 
 
-def check_compatible(gate_config: GateConfig, model: Any) -> None:
-    """Raise GateMismatchError, listing every difference, if the gates do not fit ``model``'s shape."""
-    theirs = GateConfig.for_model(getattr(model, "config", model))
-    checks = [
-        ("num_layers", "{} layers", "{}"),
-        ("hidden_size", "hidden size {}", "{}"),
-        ("num_kv_heads", "{} KV heads", "{}"),
-        ("head_dim", "head dim {}", "{}"),
-    ]
-    problems = [
-        f"gates were trained for {what.format(getattr(gate_config, name))}, "
-        f"this model has {has.format(getattr(theirs, name))}"
-        for name, what, has in checks
-        if getattr(gate_config, name) != getattr(theirs, name)
-    ]
-    if problems:
-        raise GateMismatchError(
-            "; ".join(problems)
-            + f": wrong base model? (gates' base_model: {gate_config.base_model or 'unrecorded'}, "
-            f"this model: {theirs.base_model or 'unknown'})"
-        )
-
-
 def load_gates(
     model: Any, source: str | os.PathLike, *, revision: str | None = None,
     local_files_only: bool | None = None, **attach_kwargs: Any,
 ):
     """Load a gate checkpoint, check it fits ``model``, and attach it; returns the attach handle."""
     gates = load_gate_checkpoint(source, revision=revision, local_files_only=local_files_only)
-    check_compatible(gates.config, model)
+    try:
+        check_compatible(gates.config, model)      # before anything is attached (attach_gates checks again)
+    except GateMismatchError as err:
+        raise GateMismatchError(f"gate checkpoint {source}: {err}") from None
     gates.to(device=_model_device(model), dtype=torch.float32)
-    from trimkv.attach import attach_gates
-
     return attach_gates(model, gates, **attach_kwargs)
 
 

@@ -45,11 +45,14 @@ import json
 import os
 import random
 import re
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+
+from .errors import DataError
 
 FORMATS = ("auto", "text", "chat", "completion")
 TOO_LONG = ("truncate", "drop", "error")
@@ -62,8 +65,6 @@ CACHE_VERSION = 1  # bump when the tokenisation or packing rules change
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
-class DataError(ValueError):
-    """Bad training data or data config; the message says what to change."""
 
 
 @dataclass
@@ -356,9 +357,10 @@ def tokenize_document(example: dict, tokenizer, cfg: DataConfig) -> dict:
     return {"input_ids": list(ids), "target": target}
 
 
-def _check_str(value, column: str) -> None:
+def _check_str(value, column: str, where: str = "") -> None:
     if not isinstance(value, str):
-        raise DataError(f"column {column!r} must hold strings, got {type(value).__name__}: {value!r:.80}")
+        at = f"{where}: " if where else ""
+        raise DataError(f"{at}column {column!r} must hold strings, got {type(value).__name__}: {value!r:.80}")
 
 
 def _tokenize_spans(text: str, spans, tokenizer) -> tuple[list[int], list[bool]]:
@@ -424,9 +426,15 @@ def _iter_tokenized(cfg: DataConfig, tokenizer) -> Iterator[dict]:
     if columns is None:  # streaming without known features: look at the first row
         columns = list(next(iter(ds), {}).keys())
     tcfg = DataConfig(**{**asdict(cfg), "format": _resolve_format(cfg, columns)})
+    untrained = seen = 0
     for index, example in enumerate(ds):
-        if tcfg.format == "text" and not (example[tcfg.text_column] or "").strip():
-            continue
+        seen += 1
+        if tcfg.format == "text":
+            text = example[tcfg.text_column]
+            if text is not None:
+                _check_str(text, tcfg.text_column, f"{cfg.source} row {index}")
+            if not (text or "").strip():
+                continue
         if tcfg.format == "chat" and not any(
                 m.get("role") == "assistant" for m in example[tcfg.messages_column] or []):
             raise DataError(f"{cfg.source} row {index} has no assistant message, so it has "
@@ -441,8 +449,16 @@ def _iter_tokenized(cfg: DataConfig, tokenizer) -> Iterator[dict]:
                 continue
             if not cfg.pack:
                 doc = {k: v[: cfg.seq_len] for k, v in doc.items()}
-        if len(doc["input_ids"]) >= 2:
-            yield doc
+        if len(doc["input_ids"]) < 2:
+            continue
+        if not any(doc["target"][1:]):             # nothing to train on: empty replies, or cut off at seq_len
+            untrained += 1
+            continue
+        yield doc
+    if untrained:
+        warnings.warn(f"{cfg.source}: {untrained} of {seen} documents have no target token (empty replies or "
+                      f"completions, or targets cut off at seq_len={cfg.seq_len} with pack=false) and are skipped; "
+                      "raise DataConfig.seq_len if they were truncated", stacklevel=2)
 
 
 # ----------------------------------------------------------------------------- packing

@@ -11,10 +11,10 @@ from typing import Any, Iterator
 import torch
 
 from .attach import attach_gates
-from .checkpoint import check_compatible, load_gate_checkpoint, save_gates
+from .checkpoint import load_gate_checkpoint, save_gates
 from .data import prepare_data
 from .engine import barrier, build_engine, close_distributed, init_distributed, main_process_first, print0
-from .gate import GateConfig, RetentionGates
+from .gate import GateConfig, RetentionGates, check_compatible
 from .models import load_model
 from .recipe import Recipe, RecipeError, load_recipe, save_recipe
 from .resume import ResumeError, TrainingCheckpoints

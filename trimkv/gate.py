@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import GateMismatchError
+
 GATE_TYPES = ("rg", "rg2")
 
 
@@ -129,3 +131,26 @@ class RetentionGates(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def check_compatible(gate_config: GateConfig, model: Any) -> None:
+    """Raise GateMismatchError, listing every difference, if the gates do not fit ``model``'s shape."""
+    theirs = GateConfig.for_model(getattr(model, "config", model))
+    checks = [
+        ("num_layers", "{} layers", "{}"),
+        ("hidden_size", "hidden size {}", "{}"),
+        ("num_kv_heads", "{} KV heads", "{}"),
+        ("head_dim", "head dim {}", "{}"),
+    ]
+    problems = [
+        f"gates were trained for {what.format(getattr(gate_config, name))}, "
+        f"this model has {has.format(getattr(theirs, name))}"
+        for name, what, has in checks
+        if getattr(gate_config, name) != getattr(theirs, name)
+    ]
+    if problems:
+        raise GateMismatchError(
+            "; ".join(problems)
+            + f": wrong base model? (gates' base_model: {gate_config.base_model or 'unrecorded'}, "
+            f"this model: {theirs.base_model or 'unknown'})"
+        )

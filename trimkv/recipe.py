@@ -23,13 +23,12 @@ import yaml
 
 from .attention import IMPLS
 from .engine import ENGINES
+from .errors import RecipeError
 from .gate import GATE_TYPES
 from .losses import CAPACITY_FORMS
 from .models import DTYPES
 
 
-class RecipeError(ValueError):
-    """A recipe field is unknown, mistyped or out of range."""
 
 
 @dataclass

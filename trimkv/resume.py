@@ -35,6 +35,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .engine import all_gather_object, barrier, is_main_process, print0
+from .errors import ResumeError
 
 FORMAT_VERSION = 1
 GATES_FILE = "gates.safetensors"
@@ -43,8 +44,6 @@ MANIFEST_FILE = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-class ResumeError(RuntimeError):
-    """No usable training checkpoint, or one that does not fit this run."""
 
 
 @dataclass

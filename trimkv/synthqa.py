@@ -166,7 +166,10 @@ class ParagraphPool:
 def make_document(pool: ParagraphPool, rng: random.Random, *, length: int, chat: bool, n_facts: int,
                   n_questions: int, overhead: int = 0) -> dict:
     """One QA document of at most ``length`` tokens (``overhead``: tokens the chat template adds). Returns
-    ``{"messages": [...]}`` (chat) or ``{"text": str, "target_spans": [[start, end], ...]}`` (plain)."""
+    ``{"messages": [...]}`` (chat) or ``{"text": str, "target_spans": [[start, end], ...]}`` (plain).
+
+    The haystack is first sized from per-paragraph token counts, then the whole rendering is counted and the last
+    paragraphs are dropped until it fits (pieces tokenise a little differently once joined)."""
     facts = make_facts(rng, n_facts)
     asked = rng.sample(facts, k=min(n_questions, len(facts)))
     intro = rng.choice(INTROS)
@@ -182,8 +185,24 @@ def make_document(pool: ParagraphPool, rng: random.Random, *, length: int, chat:
                          f"(>= {fixed + 40} for {n_facts} facts and {n_questions} questions)")
     paragraphs = pool.take(rng, budget)
     depths = sorted(rng.uniform(0.0, 0.9) for _ in statements)
+    order = rng.sample(statements, k=len(statements))
+    while True:
+        doc = _render(paragraphs, depths, order, intro, qa, chat)
+        if pool.count(_text_of(doc, pool.tokenizer)) + (0 if chat else 1) <= length or len(paragraphs) == 1:  # +EOS
+            return doc
+        paragraphs = paragraphs[:-1]
+
+
+def _text_of(doc: dict, tokenizer) -> str:
+    if "messages" in doc:
+        return tokenizer.apply_chat_template(doc["messages"], tokenize=False)
+    return doc["text"]
+
+
+def _render(paragraphs: list[str], depths: list[float], statements: list[str], intro: str, qa: list, chat: bool):
+    """The document with each statement appended to the paragraph at its depth, then the questions."""
     extra: list[list[str]] = [[] for _ in paragraphs]
-    for depth, sentence in zip(depths, rng.sample(statements, k=len(statements))):
+    for depth, sentence in zip(depths, statements):
         extra[min(int(depth * len(paragraphs)), len(paragraphs) - 1)].append(sentence)
     body = "\n\n".join(" ".join([p, *e]) for p, e in zip(paragraphs, extra))
     context = f"{intro}\n\n{body}"

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from trimkv import corpus
 from trimkv.compat import cache_kwargs
-from trimkv.eval.harness import FULL, _progress, make_cache, policy_context, prepared_gates
+from trimkv.eval.harness import FULL, make_cache, policy_context, prepared_gates
+from trimkv.progress import Progress
 
 
 def eval_texts(tokenizer, *, n_texts: int, n_tokens: int, seed: int = 0) -> list[torch.Tensor]:
@@ -86,10 +87,10 @@ def run_fidelity(model, tokenizer, *, budgets, policies, gates=None, n_texts: in
     with prepared_gates(model, gates, need_trained="trimkv" in policies) as handle:
         with handle.disabled():
             refs = [full_logprobs(model, ids, continuation_tokens) for ids in texts]
-        with _progress(progress, total=len(texts) * len(policies) * len(budgets)) as bar:
+        with Progress("fidelity", total=len(texts) * len(policies) * len(budgets), enabled=progress) as bar:
             for policy in policies:
                 for budget in budgets:
-                    bar.describe(f"fidelity {policy} M={budget}")
+                    bar.update(label=f"fidelity {policy} M={budget}")
                     for i, (ids, ref) in enumerate(zip(texts, refs)):
                         cache = make_cache(model, policy, budget, sink=sink, window=window, seed=seed * 1000 + i)
                         with policy_context(handle, policy):
@@ -99,7 +100,7 @@ def run_fidelity(model, tokenizer, *, budgets, policies, gates=None, n_texts: in
                         acc = sums.setdefault((policy, budget), dict(kl=0.0, top1=0.0, nll=0.0, nll_full=0.0))
                         for k in acc:
                             acc[k] += m[k] / len(texts)
-                        bar.advance()
+                        bar.update(advance=1)
     records = [dict(policy=p, budget=b, kl=v["kl"], top1=v["top1"], ppl=math.exp(v["nll"]),
                     ppl_full=math.exp(v["nll_full"]), ppl_ratio=math.exp(v["nll"] - v["nll_full"]),
                     n_texts=n_texts, prefix_tokens=prefix_tokens, continuation_tokens=continuation_tokens, step=step,

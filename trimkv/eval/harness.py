@@ -34,6 +34,7 @@ from trimkv.eval.tasks import TASK_METRIC, TASKS, make_samples, render_prompt, s
 from trimkv.generate import generate, new_cache
 from trimkv.policies import get_policy
 from trimkv.policies.oracle import NeedleOraclePolicy
+from trimkv.progress import Progress
 
 FULL = "full"
 ORACLE = "oracle"     # keeps the needle sentences, then the most recent tokens: an upper bound (policies/oracle.py)
@@ -163,7 +164,7 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
             else:
                 todo.append((cell, cfg, path))
         samples = {}
-        with _progress(progress, total=len(todo) * n_samples) as bar:
+        with Progress("eval", total=len(todo) * n_samples, enabled=progress) as bar:
             for cell, cfg, path in todo:
                 key = (cell.task, cell.length)
                 if key not in samples:
@@ -183,7 +184,7 @@ def _run_cell(model, tokenizer, handle, cell: Cell, cfg: dict, samples, bar) -> 
     device = next(model.parameters()).device
     max_new = cfg["max_new_tokens"] or MAX_NEW_TOKENS.get(cell.task, 32)
     rows, t_cell = [], time.perf_counter()
-    bar.describe(cell.slug)
+    bar.update(label=cell.slug)
     for i, sample in enumerate(samples):
         prompt = render_prompt(sample, tokenizer)
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
@@ -197,7 +198,7 @@ def _run_cell(model, tokenizer, handle, cell: Cell, cfg: dict, samples, bar) -> 
                          answers=sample.answers, prediction=gen.text,
                          score=score(gen.text, sample.answers, TASK_METRIC[cell.task]),
                          kv_bytes=gen.kv_bytes, seconds=round(gen.seconds, 3)))
-        bar.advance()
+        bar.update(advance=1)
     n = len(rows)
     metrics = dict(asdict(cell), model=cfg["model"], n=n, seed=cfg["seed"],
                    score=sum(r["score"] for r in rows) / max(n, 1), metric=TASK_METRIC[cell.task],
@@ -268,32 +269,3 @@ def markdown_table(records: list[dict]) -> str:
         cells = " | ".join("" if v is None else f"{100 * v:.1f}" for v in vals)
         lines.append(f"| {task} | {length} | {policy} | {cells} |")
     return "\n".join(lines) + "\n\nScores in % (RULER string match); `full` = no eviction (same value for any M).\n"
-
-
-# ----------------------------------------------------------------------------------------- progress
-
-
-class _Bar:
-    def __init__(self, prog=None, task=None):
-        self.prog, self.task = prog, task
-
-    def describe(self, text: str) -> None:
-        if self.prog is not None:
-            self.prog.update(self.task, description=text)
-
-    def advance(self) -> None:
-        if self.prog is not None:
-            self.prog.advance(self.task)
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[_Bar]:
-    if not enabled or total == 0:
-        yield _Bar()
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("ETA"), TimeRemainingColumn()) as prog:
-        yield _Bar(prog, prog.add_task("eval", total=total))

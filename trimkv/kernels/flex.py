@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..attention import _check_meta, _check_qkv
+from ..shapes import check_meta, check_qkv
 
 
 def retention_attention_flex(q, k, v, logb, *, scaling, q_pos, k_pos, q_seg=None, k_seg=None, k_valid=None,
@@ -23,10 +23,10 @@ def retention_attention_flex(q, k, v, logb, *, scaling, q_pos, k_pos, q_seg=None
     [B, Hkv, S, D], logb [B, Hkv, S] or None). ``compile`` (default: on CUDA) runs flex_attention compiled."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    Hkv, G = _check_qkv(q, k, v, logb)
+    Hkv, G = check_qkv(q, k, v, logb)
     B, H, T, _ = q.shape
     S = k.shape[2]
-    q_pos, k_pos, q_seg, k_seg, k_valid = _check_meta(q_pos, k_pos, q_seg, k_seg, k_valid, B, T, S)
+    q_pos, k_pos, q_seg, k_seg, k_valid = check_meta(q_pos, k_pos, q_seg, k_seg, k_valid, B, T, S)
     if logb is None:
         logb = q.new_zeros(B, Hkv, S, dtype=torch.float32)
     lb = logb.float()

@@ -30,9 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..attention import _block_ranges, _check_capacity, _check_meta, _check_qkv
-
-_I64_MIN = torch.iinfo(torch.int64).min
+from ..shapes import I64_MIN, block_ranges, check_capacity, check_meta, check_qkv
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -262,8 +260,8 @@ def _cap_bwd(LOGB, POS, SEG, VALID, TMAX, IMIN, GRAD, DLOGB, HKV, T, NB,
 # ------------------------------------------------------------------------------------------- host side
 def _tables(q_pos, k_pos, k_valid, bq: int, bk: int) -> tuple[Tensor, Tensor]:
     """Per-block max query position [B, nqb] and min valid key position [B, nkb] (int64, contiguous)."""
-    _, q_max = _block_ranges(q_pos, bq, _I64_MIN, None)
-    k_min, _ = _block_ranges(k_pos, bk, _I64_MIN, k_valid)
+    _, q_max = block_ranges(q_pos, bq, I64_MIN, None)
+    k_min, _ = block_ranges(k_pos, bk, I64_MIN, k_valid)
     return q_max.contiguous(), k_min.contiguous()
 
 
@@ -338,10 +336,10 @@ def retention_attention_triton(q, k, v, logb, *, scaling, q_pos, k_pos, q_seg=No
     dtype under autocast); returns [B, H, T, D] in that dtype, gradients in the inputs' dtypes. Block sizes must be
     powers of two >= 16.
     """
-    Hkv, _ = _check_qkv(q, k, v, logb)
+    Hkv, _ = check_qkv(q, k, v, logb)
     B, _, T, _ = q.shape
     S = k.shape[2]
-    q_pos, k_pos, q_seg, k_seg, k_valid = _check_meta(q_pos, k_pos, q_seg, k_seg, k_valid, B, T, S)
+    q_pos, k_pos, q_seg, k_seg, k_valid = check_meta(q_pos, k_pos, q_seg, k_seg, k_valid, B, T, S)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"the Triton path takes fp16 / bf16 / fp32 inputs, got {name} in {x.dtype}; "
@@ -382,7 +380,7 @@ class _TritonCapacitySums(torch.autograd.Function):
 def capacity_sums_triton(logb, pos, seg=None, valid=None, block=64) -> Tensor:
     """S_t = sum_{i visible to t} exp((pos_t - pos_i) logb_i) through Triton; same contract as
     :func:`trimkv.attention.capacity_sums` (logb [B, Hkv, T] -> [B, Hkv, T] fp32, differentiable)."""
-    pos, seg, valid = _check_capacity(logb, pos, seg, valid)
+    pos, seg, valid = check_capacity(logb, pos, seg, valid)
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
     return _TritonCapacitySums.apply(logb, pos, seg, valid, int(block))
