@@ -48,9 +48,10 @@ def bounded_cache(model, cfg, L: int, M: int, dtype, device, *, sink=4, window=1
     for layer in cache.layers:
         layer.stage(logb=-0.01 * torch.rand(1, hkv, m, device=device), pos=pos,
                     valid=torch.ones(1, m, dtype=torch.bool, device=device))
-        layer.update(torch.randn(1, hkv, m, d, dtype=dtype, device=device),
-                     torch.randn(1, hkv, m, d, dtype=dtype, device=device))
-        layer.after_attention()
+        k = torch.randn(1, hkv, m, d, dtype=dtype, device=device)
+        layer.update(k, k)
+        layer.insert(k, torch.randn_like(k))
+        layer.compact()
     return cache
 
 

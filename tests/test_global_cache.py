@@ -76,7 +76,7 @@ def _step(cache, t, logb, B=1, D=4):
     for l, layer in enumerate(cache.layers):
         Hkv = cache.pool.Hkv
         layer.stage(logb=logb[l][..., None], pos=torch.full((B, 1), t), valid=torch.ones(B, 1, dtype=torch.bool))
-        layer.update(torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D))
+        layer.insert(torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D))
 
 
 def test_decode_evicts_the_globally_lowest_score_above_the_floor():
@@ -114,12 +114,12 @@ def test_batch_rows_are_independent():
         k = torch.randn(2, 2, 2, 1, 4)
         for l, layer in enumerate(cache.layers):
             layer.stage(logb=logb[l][..., None], pos=torch.full((2, 1), t), valid=torch.ones(2, 1, dtype=torch.bool))
-            layer.update(k[l], k[l])
+            layer.insert(k[l], k[l])
             for b in range(2):
                 s = solo[b].layers[l]
                 s.stage(logb=logb[l][b:b + 1, :, None], pos=torch.full((1, 1), t),
                         valid=torch.ones(1, 1, dtype=torch.bool))
-                s.update(k[l][b:b + 1], k[l][b:b + 1])
+                s.insert(k[l][b:b + 1], k[l][b:b + 1])
     for b in range(2):
         for l in range(2):
             kb, _, pb = cache.pool.gather(l)

@@ -30,13 +30,13 @@ def feed(layer, keys, start, weights=None):
     with ``weights`` [G*T, S] (over the keys ``update`` returned) or nothing."""
     T = keys.shape[2]
     layer.stage(logb=None, pos=torch.arange(start, start + T)[None], valid=torch.ones(1, T, dtype=torch.bool))
-    k_all, _ = layer.update(keys, keys.clone())
+    layer.update(keys, keys.clone())
+    k_all, *_ = layer.insert(keys, keys.clone())        # what attend() does, with the weights chosen by the test
     if weights is not None:
         weights = weights(layer) if callable(weights) else weights
         assert weights.shape[-1] == k_all.shape[2]
-        layer.after_attention(weights[None, None], q_len=T)
-    else:
-        layer.after_attention()
+        layer.observe(weights[None, None], q_len=T)
+    layer.compact()
     return k_all
 
 

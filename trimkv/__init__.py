@@ -3,7 +3,7 @@
 Importing trimkv has no side effects: the ``"trimkv"`` attention implementation is registered with transformers
 when gates are attached.
 """
-from .attach import TrimKV, attach_gates, detach_gates, gates_disabled
+from .attach import GateHandle, attach_gates, detach_gates, gates_disabled
 from .cache import RetentionCache
 from .checkpoint import load_gate_checkpoint, load_gates, push_to_hub, save_gates
 from .gate import GateConfig, RetentionGate, RetentionGates
@@ -16,7 +16,7 @@ __all__ = [
     "GateConfig",
     "RetentionGate",
     "RetentionGates",
-    "TrimKV",
+    "GateHandle",
     "attach_gates",
     "detach_gates",
     "gates_disabled",

@@ -3,12 +3,16 @@
 Two pieces of transformers' public machinery do all the work:
 
 * a forward pre-hook on every decoder layer's ``self_attn`` computes the gate from the attention input
-  (``kwargs["hidden_states"]``, already normalised) and stashes ``log beta`` for that layer, plus - when the
-  model runs with a :class:`~trimkv.cache.RetentionCache` - hands it to the layer's cache before
-  ``past_key_values.update`` runs;
+  (``kwargs["hidden_states"]``, already normalised) and hands the layer's log beta and positions to the attention
+  call that follows (``GateHandle._inputs``, owned by the handle; the only attribute set on a transformers module is
+  ``_trimkv``, the reference to the handle); with a bounded cache it also ``stage`` s them on the cache layer;
 * the attention implementation ``"trimkv"`` registered with ``transformers.AttentionInterface`` replaces the
   model's attention function. Without a bounded cache it computes retention-gated attention (the paper's
-  Eq. 3, training and soft-gated inference); with one it computes plain attention over the kept slots.
+  Eq. 3, training and soft-gated inference); with one it is a dispatch: ``layer.attend(q, k, v, ...)`` inserts,
+  attends over the kept slots and evicts (the protocol of :class:`trimkv.cache.BoundedLayer`).
+
+The decode path is therefore: pre-hook -> ``layer.stage`` -> ``cache.update`` (transformers) -> attention ->
+``layer.attend``.
 
 No mask function is registered under ``"trimkv"``, so transformers passes ``attention_mask=None`` and this
 module masks by itself (causal, padding from the 2-D mask seen by a pre-hook on the decoder, packed
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import retention_attention
-from .cache import RetentionCache, slot_attention
+from .cache import BoundedCache, BoundedLayer
 from .compat import cache_from
 from .gate import GateConfig, RetentionGates, check_compatible
 
@@ -60,8 +64,18 @@ class Record:
 
 
 @dataclass
-class TrimKV:
-    """Handle returned by :func:`attach_gates`. ``handle.disabled()`` gives the frozen teacher."""
+class LayerInput:
+    """What the attention pre-hook of one layer worked out for the attention call that follows it."""
+
+    logb: torch.Tensor | None   # [B, Hkv, S] fp32 log beta of every key (None: gates off, or rg2 gates)
+    pos: torch.Tensor           # [B, T] positions of the new tokens
+    bounded: BoundedLayer | None  # the layer of a bounded cache, when the model runs with one
+
+
+@dataclass
+class GateHandle:
+    """Handle returned by :func:`attach_gates` (also ``model.trimkv``). ``handle.disabled()`` gives the frozen
+    teacher; ``handle.recording()`` collects each layer's log beta; ``handle.detach()`` removes everything."""
 
     model: nn.Module
     gates: RetentionGates
@@ -74,6 +88,7 @@ class TrimKV:
     _mask2d: torch.Tensor | None = None         # [B, past + T] padding mask of the current forward
     _new_valid: tuple | None = None             # (T, [B, T] mask or None = all real), once per forward
     _meta: tuple | None = None                  # (T, S, positions/segments/validity), once per forward
+    _inputs: dict[int, LayerInput] = field(default_factory=dict)   # pre-hook -> attention, per layer
     packed: bool | None = None                  # training rows hold several documents? None = look (a host sync)
 
     @contextlib.contextmanager
@@ -110,10 +125,10 @@ class TrimKV:
 
 
 def attach_gates(model: nn.Module, gates: RetentionGates | None = None, *, gate_config: GateConfig | None = None,
-                 attn_impl: str = "auto", **gate_overrides: Any) -> TrimKV:
+                 attn_impl: str = "auto", **gate_overrides: Any) -> GateHandle:
     """Attach ``gates`` (or fresh ones built from ``gate_config`` / the model's config) to ``model``.
 
-    The base model is frozen (``requires_grad=False``); only the gates train. Returns the :class:`TrimKV` handle,
+    The base model is frozen (``requires_grad=False``); only the gates train. Returns the :class:`GateHandle` handle,
     also reachable as ``model.trimkv``.
     """
     from transformers import AttentionInterface
@@ -132,7 +147,7 @@ def attach_gates(model: nn.Module, gates: RetentionGates | None = None, *, gate_
     model.add_module(GATES_ATTR, gates)
 
     AttentionInterface.register(ATTN_NAME, trimkv_attention)
-    handle = TrimKV(model=model, gates=gates, attn_impl=attn_impl, original_attn=model.config._attn_implementation)
+    handle = GateHandle(model=model, gates=gates, attn_impl=attn_impl, original_attn=model.config._attn_implementation)
     model.trimkv = handle
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     handle._hooks.append(decoder.register_forward_pre_hook(_decoder_pre_hook(handle), with_kwargs=True))
@@ -145,14 +160,13 @@ def attach_gates(model: nn.Module, gates: RetentionGates | None = None, *, gate_
 
 def detach_gates(model: nn.Module) -> RetentionGates | None:
     """Remove hooks and gates; restore the original attention implementation. Returns the gates."""
-    handle: TrimKV | None = getattr(model, "trimkv", None)
+    handle: GateHandle | None = getattr(model, "trimkv", None)
     if handle is None:
         return None
     for h in handle._hooks:
         h.remove()
     for mod in attention_modules(model):
-        for name in ("_trimkv", "_trimkv_logb", "_trimkv_cache_layer", "_trimkv_pos"):
-            mod.__dict__.pop(name, None)
+        mod.__dict__.pop("_trimkv", None)
     if handle.original_attn is not None:
         model.set_attn_implementation(handle.original_attn)
     delattr(model, GATES_ATTR)
@@ -163,7 +177,7 @@ def detach_gates(model: nn.Module) -> RetentionGates | None:
 @contextlib.contextmanager
 def gates_disabled(model: nn.Module) -> Iterator[None]:
     """``with gates_disabled(model):`` runs the frozen model as if no gates were attached."""
-    handle: TrimKV | None = getattr(model, "trimkv", None)
+    handle: GateHandle | None = getattr(model, "trimkv", None)
     if handle is None:
         yield
         return
@@ -172,7 +186,7 @@ def gates_disabled(model: nn.Module) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------- hooks
-def _decoder_pre_hook(handle: TrimKV):
+def _decoder_pre_hook(handle: GateHandle):
     def hook(module, args, kwargs):
         mask = kwargs.get("attention_mask")
         handle._mask2d = mask if (torch.is_tensor(mask) and mask.dim() == 2) else None
@@ -180,7 +194,7 @@ def _decoder_pre_hook(handle: TrimKV):
     return hook
 
 
-def _attn_pre_hook(handle: TrimKV, layer_idx: int):
+def _attn_pre_hook(handle: GateHandle, layer_idx: int):
     def hook(module, args, kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)  # [B, T, d]
         cache = cache_from(kwargs)                      # "cache" from transformers 5.24, "past_key_values" before
@@ -192,19 +206,17 @@ def _attn_pre_hook(handle: TrimKV, layer_idx: int):
         pos = pos.expand(B, T)
         gate = handle.gates[layer_idx]
         logb = gate(hidden) if (handle.enabled and gate.gate_type == "rg") else None  # [B, Hkv, T]
-        layer = _retention_layer(cache, layer_idx)
-        if logb is not None and layer is None and cache is not None:
+        bounded = cache.layers[layer_idx] if isinstance(cache, BoundedCache) else None
+        if logb is not None and bounded is None and cache is not None:
             logb = _with_cached_logb(cache, layer_idx, logb)               # [B, Hkv, past + T]
-        module._trimkv_logb, module._trimkv_pos = logb, pos
-        module._trimkv_cache_layer = layer
-        if layer is not None:
+        handle._inputs[layer_idx] = LayerInput(logb=logb, pos=pos, bounded=bounded)
+        if bounded is not None:
             if handle._new_valid is None or handle._new_valid[0] != T:
                 handle._new_valid = (T, _new_token_mask(handle._mask2d, T, hidden.device))
-            new_valid = handle._new_valid[1]
             gate_fn = None
             if gate.gate_type == "rg2" and handle.enabled:
                 gate_fn = lambda k, v: gate(torch.cat([k, v], dim=-1))  # noqa: E731  [B,Hkv,T,2D] -> [B,Hkv,T]
-            layer.stage(logb=logb, pos=pos, valid=new_valid, gate_fn=gate_fn)
+            bounded.stage(logb=logb, pos=pos, valid=handle._new_valid[1], gate_fn=gate_fn)
     return hook
 
 
@@ -243,12 +255,6 @@ def _logb_history(cache: Any) -> dict[int, torch.Tensor]:
     return history
 
 
-def _retention_layer(cache: Any, layer_idx: int):
-    if isinstance(cache, RetentionCache):
-        return cache.layers[layer_idx]
-    return None
-
-
 def _new_token_mask(mask2d: torch.Tensor | None, T: int, device) -> torch.Tensor | None:
     """[B, T] bool: which of the T new tokens are real (not padding); None when all are (no mask, or a mask whose
     last T columns are all set). Called once per forward: the one host sync here spares one per layer."""
@@ -264,23 +270,17 @@ def trimkv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                      **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention interface: q [B, H, T, D], k/v [B, Hkv, S, D] -> out [B, T, H, D]."""
     handle, layer_idx = module._trimkv
+    inp = handle._inputs.pop(layer_idx)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    layer = getattr(module, "_trimkv_cache_layer", None)
-    if layer is not None:  # bounded cache: hard eviction already applied, plain attention over kept slots
-        k_pos, k_valid = layer.attention_meta()                           # [B, Hkv, S] each
-        need_w = layer.policy.needs_attention
-        res = slot_attention(query, key, value, q_pos=module._trimkv_pos, k_pos=k_pos, k_valid=k_valid,
-                             scaling=scaling, return_weights=need_w)
-        out, weights = res if need_w else (res, None)
-        layer.after_attention(weights, q_len=query.shape[2])              # policy update + chunk compaction
-        return out.transpose(1, 2), None
+    if inp.bounded is not None:  # a bounded cache: it inserts, attends over its kept slots and evicts
+        return inp.bounded.attend(query, key, value, q_pos=inp.pos, scaling=scaling).transpose(1, 2), None
     T, S = query.shape[2], key.shape[2]
     if handle._meta is None or handle._meta[:2] != (T, S):   # the same for every layer of one forward
-        handle._meta = (T, S, _positions(module._trimkv_pos, handle._mask2d, T, S, handle.packed))
+        handle._meta = (T, S, _positions(inp.pos, handle._mask2d, T, S, handle.packed))
     q_pos, k_pos, seg, k_valid = handle._meta[2]
     logb = None
     if handle.enabled:
-        logb = module._trimkv_logb
+        logb = inp.logb
         if logb is not None:
             logb = logb[..., -key.shape[2]:]                              # a sliding-window cache keeps the tail
         if logb is None:  # rg2: the gate reads post-RoPE [k; v]

@@ -7,9 +7,10 @@ allocated once and reused in place:
     pos           [B, Hkv, C] int64   token position, -1 = empty slot
     logb          [B, Hkv, C] fp32    log retention of the token (from the gate)
 
-Decode steps (one new token) run the fused append+evict of :mod:`trimkv.eviction`. Multi-token updates (prefill
+Decode steps (one new token) run the fused append+evict of :mod:`trimkv.eviction`. Multi-token steps (prefill
 chunks) attend over [kept slots + chunk] and then keep the top-``budget`` of them, so peak memory is
 O(budget + chunk): pass ``prefill_chunk_size=...`` to ``generate`` (or use :func:`trimkv.generate`) for long prompts.
+The attention reaches a layer through one call, :meth:`BoundedLayer.attend` (see its protocol).
 ``get_seq_length()`` is the logical number of tokens seen, which is what ``generate`` uses for positions.
 
 Which token goes is decided by an eviction policy (:mod:`trimkv.policies`): TRIM-KV's retention score by default,
@@ -28,23 +29,115 @@ from .eviction import append_evict_, evict_by_score_, keep_topk_, protect
 from .policies import EvictionPolicy, RetentionPolicy
 
 
-class RetentionLayer(CacheLayerMixin):
-    """One decoder layer's bounded cache (see module docstring)."""
+class BoundedLayer(CacheLayerMixin):
+    """Base of the memory-bounded cache layers: the one protocol between trimkv's attention and a bounded cache.
+
+    Per layer and forward, in this order::
+
+        layer.stage(logb=..., pos=..., valid=...)     # the attention pre-hook: what the gate says of the new tokens
+        k, v = layer.update(k, v)                    # transformers: counts the tokens, returns them unchanged
+        out = layer.attend(q, k, v, q_pos=..., scaling=...)   # trimkv's attention function: everything else
+
+    ``attend`` = :meth:`insert` (the new tokens enter; returns the keys to attend over) -> attention over them ->
+    :meth:`observe` (attention-based policies see the weights) -> :meth:`compact` (a prefill chunk is cut back to
+    the budget). The steps are public so that tests can drive a policy with chosen weights.
+    """
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, budget: int, *, sink: int = 0, window: int = 0, policy: EvictionPolicy | None = None):
+    def __init__(self, policy: EvictionPolicy | None = None):
         super().__init__()
-        self.budget, self.sink, self.window = budget, sink, window
         self.policy = policy or RetentionPolicy()
-        self._pending: tuple | None = None   # a chunk's [slots + chunk] candidates, compacted after attention
         self.seen = 0
-        self.pos: torch.Tensor | None = None
-        self.logb: torch.Tensor | None = None
         self._staged: dict | None = None
         self._meta: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def stage(self, *, logb: torch.Tensor | None, pos: torch.Tensor, valid: torch.Tensor | None,
+              gate_fn: Callable | None = None) -> None:
+        """The new tokens' log beta [B, Hkv, T] (or a function of (k, v) for rg2 gates), positions [B, T] and
+        validity [B, T] (False = padding; None = all real)."""
+        self._staged = dict(logb=logb, pos=pos, valid=valid, gate_fn=gate_fn)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Called by transformers before the attention: counts the new tokens and hands them on unchanged (the
+        cache is filled by :meth:`attend`, which needs the query too)."""
+        if self._staged is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.update() without staged gate output: a trimkv bounded cache works only through "
+                "trimkv's attention; attach gates first (trimkv.attach_gates / load_gates; gates.disabled() for a "
+                "heuristic policy)")
+        self.seen += key_states.shape[2]
+        return key_states, value_states
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        """q [B, H, T, D], the new k/v [B, Hkv, T, D], q_pos [B, T] -> attention output [B, H, T, D]."""
+        keys, values, k_pos, k_valid = self.insert(k, v)
+        need_w = self.policy.needs_attention
+        res = slot_attention(q, keys, values, q_pos=q_pos, k_pos=k_pos, k_valid=k_valid, scaling=scaling,
+                             return_weights=need_w)
+        out, weights = res if need_w else (res, None)
+        if weights is not None:
+            self.observe(weights, q_len=q.shape[2])
+        self.compact()
+        return out
+
+    def _take_staged(self, k: torch.Tensor, v: torch.Tensor):
+        """Positions [B, Hkv, T] (-1 = padding), policy state [B, Hkv, T] and validity [B, T] | None of the new
+        tokens, from what :meth:`stage` was given."""
+        B, H, T, _ = k.shape
+        st = self._staged or {}
+        self._staged = None
+        pos = st.get("pos")
+        if pos is None:
+            pos = torch.arange(self.seen - T, self.seen, device=k.device).expand(B, T)
+        valid = st.get("valid")                  # None: every new token is real
+        logb = st.get("logb")
+        if logb is None and st.get("gate_fn") is not None:
+            logb = st["gate_fn"](k, v)
+        pos = pos[:, None, :].expand(B, H, T)
+        if valid is not None:
+            pos = pos.masked_fill(~valid[:, None, :], -1)
+        return pos, self.policy.new_state(k, v, logb, pos), valid
+
+    def insert(self, k: torch.Tensor, v: torch.Tensor):
+        """The new tokens enter; returns keys, values [B, Hkv, S, D], positions, validity [B, Hkv, S] to attend
+        over."""
+        raise NotImplementedError
+
+    def observe(self, weights: torch.Tensor, q_len: int = 1) -> None:
+        """Attention weights [B, Hkv, G*q_len, S] over what :meth:`insert` returned (attention-based policies)."""
+
+    def compact(self) -> None:
+        """After the attention: cut what :meth:`insert` left above the budget back to it."""
+
+    def attention_meta(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions and validity [B, Hkv, S] of the keys the last :meth:`insert` returned."""
+        if self._meta is None:
+            raise RuntimeError("attention_meta() called before insert()")
+        return self._meta
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:   # the name of get_max_length up to transformers 5.16
+        return -1
+
+
+class RetentionLayer(BoundedLayer):
+    """One decoder layer's bounded cache (see module docstring)."""
+
+    def __init__(self, budget: int, *, sink: int = 0, window: int = 0, policy: EvictionPolicy | None = None):
+        super().__init__(policy)
+        self.budget, self.sink, self.window = budget, sink, window
+        self._pending: tuple | None = None   # a chunk's [slots + chunk] candidates, compacted after attention
+        self.pos: torch.Tensor | None = None
+        self.logb: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
@@ -56,48 +149,24 @@ class RetentionLayer(CacheLayerMixin):
         self.t_now = torch.full((B,), -1, dtype=torch.long, device=self.device)   # latest position seen per row
         self.is_initialized = True
 
-    def stage(self, *, logb: torch.Tensor | None, pos: torch.Tensor, valid: torch.Tensor | None,
-              gate_fn: Callable | None = None) -> None:
-        """Called by the attention pre-hook before ``update``: the new tokens' log beta [B, Hkv, T] (or a function
-        of (k, v) for rg2 gates), positions [B, T] and validity [B, T] (False = padding; None = all real)."""
-        self._staged = dict(logb=logb, pos=pos, valid=valid, gate_fn=gate_fn)
-
-    def _take_staged(self, k: torch.Tensor, v: torch.Tensor):
-        B, H, T, _ = k.shape
-        st = self._staged or {}
-        self._staged = None
-        pos = st.get("pos")
-        if pos is None:
-            pos = torch.arange(self.seen, self.seen + T, device=k.device).expand(B, T)
-        valid = st.get("valid")                  # None: every new token is real
-        logb = st.get("logb")
-        if logb is None and st.get("gate_fn") is not None:
-            logb = st["gate_fn"](k, v)
-        pos = pos[:, None, :].expand(B, H, T)
-        if valid is not None:
-            pos = pos.masked_fill(~valid[:, None, :], -1)
-        return pos, self.policy.new_state(k, v, logb, pos), valid
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Insert T new tokens; returns the keys/values the attention must see ([B, Hkv, S, D])."""
+    def insert(self, key_states: torch.Tensor, value_states: torch.Tensor):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.after_attention()  # compact a chunk left pending (if no attention call did it)
+        self.compact()  # a chunk left pending by a caller that skipped compact()
         T = key_states.shape[2]
         pos_new, state_new, valid = self._take_staged(key_states, value_states)   # [B,H,T], [B,H,T], [B,T]|None
-        self.seen += T
         self.t_now = t_now = torch.maximum(self.t_now, pos_new.amax(dim=(1, 2)))  # [B], O(B*H*T) not O(slots)
         if T == 1 and (valid is None or bool(valid.all())):   # the hooks pass None: no host sync
             self._decode_step(key_states, value_states, pos_new, state_new, t_now)
             self._meta = (self.pos, self.pos >= 0)
-            return self.keys, self.values
+            return self.keys, self.values, *self._meta
         k_all = torch.cat([self.keys, key_states.to(self.dtype)], dim=2)
         v_all = torch.cat([self.values, value_states.to(self.dtype)], dim=2)
         pos_all = torch.cat([self.pos, pos_new], dim=2)
         state_all = torch.cat([self.logb, state_new], dim=2)
         self._meta = (pos_all, pos_all >= 0)
         self._pending = (k_all, v_all, pos_all, state_all, t_now)
-        return k_all, v_all
+        return k_all, v_all, *self._meta
 
     def _decode_step(self, k, v, pos_new, state_new, t_now) -> None:
         if self.policy.fused:
@@ -109,13 +178,14 @@ class RetentionLayer(CacheLayerMixin):
                         sink=self.sink, window=self.window)
         evict_by_score_(self.keys, self.values, self.pos, self.logb, k, v, pos_new, state_new, score)
 
-    def after_attention(self, weights: torch.Tensor | None = None, q_len: int = 1) -> None:
-        """Called by the attention with the per-slot weights (policies that need them), then compacts a pending
-        chunk to the best ``budget`` tokens."""
+    def observe(self, weights: torch.Tensor, q_len: int = 1) -> None:
         pending = self._pending
-        if weights is not None:
-            state, pos = (pending[3], pending[2]) if pending is not None else (self.logb, self.pos)
-            self.policy.observe(state, weights, pos, q_len)
+        state, pos = (pending[3], pending[2]) if pending is not None else (self.logb, self.pos)
+        self.policy.observe(state, weights, pos, q_len)
+
+    def compact(self) -> None:
+        """Keep the best ``budget`` tokens of a pending chunk's [slots + chunk] candidates."""
+        pending = self._pending
         if pending is None:
             return
         self._pending = None
@@ -129,23 +199,8 @@ class RetentionLayer(CacheLayerMixin):
             return self.policy.scores(state, pos, t_now, keys=keys)
         return self.policy.scores(state, pos, t_now)
 
-    def attention_meta(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions [B, Hkv, S] and validity [B, Hkv, S] of the keys returned by the last ``update``."""
-        if self._meta is None:
-            raise RuntimeError("attention_meta() called before update()")
-        return self._meta
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.budget + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_max_cache_shape(self) -> int:   # the name of get_max_length up to transformers 5.16
-        return -1
 
     def num_kept(self) -> torch.Tensor:
         """[B, Hkv] number of occupied slots."""
@@ -160,6 +215,7 @@ class RetentionLayer(CacheLayerMixin):
         if self.is_initialized:
             self.keys.zero_(), self.values.zero_(), self.pos.fill_(-1), self.logb.zero_(), self.t_now.fill_(-1)
         self.seen = 0
+        self._pending = self._staged = self._meta = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -167,7 +223,19 @@ class RetentionLayer(CacheLayerMixin):
                 setattr(self, name, getattr(self, name).index_select(0, beam_idx.to(self.device)))
 
 
-class RetentionCache(Cache):
+class BoundedCache(Cache):
+    """A transformers ``Cache`` whose layers are :class:`BoundedLayer` s: what trimkv's attention recognises as a
+    bounded cache. Subclasses: :class:`RetentionCache` (a budget per head), ``GlobalRetentionCache`` (one pool)."""
+
+    def nbytes(self) -> int:
+        """Bytes of K, V and slot metadata the cache holds."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError(f"a {type(self).__name__} cannot be cropped (evicted tokens are gone)")
+
+
+class RetentionCache(BoundedCache):
     """Memory-bounded cache: ``budget`` tokens per (layer, batch row, KV head), evicting the lowest retention.
 
     ``sink`` first tokens and the ``window`` most recent tokens are always kept and count toward the budget.
@@ -195,12 +263,6 @@ class RetentionCache(Cache):
         cfg = getattr(model.config, "text_config", None) or model.config
         return cls(budget, cfg.num_hidden_layers, **kwargs)
 
-    def nbytes(self) -> int:
-        """Bytes held by all slot buffers (K, V and the 12 bytes of metadata per slot)."""
-        return sum(layer.nbytes() for layer in self.layers)
-
-    def crop(self, max_length: int) -> None:
-        raise NotImplementedError("a RetentionCache cannot be cropped (evicted tokens are gone)")
 
 
 def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos: torch.Tensor, k_pos: torch.Tensor,

@@ -20,9 +20,14 @@ import torch
 NEG_INF = float("-inf")
 
 
+def _per_row(t_now: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t_now [B] shaped to broadcast over ``like`` [B, ...]."""
+    return t_now.view(-1, *([1] * (like.dim() - 1)))
+
+
 def retention_score(pos: torch.Tensor, logb: torch.Tensor, t_now: torch.Tensor) -> torch.Tensor:
-    """TRIM-KV's keep-score ``(t - pos) * log beta``: pos [B, H, N], logb [B, H, N], t_now [B] -> [B, H, N] fp32."""
-    return (t_now.view(-1, 1, 1) - pos).to(torch.float32) * logb
+    """TRIM-KV's keep-score ``(t - pos) * log beta``: pos, logb [B, ...] (e.g. [B, H, N]), t_now [B] -> fp32."""
+    return (_per_row(t_now, pos) - pos).to(torch.float32) * logb
 
 
 def slot_scores(pos: torch.Tensor, logb: torch.Tensor, t_now: torch.Tensor, *, sink: int = 0,
@@ -60,20 +65,10 @@ def append_evict_(keys, values, pos, logb, k_new, v_new, pos_new, logb_new, t_no
     return victim.squeeze(-1) if return_victim else None
 
 
-def merge_topk_(keys, values, pos, logb, k_all, v_all, pos_all, logb_all, t_now, *, sink=0, window=0):
-    """Chunk step: keep the best ``C`` of (kept slots + new chunk), written back into the slot buffers in place.
-
-    ``*_all`` are the concatenation [old slots, new tokens] along the slot axis (N = C + T); invalid entries carry
-    pos = -1. Afterwards the buffers hold exactly the top-C by score (ties broken arbitrarily).
-    """
-    score = slot_scores(pos_all, logb_all, t_now, sink=sink, window=window)        # [B, H, N]
-    keep_topk_(keys, values, pos, logb, k_all, v_all, pos_all, logb_all, score)
-
-
 def protect(score: torch.Tensor, pos: torch.Tensor, t_now: torch.Tensor, *, sink: int = 0,
             window: int = 0) -> torch.Tensor:
-    """Apply sink / window protection (+inf) and empty slots (-inf) to any policy's raw scores [B, H, N]."""
-    t = t_now.view(-1, 1, 1)
+    """Apply sink / window protection (+inf) and empty slots (-inf) to any policy's raw scores [B, ...]."""
+    t = _per_row(t_now, pos)
     if sink > 0:
         score = score.masked_fill(pos < sink, float("inf"))
     if window > 0:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import Cache, DynamicCache
 
-from .cache import RetentionCache, dynamic_cache_nbytes
+from .cache import BoundedCache, RetentionCache, dynamic_cache_nbytes
 from .compat import cache_kwargs
 from .policies import EvictionPolicy
 
@@ -31,7 +31,7 @@ def new_cache(model, budget: int | None = None, *, sink: int = 4, window: int = 
 
 def kv_nbytes(cache: Cache) -> int:
     """Bytes of K/V (and slot metadata) a cache holds."""
-    return cache.nbytes() if isinstance(cache, RetentionCache) else dynamic_cache_nbytes(cache)
+    return cache.nbytes() if isinstance(cache, BoundedCache) else dynamic_cache_nbytes(cache)
 
 
 def generate(model, tokenizer, prompt: str | torch.Tensor, *, budget: int | None = None, sink: int = 4,

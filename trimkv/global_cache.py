@@ -20,17 +20,16 @@ and appends the new tokens: a transient copy of one layer's kept tokens, never a
 decode step is O(L * Hkv * P) integer work for the slot tables (a paged kernel reading the pool through the slot
 table directly would remove the gather; not done).
 
-The layers speak the same interface as :class:`trimkv.cache.RetentionLayer` (``stage`` / ``update`` /
-``attention_meta`` / ``after_attention``), and the cache subclasses :class:`~trimkv.cache.RetentionCache` so the
-attention function of :mod:`trimkv.attach` treats it as a bounded cache. Only the TRIM-KV retention policy is
-supported (scores must be comparable across layers).
+The layers are :class:`~trimkv.cache.BoundedLayer` s, so the attention reaches them through the same one call
+(``attend``); scores and sink / window protection are :mod:`trimkv.eviction`'s. Only the TRIM-KV retention policy
+is supported (scores must be comparable across layers).
 """
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .cache import RetentionCache
+from .cache import BoundedCache, BoundedLayer
+from .eviction import slot_scores
 from .policies import RetentionPolicy
 
 INF = float("inf")
@@ -65,14 +64,8 @@ class GlobalPool:
 
     # ------------------------------------------------------------------------------------------- scoring
     def _scores(self, pos: torch.Tensor, logb: torch.Tensor) -> torch.Tensor:
-        """[B, N] keep-scores: (t - pos) * logb, sink / window -> +inf, empty -> -inf."""
-        t = self.t_now[:, None]
-        score = (t - pos).to(torch.float32) * logb
-        if self.sink > 0:
-            score = score.masked_fill(pos < self.sink, INF)
-        if self.window > 0:
-            score = score.masked_fill(pos > t - self.window, INF)
-        return score.masked_fill(pos < 0, -INF)
+        """[B, N] keep-scores: TRIM-KV's (t - pos) * logb with sink / window protection, empty -> -inf."""
+        return slot_scores(pos, logb, self.t_now, sink=self.sink, window=self.window)
 
     # ------------------------------------------------------------------------------------------- reading
     def gather(self, layer: int):
@@ -170,20 +163,13 @@ class GlobalPool:
                 setattr(self, name, getattr(self, name).index_select(0, beam_idx.to(self.keys.device)))
 
 
-class GlobalLayer(CacheLayerMixin):
-    """One decoder layer's view of the shared :class:`GlobalPool` (the RetentionLayer interface)."""
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
+class GlobalLayer(BoundedLayer):
+    """One decoder layer's view of the shared :class:`GlobalPool` (the :class:`~trimkv.cache.BoundedLayer`
+    protocol: the pool is updated in :meth:`insert`, nothing is left to compact)."""
 
     def __init__(self, pool: GlobalPool, layer_idx: int):
-        super().__init__()
+        super().__init__(RetentionPolicy())
         self.pool, self.layer_idx = pool, layer_idx
-        self.policy = RetentionPolicy()
-        self.seen = 0
-        self._staged: dict | None = None
-        self._meta: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         if not self.pool.ready:
@@ -191,31 +177,12 @@ class GlobalLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
-    def stage(self, *, logb, pos, valid, gate_fn=None) -> None:
-        """Same contract as :meth:`trimkv.cache.RetentionLayer.stage`."""
-        self._staged = dict(logb=logb, pos=pos, valid=valid, gate_fn=gate_fn)
-
-    def _take_staged(self, k, v):
-        B, H, T, _ = k.shape
-        st, self._staged = self._staged or {}, None
-        pos = st.get("pos")
-        if pos is None:
-            pos = torch.arange(self.seen, self.seen + T, device=k.device).expand(B, T)
-        valid = st.get("valid")
-        valid = torch.ones(B, T, dtype=torch.bool, device=k.device) if valid is None else valid.bool()
-        logb = st.get("logb")
-        if logb is None and st.get("gate_fn") is not None:
-            logb = st["gate_fn"](k, v)
-        pos = pos[:, None, :].expand(B, H, T).masked_fill(~valid[:, None, :], -1)
-        return pos, self.policy.new_state(k, v, logb, pos)
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        """Insert T new tokens into the pool; returns [this layer's kept tokens + the new ones] ([B, Hkv, S, D])."""
+    def insert(self, key_states, value_states):
+        """Insert T new tokens into the pool; returns [this layer's kept tokens + the new ones] to attend over."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         pool, T = self.pool, key_states.shape[2]
-        pos_new, logb_new = self._take_staged(key_states, value_states)            # [B, Hkv, T] each
-        self.seen += T
+        pos_new, logb_new, _ = self._take_staged(key_states, value_states)          # [B, Hkv, T] each
         pool.t_now = torch.maximum(pool.t_now, pos_new.amax(dim=(1, 2)))
         k_old, v_old, pos_old = pool.gather(self.layer_idx)
         k_all = torch.cat([k_old, key_states.to(k_old.dtype)], dim=2)
@@ -226,44 +193,28 @@ class GlobalLayer(CacheLayerMixin):
             pool.insert_one(self.layer_idx, key_states, value_states, pos_new, logb_new)
         else:
             pool.merge(self.layer_idx, key_states, value_states, pos_new, logb_new)
-        return k_all, v_all
-
-    def after_attention(self, weights=None, q_len: int = 1) -> None:
-        """Nothing to do: the pool was already updated in :meth:`update`."""
-
-    def attention_meta(self):
-        if self._meta is None:
-            raise RuntimeError("attention_meta() called before update()")
-        return self._meta
+        return k_all, v_all, *self._meta
 
     def num_kept(self) -> torch.Tensor:
         """[B, Hkv] tokens held by this layer's heads."""
         H = self.pool.Hkv
         return self.pool.count[:, self.layer_idx * H:(self.layer_idx + 1) * H].clone()
 
-    def get_seq_length(self) -> int:
-        return self.seen
-
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.pool.P + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_max_cache_shape(self) -> int:   # the name of get_max_length up to transformers 5.16
-        return -1
 
     def nbytes(self) -> int:
         return 0  # the pool is counted once by the cache
 
     def reset(self) -> None:
         self.seen = 0
+        self._staged = self._meta = None
 
     def reorder_cache(self, beam_idx) -> None:
         pass  # the cache reorders the shared pool once
 
 
-class GlobalRetentionCache(RetentionCache):
+class GlobalRetentionCache(BoundedCache):
     """``budget`` tokens per batch row shared by all layers and KV heads; every head keeps >= ``floor`` tokens.
 
     Compare with :class:`~trimkv.cache.RetentionCache` at ``budget_per_head = budget / (num_layers * Hkv)``.
@@ -280,7 +231,7 @@ class GlobalRetentionCache(RetentionCache):
                 f"head) pairs needs floor + sink + window + 1 = {per_head} slots, i.e. budget >= "
                 f"{num_layers * num_kv_heads * per_head}; raise the budget or lower floor / sink / window")
         self.pool = GlobalPool(budget, num_layers, num_kv_heads, floor=floor, sink=sink, window=window)
-        Cache.__init__(self, layers=[GlobalLayer(self.pool, i) for i in range(num_layers)])
+        super().__init__(layers=[GlobalLayer(self.pool, i) for i in range(num_layers)])
         self.budget, self.floor, self.sink, self.window = budget, floor, sink, window
         self.policy = RetentionPolicy()
 

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .attach import TrimKV
+from .attach import GateHandle
 from .attention import capacity_sums
 from .losses import capacity_loss, distillation_losses, scored_rows
 from .recipe import LossSection, Recipe
@@ -44,7 +44,7 @@ def prepare_batch(batch: dict[str, torch.Tensor], device: torch.device | str) ->
     return out
 
 
-def training_step(model: torch.nn.Module, handle: TrimKV, batch: dict[str, Any],
+def training_step(model: torch.nn.Module, handle: GateHandle, batch: dict[str, Any],
                   loss_cfg: LossSection) -> StepOutput:
     """One forward of teacher and student and the three losses (no backward, no optimiser).
 
@@ -125,7 +125,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train_loop(model, handle: TrimKV, batches: Iterator[dict], recipe: Recipe, *, log: MetricsLog | None = None,
+def train_loop(model, handle: GateHandle, batches: Iterator[dict], recipe: Recipe, *, log: MetricsLog | None = None,
                progress: bool = True, start_step: int = 0, optimizer=None, scheduler=None, engine=None,
                checkpoints=None, until_step: int | None = None) -> list[dict]:
     """Run optimiser steps ``start_step + 1 .. recipe.train.steps``. Returns the per-step metrics (also logged).
