@@ -113,7 +113,7 @@ def run_training(out: Path, steps: int) -> dict:
     second half is run again from that checkpoint (``--resume``) and must give the same losses."""
     import shutil
 
-    from trimkv.finetune import finetune
+    from trimkv.train.run import finetune
 
     run = out / "train"
     shutil.rmtree(run, ignore_errors=True)

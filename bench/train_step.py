@@ -1,7 +1,7 @@
 """Gate-training step vs a plain frozen forward+backward of the same model at the same length.
 
 * gate step: one optimiser step of the plain engine, exactly as ``trimkv train`` runs it: the host-side batch
-  preparation, :func:`trimkv.train.training_step` (teacher forward under no_grad with the gates off, student forward
+  preparation, :func:`trimkv.train.step.training_step` (teacher forward under no_grad with the gates off, student forward
   with the gates on, KL + NTP through the LM head, capacity loss) under the recipe's autocast (bf16 on GPU), its
   backward into the gate parameters, clipping and AdamW;
 * frozen fwd+bwd: the same model without gates, ``model(inputs_embeds=..., labels=...)`` and ``loss.backward()``
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from trimkv.attach import attach_gates
-from trimkv.engine import PlainEngine
+from trimkv.train.engines import PlainEngine
 from trimkv.recipe import parse_recipe
 
 try:

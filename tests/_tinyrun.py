@@ -81,7 +81,7 @@ def ddp_worker(rank: int, world_size: int, port: int, recipe: dict) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from trimkv.finetune import finetune
+    from trimkv.train.run import finetune
     from trimkv.recipe import parse_recipe
 
     finetune(parse_recipe(recipe), progress=False)

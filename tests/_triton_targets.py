@@ -52,9 +52,9 @@ def cases():
             for k in (ta._attn_fwd, ta._attn_bwd_dkdv, ta._attn_bwd_dq):
                 out.append((f"sm{cap}-{dt}-{k.__name__}", k, dt, dict(ATTN_CONST, PREC=prec[dt]), cap, None))
     for cap in (90, 80):
-        for k in (ta._cap_fwd, ta._cap_bwd):
-            out.append((f"sm{cap}-fp32-{k.__name__}", k, "fp32", dict(HAS_SEG=True, HAS_VALID=False, BLOCK=64),
-                        cap, None))
+        for backward in (False, True):
+            out.append((f"sm{cap}-fp32-_cap_kernel-{'bwd' if backward else 'fwd'}", ta._cap_kernel, "fp32",
+                        dict(HAS_SEG=True, HAS_VALID=False, BLOCK=64, BACKWARD=backward), cap, None))
     for dt in DTYPES:
         out.append((f"sm90-{dt}-_append_evict_kernel", te._append_evict_kernel, dt,
                     dict(BLOCK_C=512, BLOCK_D=64, WRITE_VICTIM=False), 90, None))

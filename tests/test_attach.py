@@ -9,7 +9,7 @@ import torch
 
 from conftest import build_tiny_model
 from trimkv.attach import GATES_ATTR, attach_gates, gates_disabled
-from trimkv.finetune import enable_activation_checkpointing
+from trimkv.train.run import enable_activation_checkpointing
 
 IDS = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
 

@@ -11,10 +11,11 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from _tinyrun import ddp_worker, free_port, make_data, make_model_dir, read_metrics, recipe_dict
-from trimkv.engine import deepspeed_config, print0, resolve_engine
-from trimkv.finetune import finetune
+from trimkv.train.distributed import print0
+from trimkv.train.engines import deepspeed_config, resolve_engine
+from trimkv.train.run import finetune
 from trimkv.recipe import parse_recipe
-from trimkv.resume import TrainingCheckpoints
+from trimkv.train.checkpoints import TrainingCheckpoints
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 # fp32 on CPU. DDP averages two ranks' gradients in a different order than one process summing four
@@ -114,8 +115,8 @@ def test_auto_engine_follows_the_launcher():
 
 
 def test_ddp_without_a_process_group_says_how_to_launch(setup, monkeypatch):
-    from trimkv import engine
-    from trimkv.engine import DDPEngine
+    from trimkv.train import engines as engine
+    from trimkv.train.engines import DDPEngine
 
     monkeypatch.setattr(engine.dist, "is_initialized", lambda: False)
 

@@ -21,7 +21,7 @@ from trimkv.attention import capacity_sums, resolve_impl
 from trimkv.cache import RetentionCache
 from trimkv.compat import cache_kwargs
 from trimkv.recipe import LossSection
-from trimkv.train import prepare_batch, training_step
+from trimkv.train.step import prepare_batch, training_step
 
 pytestmark = requires_cuda
 pytest.importorskip("triton")

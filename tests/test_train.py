@@ -12,7 +12,9 @@ import torch
 from conftest import build_tiny_model
 from trimkv.attach import GATES_ATTR, attach_gates
 from trimkv.recipe import LossSection, parse_recipe
-from trimkv.train import MetricsLog, build_optimizer, lr_lambda, train_loop, training_step
+from trimkv.train.loop import MetricsLog, train_loop
+from trimkv.train.optim import build_optimizer, lr_lambda
+from trimkv.train.step import training_step
 
 
 def fixed_batch(B: int = 2, T: int = 32) -> dict[str, torch.Tensor]:

@@ -67,18 +67,13 @@ def save_gates(gates: RetentionGates, path: str | os.PathLike, *, metadata: dict
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         _write_config(tmp / CONFIG_NAME, gates.config)
-        save_file(_fp32_state_dict(gates), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(gates.fp32_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         write_model_card(tmp / CARD_NAME, gates.config, metadata)
         _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _fp32_state_dict(gates: RetentionGates) -> dict[str, torch.Tensor]:
-    """CPU fp32 contiguous clones (safetensors rejects shared or strided storage)."""
-    return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in gates.state_dict().items()}
 
 
 def _write_config(file: pathlib.Path, config: GateConfig) -> None:

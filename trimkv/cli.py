@@ -7,7 +7,7 @@ import sys
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .finetune import finetune
+    from .train.run import finetune
 
     out = finetune(args.recipe, overrides=args.set, progress=not args.quiet, resume=args.resume or None)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank runs this

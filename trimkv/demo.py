@@ -24,7 +24,7 @@ def _checkpoint_dir() -> Path:
 
 
 def _train(steps: int | None) -> Path:
-    from .finetune import finetune
+    from .train.run import finetune
 
     # a retrain never overwrites the shipped checkpoint: it goes to runs/demo/gates
     overrides = [f"output.checkpoint={REPO / 'runs' / 'demo' / 'gates'}", f"output.run_dir={REPO / 'runs' / 'demo'}"]

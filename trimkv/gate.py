@@ -132,6 +132,11 @@ class RetentionGates(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def fp32_state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU fp32 contiguous clones of the weights: what checkpoints store (safetensors rejects shared or strided
+        storage)."""
+        return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in self.state_dict().items()}
+
 
 def check_compatible(gate_config: GateConfig, model: Any) -> None:
     """Raise GateMismatchError, listing every difference, if the gates do not fit ``model``'s shape."""

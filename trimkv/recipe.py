@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from .attention import IMPLS
-from .engine import ENGINES
+from .train.engines import ENGINES
 from .errors import RecipeError
 from .gate import GATE_TYPES
 from .losses import CAPACITY_FORMS

@@ -115,7 +115,9 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="base model: smollm2 (embedded default), a Hub id or a folder")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    from trimkv.models import DTYPES
+
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--gates", default=None, help="gate checkpoint folder (needed for the trimkv policy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sink", type=int, default=4, help="first tokens always kept (every policy)")

@@ -14,7 +14,7 @@ Kernels (all fp32 accumulation; q/k/v may be fp16 / bf16 / fp32, logb is fp32):
                      the query blocks, accumulates dK, dV and ``dlogb_j = sum_i dS_ij (q_pos_i - k_pos_j)`` in
                      registers (no atomics, GQA keys never repeated).
 * ``_attn_bwd_dq``   one program per (query block, batch x query head): dQ.
-* ``_cap_fwd`` / ``_cap_bwd``: S_t = sum_{i visible to t} exp((pos_t - pos_i) logb_i) and its logb gradient.
+* ``_cap_kernel``: S_t = sum_{i visible to t} exp((pos_t - pos_i) logb_i), or (``BACKWARD``) its logb gradient.
 
 The attention kernels share their tile helpers (``_load_q_tile``, ``_load_kv_tile``, ``_score_tile``,
 ``_probs_and_ds``), so the forward and both backward passes compute one score formula from the same loads.
@@ -71,6 +71,18 @@ def _load_q_tile(Q, QPOS, bh, b, mb, T, D, offs_d, d_ok, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _query_block(Q, QPOS, QMAX, H, HKV, T, D, NQB, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a (query block, batch x query head) program starts from: its ids, the head-dim lanes, its query tile
+    and positions, and the block's largest query position (for skipping key blocks)."""
+    mb, bh, b, kvh = _query_program(H, HKV)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_m, m_ok, q, qp = _load_q_tile(Q, QPOS, bh, b, mb, T, D, offs_d, d_ok, BLOCK_M)
+    q_max = tl.load(QMAX + b * NQB + mb)
+    return bh, b, kvh, offs_d, d_ok, offs_m, m_ok, q, qp, q_max
+
+
+@triton.jit
 def _load_grad_rows(DO, LSE, DELTA, bh, offs_m, m_ok, T, D, offs_d, d_ok):
     """The backward's per-query inputs of a query block: dO [BM, BD], log-sum-exp [BM], delta = rowsum(dO * O) [BM]."""
     do = tl.load(DO + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
@@ -106,6 +118,17 @@ def _score_tile(q, k, lb, qp, kp, m_ok, n_ok, q_off, k_off, QSEG, KSEG, KVALID, 
 
 
 @triton.jit
+def _key_block_scores(K, V, KPOS, LOGB, QSEG, KSEG, KVALID, kvh, b, nb, S, T, D, offs_d, d_ok, q, qp, offs_m, m_ok,
+                      scaling, HAS_SEG: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """A query-block program's step over key block ``nb``: the block's k, v [BN, BD] and the scores [BM, BN]."""
+    offs_n, n_ok, k, v, kp, lb = _load_kv_tile(K, V, KPOS, LOGB, kvh, b, nb, S, D, offs_d, d_ok, BLOCK_N)
+    s, _ = _score_tile(q, k, lb, qp, kp, m_ok, n_ok, b * T + offs_m, b * S + offs_n, QSEG, KSEG, KVALID, scaling,
+                       HAS_SEG, HAS_VALID, PREC)
+    return k, v, s
+
+
+@triton.jit
 def _probs_and_ds(s, lse, do, v, delta, PREC: tl.constexpr):
     """Backward of one tile: probabilities p = exp(s - lse) (0 where s is -inf) and dS = p * (dO.v - delta)."""
     p = tl.exp(s - lse[:, None])                                                    # [BM, BN]
@@ -118,20 +141,15 @@ def _attn_fwd(Q, K, V, LOGB, QPOS, KPOS, QSEG, KSEG, KVALID, QMAX, KMIN, OUT, LS
               scaling, H, HKV, T, S, D, NQB, NKB,
               HAS_SEG: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    mb, bh, b, kvh = _query_program(H, HKV)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    offs_m, m_ok, q, qp = _load_q_tile(Q, QPOS, bh, b, mb, T, D, offs_d, d_ok, BLOCK_M)
-    q_max = tl.load(QMAX + b * NQB + mb)
+    bh, b, kvh, offs_d, d_ok, offs_m, m_ok, q, qp, q_max = _query_block(Q, QPOS, QMAX, H, HKV, T, D, NQB,
+                                                                        BLOCK_M, BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for nb in range(0, NKB):
-        k_min = tl.load(KMIN + b * NKB + nb)
-        if k_min <= q_max:
-            offs_n, n_ok, k, v, kp, lb = _load_kv_tile(K, V, KPOS, LOGB, kvh, b, nb, S, D, offs_d, d_ok, BLOCK_N)
-            s, _ = _score_tile(q, k, lb, qp, kp, m_ok, n_ok, b * T + offs_m, b * S + offs_n, QSEG, KSEG, KVALID,
-                               scaling, HAS_SEG, HAS_VALID, PREC)
+        if tl.load(KMIN + b * NKB + nb) <= q_max:
+            k, v, s = _key_block_scores(K, V, KPOS, LOGB, QSEG, KSEG, KVALID, kvh, b, nb, S, T, D, offs_d, d_ok, q, qp,
+                                        offs_m, m_ok, scaling, HAS_SEG, HAS_VALID, PREC, BLOCK_N)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_safe[:, None])
@@ -188,19 +206,14 @@ def _attn_bwd_dq(Q, K, V, LOGB, QPOS, KPOS, QSEG, KSEG, KVALID, QMAX, KMIN, DO, 
                  scaling, H, HKV, T, S, D, NQB, NKB,
                  HAS_SEG: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    mb, bh, b, kvh = _query_program(H, HKV)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    offs_m, m_ok, q, qp = _load_q_tile(Q, QPOS, bh, b, mb, T, D, offs_d, d_ok, BLOCK_M)
+    bh, b, kvh, offs_d, d_ok, offs_m, m_ok, q, qp, q_max = _query_block(Q, QPOS, QMAX, H, HKV, T, D, NQB,
+                                                                        BLOCK_M, BLOCK_D)
     do, lse, delta = _load_grad_rows(DO, LSE, DELTA, bh, offs_m, m_ok, T, D, offs_d, d_ok)
-    q_max = tl.load(QMAX + b * NQB + mb)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for nb in range(0, NKB):
-        k_min = tl.load(KMIN + b * NKB + nb)
-        if k_min <= q_max:
-            offs_n, n_ok, k, v, kp, lb = _load_kv_tile(K, V, KPOS, LOGB, kvh, b, nb, S, D, offs_d, d_ok, BLOCK_N)
-            s, _ = _score_tile(q, k, lb, qp, kp, m_ok, n_ok, b * T + offs_m, b * S + offs_n, QSEG, KSEG, KVALID,
-                               scaling, HAS_SEG, HAS_VALID, PREC)
+        if tl.load(KMIN + b * NKB + nb) <= q_max:
+            k, v, s = _key_block_scores(K, V, KPOS, LOGB, QSEG, KSEG, KVALID, kvh, b, nb, S, T, D, offs_d, d_ok, q, qp,
+                                        offs_m, m_ok, scaling, HAS_SEG, HAS_VALID, PREC, BLOCK_N)
             _, ds = _probs_and_ds(s, lse, do, v, delta, PREC)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     tl.store(DQ + bh * T * D + offs_m[:, None] * D + offs_d[None, :], dq * scaling,
@@ -208,53 +221,46 @@ def _attn_bwd_dq(Q, K, V, LOGB, QPOS, KPOS, QSEG, KSEG, KVALID, QMAX, KMIN, DO, 
 
 
 @triton.jit
-def _cap_fwd(LOGB, POS, SEG, VALID, TMAX, IMIN, OUT, HKV, T, NB,
-             HAS_SEG: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
-    tb = tl.program_id(0)
-    kvh = tl.program_id(1).to(tl.int64)
-    b = kvh // HKV
+def _retention_tile(LOGB, POS, SEG, VALID, kvh, b, T, tb, ib, HAS_SEG: tl.constexpr, HAS_VALID: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """alpha_ti = exp((pos_t - pos_i) logb_i) for t in block ``tb``, i in block ``ib`` ([BT, BI], 0 where i is not
+    visible to t), with dist = pos_t - pos_i and the t / i offsets and range masks."""
     offs_t = tb * BLOCK + tl.arange(0, BLOCK)
-    t_ok = offs_t < T
+    offs_i = ib * BLOCK + tl.arange(0, BLOCK)
+    t_ok, i_ok = offs_t < T, offs_i < T
     tp = tl.load(POS + b * T + offs_t, mask=t_ok, other=-1)
-    t_max = tl.load(TMAX + b * NB + tb)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for ib in range(0, NB):
-        if tl.load(IMIN + b * NB + ib) <= t_max:
-            offs_i = ib * BLOCK + tl.arange(0, BLOCK)
-            i_ok = offs_i < T
-            ip = tl.load(POS + b * T + offs_i, mask=i_ok, other=0)
-            lb = tl.load(LOGB + kvh * T + offs_i, mask=i_ok, other=0.0)
-            vis = _visible(tp, ip, t_ok, i_ok, SEG, SEG, VALID, b * T + offs_t, b * T + offs_i, t_ok,
-                           HAS_SEG, HAS_VALID)
-            dist = tl.where(vis, (tp[:, None] - ip[None, :]).to(tl.float32), 0.0)
-            acc += tl.sum(tl.where(vis, tl.exp(dist * lb[None, :]), 0.0), 1)
-    tl.store(OUT + kvh * T + offs_t, acc, mask=t_ok)
+    ip = tl.load(POS + b * T + offs_i, mask=i_ok, other=0)
+    lb = tl.load(LOGB + kvh * T + offs_i, mask=i_ok, other=0.0)
+    vis = _visible(tp, ip, t_ok, i_ok, SEG, SEG, VALID, b * T + offs_t, b * T + offs_i, t_ok, HAS_SEG, HAS_VALID)
+    dist = tl.where(vis, (tp[:, None] - ip[None, :]).to(tl.float32), 0.0)
+    alpha = tl.where(vis, tl.exp(dist * lb[None, :]), 0.0)
+    return alpha, dist, offs_t, t_ok, offs_i, i_ok
 
 
 @triton.jit
-def _cap_bwd(LOGB, POS, SEG, VALID, TMAX, IMIN, GRAD, DLOGB, HKV, T, NB,
-             HAS_SEG: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
-    ib = tl.program_id(0)
+def _cap_kernel(LOGB, POS, SEG, VALID, TMAX, IMIN, GRAD, OUT, HKV, T, NB,
+                HAS_SEG: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr, BACKWARD: tl.constexpr):
+    """One program per (block j, batch x KV head). Forward: S_t for the t of block j (sum over the i blocks they can
+    see). BACKWARD: dlogb_i = sum_t g_t alpha_ti (pos_t - pos_i) for the i of block j (GRAD = dL/dS)."""
+    j = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
     b = kvh // HKV
-    offs_i = ib * BLOCK + tl.arange(0, BLOCK)
-    i_ok = offs_i < T
-    ip = tl.load(POS + b * T + offs_i, mask=i_ok, other=0)
-    lb = tl.load(LOGB + kvh * T + offs_i, mask=i_ok, other=0.0)
-    i_min = tl.load(IMIN + b * NB + ib)
+    own = tl.load(IMIN + b * NB + j) if BACKWARD else tl.load(TMAX + b * NB + j)
     acc = tl.zeros([BLOCK], tl.float32)
-    for tb in range(0, NB):
-        if i_min <= tl.load(TMAX + b * NB + tb):
-            offs_t = tb * BLOCK + tl.arange(0, BLOCK)
-            t_ok = offs_t < T
-            tp = tl.load(POS + b * T + offs_t, mask=t_ok, other=-1)
-            g = tl.load(GRAD + kvh * T + offs_t, mask=t_ok, other=0.0)
-            vis = _visible(tp, ip, t_ok, i_ok, SEG, SEG, VALID, b * T + offs_t, b * T + offs_i, t_ok,
-                           HAS_SEG, HAS_VALID)
-            dist = tl.where(vis, (tp[:, None] - ip[None, :]).to(tl.float32), 0.0)
-            alpha = tl.where(vis, tl.exp(dist * lb[None, :]), 0.0)
-            acc += tl.sum(g[:, None] * alpha * dist, 0)
-    tl.store(DLOGB + kvh * T + offs_i, acc, mask=i_ok)
+    for o in range(0, NB):
+        live = own <= tl.load(TMAX + b * NB + o) if BACKWARD else tl.load(IMIN + b * NB + o) <= own
+        if live:
+            tb = o if BACKWARD else j
+            ib = j if BACKWARD else o
+            alpha, dist, offs_t, t_ok, _, _ = _retention_tile(LOGB, POS, SEG, VALID, kvh, b, T, tb, ib, HAS_SEG,
+                                                              HAS_VALID, BLOCK)
+            if BACKWARD:
+                g = tl.load(GRAD + kvh * T + offs_t, mask=t_ok, other=0.0)
+                acc += tl.sum(g[:, None] * alpha * dist, 0)
+            else:
+                acc += tl.sum(alpha, 1)
+    offs = j * BLOCK + tl.arange(0, BLOCK)
+    tl.store(OUT + kvh * T + offs, acc, mask=offs < T)
 
 
 # ------------------------------------------------------------------------------------------- host side
@@ -362,7 +368,7 @@ class _TritonCapacitySums(torch.autograd.Function):
         meta = (pos.contiguous(), _aux(seg, pos), _aux(valid, pos), t_max, i_min)
         out = torch.empty_like(lc)
         cfg = dict(HAS_SEG=seg is not None, HAS_VALID=valid is not None, BLOCK=block)
-        _cap_fwd[(t_max.shape[1], B * Hkv)](lc, *meta, out, Hkv, T, t_max.shape[1], **cfg)
+        _cap_kernel[(t_max.shape[1], B * Hkv)](lc, *meta, lc, out, Hkv, T, t_max.shape[1], BACKWARD=False, **cfg)
         ctx.save_for_backward(lc, *meta)
         ctx.cfg = cfg
         return out
@@ -373,7 +379,7 @@ class _TritonCapacitySums(torch.autograd.Function):
         B, Hkv, T = lc.shape
         dlogb = torch.empty_like(lc)
         nb = meta[-2].shape[1]
-        _cap_bwd[(nb, B * Hkv)](lc, *meta, grad.float().contiguous(), dlogb, Hkv, T, nb, **ctx.cfg)
+        _cap_kernel[(nb, B * Hkv)](lc, *meta, grad.float().contiguous(), dlogb, Hkv, T, nb, BACKWARD=True, **ctx.cfg)
         return dlogb, None, None, None, None
 
 

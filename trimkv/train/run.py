@@ -1,5 +1,5 @@
-"""The training flow of a recipe, top to bottom: join the launcher's process group, load the frozen model, attach
-fresh gates, pick the engine, resume if asked, stream this rank's batches, run the loop, export a gate checkpoint.
+"""A recipe end to end, top to bottom: join the launcher's process group, load the frozen model, attach fresh
+gates, pick the engine, resume if asked, stream this rank's batches, run the loop, export a gate checkpoint.
 ``trimkv train RECIPE.yaml [--resume]`` calls :func:`finetune`; so does every rank under torchrun / deepspeed.
 """
 from __future__ import annotations
@@ -10,15 +10,16 @@ from typing import Any, Iterator
 
 import torch
 
-from .attach import attach_gates
-from .checkpoint import load_gate_checkpoint, save_gates
-from .data import prepare_data
-from .engine import barrier, build_engine, close_distributed, init_distributed, main_process_first, print0
-from .gate import GateConfig, RetentionGates, check_compatible
-from .models import load_model
-from .recipe import Recipe, RecipeError, load_recipe, save_recipe
-from .resume import ResumeError, TrainingCheckpoints
-from .train import MetricsLog, train_loop
+from ..attach import attach_gates
+from ..checkpoint import load_gate_checkpoint, save_gates
+from ..data import DataError, batches, prepare_data
+from ..gate import GateConfig, RetentionGates, check_compatible
+from ..models import load_model
+from ..recipe import Recipe, RecipeError, load_recipe, save_recipe
+from .checkpoints import ResumeError, TrainingCheckpoints
+from .distributed import barrier, close_distributed, init_distributed, main_process_first, print0
+from .engines import build_engine
+from .loop import MetricsLog, train_loop
 
 
 class EpochStream:
@@ -39,8 +40,6 @@ class EpochStream:
         return self
 
     def __next__(self) -> dict:
-        from .data import DataError, batches
-
         while True:
             if self._it is None:
                 self._it = batches(self.cfg, self.tokenizer, epoch=self.epoch, skip_batches=self.index,
@@ -68,11 +67,6 @@ def _rescale(position: dict, world_size: int) -> int:
         print0(f"resume: {seen} batches of the epoch were consumed by {old} processes; with {world_size} "
                f"processes {seen % world_size} of them are seen again")
     return seen // world_size
-
-
-def endless_batches(data_cfg, tokenizer, *, rank: int = 0, world_size: int = 1) -> EpochStream:
-    """Epoch after epoch of the recipe's data (reshuffled per epoch by the data seed)."""
-    return EpochStream(data_cfg, tokenizer, rank=rank, world_size=world_size)
 
 
 def gate_config_for(model, recipe: Recipe) -> GateConfig:

@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .engine import all_gather_object, barrier, is_main_process, print0
-from .errors import ResumeError
+from ..errors import ResumeError
+from .distributed import all_gather_object, barrier, is_main_process, print0
 
 FORMAT_VERSION = 1
 GATES_FILE = "gates.safetensors"

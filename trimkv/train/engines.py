@@ -1,6 +1,6 @@
-"""Engines: how one :func:`~trimkv.train.training_step` becomes an optimiser step on 1..N devices.
+"""Engines: how one :func:`~trimkv.train.step.training_step` becomes an optimiser step on 1..N devices.
 
-Every engine has the same small interface, so the loop in ``train.py`` reads the same for all of them::
+Every engine has the same small interface, so the loop (:mod:`trimkv.train.loop`) reads the same for all of them::
 
     for micro in range(grad_accum):
         out = engine.forward_backward(batch, last=micro == grad_accum - 1)   # training_step + backward
@@ -16,15 +16,13 @@ Every engine has the same small interface, so the loop in ``train.py`` reads the
   ZeRO-2 is tested on CPU. ZeRO-3 fails on CPU with DeepSpeed 0.19.8 (recomputed checkpoint chunks see the
   partitioned frozen LM head; the ZeRO-3 + checkpointing + frozen parameters issue, DeepSpeed PR #8148).
 
-Distributed state (rank, world size, device) comes from the launcher's environment (``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) through :func:`init_distributed`; :func:`print0` prints on rank 0.
+Where a process sits in the launch (rank, device) is :mod:`trimkv.train.distributed`'s; AdamW and the schedule are
+built by :mod:`trimkv.train.optim` for every engine.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,113 +30,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-ENGINES = ("auto", "plain", "ddp", "deepspeed")
+from .distributed import DistInfo
+from .optim import build_optimizer, build_schedule, make_adamw
+from .step import prepare_batch, training_step
 
-
-# ------------------------------------------------------------------------------------------ ranks
-
-
-@dataclass
-class DistInfo:
-    """Where this process sits: global rank, rank on its node, number of processes, its device."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-    owns_group: bool = False  # True when init_distributed created the process group (and should destroy it)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def env_world() -> tuple[int, int, int]:
-    """``(rank, local_rank, world_size)`` from the launcher's environment (1 process when unset)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def init_distributed(device: str = "auto", *, engine: str = "auto") -> DistInfo:
-    """Join the process group the launcher described (if any) and pick this rank's device.
-
-    ``device``: ``auto`` = ``cuda:LOCAL_RANK`` when CUDA is available, else CPU. Backend: nccl on GPU, gloo on
-    CPU. DeepSpeed always gets a process group, even for one process (it needs one).
-    """
-    rank, local_rank, world = env_world()
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
-    need_group = world > 1 or engine == "deepspeed"
-    owns = False
-    if need_group and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.setdefault("RANK", str(rank))
-        os.environ.setdefault("LOCAL_RANK", str(local_rank))
-        os.environ.setdefault("WORLD_SIZE", str(world))
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                                device_id=dev if use_cuda else None)
-        # DeepSpeed caches groups derived from this one in module globals; destroying it would break a second
-        # DeepSpeed run in the same process (tests, notebooks). It ends with the process instead.
-        owns = engine != "deepspeed"
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev, owns_group=owns)
-
-
-def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def print0(*args: Any, **kwargs: Any) -> None:
-    """``print`` on rank 0 only (every rank runs the same code; one of them talks)."""
-    if is_main_process():
-        print(*args, **kwargs, flush=True)
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-@contextlib.contextmanager
-def main_process_first():
-    """Rank 0 runs the block first (downloads, conversions, data caches), then the other ranks reuse its work."""
-    if not is_main_process():
-        barrier()
-    try:
-        yield
-    finally:
-        if is_main_process():
-            barrier()
-
-
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks of a small float tensor (identity in one process)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    buf = values.detach().to(backend_device, torch.float64).clone()
-    dist.all_reduce(buf)
-    return (buf / dist.get_world_size()).to(values.device, values.dtype)
-
-
-def all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (a list of one in one process)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def close_distributed(info: DistInfo) -> None:
-    if info.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------- engines
+ENGINES = ("auto", "plain", "ddp", "deepspeed")   # the one list of engine names (the recipe's train.engine)
 
 
 class _StepModule(nn.Module):
@@ -150,8 +46,6 @@ class _StepModule(nn.Module):
         self.handle, self.loss_cfg, self.autocast = handle, loss_cfg, autocast
 
     def forward(self, batch: dict[str, torch.Tensor]):
-        from .train import training_step
-
         device_type = next(self.model.parameters()).device.type
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.autocast):
             return training_step(self.model, self.handle, batch, self.loss_cfg)
@@ -164,8 +58,6 @@ class PlainEngine:
 
     def __init__(self, model: nn.Module, handle, recipe, optimizer=None, scheduler=None,
                  info: DistInfo | None = None):
-        from .train import build_optimizer
-
         self.info = info or DistInfo(device=next(model.parameters()).device)
         self.model, self.handle, self.recipe = model, handle, recipe
         self.params = [p for p in handle.gates.parameters() if p.requires_grad]
@@ -179,8 +71,6 @@ class PlainEngine:
 
     def forward_backward(self, batch: dict[str, torch.Tensor], *, last: bool):
         """One micro-batch: training step + backward of ``loss / grad_accum``; returns the StepOutput."""
-        from .train import prepare_batch
-
         batch = prepare_batch(batch, self.device)
         with self._sync_context(last):
             out = self.wrapped(batch)
@@ -203,7 +93,7 @@ class PlainEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    # Training-state checkpoints (trimkv.resume): the optimiser and schedule, rank 0 writes them.
+    # Training-state checkpoints (trimkv.train.checkpoints): the optimiser and schedule, rank 0 writes them.
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
@@ -218,8 +108,7 @@ class PlainEngine:
         """Read back what :meth:`save_extra` wrote."""
 
     def gate_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu", torch.float32).contiguous().clone()
-                for k, v in self.handle.gates.state_dict().items()}
+        return self.handle.gates.fp32_state_dict()
 
     def load_gate_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.handle.gates.load_state_dict(state)
@@ -267,18 +156,11 @@ class DeepSpeedEngine(PlainEngine):
     def __init__(self, model, handle, recipe, optimizer=None, scheduler=None, info: DistInfo | None = None):
         import deepspeed
 
-        from .train import lr_lambda
-
         self.info = info or DistInfo(device=next(model.parameters()).device)
         self.model, self.handle, self.recipe = model, handle, recipe
         self.params = [p for p in handle.gates.parameters() if p.requires_grad]
         cfg = recipe.train
-        if optimizer is None:
-            optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-
-        def schedule(opt):
-            return torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: lr_lambda(s, warmup=cfg.warmup_steps, total=cfg.steps, lr=cfg.lr, min_lr=cfg.min_lr))
+        optimizer = optimizer or make_adamw(self.params, cfg)   # the same AdamW (eps included) as every engine
 
         self.device = next(model.parameters()).device
         autocast = cfg.bf16 and self.device.type == "cuda"
@@ -286,12 +168,10 @@ class DeepSpeedEngine(PlainEngine):
         ds_cfg = deepspeed_config(recipe, world_size=self.info.world_size)
         self.wrapped, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.step_module, model_parameters=self.params, optimizer=optimizer,
-            lr_scheduler=scheduler or schedule, config=ds_cfg, dist_init_required=False)
+            lr_scheduler=scheduler or (lambda opt: build_schedule(opt, cfg)), config=ds_cfg, dist_init_required=False)
         self.zero_stage = ds_cfg["zero_optimization"]["stage"]
 
     def forward_backward(self, batch, *, last: bool):
-        from .train import prepare_batch
-
         batch = prepare_batch(batch, self.device)
         out = self.wrapped(batch)
         self.wrapped.backward(out.loss)   # DeepSpeed divides by gradient_accumulation_steps itself

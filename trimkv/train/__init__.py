@@ -1,0 +1,12 @@
+"""Training retention gates, one module per job (read them in this order):
+
+* :mod:`.step`        - ``training_step``: teacher and student forwards, ``loss = KL + NTP + lambda * capacity``.
+* :mod:`.optim`       - AdamW and the warm-up + cosine schedule, the same for every engine.
+* :mod:`.engines`     - how a step runs on 1..N devices: plain PyTorch, DDP, DeepSpeed ZeRO.
+* :mod:`.distributed` - rank, world size and device of this process; the few collectives.
+* :mod:`.loop`        - optimiser steps with metrics (``metrics.jsonl``, wandb), progress and checkpoints.
+* :mod:`.checkpoints` - atomic training checkpoints and exact resume.
+* :mod:`.run`         - ``finetune``: a recipe end to end (what ``trimkv train`` runs on every rank).
+
+Nothing is imported here (so ``trimkv.recipe`` can read ``ENGINES`` from :mod:`.engines` without a cycle).
+"""
