@@ -71,21 +71,21 @@ gpu-check: venv model
 	$(PY) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 train: venv model
-	$(PY) -m trimkv.cli train $(or $(RECIPE),recipes/smollm2-135m-prose-m64.yaml)
+	$(PY) -m trimkv.cli train $(or $(RECIPE),recipes/smollm2-135m-qa-m64.yaml)
 
-# The README's Results: shipped gates vs every baseline (and the needle oracle). Finished cells in results/ are
-# reused and fidelity runs only if results/fidelity/fidelity.json is missing, so this computes only what is missing
-# (from nothing: ~3 h on 2 CPU cores).
-GATES    ?= checkpoints/smollm2-135m-prose-m64
+# The README's Results: the shipped gates vs every baseline (and the needle oracle), n = $(N) samples a cell. Finished
+# cells in results/ are reused (keyed by model, gates, task, length, budget, policy, n, seed and every setting), so
+# this computes only what is missing (from nothing: ~10 h on 2 CPU cores, one core per command).
+GATES    ?= checkpoints/smollm2-135m-qa-m64
 POLICIES := trimkv,streaming,h2o,snapkv,tova,knorm,keydiff,random
-EVAL     := $(PY) -m trimkv.cli eval --gates $(GATES) --threads 1
+N        ?= 20
+EVAL     := $(PY) -m trimkv.cli eval --gates $(GATES) --threads 1 --n $(N)
 eval: venv model
-	$(EVAL) --tasks passkey --lengths 2048 --budgets 64,128 --n 10 --policies full,oracle,$(POLICIES) --out results/passkey
-	$(EVAL) --tasks passkey --lengths 4096 --budgets 64,128 --n 10 --policies full,oracle,$(POLICIES) --out results/passkey-4k
-	$(EVAL) --tasks multikey_needle,multivalue_needle,variable_tracking,frequent_words --lengths 2048 --budgets 128 \
-	    --n 5 --policies full,$(POLICIES) --out results/tasks
-	test -f results/fidelity/fidelity.json || $(EVAL) --fidelity --budgets 64,128 --n 2 --prefix 512 \
-	    --continuation 96 --policies $(POLICIES) --out results/fidelity
+	$(EVAL) --tasks passkey --lengths 2048 --budgets 32,64,128 --policies full,oracle,$(POLICIES) --out results/passkey
+	$(EVAL) --tasks passkey --lengths 4096 --budgets 32,64,128 --policies full,oracle,$(POLICIES) --out results/passkey-4k
+	$(EVAL) --tasks multikey_needle,multivalue_needle,variable_tracking,frequent_words --lengths 2048 --budgets 64,128 \
+	    --policies full,$(POLICIES) --out results/tasks
+	$(EVAL) --fidelity --budgets 64,128 --n 2 --prefix 512 --continuation 96 --policies $(POLICIES) --out results/fidelity
 	$(PY) -m trimkv.cli plot accuracy results/passkey results/passkey-4k
 	$(PY) -m trimkv.cli plot fidelity results/fidelity
 

@@ -226,6 +226,17 @@ def test_oracle_in_the_harness_keeps_the_needle_tokens(tokenizer):
         model(torch.tensor([ids]), **cache_kwargs(model, cache), use_cache=True)
     for layer in cache.layers:
         assert set(keep) <= set(layer.pos[0, 0].tolist())
+    from trimkv.eval.harness import answer_occurrences, needle_kept
+
+    occurrences = answer_occurrences(sample, prompt, tokenizer)
+    assert len(occurrences) == 1 and len(occurrences[0]) == 2          # the key stands twice in its sentence
+    assert all(tokenizer.decode([ids[i] for i in occ]).strip() == sample.answers[0] for occ in occurrences[0])
+    heads = len(cache.layers) * cache.layers[0].pos.shape[1]
+    assert needle_kept(cache, occurrences) == heads                     # every (layer, head) holds the key
+    streaming = make_cache(model, "streaming", len(keep) + 8, sink=2, window=4)
+    with handle.disabled(), torch.no_grad():
+        model(torch.tensor([ids]), **cache_kwargs(model, streaming), use_cache=True)
+    assert needle_kept(streaming, occurrences) == 0                     # recency alone loses it at this depth
     with pytest.raises(ValueError, match="keep_positions"):
         make_cache(model, "oracle", 16, sink=2, window=4)
     body = make_samples("frequent_words", tokenizer, context_length=512, n=1, chat=False)[0]

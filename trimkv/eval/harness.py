@@ -125,6 +125,33 @@ def needle_positions(sample, prompt: str, tokenizer) -> list[int]:
     return [i for i, (a, b) in enumerate(offsets) if any(a < e and b > s for s, e in spans)]
 
 
+def answer_occurrences(sample, prompt: str, tokenizer) -> list[list[list[int]]]:
+    """For each answer of ``sample``: the token positions of each of its occurrences inside a needle sentence of
+    ``prompt`` (``[]`` for tasks without needles)."""
+    needles = sample.metadata.get("needles") or []
+    zones = [(m.start(), m.end()) for n in needles for m in re.finditer(re.escape(n), prompt)]
+    offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    out = []
+    for answer in sample.answers:
+        occ = [[i for i, (a, b) in enumerate(offsets) if a < m.end() and b > m.start()]
+               for m in re.finditer(re.escape(answer), prompt) if any(s <= m.start() < e for s, e in zones)]
+        out.append([o for o in occ if o])
+    return out if all(out) else []
+
+
+def needle_kept(cache, occurrences: list[list[list[int]]]) -> int | None:
+    """How many (layer, KV head) caches hold every answer in full (all tokens of at least one occurrence of each),
+    batch row 0; None when the cache has no slots to look at or the task has no needles."""
+    if not occurrences or not hasattr(cache.layers[0], "pos") or cache.layers[0].pos is None:
+        return None
+    held = 0
+    for layer in cache.layers:
+        for kept in layer.pos[0].tolist():                                    # per KV head: kept positions
+            kept = set(kept)
+            held += all(any(set(occ) <= kept for occ in occs) for occs in occurrences)
+    return held
+
+
 # ----------------------------------------------------------------------------------------- the harness
 
 
@@ -194,10 +221,11 @@ def _run_cell(model, tokenizer, handle, cell: Cell, cfg: dict, samples, bar) -> 
         with policy_context(handle, cell.policy):
             gen = generate(model, tokenizer, ids, cache=cache, prefill_chunk=cfg["prefill_chunk"],
                            max_new_tokens=max_new)
+        kept = needle_kept(cache, answer_occurrences(sample, prompt, tokenizer)) if cell.policy != FULL else None
         rows.append(dict(asdict(cell), index=i, depth=sample.depth, prompt_tokens=int(ids.shape[1]),
                          answers=sample.answers, prediction=gen.text,
                          score=score(gen.text, sample.answers, TASK_METRIC[cell.task]),
-                         kv_bytes=gen.kv_bytes, seconds=round(gen.seconds, 3)))
+                         kv_bytes=gen.kv_bytes, seconds=round(gen.seconds, 3), needle_heads=kept))
         bar.update(advance=1)
     n = len(rows)
     metrics = dict(asdict(cell), model=cfg["model"], n=n, seed=cfg["seed"],
@@ -205,6 +233,9 @@ def _run_cell(model, tokenizer, handle, cell: Cell, cfg: dict, samples, bar) -> 
                    kv_bytes=max((r["kv_bytes"] for r in rows), default=0),
                    seconds=round(time.perf_counter() - t_cell, 2),
                    mean_prompt_tokens=sum(r["prompt_tokens"] for r in rows) / max(n, 1))
+    heads = [r["needle_heads"] for r in rows if r["needle_heads"] is not None]
+    if heads:   # the "needle kept" diagnostic: (layer, KV head) caches holding the whole answer at the end
+        metrics["needle_heads"] = sum(heads) / len(heads)
     return dict(settings=cfg, metrics=metrics, predictions=rows)
 
 
