@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from trimkv import corpus
 from trimkv.compat import cache_kwargs
 from trimkv.eval.harness import FULL, make_cache, policy_context, prepared_gates
+from trimkv.models import input_device
 from trimkv.progress import Progress
 
 
@@ -80,7 +81,7 @@ def run_fidelity(model, tokenizer, *, budgets, policies, gates=None, n_texts: in
     perplexity ratio. Writes ``fidelity.json`` and ``fidelity.md`` into ``out_dir`` when given."""
     policies = [p for p in policies if p != FULL]
     budgets = sorted({int(b) for b in budgets})
-    device = next(model.parameters()).device
+    device = input_device(model)
     texts = [t.to(device) for t in eval_texts(tokenizer, n_texts=n_texts, n_tokens=prefix_tokens +
                                               continuation_tokens, seed=seed)]
     sums: dict[tuple, dict] = {}

@@ -32,6 +32,7 @@ import torch
 
 from trimkv.eval.tasks import TASK_METRIC, TASKS, make_samples, render_prompt, score
 from trimkv.generate import generate, new_cache
+from trimkv.models import input_device
 from trimkv.policies import get_policy
 from trimkv.policies.oracle import NeedleOraclePolicy
 from trimkv.progress import Progress
@@ -208,7 +209,7 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
 
 
 def _run_cell(model, tokenizer, handle, cell: Cell, cfg: dict, samples, bar) -> dict:
-    device = next(model.parameters()).device
+    device = input_device(model)
     max_new = cfg["max_new_tokens"] or MAX_NEW_TOKENS.get(cell.task, 32)
     rows, t_cell = [], time.perf_counter()
     bar.update(label=cell.slug)
