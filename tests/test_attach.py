@@ -64,11 +64,12 @@ def test_gates_must_fit_the_model():
         attach_gates(build_tiny_model("llama"), gates)
 
 
+@pytest.mark.parametrize("gate_type", ["rg2", "rg2-all", "rg3"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_rg2_runs_and_starts_equal_to_the_frozen_model(family):
+def test_kv_gates_run_and_start_equal_to_the_frozen_model(family, gate_type):
     model = build_tiny_model(family)
     before = logits(model)
-    attach_gates(model, gate_type="rg2", gate_hidden=16)
+    attach_gates(model, gate_type=gate_type, gate_hidden=16)
     torch.testing.assert_close(logits(model), before, atol=1e-4, rtol=0)
 
 

@@ -71,7 +71,7 @@ def test_big_budget_generates_like_the_full_cache(family, gate_type, chunk):
     assert cache.get_seq_length() == 40 + 10 - 1      # the last sampled token is never fed back
 
 
-@pytest.mark.parametrize("gate_type", ["rg", "rg2"])
+@pytest.mark.parametrize("gate_type", ["rg", "rg2", "rg2-all", "rg3"])
 def test_full_cache_with_soft_gates_matches_recomputing(gate_type):
     """generate() with a DynamicCache and strongly decaying gates = the gated model run on the whole sequence."""
     model, handle = gated_model(gate_type=gate_type, bias_init=1.0)
