@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import huggingface_hub
 import pytest
 import yaml
 
@@ -75,30 +74,18 @@ def test_model_index_holds_only_these_gates_results(tmp_path):
     assert "| passkey | 2048 | 64 | 40.0% | 50.0% |" in text
 
 
-class FakeApi:
-    def __init__(self, token=None):
-        pass
-
-    def create_repo(self, repo_id, **kwargs):
-        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, **kwargs):
-        FakeApi.card = (__import__("pathlib").Path(kwargs["folder_path"]) / "README.md").read_text()
-        return "https://huggingface.co/user/g/commit/1"
-
-
-def test_push_adds_this_checkpoints_eval_results_and_names_the_repo(tmp_path, monkeypatch):
+def test_push_adds_this_checkpoints_eval_results_and_names_the_repo(tmp_path, fake_hub):
     gates = tiny_gates(base_model="tiny/llama")
     out = save_gates(gates, tmp_path / "gates", metadata={"license": "mit", "steps": 7})
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     push_to_hub(out, "user/g", eval_records=records(gates.fingerprint()))
-    meta = front(FakeApi.card)
+    card_text = fake_hub.uploads[-1]["card"]
+    meta = front(card_text)
     assert meta["license"] == "mit" and meta["model-index"][0]["name"] == "user/g"
     values = [m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]]
     assert values == [40.0]                                                   # the other gates' 90% is left out
-    assert "**steps**: 7" in FakeApi.card and "load_gates(model, 'user/g')" in FakeApi.card
+    assert "**steps**: 7" in card_text and "load_gates(model, 'user/g')" in card_text
     push_to_hub(out, "user/g")                                                # no results: no model-index
-    assert "model-index" not in front(FakeApi.card)
+    assert "model-index" not in front(fake_hub.uploads[-1]["card"])
 
 
 @pytest.mark.parametrize("load", [{"name": "smollm2"}, {}])

@@ -154,10 +154,10 @@ def test_plot_cli_draws_several_results_folders_together(tmp_path, capsys):
         main(["plot", "accuracy", str(tmp_path / "2048"), str(tmp_path / "missing")])
 
 
-def test_eval_cli_takes_device_and_dtype_and_its_results_reach_the_pushed_card(tokenizer, tmp_path, monkeypatch):
+def test_eval_cli_takes_device_and_dtype_and_its_results_reach_the_pushed_card(tokenizer, tmp_path, monkeypatch,
+                                                                               fake_hub):
     """`trimkv eval --device cpu --dtype auto` loads the model so; its metrics.json, given to `trimkv push --results`,
     becomes the card's model-index (for these gates' results only)."""
-    import huggingface_hub
     import yaml
 
     from trimkv.cli import main
@@ -175,22 +175,8 @@ def test_eval_cli_takes_device_and_dtype_and_its_results_reach_the_pushed_card(t
     mine = [r for r in recs if r["policy"] == "trimkv"]
     assert mine and mine[0]["gates"] and [r["gates"] for r in recs if r["policy"] == "full"] == [None]
 
-    uploaded = {}
-
-    class FakeApi:
-        def __init__(self, token=None):
-            pass
-
-        def create_repo(self, repo_id, **kwargs):
-            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
-
-        def upload_folder(self, **kwargs):
-            uploaded["card"] = (tmp_path.joinpath(kwargs["folder_path"]) / "README.md").read_text()
-            return "https://huggingface.co/me/g/commit/1"
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     assert main(["push", str(gates), "me/g", "--results", str(out)]) == 0
-    front = yaml.safe_load(uploaded["card"].split("---\n")[1])
+    front = yaml.safe_load(fake_hub.uploads[-1]["card"].split("---\n")[1])
     (result,) = front["model-index"][0]["results"]
     assert result["metrics"][0]["value"] == pytest.approx(100 * mine[0]["score"])
     with pytest.raises(SystemExit, match="no metrics.json"):

@@ -183,31 +183,7 @@ def test_tensorboard_events_are_written_when_installed(tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
 
 
-class FakeHub:
-    """Records what a training run publishes instead of talking to the Hub."""
-
-    commits: list = []
-
-    def __init__(self, token=None):
-        pass
-
-    def create_repo(self, repo_id, **kwargs):
-        import huggingface_hub
-
-        assert kwargs["private"] is True
-        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, **kwargs):
-        from pathlib import Path
-
-        folder = Path(kwargs["folder_path"])
-        FakeHub.commits.append((kwargs["repo_id"], kwargs["commit_message"], (folder / "README.md").read_text(),
-                                (folder / "config.json").read_text()))
-        return f"https://huggingface.co/{kwargs['repo_id']}/commit/{len(FakeHub.commits)}"
-
-
-def test_training_pushes_each_checkpoint_and_the_final_gates(tmp_path, monkeypatch):
-    import huggingface_hub
+def test_training_pushes_each_checkpoint_and_the_final_gates(tmp_path, fake_hub):
     import yaml
 
     from _tinyrun import make_data, make_model_dir, recipe_dict
@@ -216,13 +192,12 @@ def test_training_pushes_each_checkpoint_and_the_final_gates(tmp_path, monkeypat
     raw = recipe_dict(make_model_dir(tmp_path / "model"), make_data(tmp_path / "docs.jsonl"), tmp_path / "run",
                       steps=4, save_every=2)
     raw["output"].update(push_to_hub="me/tiny-gates", push_checkpoints=True, hub_private=True, license="mit")
-    FakeHub.commits = []
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
     finetune(parse_recipe(raw), progress=False)
-    assert [c[:2] for c in FakeHub.commits] == [("me/tiny-gates", "trimkv gates at step 2"),
-                                                ("me/tiny-gates", "trimkv gates at step 4"),
-                                                ("me/tiny-gates", "trimkv gates after 4 steps")]
-    _, _, card_text, config_text = FakeHub.commits[-1]
+    assert [(u["repo_id"], u["commit_message"]) for u in fake_hub.uploads] == [
+        ("me/tiny-gates", "trimkv gates at step 2"), ("me/tiny-gates", "trimkv gates at step 4"),
+        ("me/tiny-gates", "trimkv gates after 4 steps")]
+    assert fake_hub.created == ("me/tiny-gates", {"private": True, "exist_ok": True, "repo_type": "model"})
+    card_text, config_text = fake_hub.uploads[-1]["card"], fake_hub.uploads[-1]["config"]
     front = yaml.safe_load(card_text.split("---\n")[1])
     assert front["license"] == "mit" and front["base_model"] == "model" and "datasets" not in front
     assert "load_model('model')" in card_text and "load_gates(model, 'me/tiny-gates')" in card_text
