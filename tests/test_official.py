@@ -182,3 +182,11 @@ def test_eval_commands_default_to_the_gates_base_model(tmp_path, monkeypatch):
     eval_cli.add_model_args(parser)
     eval_cli.load_for_gates(parser.parse_args(["--gates", str(folder), "--device", "cpu"]))
     assert seen == {"name": "tiny/qwen3", "dtype": "auto", "device": "cpu", "device_map": None}
+
+
+def test_pushing_the_authors_layout_asks_for_a_conversion_first(tmp_path, fake_hub):
+    from trimkv.checkpoint import GateCheckpointError, push_to_hub
+
+    with pytest.raises(GateCheckpointError, match="trimkv convert"):
+        push_to_hub(write_official(tmp_path / "official", "rg"), "me/g")
+    assert fake_hub.uploads == []

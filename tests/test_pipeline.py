@@ -57,9 +57,12 @@ def test_unbounded_budget_equals_the_full_cache_and_plain_generate(gated, tokeni
 def test_context_is_prefilled_once_and_questions_do_not_see_each_other(gated, tokenizer, monkeypatch):
     calls = []
     real = pipeline.prefill
-    monkeypatch.setattr(pipeline, "prefill", lambda *a, **k: calls.append(a[1].shape[1]) or real(*a, **k))
+    monkeypatch.setattr(pipeline, "prefill",
+                        lambda *a, **k: calls.append((a[2].get_seq_length(), a[1].shape[1])) or real(*a, **k))
     together = answer(gated, tokenizer, CONTEXT, QUESTIONS + QUESTIONS[:1], budget=24, max_new_tokens=6)
-    assert len(calls) == 1 and calls[0] == together.context_tokens - 1
+    from_scratch = [n for start, n in calls if start == 0]
+    assert from_scratch == [together.context_tokens - 1] and len(calls) == 1 + 4   # the context once, then questions
+    assert {start for start, _ in calls[1:]} == {together.context_tokens - 1}      # each from the context's state
     alone = [answer(gated, tokenizer, CONTEXT, q, budget=24, max_new_tokens=6).answers[0] for q in QUESTIONS]
     assert together.answers == alone + alone[:1]                 # same cache state for each; asking twice is equal
 

@@ -7,11 +7,12 @@ cache prefilled once per context and reused for every question.
     out.kv_bytes       # bytes the cache holds after the context (what every question starts from)
 
 The context is prefilled in chunks of ``prefill_chunk`` tokens into a fresh cache (all but its last token, which
-each question starts with), *without* the questions (TRIM-KV's
-retention is query-agnostic: what the cache keeps does not depend on what is asked). Each question then continues
-from a copy of that cache (:func:`clone_cache`), so the questions do not see each other and the context is prefilled
-once. As in kvpress's pipeline, the chat template is split at the end of the user's context: the context ends the
-user turn's content, and each question is followed by the rest of the template (end of turn, assistant header).
+each question starts with), *without* the questions: TRIM-KV's retention is query-agnostic, so what the cache keeps
+does not depend on what is asked. Each question then continues from a copy of that cache (:func:`clone_cache`): the
+questions do not see each other and the context is prefilled once. The question is prefilled into its copy the
+same way, and ``generate`` continues from the prompt's last token. As in kvpress's pipeline, the chat template is
+split at the end of the user's context: the context ends the user turn's content, and each question is followed by
+the rest of the template (end of turn, assistant header).
 
 ``budget=None`` answers with transformers' full DynamicCache and the gates off (the frozen model), for comparison.
 A heuristic ``policy`` (``"streaming"``, ``"snapkv"``, ...) runs in the same bounded cache with the gates off.
@@ -108,11 +109,10 @@ def answer(model, tokenizer, context: str, questions: str | list[str] | None = N
         for text in question_texts:
             q = encode(text)
             ids = torch.cat([ctx, q], dim=1)
-            own = clone_cache(cache)
-            with torch.no_grad():
+            own = prefill(model, ids[:, cache.get_seq_length():-1], clone_cache(cache), chunk=prefill_chunk)
+            with torch.no_grad():   # generate() feeds the prompt's last token only: a plain decode on every release
                 gen = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, own),
-                                     max_new_tokens=max_new_tokens, prefill_chunk_size=prefill_chunk,
-                                     pad_token_id=pad, **gen_kwargs)
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad, **gen_kwargs)
             out.answers.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
             out.question_tokens.append(int(q.shape[1]))
             out.answer_kv_bytes.append(kv_nbytes(own))
