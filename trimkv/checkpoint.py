@@ -13,6 +13,7 @@ Weights are only ever read from safetensors (no pickle). Every failure raises a
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -28,8 +29,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .attach import attach_gates
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, GateCheckpointError, GateMismatchError
-from .gate import GateConfig, RetentionGates, check_compatible
+from .errors import (CheckpointNotFoundError, CorruptCheckpointError, GateCheckpointError, GateMismatchError,
+                     NonFiniteError)
+from .gate import GateConfig, RetentionGates, check_compatible, nonfinite_keys
 
 __all__ = ["save_gates", "load_gate_checkpoint", "load_gates", "push_to_hub", "write_model_card",
            "GateCheckpointError", "CheckpointNotFoundError", "CorruptCheckpointError", "GateMismatchError"]
@@ -62,18 +64,47 @@ def save_gates(gates: RetentionGates, path: str | os.PathLike, *, metadata: dict
     goes into the model card.
     """
     path = pathlib.Path(path)
+    state = gates.fp32_state_dict()
+    bad = nonfinite_keys(state)
+    if bad:
+        raise NonFiniteError(f"refusing to save gates with NaN or inf in {bad[:4]}{' ...' if len(bad) > 4 else ''} "
+                             f"to {path}: the run diverged (lower train.lr, check the data)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _refuse_to_clobber(path)
+    check_writable(path)
+    config = dataclasses.replace(gates.config, base_model=public_name(gates.config.base_model))
+    metadata = _public(metadata)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        _write_config(tmp / CONFIG_NAME, gates.config)
-        save_file(gates.fp32_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        write_model_card(tmp / CARD_NAME, gates.config, metadata)
+        _write_config(tmp / CONFIG_NAME, config)
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_model_card(tmp / CARD_NAME, config, metadata)
         _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+_LOCAL_PATH = re.compile(r"(?<![\w.:/-])(?:~|\.{1,2})?/[^\s,;()'\"]+")
+
+
+def public_name(name: str | None) -> str | None:
+    """What a checkpoint may publish about a base model or data source: a Hub id as it is, a local path by its last
+    folder name only (a card or config.json on the Hub never shows where files lived on someone's machine)."""
+    if name is None:
+        return None
+    return _LOCAL_PATH.sub(lambda m: pathlib.PurePath(m.group(0)).name or m.group(0), str(name))
+
+
+def _public(value):
+    """``public_name`` applied to every string inside ``value`` (dicts, lists)."""
+    if isinstance(value, str):
+        return public_name(value)
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_public(v) for v in value)
+    return value
 
 
 def _write_config(file: pathlib.Path, config: GateConfig) -> None:
@@ -89,8 +120,10 @@ def _write_config(file: pathlib.Path, config: GateConfig) -> None:
     file.write_text(text + "\n", encoding="utf-8")
 
 
-def _refuse_to_clobber(path: pathlib.Path) -> None:
-    """Only an empty folder or an earlier trimkv checkpoint may be replaced."""
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise GateCheckpointError unless ``path`` is free, an empty folder or an earlier trimkv checkpoint (what
+    :func:`save_gates` may replace); training calls it before its first step."""
+    path = pathlib.Path(path)
     if not path.exists():
         return
     if not path.is_dir():
@@ -313,6 +346,10 @@ def _read_gates(folder: pathlib.Path, config: GateConfig) -> RetentionGates:
     with torch.device("meta"):
         gates = RetentionGates(config)
     _check_tensors(file, tensors, gates.state_dict())
+    bad = nonfinite_keys(tensors)
+    if bad:
+        raise CorruptCheckpointError(f"{file} holds NaN or inf in {bad[:4]}{' ...' if len(bad) > 4 else ''}: the gates "
+                                     "were saved from a diverged run; use an earlier checkpoint")
     gates.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, assign=True)
     return gates
 
@@ -364,7 +401,12 @@ def push_to_hub(
 ) -> str:
     """Validate ``checkpoint_dir``, create ``repo_id`` if needed, upload the checkpoint; return the commit url."""
     folder = pathlib.Path(checkpoint_dir)
-    load_gate_checkpoint(folder)  # never publish a checkpoint that would not load
+    gates = load_gate_checkpoint(folder)  # never publish a checkpoint that would not load (or holds NaN / inf)
+    card = (folder / CARD_NAME).read_text(encoding="utf-8") if (folder / CARD_NAME).is_file() else ""
+    base = gates.config.base_model
+    if public_name(base) != base or public_name(card) != card:
+        raise GateCheckpointError(f"{folder}: config.json or README.md names a local path ({base!r}): re-save the gates "
+                                  "(save_gates publishes folder names only) before pushing them to the Hub")
     api = huggingface_hub.HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     repo_id = getattr(url, "repo_id", None) or repo_id
