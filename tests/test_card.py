@@ -45,7 +45,7 @@ def test_public_names_hide_local_paths():
     assert card.public_name("/home/me/models/Qwen3-4B") == "Qwen3-4B"
     assert card.public_name("~/gates/run1") == "run1"
     assert card.public_name("Qwen/Qwen3-4B") == "Qwen/Qwen3-4B" and card.public_name("checkpoints/g") == "checkpoints/g"
-    assert card.public_text("mixture of /data/a.jsonl (0.5), builtin:qa (0.5)") == "mixture of a.jsonl (0.5), builtin:qa (0.5)"
+    assert card.public_name("mixture of /data/a.jsonl (0.5), builtin:qa (0.5)") == "mixture of a.jsonl (0.5), builtin:qa (0.5)"
 
 
 def test_card_front_matter_carries_license_datasets_base_model_and_budget(tmp_path):

@@ -203,3 +203,17 @@ def test_training_pushes_each_checkpoint_and_the_final_gates(tmp_path, fake_hub)
     assert "load_model('model')" in card_text and "load_gates(model, 'me/tiny-gates')" in card_text
     for text in (card_text, config_text):
         assert str(tmp_path) not in text                                  # folder names only, never local paths
+
+
+def test_a_run_without_tensorboard_installed_stops_before_loading_the_model(tmp_path, monkeypatch):
+    import sys
+
+    from trimkv.recipe import RecipeError
+    from trimkv.train.run import finetune
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    recipe = recipe_for(tmp_path)
+    recipe.model.name = str(tmp_path / "no-such-model")           # loading it would fail with another error
+    recipe.logging.tensorboard = True
+    with pytest.raises(RecipeError, match="tensorboard"):
+        finetune(recipe, progress=False)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .errors import CacheError
 from .eviction import append_evict_, evict_by_score_, keep_topk_, protect
 from .policies import EvictionPolicy, RetentionPolicy
 
@@ -64,7 +65,7 @@ class BoundedLayer(CacheLayerMixin):
         """Called by transformers before the attention: counts the new tokens and hands them on unchanged (the
         cache is filled by :meth:`attend`, which needs the query too)."""
         if self._staged is None:
-            raise RuntimeError(
+            raise CacheError(
                 f"{type(self).__name__}.update() without staged gate output: a trimkv bounded cache works only through "
                 "trimkv's attention; attach gates first (trimkv.attach_gates / load_gates; gates.disabled() for a "
                 "heuristic policy)")
@@ -152,6 +153,10 @@ class RetentionLayer(BoundedLayer):
     def insert(self, key_states: torch.Tensor, value_states: torch.Tensor):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != self.keys.shape[0] or key_states.shape[1] != self.keys.shape[1]:
+            raise CacheError(f"this cache holds {self.keys.shape[0]} sequence(s) x {self.keys.shape[1]} KV heads, "
+                             f"the model now gives {key_states.shape[0]} x {key_states.shape[1]}: a RetentionCache holds "
+                             "one batch of sequences; use a new cache for another batch")
         self.compact()  # a chunk left pending by a caller that skipped compact()
         T = key_states.shape[2]
         pos_new, state_new, valid = self._take_staged(key_states, value_states)   # [B,H,T], [B,H,T], [B,T]|None
@@ -212,6 +217,8 @@ class RetentionLayer(BoundedLayer):
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.pos, self.logb))
 
     def reset(self) -> None:
+        """Forget every token: the next forward starts a new sequence of the same batch size, in the same buffers
+        (for another batch size, make a new cache)."""
         if self.is_initialized:
             self.keys.zero_(), self.values.zero_(), self.pos.fill_(-1), self.logb.zero_(), self.t_now.fill_(-1)
         self.seen = 0
@@ -244,12 +251,15 @@ class RetentionCache(BoundedCache):
 
     def __init__(self, budget: int, num_layers: int, *, sink: int = 0, window: int = 0,
                  policy: EvictionPolicy | None = None):
+        for name, value in (("budget", budget), ("num_layers", num_layers), ("sink", sink), ("window", window)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise CacheError(f"RetentionCache {name} must be an integer (tokens), got {value!r}")
         if budget < 1:
-            raise ValueError(f"budget must be >= 1 token per KV head, got {budget}")
+            raise CacheError(f"budget must be >= 1 token per KV head, got {budget}")
         if sink < 0 or window < 0:
-            raise ValueError(f"sink and window must be >= 0, got sink={sink}, window={window}")
+            raise CacheError(f"sink and window must be >= 0, got sink={sink}, window={window}")
         if budget <= sink + window:
-            raise ValueError(
+            raise CacheError(
                 f"budget={budget} leaves no room for eviction: it must exceed sink + window = {sink} + {window}; "
                 "raise the budget or shrink the sink/window"
             )

@@ -7,7 +7,7 @@ readable summary, and a usage snippet that runs as written.
 ``metadata`` is a free-form dict shown as a list, except for three keys that go into the front matter: ``license``
 (a Hub license id), ``datasets`` (Hub dataset ids) and ``eval_records`` (records of ``trimkv eval``, see
 :func:`eval_results`). Cards and configs publish Hub ids or folder names, never absolute local paths
-(:func:`public_name`, :func:`public_text`).
+(:func:`public_name`).
 """
 from __future__ import annotations
 
@@ -26,25 +26,30 @@ from .models import DEFAULT_MODEL, DEFAULT_MODEL_ID
 FRONT_KEYS = ("license", "datasets", "eval_records")   # metadata keys that go into the front matter
 EVAL_HEADING = "## Evaluation results"
 USAGE_HEADING = "## Usage"
-_ABS_PATH = re.compile(r"(?<![\w:/])(?:~|/)[^\s,;()'\"`]*")
+_LOCAL_PATH = re.compile(r"(?<![\w.:/-])(?:~|\.{1,2})?/[^\s,;()'\"`]+")
 
 
 # ------------------------------------------------------------------------------------------ public names
 
 
-def public_name(name: str | os.PathLike | None) -> str | None:
-    """A Hub id or relative name as is; an absolute or home-relative local path -> its last component."""
-    if name is None:
+def public_name(text: str | os.PathLike | None) -> str | None:
+    """What a checkpoint may publish about a base model, a data source or any text: Hub ids as they are, every local
+    path (absolute, ``~/``, ``./``, ``../``) by its last component only (a card or config.json on the Hub never shows
+    where files lived on someone's machine)."""
+    if text is None:
         return None
-    text = str(name)
-    if text.startswith(("/", "~")) or pathlib.PurePath(text).is_absolute():
-        return pathlib.PurePath(os.path.expanduser(text)).name or text
-    return text
+    return _LOCAL_PATH.sub(lambda m: pathlib.PurePath(os.path.expanduser(m.group(0))).name or m.group(0), str(text))
 
 
-def public_text(text: str) -> str:
-    """``text`` with every absolute local path in it replaced by its last component."""
-    return _ABS_PATH.sub(lambda m: public_name(m.group(0)) or m.group(0), text)
+def public_value(value: Any) -> Any:
+    """:func:`public_name` applied to every string inside ``value`` (dicts, lists)."""
+    if isinstance(value, str):
+        return public_name(value)
+    if isinstance(value, dict):
+        return {k: public_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(public_value(v) for v in value)
+    return value
 
 
 def public_config(config: GateConfig) -> GateConfig:
@@ -160,7 +165,7 @@ def _metadata_section(metadata: dict) -> str:
     lines = ["## Training and evaluation", ""]
     for key, value in shown.items():
         text = value if isinstance(value, (str, int, float)) else json.dumps(value, default=str)
-        lines.append(f"- **{key}**: {public_text(str(text))}")
+        lines.append(f"- **{key}**: {public_name(str(text))}")
     return "\n".join(lines) + "\n"
 
 

@@ -30,9 +30,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .attach import attach_gates
-from .card import public_config, public_name, refresh_model_card, write_model_card
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, GateCheckpointError, GateMismatchError
-from .gate import GateConfig, RetentionGates, check_compatible
+from .card import public_config, public_name, public_value, refresh_model_card, write_model_card
+from .errors import (CheckpointNotFoundError, CorruptCheckpointError, GateCheckpointError, GateMismatchError,
+                     NonFiniteError)
+from .gate import GateConfig, RetentionGates, check_compatible, nonfinite_keys
 from .models import DEFAULT_MODEL, DEFAULT_MODEL_ID
 from .official import OFFICIAL_WEIGHTS, is_official, official_gate_config, official_state_dict
 
@@ -69,14 +70,20 @@ def save_gates(gates: RetentionGates, path: str | os.PathLike, *, metadata: dict
     ``eval_records`` go into the card's front matter, see :mod:`trimkv.card`) goes into the model card.
     """
     path = pathlib.Path(path)
+    state = gates.fp32_state_dict()
+    bad = nonfinite_keys(state)
+    if bad:
+        raise NonFiniteError(f"refusing to save gates with NaN or inf in {bad[:4]}{' ...' if len(bad) > 4 else ''} "
+                             f"to {path}: the run diverged (lower train.lr, check the data)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _refuse_to_clobber(path)
-    config = public_config(gates.config)       # Hub ids or folder names, never absolute local paths
+    check_writable(path)
+    config = public_config(gates.config)       # Hub ids or folder names, never local paths
+    metadata = public_value(metadata)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         _write_config(tmp / CONFIG_NAME, config)
-        save_file(gates.fp32_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        write_model_card(tmp / CARD_NAME, config, metadata, source=public_name(path), version=trimkv_version())
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_model_card(tmp / CARD_NAME, config, metadata, source=public_name(str(path)), version=trimkv_version())
         _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -97,8 +104,10 @@ def _write_config(file: pathlib.Path, config: GateConfig) -> None:
     file.write_text(text + "\n", encoding="utf-8")
 
 
-def _refuse_to_clobber(path: pathlib.Path) -> None:
-    """Only an empty folder or an earlier trimkv checkpoint may be replaced."""
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise GateCheckpointError unless ``path`` is free, an empty folder or an earlier trimkv checkpoint (what
+    :func:`save_gates` may replace); training calls it before its first step."""
+    path = pathlib.Path(path)
     if not path.exists():
         return
     if not path.is_dir():
@@ -285,6 +294,10 @@ def _read_gates(folder: pathlib.Path, config: GateConfig) -> RetentionGates:
     with torch.device("meta"):
         gates = RetentionGates(config)
     _check_tensors(file, tensors, gates.state_dict())
+    bad = nonfinite_keys(tensors)
+    if bad:
+        raise CorruptCheckpointError(f"{file} holds NaN or inf in {bad[:4]}{' ...' if len(bad) > 4 else ''}: the gates "
+                                     "were saved from a diverged run; use an earlier checkpoint")
     gates.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, assign=True)
     return gates
 
@@ -335,10 +348,15 @@ def push_to_hub(
     ``metrics.json`` / ``fidelity.json``, see :func:`trimkv.card.eval_results`) add Hub ``model-index`` results.
     The local folder is not changed."""
     folder = pathlib.Path(checkpoint_dir)
-    gates = load_gate_checkpoint(folder)  # never publish a checkpoint that would not load
+    gates = load_gate_checkpoint(folder)  # never publish a checkpoint that would not load (or holds NaN / inf)
     if not (folder / WEIGHTS_NAME).is_file():
         raise GateCheckpointError(f"{folder} is in the authors' layout; convert it first (trimkv convert {folder} OUT) "
                                   "and push the converted folder")
+    card = (folder / CARD_NAME).read_text(encoding="utf-8") if (folder / CARD_NAME).is_file() else ""
+    base = gates.config.base_model
+    if public_name(base) != base or public_name(card) != card:
+        raise GateCheckpointError(f"{folder}: config.json or README.md names a local path ({base!r}): re-save the gates "
+                                  "(save_gates publishes folder names only) before pushing them to the Hub")
     if eval_records is not None:
         mine = gates.fingerprint()
         eval_records = [r for r in eval_records if r.get("policy") != "trimkv" or r.get("gates") == mine]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,8 +68,15 @@ class GateConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r} is unknown; choose one of {ACTIVATIONS}")
         for name in ("num_layers", "hidden_size", "num_kv_heads", "head_dim", "gate_hidden"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"GateConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GateConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("bias_init", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"GateConfig.{name} must be a finite number, got {value!r}")
+        if self.init_std < 0:
+            raise ValueError(f"GateConfig.init_std must be >= 0, got {self.init_std!r}")
 
     @property
     def reads_kv(self) -> bool:
@@ -159,6 +167,16 @@ class RetentionGates(nn.Module):
         self.config = cfg
         self.layers = nn.ModuleList(RetentionGate(cfg) for _ in range(cfg.num_layers))
 
+    def _apply(self, fn, recurse=True):
+        """``.to()`` / ``.cuda()`` / ``.half()`` on the model reach the gates through this: they follow device moves
+        but stay fp32 (beta^(t-i) over 10^4+ steps underflows in bf16/fp16), so ``model.to(torch.bfloat16)`` after
+        attaching keeps working."""
+        def device_only(t: torch.Tensor) -> torch.Tensor:
+            if not t.is_floating_point():
+                return fn(t)
+            return t.to(device=fn(t.new_empty(0)).device)
+        return super()._apply(device_only, recurse)
+
     def __getitem__(self, idx: int) -> RetentionGate:
         return self.layers[idx]
 
@@ -203,3 +221,8 @@ def check_compatible(gate_config: GateConfig, model: Any) -> None:
             + f": wrong base model? (gates' base_model: {gate_config.base_model or 'unrecorded'}, "
             f"this model: {theirs.base_model or 'unknown'})"
         )
+
+
+def nonfinite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the tensors that hold a NaN or an inf (gate weights must be finite everywhere)."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ModelLoadError
+
 DEFAULT_MODEL = "smollm2"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"   # what the GGUF was converted from (for model cards)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -102,16 +104,30 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", revision: str 
         path, kwargs = name, {"gguf_file": gguf_file}
     else:
         path, kwargs = name, {"revision": revision, "trust_remote_code": trust_remote_code}
+    _check_local(str(path))
     if Path(str(path), "adapter_config.json").is_file():
         return _load_peft(str(path), torch_dtype, device)
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
     placement = {"device_map": device_map} if device_map is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement, **kwargs)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load the base model {name!r}: {err}\nA local folder must hold config.json and "
+                             "the weights; a Hub id needs the network once (or a cached copy with HF_HUB_OFFLINE=1)"
+                             ) from err
     if device and device_map is None:
         model.to(device)
     if name in (DEFAULT_MODEL, "default"):
         model.config._name_or_path = DEFAULT_MODEL_ID
     return model.eval(), tok
+
+
+def _check_local(name: str) -> None:
+    """A name that can only be a path (absolute, ``./``, ``../``, ``~``) must exist: otherwise transformers would
+    report it as a malformed Hub repo id."""
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        raise ModelLoadError(f"base model folder {name} does not exist (model.name: a local folder, a Hub id "
+                             f"'org/name', or '{DEFAULT_MODEL}' for the embedded default)")
 
 
 def _default_converted() -> Path:

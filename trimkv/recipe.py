@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .attention import IMPLS
+from .data import DataConfig
 from .train.engines import ENGINES
 from .errors import RecipeError
 from .gate import ACTIVATIONS, GATE_TYPES
@@ -137,9 +141,11 @@ _CHOICES = {
     ("logging", "wandb"): ("disabled", "offline", "online"),
 }
 _POSITIVE = {("loss", "budget"), ("loss", "chunk_size"), ("train", "steps"), ("train", "grad_accum"),
-             ("gates", "gate_hidden"), ("train", "log_every"), ("train", "keep_last")}
-_NON_NEGATIVE = {("train", "save_every"), ("train", "warmup_steps"), ("train", "grad_clip"), ("train", "lr"),
-                 ("train", "min_lr"), ("train", "weight_decay")}
+             ("gates", "gate_hidden"), ("train", "log_every"), ("train", "keep_last"), ("data", "batch_size"),
+             ("data", "seq_len"), ("data", "max_samples"), ("train", "lr"), ("train", "adam_eps")}
+_NON_NEGATIVE = {("train", "save_every"), ("train", "warmup_steps"), ("train", "grad_clip"), ("train", "min_lr"),
+                 ("train", "weight_decay"), ("gates", "init_std"), ("loss", "kl_weight"), ("loss", "ntp_weight"),
+                 ("loss", "capacity_weight")}
 
 
 def _section(cls, raw: Any, name: str):
@@ -149,10 +155,8 @@ def _section(cls, raw: Any, name: str):
         raise RecipeError(f"recipe section '{name}' must be a mapping, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     _reject_unknown(raw, fields, "field", prefix=f"{name}.")
-    values = {}
-    for key, val in raw.items():
-        default = getattr(cls(), key) if cls is not _data_config() else None
-        values[key] = _coerce(name, key, val, default)
+    hints = typing.get_type_hints(cls)
+    values = {key: _coerce(name, key, val, hints[key]) for key, val in raw.items()}
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
@@ -172,37 +176,56 @@ def _reject_unknown(keys, valid, what: str, *, prefix: str = "") -> None:
             raise RecipeError(f"unknown {what} '{prefix}{key}'{extra}; valid {noun}s: {sorted(valid)}")
 
 
-def _coerce(section: str, key: str, val: Any, default: Any) -> Any:
-    """YAML reads 2e-4 as a string; coerce to the default's type and check choices / signs."""
-    if isinstance(default, bool):
+def _coerce(section: str, key: str, val: Any, typ: Any) -> Any:
+    """Check ``val`` against the field's type (YAML reads 2e-4 as a string: numbers are coerced), its choices and
+    its range; raise RecipeError naming the field, the value and what it must be."""
+    name = f"'{section}.{key}'"
+    args = typing.get_args(typ)
+    if val is None:
+        if type(None) in args:
+            return None
+        raise RecipeError(f"{name} must be set (it has no 'null' value)")
+    base = next((a for a in args if a is not type(None)), typ) if args and type(None) in args else typ
+    if base is bool:
         if not isinstance(val, bool):
-            raise RecipeError(f"'{section}.{key}' must be true or false, got {val!r}")
-    elif isinstance(default, (int, float)) and val is not None:
-        try:
-            num = float(val) if not isinstance(val, bool) else None
-        except (TypeError, ValueError):
-            num = None
-        if num is None:
-            raise RecipeError(f"'{section}.{key}' must be a number, got {val!r}")
-        if not isinstance(default, float) and not num.is_integer():   # 2.5 steps must not silently become 2
-            raise RecipeError(f"'{section}.{key}' must be an integer, got {val!r}")
-        val = num if isinstance(default, float) else int(num)
-    elif isinstance(default, tuple) and isinstance(val, list):
-        val = tuple(float(v) for v in val)
+            raise RecipeError(f"{name} must be true or false, got {val!r} (YAML: write true / false, unquoted)")
+    elif base in (int, float):
+        val = _number(name, val, integer=base is int)
+    elif base is str:
+        if not isinstance(val, str):
+            raise RecipeError(f"{name} must be a string, got {type(val).__name__} {val!r}")
+    elif typing.get_origin(base) is tuple:
+        if not isinstance(val, (list, tuple)) or len(val) != len(typing.get_args(base)):
+            raise RecipeError(f"{name} must be a list of {len(typing.get_args(base))} numbers, got {val!r}")
+        val = tuple(_number(name, v, integer=False) for v in val)
     choices = _CHOICES.get((section, key))
     if choices and val not in choices:
-        raise RecipeError(f"'{section}.{key}' = {val!r} is not one of {choices}")
-    if (section, key) in _POSITIVE and (not isinstance(val, int) or val < 1):
-        raise RecipeError(f"'{section}.{key}' must be a positive integer, got {val!r}")
+        raise RecipeError(f"{name} = {val!r} is not one of {choices}")
+    if (section, key) in _POSITIVE and not val > 0:
+        raise RecipeError(f"{name} must be positive (> 0), got {val!r}")
     if (section, key) in _NON_NEGATIVE and val < 0:
-        raise RecipeError(f"'{section}.{key}' must be >= 0, got {val!r}")
+        raise RecipeError(f"{name} must be >= 0, got {val!r}")
     return val
 
 
-def _data_config():
-    from .data import DataConfig
-
-    return DataConfig
+def _number(name: str, val: Any, *, integer: bool) -> int | float:
+    """A finite number (an integer when ``integer``) from a YAML value; bools and strings that are no number
+    are refused."""
+    num = None
+    if not isinstance(val, bool):
+        try:
+            num = float(val)
+        except (TypeError, ValueError):
+            pass
+    if num is None:
+        raise RecipeError(f"{name} must be a number, got {val!r}")
+    if not math.isfinite(num):
+        raise RecipeError(f"{name} must be a finite number, got {val!r}")
+    if integer:
+        if not num.is_integer():   # 2.5 steps must not silently become 2
+            raise RecipeError(f"{name} must be an integer, got {val!r}")
+        return int(num)
+    return num
 
 
 def parse_recipe(raw: dict[str, Any]) -> Recipe:
@@ -213,9 +236,23 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
     _reject_unknown(raw, sections, "recipe section")
     if "data" not in raw:
         raise RecipeError("recipe has no 'data' section; set at least data.source (e.g. 'builtin:prose')")
-    classes = dict(model=ModelSection, gates=GatesSection, data=_data_config(), loss=LossSection,
+    classes = dict(model=ModelSection, gates=GatesSection, data=DataConfig, loss=LossSection,
                    train=TrainSection, output=OutputSection, logging=LoggingSection)
-    return Recipe(**{name: _section(cls, raw.get(name), name) for name, cls in classes.items()})
+    recipe = Recipe(**{name: _section(cls, raw.get(name), name) for name, cls in classes.items()})
+    _check_across_fields(recipe)
+    return recipe
+
+
+def _check_across_fields(recipe: Recipe) -> None:
+    t = recipe.train
+    if t.min_lr > t.lr:
+        raise RecipeError(f"'train.min_lr' = {t.min_lr} is above 'train.lr' = {t.lr}: the cosine schedule decays from "
+                          "lr to min_lr; lower min_lr")
+    if not all(0 <= b < 1 for b in t.betas):
+        raise RecipeError(f"'train.betas' = {list(t.betas)} must both be in [0, 1)")
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("'train.device' = 'cuda' but torch sees no CUDA GPU here (a CPU build of torch, or no "
+                          "driver): use 'auto' (CUDA when available, else CPU) or 'cpu'")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -255,3 +292,28 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
+
+
+# Fields a resumed run may change: they do not alter what the saved optimiser state, gates and data position mean.
+RESUMABLE_CHANGES = {("train", "steps"), ("train", "log_every"), ("train", "save_every"), ("train", "keep_last"),
+                     ("train", "resume"), ("train", "device"), ("output", "checkpoint"), ("logging", "wandb"),
+                     ("logging", "project"), ("logging", "run_name"), ("logging", "tensorboard"),
+                     ("output", "push_to_hub"), ("output", "push_checkpoints"), ("output", "hub_private"),
+                     ("output", "license")}
+
+
+def recipe_changes(old: Recipe, new: Recipe) -> list[str]:
+    """``["section.field: old -> new", ...]`` for every field that differs and may not change on resume."""
+    a, b = _flat(old.to_dict()), _flat(new.to_dict())
+    return [f"{'.'.join(k)}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k[:2] not in RESUMABLE_CHANGES]
+
+
+def _flat(d: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+    out: dict[tuple, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = list(v) if isinstance(v, tuple) else v
+    return out

@@ -18,6 +18,8 @@ Every function that takes an engine is collective: all ranks call it; rank 0 wri
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -28,13 +30,14 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ..errors import ResumeError
+from ..gate import nonfinite_keys
 from .distributed import all_gather_object, barrier, is_main_process, print0
 
 FORMAT_VERSION = 1
@@ -192,6 +195,9 @@ class TrainingCheckpoints:
         for _, path in reversed(self.steps()):
             try:
                 verify(path)
+                bad = nonfinite_keys(load_file(str(path / GATES_FILE)))
+                if bad:
+                    raise ResumeError(f"{path}: the gates hold NaN or inf ({bad[:3]}): the run had diverged")
                 return path
             except ResumeError as err:
                 warnings.warn(f"skipping training checkpoint: {err}", stacklevel=2)
@@ -232,3 +238,28 @@ class TrainingCheckpoints:
         set_rng_state(rngs[rank % len(rngs)])
         print0(f"resumed from {path} (step {state['step']})")
         return TrainState(step=int(state["step"]), data=dict(state["data"]), path=path)
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold ``<run_dir>/.lock`` for the duration of a run, so that a second run on the same folder is refused instead
+    of interleaving its metrics and checkpoints with the first. The OS drops the lock when the process dies (even by
+    SIGKILL), so a crashed run never blocks its resume."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            raise ResumeError(f"{run_dir} is in use by a running training ({owner}): wait for it to finish, or give "
+                              "this run another output.run_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

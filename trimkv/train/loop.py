@@ -5,6 +5,7 @@ checkpoints. One step's maths is :func:`trimkv.train.step.training_step`; how it
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from ..attach import GateHandle
-from ..errors import RecipeError
+from ..errors import NonFiniteError, RecipeError
 from ..progress import Progress
 from .distributed import all_reduce_mean
 from .engines import PlainEngine
@@ -55,12 +56,17 @@ class MetricsLog:
 
 def tensorboard_writer(log_dir: Path):
     """A ``torch.utils.tensorboard.SummaryWriter``; it needs the ``tensorboard`` package (an optional extra)."""
+    return summary_writer_class()(log_dir=str(log_dir))
+
+
+def summary_writer_class():
+    """``SummaryWriter``, or RecipeError naming the extra to install (checked before a run loads its model)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
         raise RecipeError("logging.tensorboard: true needs the tensorboard package: pip install 'trimkv[tensorboard]' "
                           f"(or pip install tensorboard), or set logging.tensorboard: false ({err})") from err
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter
 
 
 def scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -103,6 +109,11 @@ def train_loop(model, handle: GateHandle, batches: Iterator[dict], recipe: Recip
         elapsed = time.perf_counter() - t0
         m = _metrics(parts, gnorm, engine.lr(), tokens / elapsed, all_reduce_mean)
         m["seconds"] = elapsed                                              # since this process started the loop
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            raise NonFiniteError(
+                f"step {step + 1}: loss {m['loss']} and gradient norm {m['grad_norm']} (kl {m['kl']}, ntp {m['ntp']}, "
+                f"cap {m['cap']}): the run diverged, so it stops here without saving these gates; the newest "
+                "training checkpoint is intact. Lower train.lr or check the data, then resume or restart")
         history.append({"step": step + 1, **m})
         if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
             log.log(step + 1, m)

@@ -4,6 +4,7 @@ gates, pick the engine, resume if asked, stream this rank's batches, run the loo
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -12,16 +13,16 @@ from typing import Any, Iterator
 import torch
 
 from ..attach import attach_gates
-from ..checkpoint import load_gate_checkpoint, push_to_hub, save_gates
+from ..checkpoint import check_writable, load_gate_checkpoint, push_to_hub, save_gates
 from ..data import DataError, batches, hub_dataset_ids, prepare_data
 from ..errors import GateCheckpointError
 from ..gate import GateConfig, RetentionGates, check_compatible
 from ..models import load_model
-from ..recipe import Recipe, RecipeError, load_recipe, save_recipe
-from .checkpoints import ResumeError, TrainingCheckpoints
+from ..recipe import Recipe, RecipeError, load_recipe, recipe_changes, save_recipe
+from .checkpoints import ResumeError, TrainingCheckpoints, run_dir_lock
 from .distributed import barrier, close_distributed, init_distributed, main_process_first, print0
 from .engines import build_engine
-from .loop import MetricsLog, train_loop
+from .loop import MetricsLog, summary_writer_class, train_loop
 
 
 class EpochStream:
@@ -122,21 +123,43 @@ def finetune(recipe: Recipe | str | Path, *, overrides: list[str] | None = None,
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
+    resume = recipe.train.resume if resume is None else resume
     info = init_distributed(recipe.train.device, engine=recipe.train.engine)
     try:
-        return _finetune(recipe, info, recipe.train.resume if resume is None else resume, progress, until_step)
+        lock = run_dir_lock(recipe.output.run_dir) if info.is_main else contextlib.nullcontext()
+        with lock:
+            _preflight(recipe, resume, write=info.is_main)
+            return _finetune(recipe, info, resume, progress, until_step)
     finally:
         close_distributed(info)
+
+
+def _preflight(recipe: Recipe, resume: bool, *, write: bool) -> None:
+    """Everything that can be checked before the model loads: where the gates will go, whether the run folder
+    holds an earlier run, and - on resume - that the recipe changed only in fields a resume may change. Then the
+    resolved recipe is saved next to the run."""
+    run_dir = Path(recipe.output.run_dir)
+    check_writable(recipe.checkpoint_dir())
+    if recipe.logging.tensorboard:
+        summary_writer_class()
+    if not resume and TrainingCheckpoints(run_dir / "checkpoints").steps():
+        raise ResumeError(f"{run_dir / 'checkpoints'} holds training checkpoints of an earlier run: pass --resume "
+                          "(train.resume: true) to continue it, or choose another output.run_dir")
+    saved = run_dir / "recipe.yaml"
+    if resume and saved.is_file():
+        changed = recipe_changes(load_recipe(saved), recipe)
+        if changed:
+            raise ResumeError(f"resuming {run_dir} with a recipe that differs from the one it was trained with in "
+                              f"{len(changed)} field(s) a resume cannot honour: " + "; ".join(changed)
+                              + ". Only steps, logging, checkpoint cadence, device, the export folder and the Hub settings may change; "
+                              "start a new run (another output.run_dir, or gates.init_from) for the rest")
+    if write:
+        save_recipe(recipe, saved)  # the resolved config lives next to every run
 
 
 def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: int | None) -> Path:
     run_dir, cfg = Path(recipe.output.run_dir), recipe.train
     checkpoints = TrainingCheckpoints(run_dir / "checkpoints", keep_last=cfg.keep_last)
-    if not resume and checkpoints.steps():
-        raise ResumeError(f"{checkpoints.folder} holds training checkpoints of an earlier run: pass --resume "
-                          "(train.resume: true) to continue it, or choose another output.run_dir")
-    if info.is_main:
-        save_recipe(recipe, run_dir / "recipe.yaml")  # the resolved config lives next to every run
     torch.manual_seed(cfg.seed)
     m = recipe.model
     with main_process_first():  # one rank downloads / converts the model and tokenises the data
