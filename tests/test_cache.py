@@ -71,7 +71,7 @@ def test_big_budget_generates_like_the_full_cache(family, gate_type, chunk):
     assert cache.get_seq_length() == 40 + 10 - 1      # the last sampled token is never fed back
 
 
-@pytest.mark.parametrize("gate_type", ["rg", "rg2"])
+@pytest.mark.parametrize("gate_type", ["rg", "rg2", "rg2-all", "rg3"])
 def test_full_cache_with_soft_gates_matches_recomputing(gate_type):
     """generate() with a DynamicCache and strongly decaying gates = the gated model run on the whole sequence."""
     model, handle = gated_model(gate_type=gate_type, bias_init=1.0)
@@ -230,3 +230,14 @@ def test_budget_must_exceed_sink_plus_window():
     with pytest.raises(ValueError, match="budget"):
         RetentionCache(0, 2)
     RetentionCache(7, 2, sink=2, window=4)
+
+
+def test_each_layer_allocates_on_its_key_states_device():
+    """The slot buffers are allocated lazily from the first key states a layer sees, so a model split over devices
+    keeps each layer's cache beside its layer (the meta device stands in for a second device)."""
+    cache = RetentionCache(8, 2, sink=1, window=2)
+    k = torch.zeros(1, 2, 3, 16, device="meta")
+    cache.layers[1].lazy_initialization(k, k)
+    layer = cache.layers[1]
+    assert {t.device.type for t in (layer.keys, layer.values, layer.pos, layer.logb, layer.t_now)} == {"meta"}
+    assert not cache.layers[0].is_initialized

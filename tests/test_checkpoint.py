@@ -259,7 +259,7 @@ def test_hub_source_goes_through_snapshot_download(saved, monkeypatch):
     assert gates.config.base_model == "tiny/llama"
     repo_id, kwargs = calls[0]
     assert repo_id == "user/gates" and kwargs["revision"] == "v2" and kwargs["local_files_only"] is True
-    assert sorted(kwargs["allow_patterns"]) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(kwargs["allow_patterns"]) == ["README.md", "config.json", "model.safetensors", "trimkv_weights.pth"]
     load_gate_checkpoint("user/gates", revision="dev")
     assert calls[1][1]["revision"] == "dev"
     with pytest.raises(ValueError, match="give one"):
@@ -324,6 +324,7 @@ class FakeApi:
         FakeApi.calls.append(("upload_folder", kwargs))
         folder = pathlib.Path(kwargs["folder_path"])
         FakeApi.uploaded = sorted(p.name for p in folder.iterdir())
+        FakeApi.card = (folder / "README.md").read_text()
         return "https://huggingface.co/user/gates/commit/abc"
 
 
@@ -337,9 +338,11 @@ def test_push_to_hub_validates_then_uploads(saved, monkeypatch):
     assert FakeApi.calls[0] == ("init", "tok")
     assert FakeApi.calls[1][2]["private"] is True and FakeApi.calls[1][2]["exist_ok"] is True
     upload = FakeApi.calls[3][1]
-    assert pathlib.Path(upload["folder_path"]) == saved and upload["revision"] == "v1"
+    assert pathlib.Path(upload["folder_path"]).name == saved.name and upload["revision"] == "v1"
     assert upload["repo_id"] == "user/gates" and upload["commit_message"] == "Upload trimkv gates"
     assert FakeApi.uploaded == ["README.md", "config.json", "model.safetensors"]
+    assert "load_gates(model, 'user/gates@v1')" in FakeApi.card          # the uploaded card names the repo
+    assert "user/gates" not in (saved / "README.md").read_text()          # the local folder is not changed
 
 
 def test_push_to_hub_refuses_a_broken_checkpoint(saved, monkeypatch):

@@ -24,7 +24,39 @@ def test_rg2_reads_key_and_value_per_head():
     assert gate(torch.randn(2, 2, 7, 32)).shape == (2, 2, 7)       # [B, Hkv, T, 2D] -> [B, Hkv, T]
 
 
-@pytest.mark.parametrize("gate_type", ["rg", "rg2"])
+@pytest.mark.parametrize("gate_type", ["rg2-all", "rg3"])
+def test_authors_kv_gates_read_all_heads_at_once(gate_type):
+    """rg2-all / rg3: one MLP over [k_1; v_1; ...; k_H; v_H]: changing head 0's input moves every head's logit."""
+    cfg = _cfg(gate_type=gate_type, init_std=0.5, bias_init=0.0)
+    assert cfg.in_features == 2 * 2 * 16
+    gate = RetentionGate(cfg)
+    x = torch.randn(2, 2, 7, 32)
+    y = x.clone()
+    y[:, 0] += 1.0
+    a, b = gate(x), gate(y)
+    assert a.shape == (2, 2, 7) and not torch.allclose(a[:, 1], b[:, 1])
+    names = sorted(n for n, _ in gate.named_parameters())
+    assert names == (["bias", "w1.weight", "w2.weight", "w3.weight"] if gate_type == "rg3"
+                     else ["bias", "w1.bias", "w1.weight", "w2.weight"])
+
+
+@pytest.mark.parametrize("gate_type", ["rg", "rg2", "rg2-all", "rg3"])
+def test_parameter_count_matches_the_module(gate_type):
+    cfg = _cfg(gate_type=gate_type)
+    assert cfg.num_parameters() == RetentionGates(cfg).num_parameters()
+
+
+def test_activation_is_configurable_and_validated():
+    x = torch.randn(1, 4, 64)
+    silu = RetentionGate(_cfg(init_std=0.5, bias_init=0.0))
+    gelu = RetentionGate(_cfg(init_std=0.5, bias_init=0.0, activation="gelu"))
+    gelu.load_state_dict(silu.state_dict())
+    assert not torch.allclose(silu(x), gelu(x))
+    with pytest.raises(ValueError, match="activation"):
+        _cfg(activation="softmax")
+
+
+@pytest.mark.parametrize("gate_type", ["rg", "rg2", "rg2-all", "rg3"])
 def test_output_is_fp32_for_bf16_input(gate_type):
     gate = RetentionGate(_cfg(gate_type=gate_type))
     x = torch.randn(1, 5, 64) if gate_type == "rg" else torch.randn(1, 2, 5, 32)

@@ -133,3 +133,11 @@ def test_batch_rows_are_independent():
 def test_too_small_budget_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="floor \\+ sink \\+ window"):
         GlobalRetentionCache(10, 4, 2, floor=1)
+
+
+def test_layers_on_another_device_than_the_pool_are_refused():
+    cache = GlobalRetentionCache(32, 2, 2, floor=1)
+    cache.layers[0].lazy_initialization(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16))
+    with pytest.raises(RuntimeError, match="RetentionCache"):
+        cache.layers[1].lazy_initialization(torch.zeros(1, 2, 3, 16, device="meta"),
+                                            torch.zeros(1, 2, 3, 16, device="meta"))

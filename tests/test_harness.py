@@ -152,3 +152,43 @@ def test_plot_cli_draws_several_results_folders_together(tmp_path, capsys):
     assert is_png(tmp_path / "2048" / "accuracy_vs_budget.png")
     with pytest.raises(SystemExit, match="no metrics.json"):
         main(["plot", "accuracy", str(tmp_path / "2048"), str(tmp_path / "missing")])
+
+
+def test_eval_cli_takes_device_and_dtype_and_its_results_reach_the_pushed_card(tokenizer, tmp_path, monkeypatch,
+                                                                               fake_hub):
+    """`trimkv eval --device cpu --dtype auto` loads the model so; its metrics.json, given to `trimkv push --results`,
+    becomes the card's model-index (for these gates' results only)."""
+    import yaml
+
+    from trimkv.cli import main
+
+    model = tiny()
+    gates = save_gates(attach_gates(tiny(), gate_hidden=8, bias_init=3.0).detach(), tmp_path / "gates")
+    seen = {}
+    monkeypatch.setattr("trimkv.models.load_model", lambda name, **kw: seen.update(name=name, **kw) or (model, tokenizer))
+    out = tmp_path / "results"
+    assert main(["eval", "--model", "tiny", "--device", "cpu", "--dtype", "auto", "--gates", str(gates),
+                 "--tasks", "passkey", "--lengths", "256", "--budgets", "16", "--policies", "full,trimkv", "--n", "1",
+                 "--sink", "2", "--window", "4", "--max-new-tokens", "2", "--quiet", "--out", str(out)]) == 0
+    assert seen == {"name": "tiny", "dtype": "auto", "device": "cpu", "device_map": None}
+    recs = json.loads((out / "metrics.json").read_text())
+    mine = [r for r in recs if r["policy"] == "trimkv"]
+    assert mine and mine[0]["gates"] and [r["gates"] for r in recs if r["policy"] == "full"] == [None]
+
+    assert main(["push", str(gates), "me/g", "--results", str(out)]) == 0
+    front = yaml.safe_load(fake_hub.uploads[-1]["card"].split("---\n")[1])
+    (result,) = front["model-index"][0]["results"]
+    assert result["metrics"][0]["value"] == pytest.approx(100 * mine[0]["score"])
+    with pytest.raises(SystemExit, match="no metrics.json"):
+        main(["push", str(gates), "me/g", "--results", str(tmp_path / "nothing")])
+
+
+def test_demo_takes_device_and_dtype(monkeypatch):
+    from trimkv import demo
+    from trimkv.cli import main
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: seen.update(kw))
+    assert main(["demo", "--device", "cuda", "--dtype", "bfloat16"]) == 0
+    assert seen["device"] == "cuda" and seen["dtype"] == "bfloat16"
+    assert main(["demo"]) == 0 and (seen["device"], seen["dtype"]) == ("auto", "auto")

@@ -106,3 +106,22 @@ def test_save_recipe_round_trips(tmp_path, source):
     again = load_recipe(out)
     assert again == recipe
     assert again.train.betas == recipe.train.betas and isinstance(again.train.betas, tuple)
+
+
+def test_hub_fields_parse_and_validate():
+    r = parse_recipe({
+        "model": {"dtype": "auto"},
+        "gates": {"gate_type": "rg3", "activation": "gelu_pytorch_tanh"},
+        "data": {"source": "user/long-qa", "config_name": "en", "revision": "v1", "split": "train[:1%]"},
+        "output": {"push_to_hub": "me/gates", "push_checkpoints": True, "hub_private": True, "license": "mit"},
+        "logging": {"tensorboard": True},
+    })
+    assert (r.data.config_name, r.data.revision, r.output.push_to_hub, r.output.license) == ("en", "v1", "me/gates",
+                                                                                             "mit")
+    assert r.logging.tensorboard and r.output.push_checkpoints and r.model.dtype == "auto"
+    with pytest.raises(RecipeError, match="activation"):
+        parse_recipe({"data": {"source": "builtin:prose"}, "gates": {"activation": "softmax"}})
+    with pytest.raises(RecipeError, match="push_checkpoints"):
+        parse_recipe({"data": {"source": "builtin:prose"}, "output": {"push_checkpoints": "yes"}})
+    with pytest.raises(RecipeError, match="config_name"):
+        parse_recipe({"data": {"source": "builtin:prose", "config_name": "en"}})

@@ -5,9 +5,10 @@ when gates are attached.
 """
 from .attach import GateHandle, attach_gates, detach_gates, gates_disabled
 from .cache import RetentionCache
-from .checkpoint import load_gate_checkpoint, load_gates, push_to_hub, save_gates
+from .checkpoint import convert_checkpoint, load_gate_checkpoint, load_gates, push_to_hub, save_gates
 from .gate import GateConfig, RetentionGate, RetentionGates
 from .generate import generate
+from .pipeline import Answers, answer
 from .policies import EvictionPolicy, RetentionPolicy, get_policy
 
 __version__ = "0.1.0"
@@ -28,5 +29,8 @@ __all__ = [
     "load_gates",
     "load_gate_checkpoint",
     "push_to_hub",
+    "convert_checkpoint",
     "generate",
+    "answer",
+    "Answers",
 ]

@@ -67,7 +67,7 @@ class Record:
 class LayerInput:
     """What the attention pre-hook of one layer worked out for the attention call that follows it."""
 
-    logb: torch.Tensor | None   # [B, Hkv, S] fp32 log beta of every key (None: gates off, or rg2 gates)
+    logb: torch.Tensor | None   # [B, Hkv, S] fp32 log beta of every key (None: gates off, or gates that read [k; v])
     pos: torch.Tensor           # [B, T] positions of the new tokens
     bounded: BoundedLayer | None  # the layer of a bounded cache, when the model runs with one
 
@@ -140,8 +140,7 @@ def attach_gates(model: nn.Module, gates: RetentionGates | None = None, *, gate_
         cfg = gate_config or GateConfig.for_model(model.config, **gate_overrides)
         gates = RetentionGates(cfg)
     check_compatible(gates.config, model)
-    param = next(model.parameters())
-    gates.to(device=param.device, dtype=torch.float32)
+    place_gates(gates, mods)
     for p in model.parameters():
         p.requires_grad_(False)
     model.add_module(GATES_ATTR, gates)
@@ -156,6 +155,20 @@ def attach_gates(model: nn.Module, gates: RetentionGates | None = None, *, gate_
         handle._hooks.append(mod.register_forward_pre_hook(_attn_pre_hook(handle, idx), with_kwargs=True))
     model.set_attn_implementation(ATTN_NAME)
     return handle
+
+
+def place_gates(gates: RetentionGates, mods: list[nn.Module]) -> None:
+    """fp32, and each layer's gate on the device of that layer's attention weights, so a model split over devices
+    (``device_map="auto"``) runs every gate where its layer runs."""
+    for gate, mod in zip(gates.layers, mods):
+        gate.to(device=module_device(mod), dtype=torch.float32)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's weights live (the first parameter or buffer; CPU for a module without either)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def detach_gates(model: nn.Module) -> RetentionGates | None:
@@ -205,7 +218,7 @@ def _attn_pre_hook(handle: GateHandle, layer_idx: int):
             pos = torch.arange(past, past + T, device=hidden.device)[None]
         pos = pos.expand(B, T)
         gate = handle.gates[layer_idx]
-        logb = gate(hidden) if (handle.enabled and gate.gate_type == "rg") else None  # [B, Hkv, T]
+        logb = gate(hidden) if (handle.enabled and not gate.reads_kv) else None  # [B, Hkv, T]
         bounded = cache.layers[layer_idx] if isinstance(cache, BoundedCache) else None
         if logb is not None and bounded is None and cache is not None:
             logb = _with_cached_logb(cache, layer_idx, logb)               # [B, Hkv, past + T]
@@ -214,7 +227,7 @@ def _attn_pre_hook(handle: GateHandle, layer_idx: int):
             if handle._new_valid is None or handle._new_valid[0] != T:
                 handle._new_valid = (T, _new_token_mask(handle._mask2d, T, hidden.device))
             gate_fn = None
-            if gate.gate_type == "rg2" and handle.enabled:
+            if gate.reads_kv and handle.enabled:
                 gate_fn = lambda k, v: gate(torch.cat([k, v], dim=-1))  # noqa: E731  [B,Hkv,T,2D] -> [B,Hkv,T]
             bounded.stage(logb=logb, pos=pos, valid=handle._new_valid[1], gate_fn=gate_fn)
     return hook
@@ -283,7 +296,7 @@ def trimkv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         logb = inp.logb
         if logb is not None:
             logb = logb[..., -key.shape[2]:]                              # a sliding-window cache keeps the tail
-        if logb is None:  # rg2: the gate reads post-RoPE [k; v]
+        if logb is None:  # rg2 / rg2-all / rg3: the gate reads post-RoPE [k; v]
             logb = handle.gates[layer_idx](torch.cat([key, value], dim=-1))
         if handle.record and key.shape[2] == query.shape[2]:
             handle.records[layer_idx] = Record(logb=logb, pos=k_pos, seg=seg)

@@ -72,7 +72,9 @@ class DataConfig:
     """Where the training text comes from and how it becomes ``[B, T]`` batches.
 
     ``source``: ``"builtin:prose"`` (the corpus shipped with trimkv), a Hub dataset id, or a local
-    ``.jsonl`` / ``.json`` / ``.parquet`` / ``.txt`` file or a folder of such files.
+    ``.jsonl`` / ``.json`` / ``.parquet`` / ``.txt`` file or a folder of such files. A Hub dataset takes
+    ``config_name`` (its subset, ``datasets.load_dataset(source, name=...)``), ``revision`` (a branch, tag or commit)
+    and ``split``.
     ``format``: ``"auto"`` picks ``"chat"`` if ``messages_column`` exists, else ``"completion"`` if
     ``prompt_column`` and ``completion_column`` exist (the completion is the target), else ``"text"`` if
     ``text_column`` exists (every token a target, or only those in a ``target_spans`` column when present).
@@ -90,6 +92,8 @@ class DataConfig:
     prompt_column: str = "prompt"
     completion_column: str = "completion"
     split: str = "train"
+    config_name: str | None = None
+    revision: str | None = None
     seq_len: int = 1024
     batch_size: int = 1
     pack: bool = True
@@ -125,6 +129,9 @@ class DataConfig:
         elif not self.source:
             raise DataError("DataConfig.source is empty: give 'builtin:prose', a Hub id or a path "
                              "(or a mixture of sources)")
+        elif (self.config_name or self.revision) and not is_hub_source(self.source):
+            raise DataError(f"DataConfig.config_name / revision apply to Hub datasets, but source={self.source!r} "
+                             "is a local path or a builtin: drop them")
 
     def describe(self) -> str:
         """The source, or the mixture's sources with their weights."""
@@ -163,6 +170,20 @@ class DataConfig:
 # ----------------------------------------------------------------------------- loading
 
 
+def is_hub_source(source: str) -> bool:
+    """True when ``source`` names a Hub dataset (not a builtin, not a local file or folder)."""
+    if source.startswith("builtin:"):
+        return False
+    path = Path(source).expanduser()
+    return not (path.exists() or source.startswith(("/", ".", "~")) or path.suffix in LOCAL_BUILDERS)
+
+
+def hub_dataset_ids(cfg: DataConfig) -> list[str]:
+    """The Hub datasets a config (or mixture) reads, in order, once each (for model cards)."""
+    ids = [c.source for c, _ in cfg.components() if is_hub_source(c.source)]
+    return list(dict.fromkeys(ids))
+
+
 def _local_files(source: str) -> list[Path] | None:
     """The data files behind a local ``source``, or None when ``source`` names a Hub dataset."""
     path = Path(source).expanduser()
@@ -173,8 +194,7 @@ def _local_files(source: str) -> list[Path] | None:
         return files
     if path.is_file():
         return [path]
-    looks_local = source.startswith(("/", ".", "~")) or path.suffix in LOCAL_BUILDERS
-    if looks_local:
+    if not is_hub_source(source):
         raise DataError(f"local data path {source} does not exist (DataConfig.source)")
     return None
 
@@ -207,7 +227,8 @@ def load_documents(cfg: DataConfig, tokenizer=None):
             cause = err.__cause__ or err.__context__ or err
             raise DataError(f"{cfg.source} could not be read as {builder}: {cause}") from err
     else:
-        ds = datasets.load_dataset(cfg.source, split=cfg.split, streaming=cfg.streaming)
+        ds = datasets.load_dataset(cfg.source, name=cfg.config_name, revision=cfg.revision, split=cfg.split,
+                                   streaming=cfg.streaming)
     if cfg.max_samples is not None and not cfg.source.startswith("builtin:qa"):
         ds = ds.take(cfg.max_samples) if cfg.streaming else ds.select(
             range(min(cfg.max_samples, len(ds))))

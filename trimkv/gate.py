@@ -9,14 +9,21 @@ Token i's retention at step t is beta_i^(t - i), i.e. log alpha_{t,i} = (t - i) 
 The per-head bias b starts at 18 so that beta ~ 1 and the gated model starts equal to the frozen one.
 
 Variants (``GateConfig.gate_type``):
-  * ``"rg"``  - input is the attention input x_i (default, the paper's gate).
-  * ``"rg2"`` - input is the post-RoPE key and the value of token i, concatenated per KV head
-                ([k_h; v_h] -> one logit for head h; weights shared across heads of a layer).
-The gate always runs in fp32, whatever the model's dtype: beta^(t-i) over 10^4+ steps underflows in bf16.
+  * ``"rg"``     - input is the attention input x_i (default, the paper's gate).
+  * ``"rg2"``    - input is the post-RoPE key and the value of token i, concatenated per KV head
+                   ([k_h; v_h] -> one logit for head h; weights shared across heads of a layer).
+  * ``"rg2-all"`` - the authors' released ``rg2``: one MLP reads [k_1; v_1; ...; k_H; v_H] (every KV head of the
+                   layer, flattened head by head) and emits one logit per head.
+  * ``"rg3"``    - the authors' released ``rg3``: the ``rg2-all`` input through a SwiGLU body,
+                   ``W2 (act(W1 x) * W3 x)`` (no biases but the per-head b).
+``GateConfig.activation`` names the nonlinearity (transformers' ``ACT2FN`` names; ``"silu"`` by default; the
+authors' gates use their base model's ``hidden_act``). The gate always runs in fp32, whatever the model's dtype:
+beta^(t-i) over 10^4+ steps underflows in bf16.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,10 +31,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2FN
 
 from .errors import GateMismatchError
 
-GATE_TYPES = ("rg", "rg2")
+GATE_TYPES = ("rg", "rg2", "rg2-all", "rg3")
+KV_GATE_TYPES = ("rg2", "rg2-all", "rg3")     # gates that read the post-RoPE [k; v] instead of the attention input
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "relu",
+               "tanh", "sigmoid")             # parameter-free names of transformers' ACT2FN
 
 
 @dataclass
@@ -42,16 +53,20 @@ class GateConfig:
     gate_hidden: int = 512
     bias_init: float = 18.0
     init_std: float = 0.02
+    activation: str = "silu"
     # Provenance / training metadata, written into config.json (not used by the math).
     base_model: str | None = None
     base_revision: str | None = None
     train_budget: int | None = None
     loss_weights: dict[str, float] = field(default_factory=dict)
+    base_load_kwargs: dict[str, Any] = field(default_factory=dict)  # trimkv.models.load_model(**kw) rebuilds the base
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.gate_type not in GATE_TYPES:
             raise ValueError(f"gate_type={self.gate_type!r} is unknown; choose one of {GATE_TYPES}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r} is unknown; choose one of {ACTIVATIONS}")
         for name in ("num_layers", "hidden_size", "num_kv_heads", "head_dim", "gate_hidden"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -64,8 +79,21 @@ class GateConfig:
             raise ValueError(f"GateConfig.init_std must be >= 0, got {self.init_std!r}")
 
     @property
+    def reads_kv(self) -> bool:
+        """True when the gate reads the post-RoPE [k; v] of the new tokens (not the attention input)."""
+        return self.gate_type in KV_GATE_TYPES
+
+    @property
     def in_features(self) -> int:
-        return self.hidden_size if self.gate_type == "rg" else 2 * self.head_dim
+        if self.gate_type == "rg":
+            return self.hidden_size
+        per_head = 2 * self.head_dim
+        return per_head if self.gate_type == "rg2" else self.num_kv_heads * per_head
+
+    def num_parameters(self) -> int:
+        """Gate parameters of all layers, as built by :class:`RetentionGates` (nothing is allocated)."""
+        with torch.device("meta"):
+            return sum(p.numel() for p in RetentionGate(self).parameters()) * self.num_layers
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,25 +130,33 @@ class RetentionGate(nn.Module):
     def __init__(self, cfg: GateConfig):
         super().__init__()
         self.gate_type = cfg.gate_type
+        self.reads_kv = cfg.reads_kv
         self.num_kv_heads = cfg.num_kv_heads
-        out = cfg.num_kv_heads if cfg.gate_type == "rg" else 1
-        self.w1 = nn.Linear(cfg.in_features, cfg.gate_hidden, bias=True)
+        out = 1 if cfg.gate_type == "rg2" else cfg.num_kv_heads
+        swiglu = cfg.gate_type == "rg3"
+        self.w1 = nn.Linear(cfg.in_features, cfg.gate_hidden, bias=not swiglu)
+        self.w3 = nn.Linear(cfg.in_features, cfg.gate_hidden, bias=False) if swiglu else None
         self.w2 = nn.Linear(cfg.gate_hidden, out, bias=False)
         self.bias = nn.Parameter(torch.full((cfg.num_kv_heads,), float(cfg.bias_init)))
-        nn.init.normal_(self.w1.weight, std=cfg.init_std)
-        nn.init.zeros_(self.w1.bias)
-        nn.init.normal_(self.w2.weight, std=cfg.init_std)
+        self.act = ACT2FN[cfg.activation]
+        for lin in (self.w1, self.w3, self.w2):
+            if lin is not None:
+                nn.init.normal_(lin.weight, std=cfg.init_std)
+        if self.w1.bias is not None:
+            nn.init.zeros_(self.w1.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """rg: x [B, T, d] -> log beta [B, H_kv, T].  rg2: x [B, H_kv, T, 2*D] -> log beta [B, H_kv, T]."""
+        """rg: x [B, T, d]; rg2 / rg2-all / rg3: x = [k; v] [B, H_kv, T, 2*D]. Returns log beta [B, H_kv, T]."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
-            h = self.w2(F.silu(self.w1(x)))                     # rg: [B, T, Hkv]; rg2: [B, Hkv, T, 1]
-            if self.gate_type == "rg":
-                logit = h.transpose(1, 2) + self.bias[:, None]  # [B, Hkv, T]
-            else:
-                logit = h.squeeze(-1) + self.bias[:, None]      # [B, Hkv, T]
-            return F.logsigmoid(logit)
+            if self.gate_type in ("rg2-all", "rg3"):
+                x = x.transpose(1, 2).flatten(2)                    # [B, T, Hkv * 2D], head by head
+            h = self.act(self.w1(x))
+            if self.w3 is not None:
+                h = h * self.w3(x)                                  # SwiGLU
+            h = self.w2(h)                                          # rg2: [B, Hkv, T, 1]; else [B, T, Hkv]
+            logit = h.squeeze(-1) if self.gate_type == "rg2" else h.transpose(1, 2)
+            return F.logsigmoid(logit + self.bias[:, None])         # [B, Hkv, T]
 
 
 class RetentionGates(nn.Module):
@@ -149,6 +185,14 @@ class RetentionGates(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def fingerprint(self) -> str:
+        """12 hex digits identifying the weights (evaluation results name the gates they measured by it)."""
+        h = hashlib.sha1()
+        for name, t in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:12]
 
     def fp32_state_dict(self) -> dict[str, torch.Tensor]:
         """CPU fp32 contiguous clones of the weights: what checkpoints store (safetensors rejects shared or strided

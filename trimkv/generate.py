@@ -10,6 +10,7 @@ from transformers import Cache, DynamicCache
 from .cache import BoundedCache, RetentionCache, dynamic_cache_nbytes
 from .compat import cache_kwargs
 from .errors import CacheError
+from .models import input_device
 from .policies import EvictionPolicy
 
 
@@ -48,7 +49,7 @@ def generate(model, tokenizer, prompt: str | torch.Tensor, *, budget: int | None
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     else:
         ids = prompt
-    ids = ids.to(next(model.parameters()).device)
+    ids = ids.to(input_device(model))
     if cache is None:
         cache = new_cache(model, budget, sink=sink, window=window, policy=policy)
     elif cache.get_seq_length() > 0:

@@ -22,7 +22,8 @@ table directly would remove the gather; not done).
 
 The layers are :class:`~trimkv.cache.BoundedLayer` s, so the attention reaches them through the same one call
 (``attend``); scores and sink / window protection are :mod:`trimkv.eviction`'s. Only the TRIM-KV retention policy
-is supported (scores must be comparable across layers).
+is supported (scores must be comparable across layers). The pool lives on one device: a model split over devices
+(``device_map``) needs :class:`~trimkv.cache.RetentionCache`, whose layers allocate where their layer runs.
 """
 from __future__ import annotations
 
@@ -174,6 +175,11 @@ class GlobalLayer(BoundedLayer):
     def lazy_initialization(self, key_states, value_states) -> None:
         if not self.pool.ready:
             self.pool.allocate(key_states, value_states)
+        if key_states.device != self.pool.keys.device:
+            raise RuntimeError(
+                f"layer {self.layer_idx} runs on {key_states.device} but the global pool lives on "
+                f"{self.pool.keys.device}: one pool serves one device; for a model split over devices "
+                "(device_map) use trimkv.RetentionCache, which allocates each layer on its own device")
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 

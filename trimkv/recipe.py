@@ -8,8 +8,8 @@ raises :class:`RecipeError` naming it (and the close matches), so a typo never s
     data:    training data (trimkv.data.DataConfig fields)
     loss:    memory budget M and loss weights
     train:   optimiser, schedule, steps
-    output:  where runs, logs and the exported gate checkpoint go
-    logging: wandb mode / project
+    output:  where runs, logs and the exported gate checkpoint go (and the Hub repo it is pushed to)
+    logging: wandb mode / project, TensorBoard (metrics.jsonl always)
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from .attention import IMPLS
 from .data import DataConfig
 from .train.engines import ENGINES
 from .errors import RecipeError
-from .gate import GATE_TYPES
+from .gate import ACTIVATIONS, GATE_TYPES
 from .losses import CAPACITY_FORMS
-from .models import DTYPES
+from .models import DTYPE_CHOICES
 
 
 
@@ -39,14 +39,16 @@ from .models import DTYPES
 class ModelSection:
     name: str = "smollm2"            # "smollm2" = the embedded SmolLM2-135M-Instruct; or a Hub id / local folder
     revision: str | None = None      # Hub revision of the base model
-    dtype: str = "float32"           # weights dtype: float32 | bfloat16 | float16
+    dtype: str = "float32"           # weights dtype: float32 | bfloat16 | float16 | auto (the checkpoint's own)
     gguf_file: str | None = None     # load a GGUF file from `name` (a folder) with transformers' gguf_file=
     trust_remote_code: bool = False  # only if you trust the model repository's code
 
 
 @dataclass
 class GatesSection:
-    gate_type: str = "rg"            # trimkv.gate.GATE_TYPES: "rg" (attention input) | "rg2" (post-RoPE [k; v])
+    gate_type: str = "rg"            # trimkv.gate.GATE_TYPES: "rg" (attention input) | "rg2" (post-RoPE [k_h; v_h],
+                                     # one MLP shared by the heads) | "rg2-all" / "rg3" (the authors' [k; v] gates)
+    activation: str = "silu"         # the gate MLP's nonlinearity (trimkv.gate.ACTIVATIONS)
     gate_hidden: int = 512           # MLP width (the paper uses 512; smaller for small models)
     bias_init: float = 18.0          # per-head bias init: beta ~ 1 at step 0 (the paper's value)
     init_std: float = 0.02           # std of the normal init of W1 and W2
@@ -95,11 +97,16 @@ class TrainSection:
 class OutputSection:
     run_dir: str = "runs/default"    # metrics.jsonl, resolved recipe, training state
     checkpoint: str | None = None    # where the exported gate checkpoint goes (default: <run_dir>/gates)
+    push_to_hub: str | None = None   # Hub repo id ("user/name"): the exported gates are pushed there after training
+    push_checkpoints: bool = False   # also push the gates at every training checkpoint (one Hub commit per save)
+    hub_private: bool = False        # create the Hub repo private
+    license: str | None = "apache-2.0"  # Hub license id written into the model card (match the base model's terms)
 
 
 @dataclass
 class LoggingSection:
     wandb: str = "disabled"          # disabled | offline | online
+    tensorboard: bool = False        # also write TensorBoard events to <run_dir>/tensorboard (pip install trimkv[tensorboard])
     project: str = "trimkv"
     run_name: str | None = None
 
@@ -123,8 +130,9 @@ class Recipe:
 
 # Lists of names are owned by the modules that implement them; validation reads them from there.
 _CHOICES = {
-    ("model", "dtype"): tuple(DTYPES),
+    ("model", "dtype"): DTYPE_CHOICES,
     ("gates", "gate_type"): GATE_TYPES,
+    ("gates", "activation"): ACTIVATIONS,
     ("loss", "capacity_form"): CAPACITY_FORMS,
     ("train", "attn_impl"): IMPLS,
     ("train", "device"): ("auto", "cpu", "cuda"),
@@ -289,7 +297,9 @@ def _plain(obj: Any) -> Any:
 # Fields a resumed run may change: they do not alter what the saved optimiser state, gates and data position mean.
 RESUMABLE_CHANGES = {("train", "steps"), ("train", "log_every"), ("train", "save_every"), ("train", "keep_last"),
                      ("train", "resume"), ("train", "device"), ("output", "checkpoint"), ("logging", "wandb"),
-                     ("logging", "project"), ("logging", "run_name")}
+                     ("logging", "project"), ("logging", "run_name"), ("logging", "tensorboard"),
+                     ("output", "push_to_hub"), ("output", "push_checkpoints"), ("output", "hub_private"),
+                     ("output", "license")}
 
 
 def recipe_changes(old: Recipe, new: Recipe) -> list[str]:

@@ -32,6 +32,7 @@ import torch
 
 from trimkv.eval.tasks import TASK_METRIC, TASKS, make_samples, render_prompt, score
 from trimkv.generate import generate, new_cache
+from trimkv.models import input_device
 from trimkv.policies import get_policy
 from trimkv.policies.oracle import NeedleOraclePolicy
 from trimkv.progress import Progress
@@ -181,7 +182,7 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
         settings = dict(model=model_name, n=n_samples, seed=seed, sink=sink, window=window,
                         prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, haystack=haystack, chat=chat,
                         depths=[lo, hi])
-        gate_id = _fingerprint(handle.gates) if "trimkv" in policies else None
+        gate_id = handle.gates.fingerprint() if "trimkv" in policies else None
         todo, done = [], {}
         for cell in cells:
             cfg = _cell_settings(cell, settings, gate_id)
@@ -200,15 +201,15 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
                 done[cell] = _run_cell(model, tokenizer, handle, cell, cfg, samples[key], bar)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(done[cell], indent=1))
-    for cell in cells:
-        records.append(done[cell]["metrics"])
+    for cell in cells:   # a trimkv record names the gates it measured (model cards keep only their own gates' results)
+        records.append({**done[cell]["metrics"], "gates": done[cell]["settings"].get("gates")})
         predictions += done[cell]["predictions"]
     _write_outputs(out, records, predictions)
     return records
 
 
 def _run_cell(model, tokenizer, handle, cell: Cell, cfg: dict, samples, bar) -> dict:
-    device = next(model.parameters()).device
+    device = input_device(model)
     max_new = cfg["max_new_tokens"] or MAX_NEW_TOKENS.get(cell.task, 32)
     rows, t_cell = [], time.perf_counter()
     bar.update(label=cell.slug)
@@ -254,14 +255,6 @@ def _check_names(tasks, policies) -> None:
     bad_p = [p for p in policies if p not in policy_names()]
     if bad_p:
         raise ValueError(f"unknown policy(ies) {bad_p}; valid policies: {', '.join(policy_names())}")
-
-
-def _fingerprint(gates) -> str:
-    h = hashlib.sha1()
-    for name, t in sorted(gates.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:12]
 
 
 def _digest(cfg: dict) -> str:
