@@ -132,6 +132,9 @@ class FakeEngine:
     def gate_state_dict(self):
         return {"layers.0.w1.weight": self.w.clone()}
 
+    def adapter_state_dict(self):
+        return {}                     # no LoRA adapters
+
 
 def test_failure_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     ckpts = TrainingCheckpoints(tmp_path / "checkpoints", keep_last=2)

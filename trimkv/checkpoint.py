@@ -1,11 +1,14 @@
 """Gate checkpoints: a folder a person can open, saved atomically, loaded safely, shared on the Hub.
 
-A checkpoint folder holds exactly three files::
+A checkpoint folder holds three files (and, with LoRA co-training, a peft adapter folder)::
 
     config.json        GateConfig fields + "trimkv_version" + "format_version"
     model.safetensors  gates.state_dict(): layers.{l}.w1.weight, layers.{l}.w1.bias, layers.{l}.w2.weight,
-                       layers.{l}.bias  (fp32; independent of the base model's module tree)
+                       layers.{l}.bias (rg10: layers.{l}.w2.bias, and shared.proj.weight + shared.bias once for all
+                       layers) (fp32; independent of the base model's module tree)
     README.md          generated model card with Hub front matter (library_name: trimkv)
+    lora/              optional: LoRA adapters trained with the gates (adapter_config.json + adapter_model.safetensors,
+                       what peft's PeftModel.save_pretrained writes); :func:`load_gates` injects them too
 
 Weights are only ever read from safetensors (no pickle). Every failure raises a
 :class:`GateCheckpointError` subclass whose message names the file / key and says what to do (the classes live in
@@ -29,7 +32,8 @@ from safetensors.torch import load_file, save_file
 
 from .attach import attach_gates
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, GateCheckpointError, GateMismatchError
-from .gate import GateConfig, RetentionGates, check_compatible
+from .gate import SHARED_HEAD_TYPES, GateConfig, RetentionGates, check_compatible
+from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_DIR, has_lora, load_lora, save_lora
 
 __all__ = ["save_gates", "load_gate_checkpoint", "load_gates", "push_to_hub", "write_model_card",
            "GateCheckpointError", "CheckpointNotFoundError", "CorruptCheckpointError", "GateMismatchError"]
@@ -38,7 +42,8 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
-CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME,
+                    f"{LORA_DIR}/{ADAPTER_CONFIG}", f"{LORA_DIR}/{ADAPTER_WEIGHTS}")   # lora/: only with LoRA
 _META_KEYS = ("trimkv_version", "format_version")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -54,12 +59,14 @@ def trimkv_version() -> str:
         return "0+unknown"
 
 
-def save_gates(gates: RetentionGates, path: str | os.PathLike, *, metadata: dict | None = None) -> pathlib.Path:
+def save_gates(gates: RetentionGates, path: str | os.PathLike, *, metadata: dict | None = None,
+               adapters: Any = None, adapter_state: dict | None = None) -> pathlib.Path:
     """Write ``gates`` as a checkpoint folder at ``path`` and return its path.
 
     The folder is built in a temp dir beside ``path`` and renamed into place, so a crash leaves either
     the old checkpoint or the new one, never a mix. ``metadata`` (data, steps, eval numbers, ...)
-    goes into the model card.
+    goes into the model card. ``adapters`` (a ``peft.PeftModel`` of LoRA adapters trained with the gates) are
+    written to ``lora/``: their current weights, or ``adapter_state`` when given (e.g. gathered under ZeRO-3).
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,6 +75,8 @@ def save_gates(gates: RetentionGates, path: str | os.PathLike, *, metadata: dict
     try:
         _write_config(tmp / CONFIG_NAME, gates.config)
         save_file(gates.fp32_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if adapters is not None:
+            save_lora(adapters, tmp / LORA_DIR, adapter_state)
         write_model_card(tmp / CARD_NAME, gates.config, metadata)
         _swap_into_place(tmp, path)
     except BaseException:
@@ -194,11 +203,13 @@ def _usage(config: GateConfig) -> str:
 
 
 def gate_parameter_count(config: GateConfig) -> int:
-    """Number of gate parameters implied by ``config`` (w1 + b1 + w2 + per-head bias, all layers)."""
-    out = config.num_kv_heads if config.gate_type == "rg" else 1
-    per_layer = config.in_features * config.gate_hidden + config.gate_hidden
-    per_layer += config.gate_hidden * out + config.num_kv_heads
-    return per_layer * config.num_layers
+    """Number of gate parameters implied by ``config`` (all layers; rg10's shared projection and bias counted once)."""
+    width, heads = config.gate_hidden, config.num_kv_heads
+    per_layer = config.in_features * width + width                    # w1 + b1
+    if config.gate_type in SHARED_HEAD_TYPES:
+        return (per_layer + width * width + width) * config.num_layers + width * heads + heads
+    out = 1 if config.reads_kv else heads
+    return (per_layer + width * out + heads) * config.num_layers
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -219,7 +230,8 @@ def load_gate_checkpoint(
 ) -> RetentionGates:
     """Load gates from a checkpoint folder or a Hub repo (``"user/name"`` / ``"user/name@revision"``).
 
-    ``local_files_only=None`` follows ``HF_HUB_OFFLINE``. Returns fp32 gates on the CPU.
+    ``local_files_only=None`` follows ``HF_HUB_OFFLINE``. Returns fp32 gates on the CPU (LoRA adapters a checkpoint
+    may carry are not read here; :func:`load_gates` injects them into a model).
     """
     folder = _resolve_folder(source, revision, local_files_only)
     config = _read_config(folder)
@@ -340,14 +352,26 @@ def load_gates(
     model: Any, source: str | os.PathLike, *, revision: str | None = None,
     local_files_only: bool | None = None, **attach_kwargs: Any,
 ):
-    """Load a gate checkpoint, check it fits ``model``, and attach it; returns the attach handle."""
-    gates = load_gate_checkpoint(source, revision=revision, local_files_only=local_files_only)
+    """Load a gate checkpoint, check it fits ``model``, and attach it; returns the attach handle.
+
+    A checkpoint with ``lora/`` (LoRA co-training) also injects those adapters into ``model`` (frozen); the handle's
+    ``disabled()`` then turns gates and adapters off together, and ``detach()`` removes both."""
+    folder = _resolve_folder(source, revision, local_files_only)
+    gates = _read_gates(folder, _read_config(folder))
     try:
         check_compatible(gates.config, model)      # before anything is attached (attach_gates checks again)
     except GateMismatchError as err:
         raise GateMismatchError(f"gate checkpoint {source}: {err}") from None
+    if getattr(model, "trimkv", None) is not None:
+        raise RuntimeError("gates are already attached to this model; call model.trimkv.detach() first")
     gates.to(device=_model_device(model), dtype=torch.float32)
-    return attach_gates(model, gates, **attach_kwargs)
+    adapters = load_lora(model, folder / LORA_DIR) if has_lora(folder) else None
+    try:
+        return attach_gates(model, gates, adapters=adapters, **attach_kwargs)
+    except BaseException:
+        if adapters is not None:
+            adapters.unload()
+        raise
 
 
 def _model_device(model: Any) -> torch.device:

@@ -12,6 +12,11 @@ Variants (``GateConfig.gate_type``):
   * ``"rg"``  - input is the attention input x_i (default, the paper's gate).
   * ``"rg2"`` - input is the post-RoPE key and the value of token i, concatenated per KV head
                 ([k_h; v_h] -> one logit for head h; weights shared across heads of a layer).
+  * ``"rg10"`` - DBTrimKV (arXiv 2605.09649, the authors' ``rg10`` with ``tie_retention_gate_layers``): a deeper
+                body per layer, x -> silu(W1 x + b1) -> silu(W2 . + b2), and ONE final projection W3 and per-head
+                bias b shared by all layers, so one scale calibrates the scores of every layer and head (what a
+                global top-k over all of them needs). The shared parameters are one tensor each
+                (``RetentionGates.shared``): stored once, one gradient summed over layers.
 The gate always runs in fp32, whatever the model's dtype: beta^(t-i) over 10^4+ steps underflows in bf16.
 """
 from __future__ import annotations
@@ -26,7 +31,8 @@ from torch import nn
 
 from .errors import GateMismatchError
 
-GATE_TYPES = ("rg", "rg2")
+GATE_TYPES = ("rg", "rg2", "rg10")   # the one list of gate types (the recipe's gates.gate_type)
+SHARED_HEAD_TYPES = ("rg10",)        # gate types whose final projection and bias are shared by all layers
 
 
 @dataclass
@@ -57,7 +63,12 @@ class GateConfig:
 
     @property
     def in_features(self) -> int:
-        return self.hidden_size if self.gate_type == "rg" else 2 * self.head_dim
+        return 2 * self.head_dim if self.gate_type == "rg2" else self.hidden_size
+
+    @property
+    def reads_kv(self) -> bool:
+        """True when the gate reads the post-RoPE [k; v] of a token (rg2), False when the attention input."""
+        return self.gate_type == "rg2"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -88,40 +99,69 @@ class GateConfig:
         return cls(**base)
 
 
-class RetentionGate(nn.Module):
-    """Gate of one decoder layer: x -> log beta per KV head (fp32, <= 0)."""
+class SharedHead(nn.Module):
+    """The final projection and per-head bias that rg10 gates share across layers: h [..., width] -> logit [..., Hkv]."""
 
     def __init__(self, cfg: GateConfig):
         super().__init__()
-        self.gate_type = cfg.gate_type
-        self.num_kv_heads = cfg.num_kv_heads
-        out = cfg.num_kv_heads if cfg.gate_type == "rg" else 1
-        self.w1 = nn.Linear(cfg.in_features, cfg.gate_hidden, bias=True)
-        self.w2 = nn.Linear(cfg.gate_hidden, out, bias=False)
+        self.proj = nn.Linear(cfg.gate_hidden, cfg.num_kv_heads, bias=False)
         self.bias = nn.Parameter(torch.full((cfg.num_kv_heads,), float(cfg.bias_init)))
-        nn.init.normal_(self.w1.weight, std=cfg.init_std)
-        nn.init.zeros_(self.w1.bias)
-        nn.init.normal_(self.w2.weight, std=cfg.init_std)
+        nn.init.normal_(self.proj.weight, std=cfg.init_std)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h) + self.bias
+
+
+class RetentionGate(nn.Module):
+    """Gate of one decoder layer: x -> log beta per KV head (fp32, <= 0).
+
+    rg10 gates get the :class:`SharedHead` of all layers as ``shared``; it is held by reference, not registered
+    here, so it appears once in the state dict (``shared.*`` of :class:`RetentionGates`) and in ``parameters()``.
+    """
+
+    def __init__(self, cfg: GateConfig, shared: SharedHead | None = None):
+        super().__init__()
+        self.gate_type = cfg.gate_type
+        self.reads_kv = cfg.reads_kv          # rg2: called with the post-RoPE [k; v], else with the attention input
+        self.num_kv_heads = cfg.num_kv_heads
+        self.w1 = nn.Linear(cfg.in_features, cfg.gate_hidden, bias=True)
+        if cfg.gate_type in SHARED_HEAD_TYPES:
+            if shared is None:
+                raise ValueError(f"{cfg.gate_type} gates share their final projection: pass the SharedHead of all "
+                                 "layers (build the gates with RetentionGates)")
+            self.w2 = nn.Linear(cfg.gate_hidden, cfg.gate_hidden, bias=True)   # second body layer, per layer
+            self.__dict__["shared"] = shared            # a reference, not a submodule: the tensors stay one
+        else:
+            self.w2 = nn.Linear(cfg.gate_hidden, 1 if cfg.reads_kv else cfg.num_kv_heads, bias=False)
+            self.bias = nn.Parameter(torch.full((cfg.num_kv_heads,), float(cfg.bias_init)))
+        for lin in (self.w1, self.w2):
+            nn.init.normal_(lin.weight, std=cfg.init_std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """rg: x [B, T, d] -> log beta [B, H_kv, T].  rg2: x [B, H_kv, T, 2*D] -> log beta [B, H_kv, T]."""
+        """rg / rg10: x [B, T, d] -> log beta [B, H_kv, T].  rg2: x [B, H_kv, T, 2*D] -> log beta [B, H_kv, T]."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
-            h = self.w2(F.silu(self.w1(x)))                     # rg: [B, T, Hkv]; rg2: [B, Hkv, T, 1]
-            if self.gate_type == "rg":
-                logit = h.transpose(1, 2) + self.bias[:, None]  # [B, Hkv, T]
+            h = F.silu(self.w1(x))
+            if self.gate_type in SHARED_HEAD_TYPES:
+                logit = self.shared(F.silu(self.w2(h))).transpose(1, 2)  # [B, Hkv, T]
+            elif self.gate_type == "rg":
+                logit = self.w2(h).transpose(1, 2) + self.bias[:, None]  # [B, Hkv, T]
             else:
-                logit = h.squeeze(-1) + self.bias[:, None]      # [B, Hkv, T]
+                logit = self.w2(h).squeeze(-1) + self.bias[:, None]      # [B, Hkv, T]
             return F.logsigmoid(logit)
 
 
 class RetentionGates(nn.Module):
-    """All gates of a model: ``gates[l]`` is layer l's :class:`RetentionGate`."""
+    """All gates of a model: ``gates[l]`` is layer l's :class:`RetentionGate`; ``gates.shared`` the final projection
+    shared by all layers (rg10 only, else None)."""
 
     def __init__(self, cfg: GateConfig):
         super().__init__()
         self.config = cfg
-        self.layers = nn.ModuleList(RetentionGate(cfg) for _ in range(cfg.num_layers))
+        self.shared = SharedHead(cfg) if cfg.gate_type in SHARED_HEAD_TYPES else None
+        self.layers = nn.ModuleList(RetentionGate(cfg, self.shared) for _ in range(cfg.num_layers))
 
     def __getitem__(self, idx: int) -> RetentionGate:
         return self.layers[idx]

@@ -1,12 +1,13 @@
 """Training recipes: YAML files in ``recipes/`` parsed into dataclasses and validated once, up front.
 
-A recipe has six sections; every field is documented on its dataclass below. An unknown or mistyped field
+A recipe has seven sections (``lora`` is optional); every field is documented on its dataclass below. An unknown or mistyped field
 raises :class:`RecipeError` naming it (and the close matches), so a typo never silently falls back to a default.
 
     model:   which frozen base model to load
     gates:   gate architecture (trimkv.gate.GateConfig fields)
     data:    training data (trimkv.data.DataConfig fields)
     loss:    memory budget M and loss weights
+    lora:    optional LoRA adapters on the attention projections, co-trained with the gates (trimkv.lora)
     train:   optimiser, schedule, steps
     output:  where runs, logs and the exported gate checkpoint go
     logging: wandb mode / project
@@ -25,7 +26,8 @@ from .attention import IMPLS
 from .train.engines import ENGINES
 from .errors import RecipeError
 from .gate import GATE_TYPES
-from .losses import CAPACITY_FORMS
+from .lora import DEFAULT_TARGETS
+from .losses import CAPACITY_FORMS, CAPACITY_SCOPES
 from .models import DTYPES
 
 
@@ -42,7 +44,8 @@ class ModelSection:
 
 @dataclass
 class GatesSection:
-    gate_type: str = "rg"            # trimkv.gate.GATE_TYPES: "rg" (attention input) | "rg2" (post-RoPE [k; v])
+    gate_type: str = "rg"            # trimkv.gate.GATE_TYPES: "rg" (attention input) | "rg2" (post-RoPE [k; v]) |
+                                     # "rg10" (DBTrimKV: two-layer body, final projection + bias shared by all layers)
     gate_hidden: int = 512           # MLP width (the paper uses 512; smaller for small models)
     bias_init: float = 18.0          # per-head bias init: beta ~ 1 at step 0 (the paper's value)
     init_std: float = 0.02           # std of the normal init of W1 and W2
@@ -54,10 +57,23 @@ class GatesSection:
 class LossSection:
     budget: int = 512                # M: tokens per KV head the cache may hold (match the deployment budget)
     capacity_form: str = "paper"     # "paper": mean_t relu(S_t - M)/t | "code": authors' later normalisation
+    capacity_scope: str = "per_head"  # trimkv.losses.CAPACITY_SCOPES: "per_head" (every head under M) | "global"
+                                     # (DBTrimKV: the sum over layers and heads under M * layers * KV heads)
     kl_weight: float = 1.0           # weight of KL(teacher || gated)
     ntp_weight: float = 1.0          # weight of next-token cross-entropy
     capacity_weight: float = 1.0     # lambda, weight of the capacity loss
     chunk_size: int = 512            # positions per LM-head chunk (memory O(chunk x vocab))
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False            # co-train peft LoRA adapters with the gates (the teacher stays the original model)
+    r: int = 8                       # LoRA rank
+    alpha: float = 16.0              # LoRA alpha: the update is scaled by alpha / r
+    dropout: float = 0.0             # dropout on the adapters' input
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS   # module names to adapt (peft target_modules): the attention
+                                     # projections q_proj, k_proj, v_proj, o_proj of Llama / Qwen / Mistral / Gemma
+    lr: float = 2e-4                 # AdamW peak lr of the adapters (the gates use train.lr; same warm-up and cosine)
 
 
 @dataclass
@@ -106,6 +122,7 @@ class Recipe:
     gates: GatesSection = field(default_factory=GatesSection)
     data: Any = None                 # trimkv.data.DataConfig
     loss: LossSection = field(default_factory=LossSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
     output: OutputSection = field(default_factory=OutputSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -122,6 +139,7 @@ _CHOICES = {
     ("model", "dtype"): tuple(DTYPES),
     ("gates", "gate_type"): GATE_TYPES,
     ("loss", "capacity_form"): CAPACITY_FORMS,
+    ("loss", "capacity_scope"): CAPACITY_SCOPES,
     ("train", "attn_impl"): IMPLS,
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "engine"): ENGINES,
@@ -129,9 +147,10 @@ _CHOICES = {
     ("logging", "wandb"): ("disabled", "offline", "online"),
 }
 _POSITIVE = {("loss", "budget"), ("loss", "chunk_size"), ("train", "steps"), ("train", "grad_accum"),
-             ("gates", "gate_hidden"), ("train", "log_every"), ("train", "keep_last")}
+             ("gates", "gate_hidden"), ("train", "log_every"), ("train", "keep_last"), ("lora", "r")}
 _NON_NEGATIVE = {("train", "save_every"), ("train", "warmup_steps"), ("train", "grad_clip"), ("train", "lr"),
-                 ("train", "min_lr"), ("train", "weight_decay")}
+                 ("train", "min_lr"), ("train", "weight_decay"), ("lora", "alpha"), ("lora", "dropout"),
+                 ("lora", "lr")}
 
 
 def _section(cls, raw: Any, name: str):
@@ -180,7 +199,10 @@ def _coerce(section: str, key: str, val: Any, default: Any) -> Any:
             raise RecipeError(f"'{section}.{key}' must be an integer, got {val!r}")
         val = num if isinstance(default, float) else int(num)
     elif isinstance(default, tuple) and isinstance(val, list):
-        val = tuple(float(v) for v in val)
+        kind = type(default[0]) if default else str
+        if kind is str and not all(isinstance(v, str) for v in val):
+            raise RecipeError(f"'{section}.{key}' must be a list of names, got {val!r}")
+        val = tuple(kind(v) for v in val)
     choices = _CHOICES.get((section, key))
     if choices and val not in choices:
         raise RecipeError(f"'{section}.{key}' = {val!r} is not one of {choices}")
@@ -188,6 +210,10 @@ def _coerce(section: str, key: str, val: Any, default: Any) -> Any:
         raise RecipeError(f"'{section}.{key}' must be a positive integer, got {val!r}")
     if (section, key) in _NON_NEGATIVE and val < 0:
         raise RecipeError(f"'{section}.{key}' must be >= 0, got {val!r}")
+    if (section, key) == ("lora", "dropout") and val >= 1:
+        raise RecipeError(f"'lora.dropout' must be below 1, got {val!r}")
+    if (section, key) == ("lora", "target_modules") and not val:
+        raise RecipeError("'lora.target_modules' names no module: list the projections to adapt (e.g. [q_proj, v_proj])")
     return val
 
 
@@ -200,12 +226,12 @@ def _data_config():
 def parse_recipe(raw: dict[str, Any]) -> Recipe:
     """Validate a recipe given as a dict (e.g. parsed YAML)."""
     if not isinstance(raw, dict):
-        raise RecipeError("a recipe must be a YAML mapping with sections model/gates/data/loss/train/output/logging")
+        raise RecipeError("a recipe must be a YAML mapping with sections model/gates/data/loss/lora/train/output/logging")
     sections = {f.name: f for f in dataclasses.fields(Recipe)}
     _reject_unknown(raw, sections, "recipe section")
     if "data" not in raw:
         raise RecipeError("recipe has no 'data' section; set at least data.source (e.g. 'builtin:prose')")
-    classes = dict(model=ModelSection, gates=GatesSection, data=_data_config(), loss=LossSection,
+    classes = dict(model=ModelSection, gates=GatesSection, data=_data_config(), loss=LossSection, lora=LoraSection,
                    train=TrainSection, output=OutputSection, logging=LoggingSection)
     return Recipe(**{name: _section(cls, raw.get(name), name) for name, cls in classes.items()})
 

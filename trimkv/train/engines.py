@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..lora import adapter_state_dict, load_adapter_state_dict
 from .distributed import DistInfo
 from .optim import build_optimizer, build_schedule, make_adamw
 from .step import prepare_batch, training_step
@@ -51,6 +52,14 @@ class _StepModule(nn.Module):
             return training_step(self.model, self.handle, batch, self.loss_cfg)
 
 
+def param_groups(handle, recipe) -> list[dict[str, Any]]:
+    """AdamW parameter groups: the gates at ``train.lr``; LoRA adapters, when attached, at ``lora.lr``."""
+    groups = [{"params": [p for p in handle.gates.parameters() if p.requires_grad]}]
+    if handle.adapter_params:
+        groups.append({"params": list(handle.adapter_params), "lr": recipe.lora.lr})
+    return groups
+
+
 class PlainEngine:
     """One process: forward, ``(loss / grad_accum).backward()``, clip, AdamW, schedule."""
 
@@ -60,9 +69,9 @@ class PlainEngine:
                  info: DistInfo | None = None):
         self.info = info or DistInfo(device=next(model.parameters()).device)
         self.model, self.handle, self.recipe = model, handle, recipe
-        self.params = [p for p in handle.gates.parameters() if p.requires_grad]
+        self.params = handle.trainable_parameters()
         if optimizer is None:
-            optimizer, scheduler = build_optimizer(self.params, recipe.train)
+            optimizer, scheduler = build_optimizer(param_groups(handle, recipe), recipe.train)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device = next(model.parameters()).device
         autocast = recipe.train.bf16 and self.device.type == "cuda"
@@ -113,6 +122,13 @@ class PlainEngine:
     def load_gate_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.handle.gates.load_state_dict(state)
 
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA adapters' weights (peft's keys, fp32 CPU); empty without adapters."""
+        return adapter_state_dict(self.handle.adapters) if self.handle.adapters is not None else {}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_adapter_state_dict(self.handle.adapters, state)
+
 
 class DDPEngine(PlainEngine):
     """DistributedDataParallel around the training step; gradients of the gates are averaged over ranks.
@@ -158,9 +174,9 @@ class DeepSpeedEngine(PlainEngine):
 
         self.info = info or DistInfo(device=next(model.parameters()).device)
         self.model, self.handle, self.recipe = model, handle, recipe
-        self.params = [p for p in handle.gates.parameters() if p.requires_grad]
+        self.params = handle.trainable_parameters()
         cfg = recipe.train
-        optimizer = optimizer or make_adamw(self.params, cfg)   # the same AdamW (eps included) as every engine
+        optimizer = optimizer or make_adamw(param_groups(handle, recipe), cfg)   # the same AdamW as every engine
 
         self.device = next(model.parameters()).device
         autocast = cfg.bf16 and self.device.type == "cuda"
@@ -210,6 +226,14 @@ class DeepSpeedEngine(PlainEngine):
     def load_gate_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         with self._gathered(modifier_rank=0):
             super().load_gate_state_dict(state)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        with self._gathered():
+            return super().adapter_state_dict()
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with self._gathered(modifier_rank=0):
+            super().load_adapter_state_dict(state)
 
     def _gathered(self, modifier_rank: int | None = None):
         if self.zero_stage < 3:

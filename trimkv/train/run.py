@@ -1,5 +1,6 @@
-"""A recipe end to end, top to bottom: join the launcher's process group, load the frozen model, attach fresh
-gates, pick the engine, resume if asked, stream this rank's batches, run the loop, export a gate checkpoint.
+"""A recipe end to end, top to bottom: join the launcher's process group, load the frozen model, inject LoRA adapters
+(if the recipe's ``lora`` section asks), attach fresh gates, pick the engine, resume if asked, stream this rank's
+batches, run the loop, export a gate checkpoint (with the adapters in ``lora/``).
 ``trimkv train RECIPE.yaml [--resume]`` calls :func:`finetune`; so does every rank under torchrun / deepspeed.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from ..attach import attach_gates
 from ..checkpoint import load_gate_checkpoint, save_gates
 from ..data import DataError, batches, prepare_data
 from ..gate import GateConfig, RetentionGates, check_compatible
+from ..lora import add_lora
 from ..models import load_model
 from ..recipe import Recipe, RecipeError, load_recipe, save_recipe
 from .checkpoints import ResumeError, TrainingCheckpoints
@@ -75,7 +77,7 @@ def gate_config_for(model, recipe: Recipe) -> GateConfig:
         model.config, gate_type=g.gate_type, gate_hidden=g.gate_hidden, bias_init=g.bias_init, init_std=g.init_std,
         base_revision=recipe.model.revision, train_budget=recipe.loss.budget,
         loss_weights=dict(kl=recipe.loss.kl_weight, ntp=recipe.loss.ntp_weight, capacity=recipe.loss.capacity_weight,
-                          capacity_form=recipe.loss.capacity_form),
+                          capacity_form=recipe.loss.capacity_form, capacity_scope=recipe.loss.capacity_scope),
     )
 
 
@@ -138,7 +140,10 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
                                       trust_remote_code=m.trust_remote_code, device=str(info.device))
         if not recipe.data.streaming:
             prepare_data(recipe.data, tokenizer)
-    handle = attach_gates(model, initial_gates(model, recipe), attn_impl=cfg.attn_impl)
+    lora = recipe.lora
+    adapters = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                        target_modules=lora.target_modules) if lora.enabled else None
+    handle = attach_gates(model, initial_gates(model, recipe), attn_impl=cfg.attn_impl, adapters=adapters)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.train()  # dropout-free LMs: only switches checkpointing on; the base stays frozen
@@ -160,13 +165,17 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
             log.close()
     gates = RetentionGates(handle.gates.config)
     gates.load_state_dict(engine.gate_state_dict())   # collective under ZeRO-3
+    adapter_state = engine.adapter_state_dict()       # collective under ZeRO-3; {} without LoRA
     out = recipe.checkpoint_dir()
     last = history[-1] if history else {}
     if info.is_main:
         reached = last.get("step", state.step if state else 0)
         meta = {"data": recipe.data.describe(), "steps": reached, "seq_len": recipe.data.seq_len,
                 "final_metrics": {k: last[k] for k in ("loss", "kl", "ntp", "cap", "soft_cache") if k in last}}
-        save_gates(gates, out, metadata=meta)
+        if adapters is not None:
+            meta["lora"] = (f"r={lora.r}, alpha={lora.alpha}, {'/'.join(lora.target_modules)}, lr {lora.lr}; "
+                            "adapters in lora/ (a peft adapter folder)")
+        save_gates(gates, out, metadata=meta, adapters=adapters, adapter_state=adapter_state or None)
         if progress:
             _summary(last, recipe)
     barrier()

@@ -1,0 +1,83 @@
+"""LoRA co-training: peft LoRA adapters on the attention projections, trained together with the gates.
+
+The paper trains the gates of a frozen model; a frozen model cannot adapt to the tokens its bounded cache loses. With
+a recipe's ``lora`` section, low-rank adapters (peft, :class:`peft.LoraConfig`) are injected into the attention
+projections of the base model **in place** (the model object stays the one trimkv hooks into; the
+:class:`peft.PeftModel` returned here is the handle on the adapters) and train with the gates:
+
+    student = base + LoRA + gates          teacher = base alone (adapters AND gates off: ``GateHandle.disabled()``)
+
+Adapters are saved beside the gates as a standard peft adapter folder, ``<gate checkpoint>/lora/``
+(``adapter_config.json`` + ``adapter_model.safetensors``), which ``PeftModel.from_pretrained(model, folder)`` reads
+like any other; :func:`trimkv.checkpoint.load_gates` loads both.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import pathlib
+from typing import Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
+
+LORA_DIR = "lora"                                 # the adapter folder inside a gate checkpoint
+ADAPTER_CONFIG = "adapter_config.json"            # peft's file names
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def add_lora(model: torch.nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+             target_modules: Sequence[str] = DEFAULT_TARGETS) -> PeftModel:
+    """Inject fresh, trainable LoRA adapters into ``model``'s ``target_modules`` (in place; B = 0, so the model's
+    output is unchanged until they train). Only the adapters require grad afterwards."""
+    config = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout),
+                        target_modules=list(target_modules), bias="none")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:   # peft: "Target modules {...} not found in the base model"
+        raise ValueError(f"LoRA target_modules={list(target_modules)} do not match {type(model).__name__}'s module "
+                         f"names ({err}); name the attention projections of this family (lora.target_modules)") from err
+
+
+def load_lora(model: torch.nn.Module, folder: str | os.PathLike) -> PeftModel:
+    """Inject the adapters saved in ``folder`` (a peft adapter folder) into ``model``, in place, frozen."""
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+
+
+def adapter_parameters(adapters: PeftModel) -> list[torch.nn.Parameter]:
+    """The adapters' trainable parameters (those that require grad right after :func:`add_lora`)."""
+    return [p for p in adapters.parameters() if p.requires_grad]
+
+
+def adapter_state_dict(adapters: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter weights as ``adapter_model.safetensors`` holds them (peft's keys), CPU fp32 contiguous clones."""
+    state = get_peft_model_state_dict(adapters)
+    return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
+
+
+def load_adapter_state_dict(adapters: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """Write ``state`` (as :func:`adapter_state_dict` returns it) into the injected adapters; every key must land."""
+    result = set_peft_model_state_dict(adapters, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise KeyError(f"adapter weights {unexpected[:4]} have no LoRA module in this model (different target_modules "
+                       "or base model?)")
+
+
+def save_lora(adapters: PeftModel, folder: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a standard peft adapter folder: ``adapter_config.json`` and ``adapter_model.safetensors`` (``state``, or
+    the adapters' current weights)."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(adapters.peft_config[adapters.active_adapter])
+    config.inference_mode = True                  # as PeftModel.save_pretrained writes it
+    config.save_pretrained(str(folder))
+    weights = adapter_state_dict(adapters) if state is None else state
+    save_file(weights, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def has_lora(folder: str | os.PathLike) -> bool:
+    """Does the gate checkpoint ``folder`` carry LoRA adapters (``lora/adapter_config.json``)?"""
+    return (pathlib.Path(folder) / LORA_DIR / ADAPTER_CONFIG).is_file()
