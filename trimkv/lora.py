@@ -13,10 +13,12 @@ like any other; :func:`trimkv.checkpoint.load_gates` loads both.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pathlib
-from typing import Sequence
+import warnings
+from typing import Iterator, Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -35,7 +37,8 @@ def add_lora(model: torch.nn.Module, *, r: int = 8, alpha: float = 16.0, dropout
     config = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout),
                         target_modules=list(target_modules), bias="none")
     try:
-        return get_peft_model(model, config)
+        with _quiet_peft():
+            return get_peft_model(model, config)
     except ValueError as err:   # peft: "Target modules {...} not found in the base model"
         raise ValueError(f"LoRA target_modules={list(target_modules)} do not match {type(model).__name__}'s module "
                          f"names ({err}); name the attention projections of this family (lora.target_modules)") from err
@@ -43,7 +46,16 @@ def add_lora(model: torch.nn.Module, *, r: int = 8, alpha: float = 16.0, dropout
 
 def load_lora(model: torch.nn.Module, folder: str | os.PathLike) -> PeftModel:
     """Inject the adapters saved in ``folder`` (a peft adapter folder) into ``model``, in place, frozen."""
-    return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    with _quiet_peft():
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft asks transformers 5.x a deprecated question (``is_gradient_checkpointing``); the warning is not ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def adapter_parameters(adapters: PeftModel) -> list[torch.nn.Parameter]:
