@@ -166,8 +166,7 @@ class TrainingCheckpoints:
         try:
             engine.save_extra(tmp)                       # DeepSpeed: every rank writes its partition
             rngs = all_gather_object(rng_state())
-            gates = engine.gate_state_dict()
-            adapters = engine.adapter_state_dict()
+            gates, adapters = engine.trainable_state()
             if is_main_process():
                 save_file(gates, str(tmp / GATES_FILE), metadata={"format": "pt", "step": str(step)})
                 if adapters:
@@ -234,9 +233,7 @@ class TrainingCheckpoints:
             raise ResumeError(f"{path}: cannot read the training state ({err})") from err
         engine.load_extra(path)
         engine.load_state_dict(state["engine"])
-        engine.load_gate_state_dict(gates)
-        if adapters is not None:
-            engine.load_adapter_state_dict(adapters)
+        engine.load_trainable_state(gates, adapters)
         rank = dist.get_rank() if dist.is_initialized() else 0
         rngs = state["rng"]
         if len(rngs) != (dist.get_world_size() if dist.is_initialized() else 1):

@@ -116,18 +116,16 @@ class PlainEngine:
     def load_extra(self, folder: Path) -> None:
         """Read back what :meth:`save_extra` wrote."""
 
-    def gate_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.handle.gates.fp32_state_dict()
+    def trainable_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(gate weights, LoRA adapter weights) as fp32 CPU tensors; the adapters' dict is empty without LoRA. The
+        gates' keys are a gate checkpoint's, the adapters' peft's (``lora/adapter_model.safetensors``)."""
+        adapters = self.handle.adapters
+        return self.handle.gates.fp32_state_dict(), (adapter_state_dict(adapters) if adapters is not None else {})
 
-    def load_gate_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.handle.gates.load_state_dict(state)
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The LoRA adapters' weights (peft's keys, fp32 CPU); empty without adapters."""
-        return adapter_state_dict(self.handle.adapters) if self.handle.adapters is not None else {}
-
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_adapter_state_dict(self.handle.adapters, state)
+    def load_trainable_state(self, gates: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor] | None) -> None:
+        self.handle.gates.load_state_dict(gates)
+        if adapters is not None:
+            load_adapter_state_dict(self.handle.adapters, adapters)
 
 
 class DDPEngine(PlainEngine):
@@ -219,21 +217,13 @@ class DeepSpeedEngine(PlainEngine):
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed state in {folder}/deepspeed")
 
-    def gate_state_dict(self) -> dict[str, torch.Tensor]:
+    def trainable_state(self):
         with self._gathered():
-            return super().gate_state_dict()
+            return super().trainable_state()
 
-    def load_gate_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_trainable_state(self, gates, adapters) -> None:
         with self._gathered(modifier_rank=0):
-            super().load_gate_state_dict(state)
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        with self._gathered():
-            return super().adapter_state_dict()
-
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        with self._gathered(modifier_rank=0):
-            super().load_adapter_state_dict(state)
+            super().load_trainable_state(gates, adapters)
 
     def _gathered(self, modifier_rank: int | None = None):
         if self.zero_stage < 3:

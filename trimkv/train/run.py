@@ -164,8 +164,8 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
         if log is not None:
             log.close()
     gates = RetentionGates(handle.gates.config)
-    gates.load_state_dict(engine.gate_state_dict())   # collective under ZeRO-3
-    adapter_state = engine.adapter_state_dict()       # collective under ZeRO-3; {} without LoRA
+    gate_state, adapter_state = engine.trainable_state()   # collective under ZeRO-3; no adapters: {}
+    gates.load_state_dict(gate_state)
     out = recipe.checkpoint_dir()
     last = history[-1] if history else {}
     if info.is_main:
