@@ -3,6 +3,7 @@ LoRA+gates checkpoint reproduces the trained model's logits through load_gates, 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from _tinyrun import make_data, make_model_dir, read_metrics, recipe_dict
 from conftest import build_tiny_model
 from trimkv.attach import GATES_ATTR, attach_gates
 from trimkv.checkpoint import load_gates, save_gates
+from trimkv.eval import harness
 from trimkv.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_DIR, add_lora
 from trimkv.recipe import LossSection, parse_recipe
 from trimkv.train.checkpoints import ADAPTERS_FILE, ResumeError, TrainingCheckpoints
@@ -77,6 +79,7 @@ def test_only_gates_and_adapters_train_and_the_teacher_is_the_original_model():
     torch.testing.assert_close(again, student)    # both back on after the block
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")   # peft asks transformers, not us
 def test_lora_and_gates_checkpoint_reproduces_the_trained_logits(tmp_path):
     model, handle = lora_model()
     train_steps(model, handle)
@@ -90,6 +93,8 @@ def test_lora_and_gates_checkpoint_reproduces_the_trained_logits(tmp_path):
         original = fresh(IDS).logits
     loaded = load_gates(fresh, folder)
     assert loaded.adapters is not None and not any(p.requires_grad for p in loaded.adapter_params)
+    gates_only = SimpleNamespace(gates=loaded.gates, adapters=None)
+    assert harness._fingerprint(loaded) != harness._fingerprint(gates_only)   # eval cells know the adapters
     with torch.no_grad():
         torch.testing.assert_close(fresh(IDS).logits, trained, rtol=0, atol=1e-6)
         with loaded.disabled():

@@ -6,12 +6,13 @@
 
 Every policy runs in the same :class:`~trimkv.cache.RetentionCache` (same ``budget`` tokens per KV head, same
 ``sink`` and ``window`` protection, same chunked prefill of ``prefill_chunk`` tokens, greedy decoding), so only
-the scoring rule differs; ``"full"`` is transformers' DynamicCache (no eviction, budget ignored). ``"trimkv-global"``
-is the trained gates in one :class:`~trimkv.global_cache.GlobalRetentionCache` of ``budget * layers * KV heads``
-slots (the same total memory as ``"trimkv"`` at ``budget``; sink and window per head, a floor of 1 per head), as
-DBTrimKV gates are served. ``lookahead`` > 0 ranks the kept tokens of both by DBTrimKV's future utility over that
-many steps. ``"trimkv"`` and ``"trimkv-global"`` need gates; the baselines run with the gates disabled (fresh gates are attached, disabled, when the model has
-none: the bounded cache needs trimkv's attention hooks for positions and per-head slot masks).
+the scoring rule differs; ``"full"`` is transformers' DynamicCache (no eviction, budget ignored).
+``"trimkv-global"`` is the trained gates in one :class:`~trimkv.global_cache.GlobalRetentionCache` of
+``budget * layers * KV heads`` slots (the same total memory as ``"trimkv"`` at ``budget``; sink and window per head,
+a floor of 1 per head), as DBTrimKV gates are served. ``lookahead`` > 0 ranks the kept tokens of both by DBTrimKV's
+future utility over that many steps. ``"trimkv"`` and ``"trimkv-global"`` need gates; the baselines and the full
+cache run with the gates (and LoRA adapters loaded with them) disabled (fresh gates are attached, disabled, when
+the model has none: the bounded cache needs trimkv's attention hooks for positions and per-head slot masks).
 
 Outputs in ``out_dir``:
   * ``cells/<model>/<cell>.json``  - one finished cell: its settings, metrics and per-sample predictions. A rerun
@@ -38,6 +39,7 @@ from trimkv.eval.tasks import TASK_METRIC, TASKS, make_samples, render_prompt, s
 from trimkv.gate import GateConfig
 from trimkv.generate import generate, new_cache
 from trimkv.global_cache import GlobalRetentionCache
+from trimkv.lora import adapter_state_dict
 from trimkv.policies import RetentionPolicy, get_policy
 from trimkv.policies.oracle import NeedleOraclePolicy
 from trimkv.progress import Progress
@@ -201,7 +203,7 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
                         depths=[lo, hi])
         if lookahead:   # settings added later enter the cell key only when set: earlier cells stay valid
             settings["lookahead"] = lookahead
-        gate_id = _fingerprint(handle.gates) if gated else None
+        gate_id = _fingerprint(handle) if gated else None
         todo, done = [], {}
         for cell in cells:
             cfg = _cell_settings(cell, settings, gate_id)
@@ -278,9 +280,13 @@ def _check_names(tasks, policies) -> None:
         raise ValueError(f"unknown policy(ies) {bad_p}; valid policies: {', '.join(policy_names())}")
 
 
-def _fingerprint(gates) -> str:
+def _fingerprint(handle) -> str:
+    """Hash of the gate weights, and of the LoRA adapters' when the checkpoint brought some."""
+    weights = dict(handle.gates.state_dict())
+    if handle.adapters is not None:
+        weights.update({f"lora/{k}": v for k, v in adapter_state_dict(handle.adapters).items()})
     h = hashlib.sha1()
-    for name, t in sorted(gates.state_dict().items()):
+    for name, t in sorted(weights.items()):
         h.update(name.encode())
         h.update(t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:12]
