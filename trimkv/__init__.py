@@ -8,6 +8,8 @@ from .cache import RetentionCache
 from .checkpoint import load_gate_checkpoint, load_gates, push_to_hub, save_gates
 from .gate import GateConfig, RetentionGate, RetentionGates
 from .generate import generate
+from .global_cache import GlobalRetentionCache
+from .lora import add_lora
 from .policies import EvictionPolicy, RetentionPolicy, get_policy
 
 __version__ = "0.1.0"
@@ -21,6 +23,7 @@ __all__ = [
     "detach_gates",
     "gates_disabled",
     "RetentionCache",
+    "GlobalRetentionCache",
     "EvictionPolicy",
     "RetentionPolicy",
     "get_policy",
@@ -29,4 +32,5 @@ __all__ = [
     "load_gate_checkpoint",
     "push_to_hub",
     "generate",
+    "add_lora",
 ]

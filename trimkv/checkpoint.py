@@ -161,7 +161,8 @@ def _card_body(config: GateConfig) -> str:
     weights = ", ".join(f"{k}={v}" for k, v in config.loss_weights.items()) or "not recorded"
     rows = [
         ("Base model", f"`{base}`{revision}"),
-        ("Gate type", f"`{config.gate_type}`"),
+        ("Gate type", f"`{config.gate_type}`" + (" (final projection and bias shared by all layers)"
+                                                 if config.gate_type in SHARED_HEAD_TYPES else "")),
         ("Layers", config.num_layers),
         ("KV heads per layer", config.num_kv_heads),
         ("Hidden size / head dim", f"{config.hidden_size} / {config.head_dim}"),

@@ -10,6 +10,10 @@ projections of the base model **in place** (the model object stays the one trimk
 Adapters are saved beside the gates as a standard peft adapter folder, ``<gate checkpoint>/lora/``
 (``adapter_config.json`` + ``adapter_model.safetensors``), which ``PeftModel.from_pretrained(model, folder)`` reads
 like any other; :func:`trimkv.checkpoint.load_gates` loads both.
+
+peft is imported on first use, like DeepSpeed in :mod:`trimkv.train.engines`: it loads parts of transformers that
+trimkv never uses and more than doubled the time of ``import trimkv`` (17 s -> 40 s on the busy 2-core CPU) for a
+feature most runs leave off.
 """
 from __future__ import annotations
 
@@ -21,7 +25,6 @@ import warnings
 from typing import Iterator, Sequence
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
 LORA_DIR = "lora"                                 # the adapter folder inside a gate checkpoint
@@ -31,9 +34,12 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def add_lora(model: torch.nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-             target_modules: Sequence[str] = DEFAULT_TARGETS) -> PeftModel:
+             target_modules: Sequence[str] = DEFAULT_TARGETS):
     """Inject fresh, trainable LoRA adapters into ``model``'s ``target_modules`` (in place; B = 0, so the model's
-    output is unchanged until they train). Only the adapters require grad afterwards."""
+    output is unchanged until they train) and return their ``peft.PeftModel``. Only the adapters require grad
+    afterwards."""
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout),
                         target_modules=list(target_modules), bias="none")
     try:
@@ -44,8 +50,11 @@ def add_lora(model: torch.nn.Module, *, r: int = 8, alpha: float = 16.0, dropout
                          f"names ({err}); name the attention projections of this family (lora.target_modules)") from err
 
 
-def load_lora(model: torch.nn.Module, folder: str | os.PathLike) -> PeftModel:
-    """Inject the adapters saved in ``folder`` (a peft adapter folder) into ``model``, in place, frozen."""
+def load_lora(model: torch.nn.Module, folder: str | os.PathLike):
+    """Inject the adapters saved in ``folder`` (a peft adapter folder) into ``model``, in place, frozen; returns their
+    ``peft.PeftModel``."""
+    from peft import PeftModel
+
     with _quiet_peft():
         return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
 
@@ -58,19 +67,19 @@ def _quiet_peft() -> Iterator[None]:
         yield
 
 
-def adapter_parameters(adapters: PeftModel) -> list[torch.nn.Parameter]:
-    """The adapters' trainable parameters (those that require grad right after :func:`add_lora`)."""
-    return [p for p in adapters.parameters() if p.requires_grad]
+def adapter_state_dict(adapters) -> dict[str, torch.Tensor]:
+    """The adapter weights of a ``peft.PeftModel`` as ``adapter_model.safetensors`` holds them (peft's keys), CPU fp32
+    contiguous clones."""
+    from peft import get_peft_model_state_dict
 
-
-def adapter_state_dict(adapters: PeftModel) -> dict[str, torch.Tensor]:
-    """The adapter weights as ``adapter_model.safetensors`` holds them (peft's keys), CPU fp32 contiguous clones."""
     state = get_peft_model_state_dict(adapters)
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
 
 
-def load_adapter_state_dict(adapters: PeftModel, state: dict[str, torch.Tensor]) -> None:
+def load_adapter_state_dict(adapters, state: dict[str, torch.Tensor]) -> None:
     """Write ``state`` (as :func:`adapter_state_dict` returns it) into the injected adapters; every key must land."""
+    from peft import set_peft_model_state_dict
+
     result = set_peft_model_state_dict(adapters, state)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
@@ -78,7 +87,7 @@ def load_adapter_state_dict(adapters: PeftModel, state: dict[str, torch.Tensor])
                        "or base model?)")
 
 
-def save_lora(adapters: PeftModel, folder: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> None:
+def save_lora(adapters, folder: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> None:
     """Write a standard peft adapter folder: ``adapter_config.json`` and ``adapter_model.safetensors`` (``state``, or
     the adapters' current weights)."""
     folder = pathlib.Path(folder)
