@@ -49,6 +49,7 @@ class RetentionPolicy(EvictionPolicy):
 
     name = "trimkv"
     fused = True
+    lookahead = 0             # steps of look-ahead (0 = the plain retention score); subclasses inherit the default
 
     def __init__(self, lookahead: int = 0):
         if lookahead < 0:
