@@ -71,6 +71,29 @@ def test_budget_that_evicts_nothing_matches_the_full_cache(tokenizer, tmp_path):
     assert len(recs) == 3
 
 
+def test_global_policy_serves_rg10_gates_in_one_pool_at_the_same_memory(tokenizer, tmp_path):
+    """trimkv-global: budget x layers x KV heads slots in one GlobalRetentionCache; with a budget that evicts nothing
+    it answers like the full cache; the look-ahead is a setting of the gated cells (a new cell key)."""
+    model = tiny()
+    gates = save_gates(attach_gates(tiny(), gate_type="rg10", gate_hidden=8).gates, tmp_path / "rg10")
+    recs = run_eval(model, tokenizer, budgets=[16, 300], policies=["full", "trimkv", "trimkv-global"], gates=gates,
+                    out_dir=tmp_path / "r", **KW)
+    by = {(r["policy"], r["budget"]): r for r in recs}
+    per_head, pooled = by[("trimkv", 16)]["kv_bytes"], by[("trimkv-global", 16)]["kv_bytes"]
+    assert pooled == pytest.approx(per_head, rel=0.06)           # same K/V slots; the pool adds 8 bytes of owner
+    assert "needle_heads" in by[("trimkv-global", 16)]            # the needle diagnostic reads the pool too
+    rows = [json.loads(line) for line in (tmp_path / "r" / "predictions.jsonl").read_text().splitlines()]
+    preds = {}
+    for r in rows:
+        preds.setdefault((r["policy"], r["budget"]), []).append(r["prediction"])
+    assert preds[("trimkv-global", 300)] == preds[("full", None)]
+    ahead = run_eval(model, tokenizer, budgets=[16], policies=["trimkv-global"], gates=gates, out_dir=tmp_path / "r",
+                     lookahead=8, **KW)
+    assert len(list((tmp_path / "r" / "cells").rglob("*trimkv-global-M16*"))) == 2 and len(ahead) == 1
+    with pytest.raises(ValueError, match="lookahead"):
+        harness.make_cache(model, "h2o", 16, sink=2, window=4, lookahead=8)
+
+
 def test_trimkv_without_gates_explains(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="needs trained gates"):
         run_eval(tiny(), tokenizer, budgets=[16], policies=["trimkv"], out_dir=tmp_path, **KW)

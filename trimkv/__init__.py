@@ -8,6 +8,8 @@ from .cache import RetentionCache
 from .checkpoint import convert_checkpoint, load_gate_checkpoint, load_gates, push_to_hub, save_gates
 from .gate import GateConfig, RetentionGate, RetentionGates
 from .generate import generate
+from .global_cache import GlobalRetentionCache
+from .lora import add_lora
 from .pipeline import Answers, answer
 from .policies import EvictionPolicy, RetentionPolicy, get_policy
 
@@ -22,6 +24,7 @@ __all__ = [
     "detach_gates",
     "gates_disabled",
     "RetentionCache",
+    "GlobalRetentionCache",
     "EvictionPolicy",
     "RetentionPolicy",
     "get_policy",
@@ -33,4 +36,5 @@ __all__ = [
     "generate",
     "answer",
     "Answers",
+    "add_lora",
 ]

@@ -80,6 +80,8 @@ class GateHandle:
     model: nn.Module
     gates: RetentionGates
     attn_impl: str = "auto"                     # training attention, one of trimkv.attention.IMPLS
+    adapters: Any = None                        # peft.PeftModel of LoRA adapters injected into the model (or None)
+    adapter_params: list = field(default_factory=list)   # their trainable parameters (LoRA co-training)
     enabled: bool = True
     record: bool = False                        # keep per-layer logb for the capacity loss
     records: dict[int, Record] = field(default_factory=dict)
@@ -93,12 +95,20 @@ class GateHandle:
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
-        """Run the model exactly as without gates (the teacher pass)."""
+        """Run the model exactly as without gates (the teacher pass): gates off, and LoRA adapters attached with them
+        off too (the frozen original model)."""
         prev, self.enabled = self.enabled, False
+        adapters_off = self.adapters.disable_adapter() if (prev and self.adapters is not None) \
+            else contextlib.nullcontext()
         try:
-            yield
+            with adapters_off:
+                yield
         finally:
             self.enabled = prev
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What trains: the gates' parameters (rg10's shared projection once), then the LoRA adapters' if any."""
+        return [p for p in self.gates.parameters() if p.requires_grad] + list(self.adapter_params)
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[dict[int, Record]]:
@@ -125,11 +135,12 @@ class GateHandle:
 
 
 def attach_gates(model: nn.Module, gates: RetentionGates | None = None, *, gate_config: GateConfig | None = None,
-                 attn_impl: str = "auto", **gate_overrides: Any) -> GateHandle:
+                 attn_impl: str = "auto", adapters: Any = None, **gate_overrides: Any) -> GateHandle:
     """Attach ``gates`` (or fresh ones built from ``gate_config`` / the model's config) to ``model``.
 
-    The base model is frozen (``requires_grad=False``); only the gates train. Returns the :class:`GateHandle` handle,
-    also reachable as ``model.trimkv``.
+    The base model is frozen (``requires_grad=False``); only the gates train, and the LoRA ``adapters`` (a
+    ``peft.PeftModel`` already injected into ``model``, see :mod:`trimkv.lora`) keep their trainable parameters.
+    Returns the :class:`GateHandle` handle, also reachable as ``model.trimkv``.
     """
     from transformers import AttentionInterface
 
@@ -141,12 +152,16 @@ def attach_gates(model: nn.Module, gates: RetentionGates | None = None, *, gate_
         gates = RetentionGates(cfg)
     check_compatible(gates.config, model)
     place_gates(gates, mods)
+    adapter_params = [p for p in adapters.parameters() if p.requires_grad] if adapters is not None else []
     for p in model.parameters():
         p.requires_grad_(False)
+    for p in adapter_params:
+        p.requires_grad_(True)
     model.add_module(GATES_ATTR, gates)
 
     AttentionInterface.register(ATTN_NAME, trimkv_attention)
-    handle = GateHandle(model=model, gates=gates, attn_impl=attn_impl, original_attn=model.config._attn_implementation)
+    handle = GateHandle(model=model, gates=gates, attn_impl=attn_impl, adapters=adapters,
+                        adapter_params=adapter_params, original_attn=model.config._attn_implementation)
     model.trimkv = handle
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     handle._hooks.append(decoder.register_forward_pre_hook(_decoder_pre_hook(handle), with_kwargs=True))
@@ -162,6 +177,8 @@ def place_gates(gates: RetentionGates, mods: list[nn.Module]) -> None:
     (``device_map="auto"``) runs every gate where its layer runs."""
     for gate, mod in zip(gates.layers, mods):
         gate.to(device=module_device(mod), dtype=torch.float32)
+    if gates.shared is not None:   # rg10: one head for every layer, beside the first (it follows its input's device)
+        gates.shared.to(device=module_device(mods[0]), dtype=torch.float32)
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -172,7 +189,8 @@ def module_device(module: nn.Module) -> torch.device:
 
 
 def detach_gates(model: nn.Module) -> RetentionGates | None:
-    """Remove hooks and gates; restore the original attention implementation. Returns the gates."""
+    """Remove hooks, gates and the LoRA adapters attached with them; restore the original attention implementation.
+    Returns the gates."""
     handle: GateHandle | None = getattr(model, "trimkv", None)
     if handle is None:
         return None
@@ -184,6 +202,8 @@ def detach_gates(model: nn.Module) -> RetentionGates | None:
         model.set_attn_implementation(handle.original_attn)
     delattr(model, GATES_ATTR)
     del model.trimkv
+    if handle.adapters is not None:
+        handle.adapters.unload()                 # the LoRA layers give their base layers back, unmerged
     return handle.gates
 
 

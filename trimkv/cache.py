@@ -114,6 +114,10 @@ class BoundedLayer(CacheLayerMixin):
     def compact(self) -> None:
         """After the attention: cut what :meth:`insert` left above the budget back to it."""
 
+    def kept_positions(self) -> torch.Tensor:
+        """[B, Hkv, S] positions of the tokens this layer keeps (-1 = empty slot)."""
+        raise NotImplementedError
+
     def attention_meta(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions and validity [B, Hkv, S] of the keys the last :meth:`insert` returned."""
         if self._meta is None:
@@ -207,6 +211,9 @@ class RetentionLayer(BoundedLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.budget + query_length, 0
 
+    def kept_positions(self) -> torch.Tensor:
+        return self.pos
+
     def num_kept(self) -> torch.Tensor:
         """[B, Hkv] number of occupied slots."""
         return (self.pos >= 0).sum(-1) if self.pos is not None else torch.zeros(0)
@@ -247,10 +254,11 @@ class RetentionCache(BoundedCache):
 
     ``sink`` first tokens and the ``window`` most recent tokens are always kept and count toward the budget.
     ``policy`` picks the victims (default: TRIM-KV retention); one policy object is shared by all layers.
+    ``lookahead=n`` > 0 ranks tokens by DBTrimKV's future utility over the next n steps (TRIM-KV policy only).
     """
 
     def __init__(self, budget: int, num_layers: int, *, sink: int = 0, window: int = 0,
-                 policy: EvictionPolicy | None = None):
+                 policy: EvictionPolicy | None = None, lookahead: int = 0):
         for name, value in (("budget", budget), ("num_layers", num_layers), ("sink", sink), ("window", window)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise CacheError(f"RetentionCache {name} must be an integer (tokens), got {value!r}")
@@ -263,7 +271,10 @@ class RetentionCache(BoundedCache):
                 f"budget={budget} leaves no room for eviction: it must exceed sink + window = {sink} + {window}; "
                 "raise the budget or shrink the sink/window"
             )
-        self.policy = policy or RetentionPolicy()
+        if lookahead and policy is not None:
+            raise ValueError(f"lookahead={lookahead} is an option of the TRIM-KV retention policy; pass either "
+                             f"lookahead or policy={policy!r}, not both")
+        self.policy = policy or RetentionPolicy(lookahead)
         layers = [RetentionLayer(budget, sink=sink, window=window, policy=self.policy) for _ in range(num_layers)]
         super().__init__(layers=layers)
         self.budget, self.sink, self.window = budget, sink, window

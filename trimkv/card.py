@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .gate import GateConfig
+from .gate import SHARED_HEAD_TYPES, GateConfig
 from .models import DEFAULT_MODEL, DEFAULT_MODEL_ID
 
 FRONT_KEYS = ("license", "datasets", "eval_records")   # metadata keys that go into the front matter
@@ -136,7 +136,8 @@ def _card_body(config: GateConfig, parameters: int | None, version: str) -> str:
     weights = ", ".join(f"{k}={v}" for k, v in config.loss_weights.items()) or "not recorded"
     rows = [
         ("Base model", f"`{base}`{revision}"),
-        ("Gate type", f"`{config.gate_type}` ({config.activation})"),
+        ("Gate type", f"`{config.gate_type}` ({config.activation})" + (
+            "; final projection and bias shared by all layers" if config.gate_type in SHARED_HEAD_TYPES else "")),
         ("Layers", config.num_layers),
         ("KV heads per layer", config.num_kv_heads),
         ("Hidden size / head dim", f"{config.hidden_size} / {config.head_dim}"),

@@ -1,11 +1,14 @@
 """Gate checkpoints: a folder a person can open, saved atomically, loaded safely, shared on the Hub.
 
-A checkpoint folder holds exactly three files::
+A checkpoint folder holds three files (and, with LoRA co-training, a peft adapter folder)::
 
     config.json        GateConfig fields + "trimkv_version" + "format_version"
     model.safetensors  gates.state_dict(): layers.{l}.w1.weight, layers.{l}.w1.bias, layers.{l}.w2.weight,
-                       layers.{l}.bias  (fp32; independent of the base model's module tree)
+                       layers.{l}.bias (rg10: layers.{l}.w2.bias, and shared.proj.weight + shared.bias once for all
+                       layers) (fp32; independent of the base model's module tree)
     README.md          generated model card with Hub front matter (library_name: trimkv)
+    lora/              optional: LoRA adapters trained with the gates (adapter_config.json + adapter_model.safetensors,
+                       what peft's PeftModel.save_pretrained writes); :func:`load_gates` injects them too
 
 Weights are read from safetensors; the one exception is the authors' released layout (``config.json`` +
 ``trimkv_weights.pth``, :mod:`trimkv.official`), read with ``torch.load(weights_only=True)`` and accepted wherever a
@@ -34,6 +37,7 @@ from .card import public_config, public_name, public_value, refresh_model_card, 
 from .errors import (CheckpointNotFoundError, CorruptCheckpointError, GateCheckpointError, GateMismatchError,
                      NonFiniteError)
 from .gate import GateConfig, RetentionGates, check_compatible, nonfinite_keys
+from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_DIR, has_lora, load_lora, save_lora
 from .models import DEFAULT_MODEL, DEFAULT_MODEL_ID
 from .official import OFFICIAL_WEIGHTS, is_official, official_gate_config, official_state_dict
 
@@ -45,7 +49,8 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
-CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME,
+                    f"{LORA_DIR}/{ADAPTER_CONFIG}", f"{LORA_DIR}/{ADAPTER_WEIGHTS}")   # lora/: only with LoRA
 DOWNLOAD_FILES = (*CHECKPOINT_FILES, OFFICIAL_WEIGHTS)   # a Hub repo in either layout
 _META_KEYS = ("trimkv_version", "format_version")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -62,12 +67,15 @@ def trimkv_version() -> str:
         return "0+unknown"
 
 
-def save_gates(gates: RetentionGates, path: str | os.PathLike, *, metadata: dict | None = None) -> pathlib.Path:
+def save_gates(gates: RetentionGates, path: str | os.PathLike, *, metadata: dict | None = None,
+               adapters: Any = None, adapter_state: dict | None = None) -> pathlib.Path:
     """Write ``gates`` as a checkpoint folder at ``path`` and return its path.
 
     The folder is built in a temp dir beside ``path`` and renamed into place, so a crash leaves either
     the old checkpoint or the new one, never a mix. ``metadata`` (data, steps, ...; ``license``, ``datasets`` and
     ``eval_records`` go into the card's front matter, see :mod:`trimkv.card`) goes into the model card.
+    ``adapters`` (a ``peft.PeftModel`` of LoRA adapters trained with the gates) are written to ``lora/``: their
+    current weights, or ``adapter_state`` when given (e.g. gathered under ZeRO-3).
     """
     path = pathlib.Path(path)
     state = gates.fp32_state_dict()
@@ -83,6 +91,8 @@ def save_gates(gates: RetentionGates, path: str | os.PathLike, *, metadata: dict
     try:
         _write_config(tmp / CONFIG_NAME, config)
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if adapters is not None:
+            save_lora(adapters, tmp / LORA_DIR, adapter_state)
         write_model_card(tmp / CARD_NAME, config, metadata, source=public_name(str(path)), version=trimkv_version())
         _swap_into_place(tmp, path)
     except BaseException:
@@ -162,7 +172,8 @@ def load_gate_checkpoint(
     """Load gates from a checkpoint folder or a Hub repo (``"user/name"`` / ``"user/name@revision"``), in trimkv's
     layout or the authors' (``config.json`` + ``trimkv_weights.pth``, :mod:`trimkv.official`).
 
-    ``local_files_only=None`` follows ``HF_HUB_OFFLINE``. Returns fp32 gates on the CPU.
+    ``local_files_only=None`` follows ``HF_HUB_OFFLINE``. Returns fp32 gates on the CPU (LoRA adapters a checkpoint
+    may carry are not read here; :func:`load_gates` injects them into a model).
     """
     folder = _resolve_folder(source, revision, local_files_only)
     config = _read_config(folder, str(source))
@@ -326,13 +337,25 @@ def load_gates(
     local_files_only: bool | None = None, **attach_kwargs: Any,
 ):
     """Load a gate checkpoint (either layout), check it fits ``model``, and attach it; returns the attach handle.
-    Each layer's gate goes to the device of that layer (``device_map="auto"`` models included)."""
-    gates = load_gate_checkpoint(source, revision=revision, local_files_only=local_files_only)
+    Each layer's gate goes to the device of that layer (``device_map="auto"`` models included).
+
+    A checkpoint with ``lora/`` (LoRA co-training) also injects those adapters into ``model`` (frozen); the handle's
+    ``disabled()`` then turns gates and adapters off together, and ``detach()`` removes both."""
+    folder = _resolve_folder(source, revision, local_files_only)
+    gates = _read_gates(folder, _read_config(folder, str(source)))
     try:
         check_compatible(gates.config, model)      # before anything is attached (attach_gates checks again)
     except GateMismatchError as err:
         raise GateMismatchError(f"gate checkpoint {source}: {err}") from None
-    return attach_gates(model, gates, **attach_kwargs)
+    if getattr(model, "trimkv", None) is not None:
+        raise RuntimeError("gates are already attached to this model; call model.trimkv.detach() first")
+    adapters = load_lora(model, folder / LORA_DIR) if has_lora(folder) else None
+    try:
+        return attach_gates(model, gates, adapters=adapters, **attach_kwargs)
+    except BaseException:
+        if adapters is not None:
+            adapters.unload()
+        raise
 
 
 # ----------------------------------------------------------------------------------------------- Hub

@@ -16,6 +16,11 @@ Variants (``GateConfig.gate_type``):
                    layer, flattened head by head) and emits one logit per head.
   * ``"rg3"``    - the authors' released ``rg3``: the ``rg2-all`` input through a SwiGLU body,
                    ``W2 (act(W1 x) * W3 x)`` (no biases but the per-head b).
+  * ``"rg10"``   - DBTrimKV (arXiv 2605.09649, the authors' ``rg10`` with ``tie_retention_gate_layers``): a deeper
+                   body per layer, x -> act(W1 x + b1) -> act(W2 . + b2), and ONE final projection and per-head bias
+                   shared by all layers (:class:`SharedHead`, ``RetentionGates.shared``: one tensor each, stored
+                   once, one gradient summed over layers), so one scale calibrates the scores of every layer and head
+                   (what a global top-k over all of them needs).
 ``GateConfig.activation`` names the nonlinearity (transformers' ``ACT2FN`` names; ``"silu"`` by default; the
 authors' gates use their base model's ``hidden_act``). The gate always runs in fp32, whatever the model's dtype:
 beta^(t-i) over 10^4+ steps underflows in bf16.
@@ -35,8 +40,9 @@ from transformers.activations import ACT2FN
 
 from .errors import GateMismatchError
 
-GATE_TYPES = ("rg", "rg2", "rg2-all", "rg3")
+GATE_TYPES = ("rg", "rg2", "rg2-all", "rg3", "rg10")   # the one list of gate types (the recipe's gates.gate_type)
 KV_GATE_TYPES = ("rg2", "rg2-all", "rg3")     # gates that read the post-RoPE [k; v] instead of the attention input
+SHARED_HEAD_TYPES = ("rg10",)                 # gates whose final projection and bias are shared by all layers
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "relu",
                "tanh", "sigmoid")             # parameter-free names of transformers' ACT2FN
 
@@ -85,15 +91,16 @@ class GateConfig:
 
     @property
     def in_features(self) -> int:
-        if self.gate_type == "rg":
+        if self.gate_type in ("rg", "rg10"):
             return self.hidden_size
         per_head = 2 * self.head_dim
         return per_head if self.gate_type == "rg2" else self.num_kv_heads * per_head
 
     def num_parameters(self) -> int:
-        """Gate parameters of all layers, as built by :class:`RetentionGates` (nothing is allocated)."""
+        """Gate parameters of all layers, as built by :class:`RetentionGates` (nothing is allocated; a shared head
+        counts once)."""
         with torch.device("meta"):
-            return sum(p.numel() for p in RetentionGate(self).parameters()) * self.num_layers
+            return sum(p.numel() for p in RetentionGates(self).parameters())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -124,29 +131,53 @@ class GateConfig:
         return cls(**base)
 
 
-class RetentionGate(nn.Module):
-    """Gate of one decoder layer: x -> log beta per KV head (fp32, <= 0)."""
+class SharedHead(nn.Module):
+    """The final projection and per-head bias that rg10 gates share across layers: h [..., width] -> logit [..., Hkv]."""
 
     def __init__(self, cfg: GateConfig):
         super().__init__()
+        self.proj = nn.Linear(cfg.gate_hidden, cfg.num_kv_heads, bias=False)
+        self.bias = nn.Parameter(torch.full((cfg.num_kv_heads,), float(cfg.bias_init)))
+        nn.init.normal_(self.proj.weight, std=cfg.init_std)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., width] on any device (layers split over devices share this head) -> logit [..., Hkv] on h's."""
+        return (self.proj(h.to(self.bias.device)) + self.bias).to(h.device)
+
+
+class RetentionGate(nn.Module):
+    """Gate of one decoder layer: x -> log beta per KV head (fp32, <= 0).
+
+    rg10 gates get the :class:`SharedHead` of all layers as ``shared``; it is held by reference, not registered
+    here, so it appears once in the state dict (``shared.*`` of :class:`RetentionGates`) and in ``parameters()``.
+    """
+
+    def __init__(self, cfg: GateConfig, shared: SharedHead | None = None):
+        super().__init__()
         self.gate_type = cfg.gate_type
-        self.reads_kv = cfg.reads_kv
+        self.reads_kv = cfg.reads_kv          # called with the post-RoPE [k; v], else with the attention input
         self.num_kv_heads = cfg.num_kv_heads
-        out = 1 if cfg.gate_type == "rg2" else cfg.num_kv_heads
         swiglu = cfg.gate_type == "rg3"
         self.w1 = nn.Linear(cfg.in_features, cfg.gate_hidden, bias=not swiglu)
         self.w3 = nn.Linear(cfg.in_features, cfg.gate_hidden, bias=False) if swiglu else None
-        self.w2 = nn.Linear(cfg.gate_hidden, out, bias=False)
-        self.bias = nn.Parameter(torch.full((cfg.num_kv_heads,), float(cfg.bias_init)))
+        if cfg.gate_type in SHARED_HEAD_TYPES:
+            if shared is None:
+                raise ValueError(f"{cfg.gate_type} gates share their final projection: pass the SharedHead of all "
+                                 "layers (build the gates with RetentionGates)")
+            self.w2 = nn.Linear(cfg.gate_hidden, cfg.gate_hidden, bias=True)   # second body layer, per layer
+            self.__dict__["shared"] = shared            # a reference, not a submodule: the tensors stay one
+        else:
+            self.w2 = nn.Linear(cfg.gate_hidden, 1 if cfg.gate_type == "rg2" else cfg.num_kv_heads, bias=False)
+            self.bias = nn.Parameter(torch.full((cfg.num_kv_heads,), float(cfg.bias_init)))
         self.act = ACT2FN[cfg.activation]
         for lin in (self.w1, self.w3, self.w2):
             if lin is not None:
                 nn.init.normal_(lin.weight, std=cfg.init_std)
-        if self.w1.bias is not None:
-            nn.init.zeros_(self.w1.bias)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """rg: x [B, T, d]; rg2 / rg2-all / rg3: x = [k; v] [B, H_kv, T, 2*D]. Returns log beta [B, H_kv, T]."""
+        """rg / rg10: x [B, T, d]; rg2 / rg2-all / rg3: x = [k; v] [B, H_kv, T, 2*D]. Returns log beta [B, H_kv, T]."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
             if self.gate_type in ("rg2-all", "rg3"):
@@ -154,18 +185,22 @@ class RetentionGate(nn.Module):
             h = self.act(self.w1(x))
             if self.w3 is not None:
                 h = h * self.w3(x)                                  # SwiGLU
+            if self.gate_type in SHARED_HEAD_TYPES:
+                return F.logsigmoid(self.shared(self.act(self.w2(h))).transpose(1, 2))   # [B, Hkv, T]
             h = self.w2(h)                                          # rg2: [B, Hkv, T, 1]; else [B, T, Hkv]
             logit = h.squeeze(-1) if self.gate_type == "rg2" else h.transpose(1, 2)
             return F.logsigmoid(logit + self.bias[:, None])         # [B, Hkv, T]
 
 
 class RetentionGates(nn.Module):
-    """All gates of a model: ``gates[l]`` is layer l's :class:`RetentionGate`."""
+    """All gates of a model: ``gates[l]`` is layer l's :class:`RetentionGate`; ``gates.shared`` the final projection
+    shared by all layers (rg10 only, else None)."""
 
     def __init__(self, cfg: GateConfig):
         super().__init__()
         self.config = cfg
-        self.layers = nn.ModuleList(RetentionGate(cfg) for _ in range(cfg.num_layers))
+        self.shared = SharedHead(cfg) if cfg.gate_type in SHARED_HEAD_TYPES else None
+        self.layers = nn.ModuleList(RetentionGate(cfg, self.shared) for _ in range(cfg.num_layers))
 
     def _apply(self, fn, recurse=True):
         """``.to()`` / ``.cuda()`` / ``.half()`` on the model reach the gates through this: they follow device moves

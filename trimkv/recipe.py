@@ -1,12 +1,13 @@
 """Training recipes: YAML files in ``recipes/`` parsed into dataclasses and validated once, up front.
 
-A recipe has six sections; every field is documented on its dataclass below. An unknown or mistyped field
+A recipe has seven sections (``lora`` is optional); every field is documented on its dataclass below. An unknown or mistyped field
 raises :class:`RecipeError` naming it (and the close matches), so a typo never silently falls back to a default.
 
     model:   which frozen base model to load
     gates:   gate architecture (trimkv.gate.GateConfig fields)
     data:    training data (trimkv.data.DataConfig fields)
     loss:    memory budget M and loss weights
+    lora:    optional LoRA adapters on the attention projections, co-trained with the gates (trimkv.lora)
     train:   optimiser, schedule, steps
     output:  where runs, logs and the exported gate checkpoint go (and the Hub repo it is pushed to)
     logging: wandb mode / project, TensorBoard (metrics.jsonl always)
@@ -29,7 +30,8 @@ from .data import DataConfig
 from .train.engines import ENGINES
 from .errors import RecipeError
 from .gate import ACTIVATIONS, GATE_TYPES
-from .losses import CAPACITY_FORMS
+from .lora import DEFAULT_TARGETS
+from .losses import CAPACITY_FORMS, CAPACITY_SCOPES
 from .models import DTYPE_CHOICES
 
 
@@ -47,7 +49,8 @@ class ModelSection:
 @dataclass
 class GatesSection:
     gate_type: str = "rg"            # trimkv.gate.GATE_TYPES: "rg" (attention input) | "rg2" (post-RoPE [k_h; v_h],
-                                     # one MLP shared by the heads) | "rg2-all" / "rg3" (the authors' [k; v] gates)
+                                     # one MLP shared by the heads) | "rg2-all" / "rg3" (the authors' [k; v] gates) |
+                                     # "rg10" (DBTrimKV: two-layer body, final projection + bias shared by all layers)
     activation: str = "silu"         # the gate MLP's nonlinearity (trimkv.gate.ACTIVATIONS)
     gate_hidden: int = 512           # MLP width (the paper uses 512; smaller for small models)
     bias_init: float = 18.0          # per-head bias init: beta ~ 1 at step 0 (the paper's value)
@@ -60,10 +63,23 @@ class GatesSection:
 class LossSection:
     budget: int = 512                # M: tokens per KV head the cache may hold (match the deployment budget)
     capacity_form: str = "paper"     # "paper": mean_t relu(S_t - M)/t | "code": authors' later normalisation
+    capacity_scope: str = "per_head"  # trimkv.losses.CAPACITY_SCOPES: "per_head" (every head under M) | "global"
+                                     # (DBTrimKV: the sum over layers and heads under M * layers * KV heads)
     kl_weight: float = 1.0           # weight of KL(teacher || gated)
     ntp_weight: float = 1.0          # weight of next-token cross-entropy
     capacity_weight: float = 1.0     # lambda, weight of the capacity loss
     chunk_size: int = 512            # positions per LM-head chunk (memory O(chunk x vocab))
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False            # co-train peft LoRA adapters with the gates (the teacher stays the original model)
+    r: int = 8                       # LoRA rank
+    alpha: float = 16.0              # LoRA alpha: the update is scaled by alpha / r
+    dropout: float = 0.0             # dropout on the adapters' input
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS   # module names to adapt (peft target_modules): the attention
+                                     # projections q_proj, k_proj, v_proj, o_proj of Llama / Qwen / Mistral / Gemma
+    lr: float = 2e-4                 # AdamW peak lr of the adapters (the gates use train.lr; same warm-up and cosine)
 
 
 @dataclass
@@ -117,6 +133,7 @@ class Recipe:
     gates: GatesSection = field(default_factory=GatesSection)
     data: Any = None                 # trimkv.data.DataConfig
     loss: LossSection = field(default_factory=LossSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
     output: OutputSection = field(default_factory=OutputSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -134,6 +151,7 @@ _CHOICES = {
     ("gates", "gate_type"): GATE_TYPES,
     ("gates", "activation"): ACTIVATIONS,
     ("loss", "capacity_form"): CAPACITY_FORMS,
+    ("loss", "capacity_scope"): CAPACITY_SCOPES,
     ("train", "attn_impl"): IMPLS,
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "engine"): ENGINES,
@@ -142,10 +160,10 @@ _CHOICES = {
 }
 _POSITIVE = {("loss", "budget"), ("loss", "chunk_size"), ("train", "steps"), ("train", "grad_accum"),
              ("gates", "gate_hidden"), ("train", "log_every"), ("train", "keep_last"), ("data", "batch_size"),
-             ("data", "seq_len"), ("data", "max_samples"), ("train", "lr"), ("train", "adam_eps")}
+             ("data", "seq_len"), ("data", "max_samples"), ("train", "lr"), ("train", "adam_eps"), ("lora", "r")}
 _NON_NEGATIVE = {("train", "save_every"), ("train", "warmup_steps"), ("train", "grad_clip"), ("train", "min_lr"),
                  ("train", "weight_decay"), ("gates", "init_std"), ("loss", "kl_weight"), ("loss", "ntp_weight"),
-                 ("loss", "capacity_weight")}
+                 ("loss", "capacity_weight"), ("lora", "alpha"), ("lora", "dropout"), ("lora", "lr")}
 
 
 def _section(cls, raw: Any, name: str):
@@ -194,6 +212,10 @@ def _coerce(section: str, key: str, val: Any, typ: Any) -> Any:
     elif base is str:
         if not isinstance(val, str):
             raise RecipeError(f"{name} must be a string, got {type(val).__name__} {val!r}")
+    elif typing.get_origin(base) is tuple and typing.get_args(base)[-1] is Ellipsis:   # names, any number of them
+        if not isinstance(val, (list, tuple)) or not all(isinstance(v, str) for v in val):
+            raise RecipeError(f"{name} must be a list of names, got {val!r}")
+        val = tuple(val)
     elif typing.get_origin(base) is tuple:
         if not isinstance(val, (list, tuple)) or len(val) != len(typing.get_args(base)):
             raise RecipeError(f"{name} must be a list of {len(typing.get_args(base))} numbers, got {val!r}")
@@ -205,6 +227,10 @@ def _coerce(section: str, key: str, val: Any, typ: Any) -> Any:
         raise RecipeError(f"{name} must be positive (> 0), got {val!r}")
     if (section, key) in _NON_NEGATIVE and val < 0:
         raise RecipeError(f"{name} must be >= 0, got {val!r}")
+    if (section, key) == ("lora", "dropout") and val >= 1:
+        raise RecipeError(f"'lora.dropout' must be below 1, got {val!r}")
+    if (section, key) == ("lora", "target_modules") and not val:
+        raise RecipeError("'lora.target_modules' names no module: list the projections to adapt (e.g. [q_proj, v_proj])")
     return val
 
 
@@ -231,12 +257,12 @@ def _number(name: str, val: Any, *, integer: bool) -> int | float:
 def parse_recipe(raw: dict[str, Any]) -> Recipe:
     """Validate a recipe given as a dict (e.g. parsed YAML)."""
     if not isinstance(raw, dict):
-        raise RecipeError("a recipe must be a YAML mapping with sections model/gates/data/loss/train/output/logging")
+        raise RecipeError("a recipe must be a YAML mapping with sections model/gates/data/loss/lora/train/output/logging")
     sections = {f.name: f for f in dataclasses.fields(Recipe)}
     _reject_unknown(raw, sections, "recipe section")
     if "data" not in raw:
         raise RecipeError("recipe has no 'data' section; set at least data.source (e.g. 'builtin:prose')")
-    classes = dict(model=ModelSection, gates=GatesSection, data=DataConfig, loss=LossSection,
+    classes = dict(model=ModelSection, gates=GatesSection, data=DataConfig, loss=LossSection, lora=LoraSection,
                    train=TrainSection, output=OutputSection, logging=LoggingSection)
     recipe = Recipe(**{name: _section(cls, raw.get(name), name) for name, cls in classes.items()})
     _check_across_fields(recipe)

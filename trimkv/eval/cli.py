@@ -64,7 +64,7 @@ def _eval(args: argparse.Namespace) -> int:
     from trimkv.eval.harness import markdown_table, run_eval
 
     recs = run_eval(model, tok, tasks=args.tasks, lengths=args.lengths, n_samples=args.n, haystack=args.haystack,
-                    chat=args.chat, depths=args.depths,
+                    chat=args.chat, depths=args.depths, lookahead=args.lookahead,
                     max_new_tokens=args.max_new_tokens, **common)
     print(markdown_table(recs))
     print(f"results in {args.out}/ (metrics.json, predictions.jsonl, results.md)")
@@ -150,7 +150,8 @@ def add_commands(sub) -> None:
     add_model_args(e)
     e.add_argument("--tasks", type=_csv, default=["passkey"], help=f"comma-separated, of: {','.join(TASKS)}")
     e.add_argument("--lengths", type=_ints, default=[2048], help="prompt lengths in tokens, e.g. 2048,4096")
-    e.add_argument("--budgets", type=_ints, default=[32, 64, 128, 256, 512], help="tokens per KV head")
+    e.add_argument("--budgets", type=_ints, default=[32, 64, 128, 256, 512],
+                   help="tokens per KV head (trimkv-global: the average; its pool holds budget x layers x KV heads)")
     e.add_argument("--policies", type=_csv, default=["full", "streaming", "h2o"],
                    help=f"comma-separated, of: {','.join(policy_names())}")
     e.add_argument("--n", type=int, default=20, help="samples per cell (texts with --fidelity)")
@@ -161,6 +162,9 @@ def add_commands(sub) -> None:
                    help="wrap prompts in the chat template (default: RULER's plain template with an answer prefix; "
                         "SmolLM2-135M answers the pass key far more reliably that way)")
     e.add_argument("--max-new-tokens", type=int, default=None, help="default: per task")
+    e.add_argument("--lookahead", type=int, default=0, metavar="N",
+                   help="trimkv / trimkv-global: rank kept tokens by DBTrimKV's future utility over N steps "
+                        "(0 = the plain retention score)")
     e.add_argument("--out", default="results", help="output folder (finished cells are reused)")
     e.add_argument("--fidelity", action="store_true", help="long-text KL / top-1 / ppl ratio instead of tasks")
     e.add_argument("--prefix", type=int, default=1024, help="--fidelity: prefilled tokens")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from trimkv import corpus
 from trimkv.compat import cache_kwargs
-from trimkv.eval.harness import FULL, make_cache, policy_context, prepared_gates
+from trimkv.eval.harness import FULL, GATED, gate_fingerprint, make_cache, policy_context, prepared_gates
 from trimkv.models import input_device
 from trimkv.progress import Progress
 
@@ -85,8 +85,8 @@ def run_fidelity(model, tokenizer, *, budgets, policies, gates=None, n_texts: in
     texts = [t.to(device) for t in eval_texts(tokenizer, n_texts=n_texts, n_tokens=prefix_tokens +
                                               continuation_tokens, seed=seed)]
     sums: dict[tuple, dict] = {}
-    with prepared_gates(model, gates, need_trained="trimkv" in policies) as handle:
-        gate_id = handle.gates.fingerprint() if "trimkv" in policies else None
+    with prepared_gates(model, gates, need_trained=any(p in GATED for p in policies)) as handle:
+        gate_id = gate_fingerprint(handle) if any(p in GATED for p in policies) else None
         with handle.disabled():
             refs = [full_logprobs(model, ids, continuation_tokens) for ids in texts]
         with Progress("fidelity", total=len(texts) * len(policies) * len(budgets), enabled=progress) as bar:

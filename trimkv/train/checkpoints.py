@@ -3,6 +3,7 @@
 A run's training checkpoints live in ``<run_dir>/checkpoints/step-N/``, one folder per saved step::
 
     gates.safetensors   the gate weights (fp32, the same keys as a gate checkpoint's model.safetensors)
+    adapters.safetensors  LoRA co-training only: the adapter weights (peft's keys, as in lora/adapter_model.safetensors)
     state.pt            optimiser + LR schedule state, RNG states of every rank, step, data position
                         (read back with ``torch.load(weights_only=True)``: tensors and plain containers only)
     deepspeed/          DeepSpeed engine only: its optimiser partitions (``exclude_frozen_parameters=True``)
@@ -42,6 +43,7 @@ from .distributed import all_gather_object, barrier, is_main_process, print0
 
 FORMAT_VERSION = 1
 GATES_FILE = "gates.safetensors"
+ADAPTERS_FILE = "adapters.safetensors"
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -167,9 +169,11 @@ class TrainingCheckpoints:
         try:
             engine.save_extra(tmp)                       # DeepSpeed: every rank writes its partition
             rngs = all_gather_object(rng_state())
-            gates = engine.gate_state_dict()
+            gates, adapters = engine.trainable_state()
             if is_main_process():
                 save_file(gates, str(tmp / GATES_FILE), metadata={"format": "pt", "step": str(step)})
+                if adapters:
+                    save_file(adapters, str(tmp / ADAPTERS_FILE), metadata={"format": "pt", "step": str(step)})
                 torch.save({"step": step, "data": data_state, "engine": engine.state_dict(), "rng": rngs},
                            tmp / STATE_FILE)
                 _write_manifest(tmp, {"step": step, "engine": engine.name, "world_size": len(rngs)})
@@ -222,14 +226,20 @@ class TrainingCheckpoints:
 
     def load(self, path: Path, engine) -> TrainState:
         """Restore from one checkpoint folder (collective)."""
+        with_adapters = engine.handle.adapters is not None
+        if with_adapters != (path / ADAPTERS_FILE).is_file():
+            raise ResumeError(f"{path}: the checkpoint was written {'without' if with_adapters else 'with'} LoRA "
+                              f"adapters and this run has {'them' if with_adapters else 'none'}: set lora.enabled as "
+                              "the run that wrote it did")
         try:
             state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
             gates = load_file(str(path / GATES_FILE))
+            adapters = load_file(str(path / ADAPTERS_FILE)) if with_adapters else None
         except Exception as err:
             raise ResumeError(f"{path}: cannot read the training state ({err})") from err
         engine.load_extra(path)
         engine.load_state_dict(state["engine"])
-        engine.load_gate_state_dict(gates)
+        engine.load_trainable_state(gates, adapters)
         rank = dist.get_rank() if dist.is_initialized() else 0
         rngs = state["rng"]
         if len(rngs) != (dist.get_world_size() if dist.is_initialized() else 1):

@@ -1,5 +1,6 @@
-"""A recipe end to end, top to bottom: join the launcher's process group, load the frozen model, attach fresh
-gates, pick the engine, resume if asked, stream this rank's batches, run the loop, export a gate checkpoint.
+"""A recipe end to end, top to bottom: join the launcher's process group, load the frozen model, inject LoRA adapters
+(if the recipe's ``lora`` section asks), attach fresh gates, pick the engine, resume if asked, stream this rank's
+batches, run the loop, export a gate checkpoint (with the adapters in ``lora/``).
 ``trimkv train RECIPE.yaml [--resume]`` calls :func:`finetune`; so does every rank under torchrun / deepspeed.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..checkpoint import check_writable, load_gate_checkpoint, push_to_hub, save
 from ..data import DataError, batches, hub_dataset_ids, prepare_data
 from ..errors import GateCheckpointError
 from ..gate import GateConfig, RetentionGates, check_compatible
+from ..lora import add_lora
 from ..models import load_model
 from ..recipe import Recipe, RecipeError, load_recipe, recipe_changes, save_recipe
 from .checkpoints import ResumeError, TrainingCheckpoints, run_dir_lock
@@ -80,7 +82,7 @@ def gate_config_for(model, recipe: Recipe) -> GateConfig:
         activation=g.activation, base_revision=m.revision, train_budget=recipe.loss.budget,
         base_load_kwargs={k: v for k, v in load.items() if v is not None},
         loss_weights=dict(kl=recipe.loss.kl_weight, ntp=recipe.loss.ntp_weight, capacity=recipe.loss.capacity_weight,
-                          capacity_form=recipe.loss.capacity_form),
+                          capacity_form=recipe.loss.capacity_form, capacity_scope=recipe.loss.capacity_scope),
     )
 
 
@@ -167,7 +169,10 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
                                       trust_remote_code=m.trust_remote_code, device=str(info.device))
         if not recipe.data.streaming:
             prepare_data(recipe.data, tokenizer)
-    handle = attach_gates(model, initial_gates(model, recipe), attn_impl=cfg.attn_impl)
+    lora = recipe.lora
+    adapters = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                        target_modules=lora.target_modules) if lora.enabled else None
+    handle = attach_gates(model, initial_gates(model, recipe), attn_impl=cfg.attn_impl, adapters=adapters)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.train()  # dropout-free LMs: only switches checkpointing on; the base stays frozen
@@ -189,12 +194,16 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
     finally:
         if log is not None:
             log.close()
-    gates = exported_gates(engine, handle)
+    gates, adapter_state = exported_gates(engine, handle)
     out = recipe.checkpoint_dir()
     last = history[-1] if history else {}
     if info.is_main:
         reached = last.get("step", state.step if state else 0)
-        save_gates(gates, out, metadata=card_metadata(recipe, reached, last))
+        meta = card_metadata(recipe, reached, last)
+        if adapters is not None:
+            meta["lora"] = (f"r={lora.r}, alpha={lora.alpha}, {'/'.join(lora.target_modules)}, lr {lora.lr}; "
+                            "adapters in lora/ (a peft adapter folder)")
+        save_gates(gates, out, metadata=meta, adapters=adapters, adapter_state=adapter_state or None)
         if progress:
             _summary(last, recipe)
         if recipe.output.push_to_hub:
@@ -205,11 +214,13 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
     return out
 
 
-def exported_gates(engine, handle) -> RetentionGates:
-    """The trained gates as a fresh fp32 CPU module (collective under ZeRO-3: every rank calls it)."""
+def exported_gates(engine, handle) -> tuple[RetentionGates, dict[str, torch.Tensor]]:
+    """The trained gates as a fresh fp32 CPU module, and the LoRA adapters' state ({} without adapters); collective
+    under ZeRO-3: every rank calls it."""
     gates = RetentionGates(handle.gates.config)
-    gates.load_state_dict(engine.gate_state_dict())
-    return gates
+    gate_state, adapter_state = engine.trainable_state()
+    gates.load_state_dict(gate_state)
+    return gates, adapter_state
 
 
 def card_metadata(recipe: Recipe, steps: int, last: dict) -> dict[str, Any]:
@@ -223,11 +234,11 @@ def card_metadata(recipe: Recipe, steps: int, last: dict) -> dict[str, Any]:
 def _push_step(engine, handle, recipe: Recipe, info, step: int) -> None:
     """``output.push_checkpoints``: push the gates of a training checkpoint (one Hub commit per save). A failed push
     is reported and training goes on; the push at the end of training is the one that must succeed."""
-    gates = exported_gates(engine, handle)
+    gates, adapter_state = exported_gates(engine, handle)
     if info.is_main:
         with tempfile.TemporaryDirectory(prefix="trimkv-step-") as tmp:
-            folder = save_gates(gates, Path(tmp) / recipe.checkpoint_dir().name,
-                                metadata=card_metadata(recipe, step, {}))
+            folder = save_gates(gates, Path(tmp) / recipe.checkpoint_dir().name, metadata=card_metadata(recipe, step, {}),
+                                adapters=handle.adapters, adapter_state=adapter_state or None)
             try:
                 push_to_hub(folder, recipe.output.push_to_hub, private=recipe.output.hub_private,
                             commit_message=f"trimkv gates at step {step}")
