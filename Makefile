@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH)
-	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q -c $(LOCK) -e ".[test,triton,deepspeed]"
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q -c $(LOCK) -e ".[test,triton,deepspeed,tensorboard]"
 	touch $@
 
 $(COMPAT_VENV)/.installed: pyproject.toml $(OLDEST_LOCK)
