@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train gates from a recipe YAML")
-    t.add_argument("recipe", help="path to a recipe, e.g. recipes/smollm2-135m-prose-m64.yaml")
+    t.add_argument("recipe", help="path to a recipe, e.g. recipes/smollm2-135m-qa-m64.yaml")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a recipe field (repeatable), e.g. --set train.steps=10")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
