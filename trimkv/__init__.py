@@ -6,6 +6,7 @@ when gates are attached.
 from .attach import GateHandle, attach_gates, detach_gates, gates_disabled
 from .cache import RetentionCache
 from .checkpoint import load_gate_checkpoint, load_gates, push_to_hub, save_gates
+from .decode import CompiledDecoder, fast_generate
 from .gate import GateConfig, RetentionGate, RetentionGates
 from .generate import generate
 from .policies import EvictionPolicy, RetentionPolicy, get_policy
@@ -29,4 +30,6 @@ __all__ = [
     "load_gate_checkpoint",
     "push_to_hub",
     "generate",
+    "CompiledDecoder",
+    "fast_generate",
 ]

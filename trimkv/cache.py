@@ -183,9 +183,10 @@ class RetentionLayer(BoundedLayer):
 
     def _decode_step(self, k, v, pos_new, state_new, t_now) -> None:
         if self.policy.fused:
+            # eager: the fused Triton kernel on CUDA; compiled: the PyTorch reference, which inductor fuses itself
+            backend = "torch" if torch.compiler.is_compiling() else "auto"
             append_evict_(self.keys, self.values, self.pos, self.logb, k, v, pos_new, state_new, t_now,
-                          sink=self.sink, window=self.window, backend="auto",   # Triton kernel on CUDA
-                          return_victim=False)
+                          sink=self.sink, window=self.window, backend=backend, return_victim=False)
             return
         score = protect(self._scores(self.logb, self.pos, t_now, self.keys), self.pos, t_now,
                         sink=self.sink, window=self.window)
