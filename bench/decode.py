@@ -3,7 +3,8 @@
 Four ways to decode, side by side in one run, each timing the same greedy step (``trimkv.decode.decode_step``):
   * eager:    gates attached, a RetentionCache of M tokens per KV head, the eager step;
   * compiled: the same cache and step under torch.compile (``trimkv.decode.CompiledDecoder``; CUDA graphs on GPU);
-  * full:     the plain model (original attention, no gates) with transformers' DynamicCache holding the context;
+  * full:     the plain model (original attention, no gates; a copy of the gated one) with transformers' DynamicCache
+              holding the context;
   * static:   the plain model with transformers' StaticCache, compiled the same way (the strongest plain baseline).
 At each context length L, two batch settings: ``1`` (one row each) and ``max`` (each cache gets the most rows whose
 KV bytes fit ``--kv-limit-mb``, capped at ``--max-batch``: a bounded row costs M slots whatever L is, a full row L).
@@ -13,6 +14,8 @@ after ``--warmup`` steps (which compile, and record the CUDA graph). tok/s count
 compiled-bounded tok/s over each other column's, in the same setting.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from transformers import DynamicCache, StaticCache
@@ -197,18 +200,17 @@ def main(argv=None) -> dict:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)   # a graph per shape
     model, cfg = common.load(args)
     dtype = next(model.parameters()).dtype
+    gated = None
+    if {"eager", "compiled"} & set(args.methods):   # a gated copy: every cell of a row is measured back to back
+        gated = copy.deepcopy(model)
+        attach_gates(gated)
     rows_of = {L: {"1": dict.fromkeys(METHODS, 1), "max": max_rows(cfg, dtype, L, args)} for L in lengths}
     res: dict = {}
-    plain = [m for m in args.methods if m in ("full", "static")]
-    gated = [m for m in args.methods if m in ("eager", "compiled")]
-    for methods, gates in ((plain, False), (gated, True)):   # the plain model first, then gates attached once
-        handle = attach_gates(model) if gates and methods else None
-        for L in lengths:
-            for setting in ("1", "max"):
-                for m in methods:
-                    res[L, setting, m] = measure(m, model, cfg, L, rows_of[L][setting][m], args, dtype)
-        if handle is not None:
-            handle.detach()
+    for L in lengths:
+        for setting in ("1", "max"):
+            for m in args.methods:
+                net = gated if m in ("eager", "compiled") else model
+                res[L, setting, m] = measure(m, net, cfg, L, rows_of[L][setting][m], args, dtype)
     rows = table_rows(res, lengths, rows_of, args.methods)
     title = (f"decode, {type(model).__name__} on {args.device}, bounded M={args.budget}/head, max batch under "
              f"{args.kv_limit_mb:g} MB of KV (<= {args.max_batch} rows); compile: {args.backend}, mode {args.mode}")

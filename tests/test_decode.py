@@ -72,13 +72,13 @@ def test_one_graph_serves_every_step_as_the_context_grows():
     cache = RetentionCache.for_model(model, 8, sink=0, window=0)   # the shapes of the first case above
     decoder = CompiledDecoder(model, cache, prefill_chunk=16)
     decoder.generate(PROMPT, max_new_tokens=4)                     # warm-up: compiles once
-    buffers = [layer.keys.data_ptr() for layer in cache.layers]
+    buffers = [layer.keys.data_ptr() for layer in cache.layers] + [decoder._state.ids.data_ptr()]
     before = graphs_compiled()
     with torch._dynamo.config.patch(error_on_recompile=True):
         out = decoder.generate(PROMPT[:, :23], max_new_tokens=96)  # another prompt length, context 23 -> 118
     assert graphs_compiled() == before and decoder.last.recompiles == 0
     assert out.shape == (1, 23 + 96) and decoder.last.timed_steps == 93
-    assert [layer.keys.data_ptr() for layer in cache.layers] == buffers   # reset and refilled in place
+    assert [layer.keys.data_ptr() for layer in cache.layers] + [decoder._state.ids.data_ptr()] == buffers  # in place
     assert all(int(layer.num_kept().min()) == 8 for layer in cache.layers)
 
 
@@ -146,5 +146,7 @@ def test_cuda_graphs_decode_is_token_identical_and_never_recompiles():
     decoder = CompiledDecoder(model, RetentionCache.for_model(model, 12, sink=2, window=3), prefill_chunk=16)
     assert torch.equal(decoder.generate(ids, max_new_tokens=40), ref)
     assert decoder.last.recompiles == 0
+    state = decoder._state
     with torch._dynamo.config.patch(error_on_recompile=True):
-        assert torch.equal(decoder.generate(ids, max_new_tokens=40), ref)   # replayed, not re-recorded
+        assert torch.equal(decoder.generate(ids, max_new_tokens=40), ref)
+    assert decoder._state is state                     # the same buffers: the recorded CUDA graph is replayed

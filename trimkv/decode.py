@@ -62,6 +62,15 @@ class DecodeState:
         for t in (self.ids, self.pos, self.done):
             torch._dynamo.mark_static_address(t)
 
+    def fits(self, other: "DecodeState") -> bool:
+        return all(getattr(self, f).shape == getattr(other, f).shape for f in ("ids", "pos", "done", "eos"))
+
+    def copy_(self, other: "DecodeState") -> "DecodeState":
+        """Take ``other``'s values into these buffers (same shapes): a CUDA graph recorded on them replays."""
+        for f in ("ids", "pos", "done", "eos", "pad"):
+            getattr(self, f).copy_(getattr(other, f))
+        return self
+
 
 def decode_step(model, cache_arg: str, cache, state: DecodeState, keep_last: bool = True) -> None:
     """One greedy step of ``model`` with ``cache`` (passed as ``cache_arg``), in place on ``state``: no host sync,
@@ -127,6 +136,7 @@ class CompiledDecoder:
         self.cache_arg = cache_name(model)
         self.keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.last: DecodeStats | None = None
+        self._state: DecodeState | None = None
 
     def step(self, state: DecodeState) -> None:
         """One compiled decode step (the cache's buffers and ``state`` must keep their addresses: see
@@ -137,7 +147,8 @@ class CompiledDecoder:
     @torch.no_grad()
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
               eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> DecodeState:
-        """Empty the cache (in place), prefill input_ids [B, T] eagerly; returns the state of the first step."""
+        """Empty the cache (in place), prefill input_ids [B, T] eagerly; returns the state of the first step (in the
+        buffers of the previous call when the shapes match, so a recorded CUDA graph is replayed, not re-recorded)."""
         ids = input_ids.to(self.device)
         _check_batch(self.cache, ids.shape[0])
         self.cache.reset()
@@ -145,8 +156,11 @@ class CompiledDecoder:
                               keep_last=self.keep_last)
         eos, pad = special_ids(self.model, eos_token_id, pad_token_id, self.device)
         state = DecodeState.start(logits, pos[:, -1:] + 1, eos, pad)
+        if self._state is not None and self._state.fits(state):     # the buffers the graph was recorded on
+            return self._state.copy_(state)
         mark_static(self.cache)
         state.mark_static()
+        self._state = state
         return state
 
     @torch.no_grad()
