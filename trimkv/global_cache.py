@@ -206,7 +206,6 @@ class GlobalLayer(BoundedLayer):
     def nbytes(self) -> int:
         return 0  # the pool is counted once by the cache
 
-
     def reorder_cache(self, beam_idx) -> None:
         pass  # the cache reorders the shared pool once
 
