@@ -98,3 +98,40 @@ def tokenizer():
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+class FakeHub:
+    """Stands in for ``huggingface_hub.HfApi`` (``monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)``): records
+    each upload's repo, commit message, model card and config instead of talking to the Hub."""
+
+    uploads: list[dict] = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, **kwargs):
+        import huggingface_hub
+
+        FakeHub.created = (repo_id, kwargs)
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_branch(self, repo_id, **kwargs):
+        pass
+
+    def upload_folder(self, **kwargs):
+        from pathlib import Path
+
+        folder = Path(kwargs["folder_path"])
+        FakeHub.uploads.append(dict(kwargs, card=(folder / "README.md").read_text(),
+                                    config=(folder / "config.json").read_text()))
+        return f"https://huggingface.co/{kwargs['repo_id']}/commit/{len(FakeHub.uploads)}"
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """The HfApi stand-in, with its record of uploads cleared."""
+    import huggingface_hub
+
+    FakeHub.uploads = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    return FakeHub

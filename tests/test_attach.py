@@ -64,11 +64,12 @@ def test_gates_must_fit_the_model():
         attach_gates(build_tiny_model("llama"), gates)
 
 
+@pytest.mark.parametrize("gate_type", ["rg2", "rg2-all", "rg3"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_rg2_runs_and_starts_equal_to_the_frozen_model(family):
+def test_kv_gates_run_and_start_equal_to_the_frozen_model(family, gate_type):
     model = build_tiny_model(family)
     before = logits(model)
-    attach_gates(model, gate_type="rg2", gate_hidden=16)
+    attach_gates(model, gate_type=gate_type, gate_hidden=16)
     torch.testing.assert_close(logits(model), before, atol=1e-4, rtol=0)
 
 
@@ -125,3 +126,14 @@ def test_gradient_checkpointing_gives_the_same_gate_gradient(family):
     for idx, (a, b) in enumerate(zip(plain, ckpt)):
         assert b.abs().max() > 1e-6, f"layer {idx}: no gradient under checkpointing"
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+
+
+def test_each_gate_lives_on_its_layers_device(tiny_model):
+    """A model split over devices (device_map="auto"): gate l goes where layer l's attention runs. The CPU stand-in
+    for a second device is the meta device (a placement check, no forward)."""
+    model = tiny_model("qwen3")
+    model.model.layers[1].to("meta")
+    handle = attach_gates(model, gate_hidden=8)
+    devices = [{p.device.type for p in gate.parameters()} for gate in handle.gates.layers]
+    assert devices == [{"cpu"}, {"meta"}]
+    assert all(p.dtype == torch.float32 for p in handle.gates.parameters())

@@ -10,6 +10,7 @@ from conftest import build_tiny_model
 from trimkv.attach import attach_gates
 from trimkv.cache import RetentionCache
 from trimkv.compat import cache_kwargs
+from trimkv.eviction import lookahead_score, retention_score
 
 GEN = torch.Generator().manual_seed(1)
 PROMPT = torch.randint(3, 128, (1, 40), generator=GEN)
@@ -71,7 +72,7 @@ def test_big_budget_generates_like_the_full_cache(family, gate_type, chunk):
     assert cache.get_seq_length() == 40 + 10 - 1      # the last sampled token is never fed back
 
 
-@pytest.mark.parametrize("gate_type", ["rg", "rg2"])
+@pytest.mark.parametrize("gate_type", ["rg", "rg2", "rg2-all", "rg3"])
 def test_full_cache_with_soft_gates_matches_recomputing(gate_type):
     """generate() with a DynamicCache and strongly decaying gates = the gated model run on the whole sequence."""
     model, handle = gated_model(gate_type=gate_type, bias_init=1.0)
@@ -115,21 +116,29 @@ def test_full_cache_filled_without_gates_is_refused():
 # ------------------------------------------------------------------------------------ prefill top-M
 
 
-def topk_positions(logb: torch.Tensor, t: int, budget: int, sink: int, window: int) -> set[int]:
+def keep_score(t: int, pos: torch.Tensor, logb: torch.Tensor, lookahead: int = 0) -> torch.Tensor:
+    """The score a cache ranks kept tokens by: retention (t - pos) log beta, or the look-ahead future utility."""
+    t_now = torch.tensor([t])
+    if lookahead:
+        return lookahead_score(pos[None], logb[None], t_now, lookahead)[0]
+    return retention_score(pos[None], logb[None], t_now)[0]
+
+
+def topk_positions(logb: torch.Tensor, t: int, budget: int, sink: int, window: int, lookahead: int = 0) -> set[int]:
     """Brute force: the positions a cache of ``budget`` slots keeps at step t, given log beta [T] of positions 0..t."""
     pos = torch.arange(logb.numel())
     protected = {i for i in pos.tolist() if i < sink or i > t - window}
-    score = (t - pos).float() * logb
+    score = keep_score(t, pos, logb, lookahead)
     rest = sorted((i for i in pos.tolist() if i not in protected), key=lambda i: -score[i].item())
     return protected | set(rest[: budget - len(protected)])
 
 
-@pytest.mark.parametrize("sink,window", [(0, 0), (2, 0), (0, 3), (2, 3)])
-def test_prefill_keeps_exactly_the_top_m_by_score(sink, window):
+@pytest.mark.parametrize("sink,window,lookahead", [(0, 0, 0), (2, 0, 0), (0, 3, 0), (2, 3, 0), (0, 0, 16), (2, 3, 4)])
+def test_prefill_keeps_exactly_the_top_m_by_score(sink, window, lookahead):
     model, handle = gated_model(bias_init=1.0, init_std=0.5)       # log beta spread out: no ties
     ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(2))
     budget = 9
-    cache = RetentionCache.for_model(model, budget, sink=sink, window=window)
+    cache = RetentionCache.for_model(model, budget, sink=sink, window=window, lookahead=lookahead)
     log = GateLog(handle)
     with torch.no_grad():
         model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
@@ -139,7 +148,7 @@ def test_prefill_keeps_exactly_the_top_m_by_score(sink, window):
         (logb,) = outs                                                # one forward, one chunk: [B, Hkv, T]
         for b in range(2):
             for h in range(2):
-                want = topk_positions(logb[b, h], 29, budget, sink, window)
+                want = topk_positions(logb[b, h], 29, budget, sink, window, lookahead)
                 assert kept[layer][b][h] == want, (layer, b, h)
     assert cache.get_seq_length() == 30
 
@@ -147,11 +156,13 @@ def test_prefill_keeps_exactly_the_top_m_by_score(sink, window):
 # ------------------------------------------------------------------------------------- decode greedy
 
 
-def test_decode_matches_greedy_eviction_and_never_reallocates():
+@pytest.mark.parametrize("lookahead", [0, 8])
+def test_decode_matches_greedy_eviction_and_never_reallocates(lookahead):
+    """The newcomer enters; the victim is the lowest-scoring kept token (retention or look-ahead score)."""
     model, handle = gated_model(bias_init=1.0, init_std=0.5)
     ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(3))
     budget, B, H = 6, 2, 2
-    cache = RetentionCache.for_model(model, budget)
+    cache = RetentionCache.for_model(model, budget, lookahead=lookahead)
     log = GateLog(handle)
     sim = [[[{} for _ in range(H)] for _ in range(B)] for _ in cache.layers]   # pos -> logb
     ptrs = None
@@ -163,10 +174,11 @@ def test_decode_matches_greedy_eviction_and_never_reallocates():
                 for b in range(B):
                     for h in range(H):
                         kept = sim[layer][b][h]
+                        if len(kept) == budget:                               # fp32 scores, as the cache
+                            old = torch.tensor(list(kept))
+                            score = keep_score(t, old, torch.stack(list(kept.values())), lookahead)
+                            del kept[int(old[score.argmin()])]
                         kept[t] = logb[b, h, 0]
-                        if len(kept) > budget:
-                            score = {p: ((t - p) * lb).item() for p, lb in kept.items()}          # fp32, as the cache
-                            del kept[min(score, key=score.get)]
             assert kept_sets(cache) == [[[set(s) for s in row] for row in layer] for layer in sim], f"step {t}"
             for layer in cache.layers:
                 assert int(layer.num_kept().max()) <= budget
@@ -230,3 +242,14 @@ def test_budget_must_exceed_sink_plus_window():
     with pytest.raises(ValueError, match="budget"):
         RetentionCache(0, 2)
     RetentionCache(7, 2, sink=2, window=4)
+
+
+def test_each_layer_allocates_on_its_key_states_device():
+    """The slot buffers are allocated lazily from the first key states a layer sees, so a model split over devices
+    keeps each layer's cache beside its layer (the meta device stands in for a second device)."""
+    cache = RetentionCache(8, 2, sink=1, window=2)
+    k = torch.zeros(1, 2, 3, 16, device="meta")
+    cache.layers[1].lazy_initialization(k, k)
+    layer = cache.layers[1]
+    assert {t.device.type for t in (layer.keys, layer.values, layer.pos, layer.logb, layer.t_now)} == {"meta"}
+    assert not cache.layers[0].is_initialized

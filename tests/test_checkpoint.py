@@ -69,13 +69,26 @@ def assert_same_gates(a: RetentionGates, b: RetentionGates) -> None:
 # ------------------------------------------------------------------------------------------ round trip
 
 
-@pytest.mark.parametrize("gate_type", ["rg", "rg2"])
+@pytest.mark.parametrize("gate_type", ["rg", "rg2", "rg10"])
 def test_round_trip_is_exact(tmp_path, gate_type):
     gates = make_gates(gate_type)
     loaded = load_gate_checkpoint(save_gates(gates, tmp_path / "g"))
     assert_same_gates(gates, loaded)
-    x = torch.randn(1, 5, 64) if gate_type == "rg" else torch.randn(1, 2, 5, 32)
+    x = torch.randn(1, 5, 64) if gate_type != "rg2" else torch.randn(1, 2, 5, 32)
     assert torch.equal(gates[0](x), loaded[0](x))
+
+
+def test_rg10_shared_projection_is_saved_once_and_loaded_tied(tmp_path):
+    gates = make_gates("rg10", num_layers=3)
+    folder = save_gates(gates, tmp_path / "g")
+    stored = load_file(str(folder / "model.safetensors"))
+    assert sorted(k for k in stored if "shared" in k) == ["shared.bias", "shared.proj.weight"]
+    assert sum(t.numel() for t in stored.values()) == gates.config.num_parameters() == gates.num_parameters()
+    loaded = load_gate_checkpoint(folder)
+    assert all(layer.shared is loaded.shared for layer in loaded.layers)
+    with torch.no_grad():
+        loaded.shared.proj.weight.zero_()                     # one tensor: every layer sees the change
+    assert all(torch.equal(layer.shared.proj.weight, torch.zeros(2, 8)) for layer in loaded.layers)
 
 
 def test_round_trip_from_bf16_module_saves_fp32(tmp_path):
@@ -220,7 +233,7 @@ def test_load_gates_checks_then_attaches(saved, tiny_llama, monkeypatch):
     monkeypatch.setattr(ckpt, "attach_gates", lambda model, gates, **kw: calls.append((model, gates, kw)) or "h")
     assert ckpt.load_gates(tiny_llama, saved, mode="x") == "h"
     model, gates, kw = calls[0]
-    assert model is tiny_llama and kw == {"mode": "x"} and gates.layers[0].w1.weight.dtype == torch.float32
+    assert model is tiny_llama and kw == {"mode": "x", "adapters": None} and gates.layers[0].w1.weight.dtype == torch.float32
     wrong = save_gates(make_gates(num_layers=3), saved.parent / "wrong")
     with pytest.raises(GateMismatchError):
         ckpt.load_gates(tiny_llama, wrong)
@@ -259,7 +272,9 @@ def test_hub_source_goes_through_snapshot_download(saved, monkeypatch):
     assert gates.config.base_model == "tiny/llama"
     repo_id, kwargs = calls[0]
     assert repo_id == "user/gates" and kwargs["revision"] == "v2" and kwargs["local_files_only"] is True
-    assert sorted(kwargs["allow_patterns"]) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(kwargs["allow_patterns"]) == ["README.md", "config.json", "lora/adapter_config.json",
+                                                "lora/adapter_model.safetensors", "model.safetensors",
+                                                "trimkv_weights.pth"]
     load_gate_checkpoint("user/gates", revision="dev")
     assert calls[1][1]["revision"] == "dev"
     with pytest.raises(ValueError, match="give one"):
@@ -324,6 +339,7 @@ class FakeApi:
         FakeApi.calls.append(("upload_folder", kwargs))
         folder = pathlib.Path(kwargs["folder_path"])
         FakeApi.uploaded = sorted(p.name for p in folder.iterdir())
+        FakeApi.card = (folder / "README.md").read_text()
         return "https://huggingface.co/user/gates/commit/abc"
 
 
@@ -337,9 +353,11 @@ def test_push_to_hub_validates_then_uploads(saved, monkeypatch):
     assert FakeApi.calls[0] == ("init", "tok")
     assert FakeApi.calls[1][2]["private"] is True and FakeApi.calls[1][2]["exist_ok"] is True
     upload = FakeApi.calls[3][1]
-    assert pathlib.Path(upload["folder_path"]) == saved and upload["revision"] == "v1"
+    assert pathlib.Path(upload["folder_path"]).name == saved.name and upload["revision"] == "v1"
     assert upload["repo_id"] == "user/gates" and upload["commit_message"] == "Upload trimkv gates"
     assert FakeApi.uploaded == ["README.md", "config.json", "model.safetensors"]
+    assert "load_gates(model, 'user/gates@v1')" in FakeApi.card          # the uploaded card names the repo
+    assert "user/gates" not in (saved / "README.md").read_text()          # the local folder is not changed
 
 
 def test_push_to_hub_refuses_a_broken_checkpoint(saved, monkeypatch):

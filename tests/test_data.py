@@ -461,3 +461,35 @@ def test_non_string_text_is_named(tokenizer, tmp_path):
     source = write_jsonl(tmp_path / "num.jsonl", [{"text": "fine"}, {"text": 42}])
     with pytest.raises(DataError, match=r"row 1: column 'text' must hold strings, got int"):
         build_dataset(cfg_for(source, tmp_path), tokenizer)
+
+
+def test_hub_dataset_config_name_revision_and_split_reach_load_dataset(monkeypatch, tmp_path):
+    import datasets
+
+    seen = {}
+
+    def fake_load_dataset(path, **kwargs):
+        seen.update(path=path, **kwargs)
+        return datasets.Dataset.from_dict({"text": SENTENCES})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = DataConfig(source="user/long-qa", config_name="en", revision="v1.0", split="validation", seq_len=8,
+                     cache_dir=str(tmp_path))
+    assert len(data.load_documents(cfg)) == len(SENTENCES)
+    assert seen == {"path": "user/long-qa", "name": "en", "revision": "v1.0", "split": "validation",
+                    "streaming": False}
+
+
+def test_config_name_and_revision_are_for_hub_datasets_only(tmp_path):
+    with pytest.raises(ValueError, match="config_name / revision apply to Hub datasets"):
+        DataConfig(source="builtin:prose", config_name="en")
+    with pytest.raises(ValueError, match="Hub datasets"):
+        DataConfig(source=str(tmp_path / "a.jsonl"), revision="main")
+
+
+def test_hub_dataset_ids_of_a_mixture_skip_local_and_builtin_sources(tmp_path):
+    local = write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
+    cfg = DataConfig(mixture=[{"source": "user/a", "config_name": "en"}, {"source": local},
+                              {"source": "builtin:prose"}, {"source": "user/a"}, {"source": "org/b"}])
+    assert data.hub_dataset_ids(cfg) == ["user/a", "org/b"]
+    assert cfg.components()[0][0].config_name == "en"

@@ -124,6 +124,10 @@ def test_ddp_without_a_process_group_says_how_to_launch(setup, monkeypatch):
 
     class Handle:
         gates = model
+        adapter_params: list = []
+
+        def trainable_parameters(self):
+            return list(model.parameters())
 
     recipe = parse_recipe(run_recipe(setup, "x"))
     with pytest.raises(RuntimeError, match="torchrun"):

@@ -2,6 +2,8 @@
 to the full cache when nothing is evicted, batch > 1."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -65,9 +67,9 @@ def test_total_is_bounded_and_floors_hold(chunk):
     assert cache.pool.keys.shape[1] == budget and cache.nbytes() == nbytes
 
 
-def _manual_cache(budget=12, floor=1, L=2, Hkv=2, D=4):
+def _manual_cache(budget=12, floor=1, L=2, Hkv=2, D=4, lookahead=0):
     """Drive the layers directly (no model): random keys, per-token log beta chosen by the test."""
-    cache = GlobalRetentionCache(budget, L, Hkv, floor=floor)
+    cache = GlobalRetentionCache(budget, L, Hkv, floor=floor, lookahead=lookahead)
     return cache
 
 
@@ -79,11 +81,17 @@ def _step(cache, t, logb, B=1, D=4):
         layer.insert(torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D))
 
 
-def test_decode_evicts_the_globally_lowest_score_above_the_floor():
+def _future_utility(t: int, p: int, lb: float, n: int) -> float:
+    """log sum_{k=1..n} beta^(t - p + k), summed term by term in float64 (the look-ahead score's definition)."""
+    return math.log(sum(math.exp((t - p + k) * lb) for k in range(1, n + 1)))
+
+
+@pytest.mark.parametrize("lookahead", [0, 6])
+def test_decode_evicts_the_globally_lowest_score_above_the_floor(lookahead):
     """Brute force: after each decode step the pool holds exactly what a greedy set simulation keeps."""
     torch.manual_seed(0)
     L, Hkv, budget, floor = 2, 2, 14, 2
-    cache = _manual_cache(budget, floor, L, Hkv)
+    cache = _manual_cache(budget, floor, L, Hkv, lookahead=lookahead)
     kept = {(l, h): {} for l in range(L) for h in range(Hkv)}    # (layer, head) -> {pos: logb}
     for t in range(12):
         logb = -torch.rand(L, 1, Hkv) * torch.tensor([0.01, 1.0])[None, None, :]  # head 0 retains, head 1 decays
@@ -93,7 +101,9 @@ def test_decode_evicts_the_globally_lowest_score_above_the_floor():
                 kept[(l, h)][t] = float(logb[l, 0, h])
             n_need = sum(len(s) for s in kept.values()) - budget
             for _ in range(max(0, n_need)):
-                cands = [((t - p) * lb, key, p) for key, s in kept.items() if len(s) > floor for p, lb in s.items()]
+                cands = [(_future_utility(t, p, lb, lookahead) if lookahead else (t - p) * lb, key, p)
+                         for key, s in kept.items() if len(s) > floor for p, lb in s.items()
+                         if (key[0], p) != (l, t)]           # this layer's newcomers enter; earlier layers' may go
                 _, key, p = min(cands)
                 del kept[key][p]
         for l, layer in enumerate(cache.layers):
@@ -133,3 +143,11 @@ def test_batch_rows_are_independent():
 def test_too_small_budget_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="floor \\+ sink \\+ window"):
         GlobalRetentionCache(10, 4, 2, floor=1)
+
+
+def test_layers_on_another_device_than_the_pool_are_refused():
+    cache = GlobalRetentionCache(32, 2, 2, floor=1)
+    cache.layers[0].lazy_initialization(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16))
+    with pytest.raises(RuntimeError, match="RetentionCache"):
+        cache.layers[1].lazy_initialization(torch.zeros(1, 2, 3, 16, device="meta"),
+                                            torch.zeros(1, 2, 3, 16, device="meta"))

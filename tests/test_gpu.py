@@ -121,3 +121,44 @@ def test_triton_eviction_inside_generate_gives_the_torch_path_tokens(budget, mon
         monkeypatch.setattr(cache_mod, "append_evict_", real)
     assert torch.equal(runs[0][0], runs[1][0])
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_pipeline_on_cuda_answers_like_the_cpu(tokenizer):
+    """The pipeline entry on a GPU (gates on the layers' device, the bounded cache allocated there, inputs on the
+    embedding's device) answers with the CPU's tokens (fp32, greedy)."""
+    from trimkv.pipeline import answer
+
+    context = "The grass is green. The sky is blue. " * 8 + "The pass key is 71432. " + "Here we go. " * 6
+    outs = {}
+    for device in ("cpu", "cuda"):
+        model = build_tiny_model("llama", vocab_size=len(tokenizer)).to(device)
+        attach_gates(model, gate_hidden=16, bias_init=3.0)
+        assert {p.device.type for p in model.trimkv.gates.parameters()} == {device}
+        outs[device] = answer(model, tokenizer, context, ["What is the pass key?", "Sky?"], budget=32,
+                              max_new_tokens=5)
+    assert outs["cuda"].answers == outs["cpu"].answers and outs["cuda"].kv_bytes == outs["cpu"].kv_bytes
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_model_split_over_two_gpus_answers_like_one_gpu(tokenizer):
+    """device_map over two GPUs: each gate on its layer's GPU, each cache layer allocated there, same answers."""
+    from accelerate import dispatch_model
+
+    def tiny():
+        return build_tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=4)
+
+    single = _answer(tiny().to("cuda:0"), tokenizer)
+    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": 1,
+                  "model.layers.3": 1, "model.norm": 1, "model.rotary_emb": 1, "lm_head": 1}
+    split = dispatch_model(tiny(), device_map=device_map)
+    out = _answer(split, tokenizer)
+    assert out.answers == single.answers
+    assert [g.w1.weight.device.index for g in split.trimkv.gates.layers] == [0, 0, 1, 1]
+
+
+def _answer(model, tokenizer):
+    from trimkv.pipeline import answer
+
+    torch.manual_seed(0)                                       # the same fresh gates for both placements
+    attach_gates(model, gate_hidden=16, bias_init=3.0)
+    return answer(model, tokenizer, "The sky is blue. " * 12, "Sky?", budget=32, max_new_tokens=4)

@@ -71,6 +71,29 @@ def test_budget_that_evicts_nothing_matches_the_full_cache(tokenizer, tmp_path):
     assert len(recs) == 3
 
 
+def test_global_policy_serves_rg10_gates_in_one_pool_at_the_same_memory(tokenizer, tmp_path):
+    """trimkv-global: budget x layers x KV heads slots in one GlobalRetentionCache; with a budget that evicts nothing
+    it answers like the full cache; the look-ahead is a setting of the gated cells (a new cell key)."""
+    model = tiny()
+    gates = save_gates(attach_gates(tiny(), gate_type="rg10", gate_hidden=8).gates, tmp_path / "rg10")
+    recs = run_eval(model, tokenizer, budgets=[16, 300], policies=["full", "trimkv", "trimkv-global"], gates=gates,
+                    out_dir=tmp_path / "r", **KW)
+    by = {(r["policy"], r["budget"]): r for r in recs}
+    per_head, pooled = by[("trimkv", 16)]["kv_bytes"], by[("trimkv-global", 16)]["kv_bytes"]
+    assert pooled == pytest.approx(per_head, rel=0.06)           # same K/V slots; the pool adds 8 bytes of owner
+    assert "needle_heads" in by[("trimkv-global", 16)]            # the needle diagnostic reads the pool too
+    rows = [json.loads(line) for line in (tmp_path / "r" / "predictions.jsonl").read_text().splitlines()]
+    preds = {}
+    for r in rows:
+        preds.setdefault((r["policy"], r["budget"]), []).append(r["prediction"])
+    assert preds[("trimkv-global", 300)] == preds[("full", None)]
+    ahead = run_eval(model, tokenizer, budgets=[16], policies=["trimkv-global"], gates=gates, out_dir=tmp_path / "r",
+                     lookahead=8, **KW)
+    assert len(list((tmp_path / "r" / "cells").rglob("*trimkv-global-M16*"))) == 2 and len(ahead) == 1
+    with pytest.raises(ValueError, match="lookahead"):
+        harness.make_cache(model, "h2o", 16, sink=2, window=4, lookahead=8)
+
+
 def test_trimkv_without_gates_explains(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="needs trained gates"):
         run_eval(tiny(), tokenizer, budgets=[16], policies=["trimkv"], out_dir=tmp_path, **KW)
@@ -152,3 +175,43 @@ def test_plot_cli_draws_several_results_folders_together(tmp_path, capsys):
     assert is_png(tmp_path / "2048" / "accuracy_vs_budget.png")
     with pytest.raises(SystemExit, match="no metrics.json"):
         main(["plot", "accuracy", str(tmp_path / "2048"), str(tmp_path / "missing")])
+
+
+def test_eval_cli_takes_device_and_dtype_and_its_results_reach_the_pushed_card(tokenizer, tmp_path, monkeypatch,
+                                                                               fake_hub):
+    """`trimkv eval --device cpu --dtype auto` loads the model so; its metrics.json, given to `trimkv push --results`,
+    becomes the card's model-index (for these gates' results only)."""
+    import yaml
+
+    from trimkv.cli import main
+
+    model = tiny()
+    gates = save_gates(attach_gates(tiny(), gate_hidden=8, bias_init=3.0).detach(), tmp_path / "gates")
+    seen = {}
+    monkeypatch.setattr("trimkv.models.load_model", lambda name, **kw: seen.update(name=name, **kw) or (model, tokenizer))
+    out = tmp_path / "results"
+    assert main(["eval", "--model", "tiny", "--device", "cpu", "--dtype", "auto", "--gates", str(gates),
+                 "--tasks", "passkey", "--lengths", "256", "--budgets", "16", "--policies", "full,trimkv", "--n", "1",
+                 "--sink", "2", "--window", "4", "--max-new-tokens", "2", "--quiet", "--out", str(out)]) == 0
+    assert seen == {"name": "tiny", "dtype": "auto", "device": "cpu", "device_map": None}
+    recs = json.loads((out / "metrics.json").read_text())
+    mine = [r for r in recs if r["policy"] == "trimkv"]
+    assert mine and mine[0]["gates"] and [r["gates"] for r in recs if r["policy"] == "full"] == [None]
+
+    assert main(["push", str(gates), "me/g", "--results", str(out)]) == 0
+    front = yaml.safe_load(fake_hub.uploads[-1]["card"].split("---\n")[1])
+    (result,) = front["model-index"][0]["results"]
+    assert result["metrics"][0]["value"] == pytest.approx(100 * mine[0]["score"])
+    with pytest.raises(SystemExit, match="no metrics.json"):
+        main(["push", str(gates), "me/g", "--results", str(tmp_path / "nothing")])
+
+
+def test_demo_takes_device_and_dtype(monkeypatch):
+    from trimkv import demo
+    from trimkv.cli import main
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: seen.update(kw))
+    assert main(["demo", "--device", "cuda", "--dtype", "bfloat16"]) == 0
+    assert seen["device"] == "cuda" and seen["dtype"] == "bfloat16"
+    assert main(["demo"]) == 0 and (seen["device"], seen["dtype"]) == ("auto", "auto")

@@ -1,11 +1,15 @@
 """trimkv.losses: chunked KL / CE equal the full-logits values, memory stays per chunk, capacity loss math."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import DEVICE
+from trimkv.attention import capacity_sums, capacity_sums_reference
 from trimkv.losses import CAPACITY_FORMS, capacity_loss, distillation_losses
 
 B, T, D, V = 2, 16, 8, 64
@@ -289,3 +293,70 @@ def test_fused_path_keeps_no_logits_for_backward():
     mask = torch.ones(B, T, dtype=torch.bool)
     largest, _ = _saved_numel(lambda: distillation_losses(student, teacher, head, ids, mask, chunk_size=4))
     assert largest <= B * T * D          # only [P, d] gradients, never a [rows, V] tensor
+
+
+# ------------------------------------------------------------------------------------ global capacity (DBTrimKV)
+
+
+def _global_brute_force(logb, pos, seg, M: int, form: str) -> float:
+    """sum_t relu(sum_{n,i} beta_i^(t-i) - N M) with the per-head normalisation, straight from the formula: loops over
+    rows b, steps t, every (layer, head) row n and every visible token i."""
+    B, N, T = logb.shape
+    total, count = 0.0, 0
+    for b in range(B):
+        for t in range(T):
+            size = sum(torch.exp((pos[b, t] - pos[b, i]).double() * logb[b, n, i].double()).item()
+                       for n in range(N) for i in range(T) if pos[b, i] <= pos[b, t] and seg[b, i] == seg[b, t])
+            steps = int(pos[b, t]) + 1
+            excess = max(size - N * M, 0.0)
+            if form == "paper":
+                total, count = total + excess / steps, count + 1
+            else:
+                total, count = total + excess / max(steps - M, 1), count + int(steps > M)
+    return total / max(count, 1) / N
+
+
+def _sums(logb, pos, seg, impl: str):
+    if impl == "reference":
+        return capacity_sums_reference(logb, pos, seg)
+    if impl == "triton":
+        pytest.importorskip("triton")
+        if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    return capacity_sums(logb, pos, seg, block=8, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked", "triton"])
+@pytest.mark.parametrize("form", CAPACITY_FORMS)
+def test_global_capacity_equals_brute_force_sum_over_layers_and_heads(impl, form):
+    """Layers x KV heads rows of S from each capacity implementation, summed against M * rows: the loss equals the
+    formula evaluated token by token, and the gradients of all implementations agree."""
+    g = torch.Generator().manual_seed(11)
+    B, N, T, M = 2, 6, 21, 3                                 # N = 2 layers x 3 KV heads
+    pos = torch.tensor([list(range(9)) + list(range(12)), list(range(21))], device=DEVICE)   # two documents in row 0
+    seg = torch.tensor([[0] * 9 + [1] * 12, [0] * 21], device=DEVICE)
+    logb = (-0.6 * torch.rand(B, N, T, generator=g) ** 3).to(DEVICE).requires_grad_(True)   # fast and slow decay
+    loss = capacity_loss(_sums(logb, pos, seg, impl), pos, M, form=form, scope="global")
+    assert loss.item() > 0
+    assert loss.item() == pytest.approx(_global_brute_force(logb.detach().cpu(), pos.cpu(), seg.cpu(), M, form),
+                                        rel=1e-5)
+    (grad,) = torch.autograd.grad(loss, logb)
+    ref = logb.detach().double().requires_grad_(True)
+    (grad_ref,) = torch.autograd.grad(
+        capacity_loss(capacity_sums_reference(ref, pos, seg), pos, M, form=form, scope="global"), ref)
+    torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_global_capacity_trades_budget_between_heads_and_matches_per_head_when_uniform():
+    pos = torch.arange(8).expand(1, 8)
+    M = 2
+    uniform = (pos[:, None, :] + 1).float().expand(1, 4, 8)              # every head holds every token
+    for form in CAPACITY_FORMS:
+        assert capacity_loss(uniform, pos, M, form=form, scope="global").item() == pytest.approx(
+            capacity_loss(uniform, pos, M, form=form).item())            # the same excess everywhere: same loss
+    skewed = torch.zeros(1, 4, 8)
+    skewed[:, 0] = 3 * M                                                  # one head over M, the others empty
+    assert capacity_loss(skewed, pos, M, scope="per_head").item() > 0
+    assert capacity_loss(skewed, pos, M, scope="global").item() == 0.0    # within M * 4 in total
+    with pytest.raises(ValueError, match="scope"):
+        capacity_loss(skewed, pos, M, scope="layer")

@@ -60,6 +60,13 @@ def test_missing_data_section_raises():
     ("train", "grad_accum", 1.5, r"train\.grad_accum.*integer"),
     ("loss", "budget", 64.5, r"loss\.budget.*integer"),
     ("train", "lr", True, r"train\.lr.*number"),
+    ("loss", "capacity_scope", "layer", r"loss\.capacity_scope.*not one of"),
+    ("lora", "enabled", "yes", r"lora\.enabled.*true or false"),
+    ("lora", "r", 0, r"lora\.r.*positive"),
+    ("lora", "dropout", 1.0, r"lora\.dropout.*below 1"),
+    ("lora", "target_modules", [], r"lora\.target_modules.*names no module"),
+    ("lora", "target_modules", [1, 2], r"lora\.target_modules.*list of names"),
+    ("lora", "rank", 8, r"unknown field 'lora\.rank'"),
 ])
 def test_bad_values_raise_naming_the_field(section, key, value, pattern):
     with pytest.raises(RecipeError, match=pattern):
@@ -93,16 +100,46 @@ def test_missing_file_and_bad_yaml_raise(tmp_path):
         load_recipe(bad)
 
 
+def test_dbtrimkv_and_lora_fields_parse():
+    recipe = parse_recipe(minimal(gates={"gate_type": "rg10"}, loss={"capacity_scope": "global"},
+                                  lora={"enabled": True, "r": 4, "lr": "1e-4", "target_modules": ["q_proj", "v_proj"]}))
+    assert recipe.gates.gate_type == "rg10" and recipe.loss.capacity_scope == "global"
+    assert recipe.lora.enabled and recipe.lora.r == 4 and recipe.lora.lr == pytest.approx(1e-4)
+    assert recipe.lora.target_modules == ("q_proj", "v_proj")
+    default = parse_recipe(minimal())
+    assert not default.lora.enabled and default.loss.capacity_scope == "per_head"
+
+
 @pytest.mark.parametrize("source", ["shipped", "custom"])
 def test_save_recipe_round_trips(tmp_path, source):
     if source == "shipped":
         recipe = load_recipe(RECIPES[0])
     else:
         recipe = parse_recipe(minimal(train={"steps": 7, "lr": "2e-4", "betas": [0.8, 0.95]},
-                                      loss={"budget": 32, "capacity_form": "code"}, gates={"gate_hidden": 24}))
+                                      loss={"budget": 32, "capacity_form": "code"}, gates={"gate_hidden": 24},
+                                      lora={"enabled": True, "target_modules": ["q_proj"]}))
     out = tmp_path / "run" / "recipe.yaml"
     save_recipe(recipe, out)
     assert isinstance(yaml.safe_load(out.read_text()), dict)     # plain YAML a person can read and edit
     again = load_recipe(out)
     assert again == recipe
     assert again.train.betas == recipe.train.betas and isinstance(again.train.betas, tuple)
+
+
+def test_hub_fields_parse_and_validate():
+    r = parse_recipe({
+        "model": {"dtype": "auto"},
+        "gates": {"gate_type": "rg3", "activation": "gelu_pytorch_tanh"},
+        "data": {"source": "user/long-qa", "config_name": "en", "revision": "v1", "split": "train[:1%]"},
+        "output": {"push_to_hub": "me/gates", "push_checkpoints": True, "hub_private": True, "license": "mit"},
+        "logging": {"tensorboard": True},
+    })
+    assert (r.data.config_name, r.data.revision, r.output.push_to_hub, r.output.license) == ("en", "v1", "me/gates",
+                                                                                             "mit")
+    assert r.logging.tensorboard and r.output.push_checkpoints and r.model.dtype == "auto"
+    with pytest.raises(RecipeError, match="activation"):
+        parse_recipe({"data": {"source": "builtin:prose"}, "gates": {"activation": "softmax"}})
+    with pytest.raises(RecipeError, match="push_checkpoints"):
+        parse_recipe({"data": {"source": "builtin:prose"}, "output": {"push_checkpoints": "yes"}})
+    with pytest.raises(RecipeError, match="config_name"):
+        parse_recipe({"data": {"source": "builtin:prose", "config_name": "en"}})

@@ -129,8 +129,8 @@ class FakeEngine:
     def save_extra(self, folder):
         pass
 
-    def gate_state_dict(self):
-        return {"layers.0.w1.weight": self.w.clone()}
+    def trainable_state(self):
+        return {"layers.0.w1.weight": self.w.clone()}, {}     # gates, no LoRA adapters
 
 
 def test_failure_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):

@@ -131,3 +131,89 @@ def test_train_loop_accumulates_micro_batches(tmp_path):
 
     history = train_loop(model, handle, stream(), recipe, progress=False)
     assert len(history) == 2 and len(seen) == 4
+
+
+class FakeWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter."""
+
+    def __init__(self, log_dir):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+
+    def add_scalar(self, name, value, global_step):
+        self.scalars.append((name, value, global_step))
+
+    def close(self):
+        self.closed = True
+
+
+def test_metrics_log_writes_tensorboard_scalars_beside_jsonl(tmp_path, monkeypatch):
+    from trimkv.train import loop
+
+    writers = []
+    monkeypatch.setattr(loop, "tensorboard_writer", lambda d: writers.append(FakeWriter(d)) or writers[-1])
+    recipe = parse_recipe({"data": {"source": "builtin:prose"}, "logging": {"tensorboard": True},
+                           "output": {"run_dir": str(tmp_path / "run")}})
+    log = MetricsLog(tmp_path / "run", recipe)
+    log.log(5, {"loss": 1.5, "mean_beta": [0.9, 0.8], "note": "text", "lr": 1e-3})
+    log.close()
+    (w,) = writers
+    assert w.log_dir == tmp_path / "run" / "tensorboard" and w.closed
+    assert w.scalars == [("loss", 1.5, 5), ("mean_beta/0", 0.9, 5), ("mean_beta/1", 0.8, 5), ("lr", 1e-3, 5)]
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["note"] == "text"
+
+
+def test_tensorboard_without_the_package_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from trimkv.recipe import RecipeError
+    from trimkv.train.loop import tensorboard_writer
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)     # as if tensorboard were not installed
+    with pytest.raises(RecipeError, match=r"trimkv\[tensorboard\]"):
+        tensorboard_writer(tmp_path)
+
+
+def test_tensorboard_events_are_written_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from trimkv.train.loop import tensorboard_writer
+
+    writer = tensorboard_writer(tmp_path / "tb")
+    writer.add_scalar("loss", 1.0, global_step=1)
+    writer.close()
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+def test_training_pushes_each_checkpoint_and_the_final_gates(tmp_path, fake_hub):
+    import yaml
+
+    from _tinyrun import make_data, make_model_dir, recipe_dict
+    from trimkv.train.run import finetune
+
+    raw = recipe_dict(make_model_dir(tmp_path / "model"), make_data(tmp_path / "docs.jsonl"), tmp_path / "run",
+                      steps=4, save_every=2)
+    raw["output"].update(push_to_hub="me/tiny-gates", push_checkpoints=True, hub_private=True, license="mit")
+    finetune(parse_recipe(raw), progress=False)
+    assert [(u["repo_id"], u["commit_message"]) for u in fake_hub.uploads] == [
+        ("me/tiny-gates", "trimkv gates at step 2"), ("me/tiny-gates", "trimkv gates at step 4"),
+        ("me/tiny-gates", "trimkv gates after 4 steps")]
+    assert fake_hub.created == ("me/tiny-gates", {"private": True, "exist_ok": True, "repo_type": "model"})
+    card_text, config_text = fake_hub.uploads[-1]["card"], fake_hub.uploads[-1]["config"]
+    front = yaml.safe_load(card_text.split("---\n")[1])
+    assert front["license"] == "mit" and front["base_model"] == "model" and "datasets" not in front
+    assert "load_model('model')" in card_text and "load_gates(model, 'me/tiny-gates')" in card_text
+    for text in (card_text, config_text):
+        assert str(tmp_path) not in text                                  # folder names only, never local paths
+
+
+def test_a_run_without_tensorboard_installed_stops_before_loading_the_model(tmp_path, monkeypatch):
+    import sys
+
+    from trimkv.recipe import RecipeError
+    from trimkv.train.run import finetune
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    recipe = recipe_for(tmp_path)
+    recipe.model.name = str(tmp_path / "no-such-model")           # loading it would fail with another error
+    recipe.logging.tensorboard = True
+    with pytest.raises(RecipeError, match="tensorboard"):
+        finetune(recipe, progress=False)

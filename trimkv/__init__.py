@@ -5,10 +5,13 @@ when gates are attached.
 """
 from .attach import GateHandle, attach_gates, detach_gates, gates_disabled
 from .cache import RetentionCache
-from .checkpoint import load_gate_checkpoint, load_gates, push_to_hub, save_gates
+from .checkpoint import convert_checkpoint, load_gate_checkpoint, load_gates, push_to_hub, save_gates
 from .decode import CompiledDecoder, fast_generate
 from .gate import GateConfig, RetentionGate, RetentionGates
 from .generate import generate
+from .global_cache import GlobalRetentionCache
+from .lora import add_lora
+from .pipeline import Answers, answer
 from .policies import EvictionPolicy, RetentionPolicy, get_policy
 
 __version__ = "0.1.0"
@@ -22,6 +25,7 @@ __all__ = [
     "detach_gates",
     "gates_disabled",
     "RetentionCache",
+    "GlobalRetentionCache",
     "EvictionPolicy",
     "RetentionPolicy",
     "get_policy",
@@ -29,7 +33,11 @@ __all__ = [
     "load_gates",
     "load_gate_checkpoint",
     "push_to_hub",
+    "convert_checkpoint",
     "generate",
     "CompiledDecoder",
     "fast_generate",
+    "answer",
+    "Answers",
+    "add_lora",
 ]

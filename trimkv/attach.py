@@ -67,7 +67,7 @@ class Record:
 class LayerInput:
     """What the attention pre-hook of one layer worked out for the attention call that follows it."""
 
-    logb: torch.Tensor | None   # [B, Hkv, S] fp32 log beta of every key (None: gates off, or rg2 gates)
+    logb: torch.Tensor | None   # [B, Hkv, S] fp32 log beta of every key (None: gates off, or gates that read [k; v])
     pos: torch.Tensor           # [B, T] positions of the new tokens
     bounded: BoundedLayer | None  # the layer of a bounded cache, when the model runs with one
 
@@ -80,6 +80,8 @@ class GateHandle:
     model: nn.Module
     gates: RetentionGates
     attn_impl: str = "auto"                     # training attention, one of trimkv.attention.IMPLS
+    adapters: Any = None                        # peft.PeftModel of LoRA adapters injected into the model (or None)
+    adapter_params: list = field(default_factory=list)   # their trainable parameters (LoRA co-training)
     enabled: bool = True
     record: bool = False                        # keep per-layer logb for the capacity loss
     records: dict[int, Record] = field(default_factory=dict)
@@ -93,12 +95,20 @@ class GateHandle:
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
-        """Run the model exactly as without gates (the teacher pass)."""
+        """Run the model exactly as without gates (the teacher pass): gates off, and LoRA adapters attached with them
+        off too (the frozen original model)."""
         prev, self.enabled = self.enabled, False
+        adapters_off = self.adapters.disable_adapter() if (prev and self.adapters is not None) \
+            else contextlib.nullcontext()
         try:
-            yield
+            with adapters_off:
+                yield
         finally:
             self.enabled = prev
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What trains: the gates' parameters (rg10's shared projection once), then the LoRA adapters' if any."""
+        return [p for p in self.gates.parameters() if p.requires_grad] + list(self.adapter_params)
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[dict[int, Record]]:
@@ -125,11 +135,12 @@ class GateHandle:
 
 
 def attach_gates(model: nn.Module, gates: RetentionGates | None = None, *, gate_config: GateConfig | None = None,
-                 attn_impl: str = "auto", **gate_overrides: Any) -> GateHandle:
+                 attn_impl: str = "auto", adapters: Any = None, **gate_overrides: Any) -> GateHandle:
     """Attach ``gates`` (or fresh ones built from ``gate_config`` / the model's config) to ``model``.
 
-    The base model is frozen (``requires_grad=False``); only the gates train. Returns the :class:`GateHandle` handle,
-    also reachable as ``model.trimkv``.
+    The base model is frozen (``requires_grad=False``); only the gates train, and the LoRA ``adapters`` (a
+    ``peft.PeftModel`` already injected into ``model``, see :mod:`trimkv.lora`) keep their trainable parameters.
+    Returns the :class:`GateHandle` handle, also reachable as ``model.trimkv``.
     """
     from transformers import AttentionInterface
 
@@ -140,14 +151,17 @@ def attach_gates(model: nn.Module, gates: RetentionGates | None = None, *, gate_
         cfg = gate_config or GateConfig.for_model(model.config, **gate_overrides)
         gates = RetentionGates(cfg)
     check_compatible(gates.config, model)
-    param = next(model.parameters())
-    gates.to(device=param.device, dtype=torch.float32)
+    place_gates(gates, mods)
+    adapter_params = [p for p in adapters.parameters() if p.requires_grad] if adapters is not None else []
     for p in model.parameters():
         p.requires_grad_(False)
+    for p in adapter_params:
+        p.requires_grad_(True)
     model.add_module(GATES_ATTR, gates)
 
     AttentionInterface.register(ATTN_NAME, trimkv_attention)
-    handle = GateHandle(model=model, gates=gates, attn_impl=attn_impl, original_attn=model.config._attn_implementation)
+    handle = GateHandle(model=model, gates=gates, attn_impl=attn_impl, adapters=adapters,
+                        adapter_params=adapter_params, original_attn=model.config._attn_implementation)
     model.trimkv = handle
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     handle._hooks.append(decoder.register_forward_pre_hook(_decoder_pre_hook(handle), with_kwargs=True))
@@ -158,8 +172,25 @@ def attach_gates(model: nn.Module, gates: RetentionGates | None = None, *, gate_
     return handle
 
 
+def place_gates(gates: RetentionGates, mods: list[nn.Module]) -> None:
+    """fp32, and each layer's gate on the device of that layer's attention weights, so a model split over devices
+    (``device_map="auto"``) runs every gate where its layer runs."""
+    for gate, mod in zip(gates.layers, mods):
+        gate.to(device=module_device(mod), dtype=torch.float32)
+    if gates.shared is not None:   # rg10: one head for every layer, beside the first (it follows its input's device)
+        gates.shared.to(device=module_device(mods[0]), dtype=torch.float32)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's weights live (the first parameter or buffer; CPU for a module without either)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def detach_gates(model: nn.Module) -> RetentionGates | None:
-    """Remove hooks and gates; restore the original attention implementation. Returns the gates."""
+    """Remove hooks, gates and the LoRA adapters attached with them; restore the original attention implementation.
+    Returns the gates."""
     handle: GateHandle | None = getattr(model, "trimkv", None)
     if handle is None:
         return None
@@ -171,6 +202,8 @@ def detach_gates(model: nn.Module) -> RetentionGates | None:
         model.set_attn_implementation(handle.original_attn)
     delattr(model, GATES_ATTR)
     del model.trimkv
+    if handle.adapters is not None:
+        handle.adapters.unload()                 # the LoRA layers give their base layers back, unmerged
     return handle.gates
 
 
@@ -205,7 +238,7 @@ def _attn_pre_hook(handle: GateHandle, layer_idx: int):
             pos = torch.arange(past, past + T, device=hidden.device)[None]
         pos = pos.expand(B, T)
         gate = handle.gates[layer_idx]
-        logb = gate(hidden) if (handle.enabled and gate.gate_type == "rg") else None  # [B, Hkv, T]
+        logb = gate(hidden) if (handle.enabled and not gate.reads_kv) else None  # [B, Hkv, T]
         bounded = cache.layers[layer_idx] if isinstance(cache, BoundedCache) else None
         if logb is not None and bounded is None and cache is not None:
             logb = _with_cached_logb(cache, layer_idx, logb)               # [B, Hkv, past + T]
@@ -214,7 +247,7 @@ def _attn_pre_hook(handle: GateHandle, layer_idx: int):
             if handle._new_valid is None or handle._new_valid[0] != T:
                 handle._new_valid = (T, _new_token_mask(handle._mask2d, T, hidden.device))
             gate_fn = None
-            if gate.gate_type == "rg2" and handle.enabled:
+            if gate.reads_kv and handle.enabled:
                 gate_fn = lambda k, v: gate(torch.cat([k, v], dim=-1))  # noqa: E731  [B,Hkv,T,2D] -> [B,Hkv,T]
             bounded.stage(logb=logb, pos=pos, valid=handle._new_valid[1], gate_fn=gate_fn)
     return hook
@@ -283,7 +316,7 @@ def trimkv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         logb = inp.logb
         if logb is not None:
             logb = logb[..., -key.shape[2]:]                              # a sliding-window cache keeps the tail
-        if logb is None:  # rg2: the gate reads post-RoPE [k; v]
+        if logb is None:  # rg2 / rg2-all / rg3: the gate reads post-RoPE [k; v]
             logb = handle.gates[layer_idx](torch.cat([key, value], dim=-1))
         if handle.record and key.shape[2] == query.shape[2]:
             handle.records[layer_idx] = Record(logb=logb, pos=k_pos, seg=seg)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .errors import CacheError
 from .eviction import append_evict_, evict_by_score_, keep_topk_, protect
 from .policies import EvictionPolicy, RetentionPolicy
 
@@ -65,7 +66,7 @@ class BoundedLayer(CacheLayerMixin):
         """Called by transformers before the attention: counts the new tokens and hands them on unchanged (the
         cache is filled by :meth:`attend`, which needs the query too)."""
         if self._staged is None:
-            raise RuntimeError(
+            raise CacheError(
                 f"{type(self).__name__}.update() without staged gate output: a trimkv bounded cache works only through "
                 "trimkv's attention; attach gates first (trimkv.attach_gates / load_gates; gates.disabled() for a "
                 "heuristic policy)")
@@ -121,6 +122,10 @@ class BoundedLayer(CacheLayerMixin):
     def compact(self) -> None:
         """After the attention: cut what :meth:`insert` left above the budget back to it."""
 
+    def kept_positions(self) -> torch.Tensor:
+        """[B, Hkv, S] positions of the tokens this layer keeps (-1 = empty slot)."""
+        raise NotImplementedError
+
     def attention_meta(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions and validity [B, Hkv, S] of the keys the last :meth:`insert` returned."""
         if self._meta is None:
@@ -165,6 +170,10 @@ class RetentionLayer(BoundedLayer):
     def insert(self, key_states: torch.Tensor, value_states: torch.Tensor):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != self.keys.shape[0] or key_states.shape[1] != self.keys.shape[1]:
+            raise CacheError(f"this cache holds {self.keys.shape[0]} sequence(s) x {self.keys.shape[1]} KV heads, "
+                             f"the model now gives {key_states.shape[0]} x {key_states.shape[1]}: a RetentionCache holds "
+                             "one batch of sequences; use a new cache for another batch")
         self.compact()  # a chunk left pending by a caller that skipped compact()
         T = key_states.shape[2]
         pos_new, state_new, valid = self._take_staged(key_states, value_states)   # [B,H,T], [B,H,T], [B,T]|None
@@ -216,6 +225,9 @@ class RetentionLayer(BoundedLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.budget + query_length, 0
 
+    def kept_positions(self) -> torch.Tensor:
+        return self.pos
+
     def num_kept(self) -> torch.Tensor:
         """[B, Hkv] number of occupied slots."""
         return (self.pos >= 0).sum(-1) if self.pos is not None else torch.zeros(0)
@@ -226,7 +238,8 @@ class RetentionLayer(BoundedLayer):
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.pos, self.logb))
 
     def reset(self) -> None:
-        """Empty the cache in place (the buffers keep their addresses, so a compiled decode step still fits)."""
+        """Forget every token: the next forward starts a new sequence of the same batch size, in the same buffers
+        (their addresses stay, so a compiled decode step still fits; for another batch size, make a new cache)."""
         super().reset()
         if self.is_initialized:
             self.keys.zero_(), self.values.zero_(), self.pos.fill_(-1), self.logb.zero_(), self.t_now.fill_(-1)
@@ -255,20 +268,27 @@ class RetentionCache(BoundedCache):
 
     ``sink`` first tokens and the ``window`` most recent tokens are always kept and count toward the budget.
     ``policy`` picks the victims (default: TRIM-KV retention); one policy object is shared by all layers.
+    ``lookahead=n`` > 0 ranks tokens by DBTrimKV's future utility over the next n steps (TRIM-KV policy only).
     """
 
     def __init__(self, budget: int, num_layers: int, *, sink: int = 0, window: int = 0,
-                 policy: EvictionPolicy | None = None):
+                 policy: EvictionPolicy | None = None, lookahead: int = 0):
+        for name, value in (("budget", budget), ("num_layers", num_layers), ("sink", sink), ("window", window)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise CacheError(f"RetentionCache {name} must be an integer (tokens), got {value!r}")
         if budget < 1:
-            raise ValueError(f"budget must be >= 1 token per KV head, got {budget}")
+            raise CacheError(f"budget must be >= 1 token per KV head, got {budget}")
         if sink < 0 or window < 0:
-            raise ValueError(f"sink and window must be >= 0, got sink={sink}, window={window}")
+            raise CacheError(f"sink and window must be >= 0, got sink={sink}, window={window}")
         if budget <= sink + window:
-            raise ValueError(
+            raise CacheError(
                 f"budget={budget} leaves no room for eviction: it must exceed sink + window = {sink} + {window}; "
                 "raise the budget or shrink the sink/window"
             )
-        self.policy = policy or RetentionPolicy()
+        if lookahead and policy is not None:
+            raise ValueError(f"lookahead={lookahead} is an option of the TRIM-KV retention policy; pass either "
+                             f"lookahead or policy={policy!r}, not both")
+        self.policy = policy or RetentionPolicy(lookahead)
         layers = [RetentionLayer(budget, sink=sink, window=window, policy=self.policy) for _ in range(num_layers)]
         super().__init__(layers=layers)
         self.budget, self.sink, self.window = budget, sink, window

@@ -72,7 +72,9 @@ class DataConfig:
     """Where the training text comes from and how it becomes ``[B, T]`` batches.
 
     ``source``: ``"builtin:prose"`` (the corpus shipped with trimkv), a Hub dataset id, or a local
-    ``.jsonl`` / ``.json`` / ``.parquet`` / ``.txt`` file or a folder of such files.
+    ``.jsonl`` / ``.json`` / ``.parquet`` / ``.txt`` file or a folder of such files. A Hub dataset takes
+    ``config_name`` (its subset, ``datasets.load_dataset(source, name=...)``), ``revision`` (a branch, tag or commit)
+    and ``split``.
     ``format``: ``"auto"`` picks ``"chat"`` if ``messages_column`` exists, else ``"completion"`` if
     ``prompt_column`` and ``completion_column`` exist (the completion is the target), else ``"text"`` if
     ``text_column`` exists (every token a target, or only those in a ``target_spans`` column when present).
@@ -90,6 +92,8 @@ class DataConfig:
     prompt_column: str = "prompt"
     completion_column: str = "completion"
     split: str = "train"
+    config_name: str | None = None
+    revision: str | None = None
     seq_len: int = 1024
     batch_size: int = 1
     pack: bool = True
@@ -101,23 +105,33 @@ class DataConfig:
     mixture: list | None = None
 
     def __post_init__(self):
+        for name in ("seq_len", "batch_size", "seed", "max_samples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise DataError(f"DataConfig.{name} must be an integer, got {value!r}")
+        for name in ("pack", "streaming"):
+            if not isinstance(getattr(self, name), bool):
+                raise DataError(f"DataConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.format not in FORMATS:
-            raise ValueError(f"DataConfig.format={self.format!r}: choose one of {FORMATS}")
+            raise DataError(f"DataConfig.format={self.format!r}: choose one of {FORMATS}")
         if self.too_long not in TOO_LONG:
-            raise ValueError(f"DataConfig.too_long={self.too_long!r}: choose one of {TOO_LONG}")
+            raise DataError(f"DataConfig.too_long={self.too_long!r}: choose one of {TOO_LONG}")
         if self.seq_len < 2:
-            raise ValueError(f"DataConfig.seq_len={self.seq_len}: need at least 2 tokens per row")
+            raise DataError(f"DataConfig.seq_len={self.seq_len}: need at least 2 tokens per row")
         if self.batch_size < 1:
-            raise ValueError(f"DataConfig.batch_size={self.batch_size}: must be >= 1")
+            raise DataError(f"DataConfig.batch_size={self.batch_size}: must be >= 1")
         if self.max_samples is not None and self.max_samples < 1:
-            raise ValueError(f"DataConfig.max_samples={self.max_samples}: must be >= 1 or None")
+            raise DataError(f"DataConfig.max_samples={self.max_samples}: must be >= 1 or None")
         if self.mixture is not None:
             if self.source:
-                raise ValueError("give DataConfig.source or DataConfig.mixture, not both")
+                raise DataError("give DataConfig.source or DataConfig.mixture, not both")
             self.components()                                   # validates every entry
         elif not self.source:
-            raise ValueError("DataConfig.source is empty: give 'builtin:prose', a Hub id or a path "
+            raise DataError("DataConfig.source is empty: give 'builtin:prose', a Hub id or a path "
                              "(or a mixture of sources)")
+        elif (self.config_name or self.revision) and not is_hub_source(self.source):
+            raise DataError(f"DataConfig.config_name / revision apply to Hub datasets, but source={self.source!r} "
+                             "is a local path or a builtin: drop them")
 
     def describe(self) -> str:
         """The source, or the mixture's sources with their weights."""
@@ -130,30 +144,44 @@ class DataConfig:
         if self.mixture is None:
             return [(self, 1.0)]
         if not isinstance(self.mixture, (list, tuple)) or not self.mixture:
-            raise ValueError("DataConfig.mixture must be a non-empty list of {source: ..., weight: ...} mappings")
+            raise DataError("DataConfig.mixture must be a non-empty list of {source: ..., weight: ...} mappings")
         shared = {"seq_len", "batch_size", "seed", "cache_dir", "streaming"}
         own = {f.name for f in fields(DataConfig)} - shared - {"mixture"}
         out = []
         for i, entry in enumerate(self.mixture):
             if not isinstance(entry, dict) or "source" not in entry:
-                raise ValueError(f"DataConfig.mixture[{i}] must be a mapping with a 'source', got {entry!r}")
+                raise DataError(f"DataConfig.mixture[{i}] must be a mapping with a 'source', got {entry!r}")
             unknown = sorted(set(entry) - own - {"weight"})
             if unknown:
-                raise ValueError(f"DataConfig.mixture[{i}] has unknown field(s) {unknown}; a component may set "
+                raise DataError(f"DataConfig.mixture[{i}] has unknown field(s) {unknown}; a component may set "
                                  f"weight and {sorted(own)} (shared: {sorted(shared)})")
             weight = entry.get("weight", 1.0)
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 \
                     or weight == float("inf"):
-                raise ValueError(f"DataConfig.mixture[{i}].weight must be a positive number, got {weight!r}")
+                raise DataError(f"DataConfig.mixture[{i}].weight must be a positive number, got {weight!r}")
             values = {f.name: getattr(self, f.name) for f in fields(DataConfig) if f.name != "mixture"}
             values.update({k: v for k, v in entry.items() if k != "weight"})   # the mixture's fields are defaults
             out.append((DataConfig(**values), float(weight)))
         if self.streaming:
-            raise ValueError("DataConfig.mixture does not stream yet: set streaming: false")
+            raise DataError("DataConfig.mixture does not stream yet: set streaming: false")
         return out
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+def is_hub_source(source: str) -> bool:
+    """True when ``source`` names a Hub dataset (not a builtin, not a local file or folder)."""
+    if source.startswith("builtin:"):
+        return False
+    path = Path(source).expanduser()
+    return not (path.exists() or source.startswith(("/", ".", "~")) or path.suffix in LOCAL_BUILDERS)
+
+
+def hub_dataset_ids(cfg: DataConfig) -> list[str]:
+    """The Hub datasets a config (or mixture) reads, in order, once each (for model cards)."""
+    ids = [c.source for c, _ in cfg.components() if is_hub_source(c.source)]
+    return list(dict.fromkeys(ids))
 
 
 def _local_files(source: str) -> list[Path] | None:
@@ -166,8 +194,7 @@ def _local_files(source: str) -> list[Path] | None:
         return files
     if path.is_file():
         return [path]
-    looks_local = source.startswith(("/", ".", "~")) or path.suffix in LOCAL_BUILDERS
-    if looks_local:
+    if not is_hub_source(source):
         raise DataError(f"local data path {source} does not exist (DataConfig.source)")
     return None
 
@@ -190,10 +217,18 @@ def load_documents(cfg: DataConfig, tokenizer=None):
         extra = {"sample_by": "document"} if builder == "text" else {}
         if cfg.cache_dir:  # keep datasets' Arrow copy of local files beside our own cache
             extra["cache_dir"] = str(Path(cfg.cache_dir).expanduser() / "datasets")
-        ds = datasets.load_dataset(builder, data_files={cfg.split: [str(f) for f in files]},
-                                   split=cfg.split, streaming=cfg.streaming, **extra)
+        for f in files:
+            if builder != "parquet" and not f.read_text(errors="replace").strip():
+                raise DataError(f"{f} is empty: give data.source a file with at least one document")
+        try:
+            ds = datasets.load_dataset(builder, data_files={cfg.split: [str(f) for f in files]},
+                                       split=cfg.split, streaming=cfg.streaming, **extra)
+        except Exception as err:  # noqa: BLE001 - datasets raises its own types; the cause names the bad row
+            cause = err.__cause__ or err.__context__ or err
+            raise DataError(f"{cfg.source} could not be read as {builder}: {cause}") from err
     else:
-        ds = datasets.load_dataset(cfg.source, split=cfg.split, streaming=cfg.streaming)
+        ds = datasets.load_dataset(cfg.source, name=cfg.config_name, revision=cfg.revision, split=cfg.split,
+                                   streaming=cfg.streaming)
     if cfg.max_samples is not None and not cfg.source.startswith("builtin:qa"):
         ds = ds.take(cfg.max_samples) if cfg.streaming else ds.select(
             range(min(cfg.max_samples, len(ds))))

@@ -45,7 +45,7 @@ def _mb(nbytes: int) -> str:
 
 
 def run_demo(*, retrain: bool = False, steps: int | None = None, context: int = 2048, budget: int | None = None,
-             seed: int = 3, depth: float = 0.25) -> dict:
+             seed: int = 3, depth: float = 0.25, device: str | None = None, dtype: str = "auto") -> dict:
     from .checkpoint import load_gates
     from .eval.tasks import make_samples, render_prompt, score
     from .generate import generate
@@ -56,7 +56,7 @@ def run_demo(*, retrain: bool = False, steps: int | None = None, context: int = 
     if retrain or not (ckpt / "config.json").is_file():
         ckpt = _train(steps or DEMO_STEPS)
     torch.manual_seed(0)
-    model, tok = load_model()
+    model, tok = load_model(device=device, dtype=dtype)
     handle = load_gates(model, ckpt)
     M = budget or handle.gates.config.train_budget or 64
     sample = make_samples("passkey", tok, context_length=context, n=1, seed=seed, depths=[depth], chat=False)[0]

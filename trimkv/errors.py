@@ -19,6 +19,10 @@ class DataError(TrimKVError, ValueError):
     """Bad training data or data config; the message says what to change."""
 
 
+class ModelLoadError(TrimKVError, OSError):
+    """The base model (a local folder or a Hub id) cannot be loaded."""
+
+
 class GateCheckpointError(TrimKVError):
     """Base class of every gate checkpoint error (save, load, Hub)."""
 
@@ -33,6 +37,14 @@ class CorruptCheckpointError(GateCheckpointError, ValueError):
 
 class GateMismatchError(GateCheckpointError, ValueError):
     """The gates were trained for a base model of a different shape than the one given."""
+
+
+class CacheError(TrimKVError, ValueError):
+    """A bounded cache built or used wrongly (bad budget, reused for another sequence, ...)."""
+
+
+class NonFiniteError(TrimKVError, FloatingPointError):
+    """NaN or inf where a finite number is needed (gate weights, a training loss or gradient)."""
 
 
 class ResumeError(TrimKVError, RuntimeError):

@@ -6,6 +6,13 @@ scores
 
     score = (t - pos) * logb        (<= 0; higher = keep)
 
+With a look-ahead of ``n`` steps (DBTrimKV's future-utility score, arXiv 2605.09649) a slot scores instead
+
+    log G = (t + 1 - pos) * logb + log(1 - beta^n) - log(1 - beta)     # log sum_{k=1..n} beta^(t - pos + k)
+
+the token's retention summed over the next n steps (n = 1 is the retention score one step ahead; beta -> 1 gives
+log n + (t + 1 - pos) log beta). The newcomer still always enters; the look-ahead ranks the tokens already kept.
+
 Sink tokens (``pos < sink``) and the recent window (``pos > t - window``) score +inf (always kept); empty slots
 score -inf (filled first). A newcomer scores 0, every unprotected kept token scores <= 0, so the newcomer always
 enters and the victim is an argmin over the slots: the cache reuses the victim's slot in place. Slot order does not
@@ -30,10 +37,31 @@ def retention_score(pos: torch.Tensor, logb: torch.Tensor, t_now: torch.Tensor) 
     return (_per_row(t_now, pos) - pos).to(torch.float32) * logb
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (expm1 near 0, log1p far from it)."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def lookahead_score(pos: torch.Tensor, logb: torch.Tensor, t_now: torch.Tensor, lookahead: int) -> torch.Tensor:
+    """DBTrimKV's future-utility keep-score ``log G = (t + 1 - pos) log beta + log(1 - beta^n) - log(1 - beta)``
+    with ``n = lookahead`` (>= 1): pos, logb [B, ...], t_now [B] -> fp32 (fp64 stays fp64).
+
+    log beta = 0 (beta = 1: the geometric factor is n) is taken as log beta = -1e-30, whose factor is n to fp32
+    precision; log beta = -inf gives -inf."""
+    if lookahead < 1:
+        raise ValueError(f"lookahead must be >= 1 step, got {lookahead}")
+    lb = logb.to(torch.promote_types(logb.dtype, torch.float32))
+    steps = (_per_row(t_now, pos) + 1 - pos).to(lb.dtype)
+    safe = lb.clamp(max=-1e-30)
+    return steps * lb + _log1mexp(lookahead * safe) - _log1mexp(safe)
+
+
 def slot_scores(pos: torch.Tensor, logb: torch.Tensor, t_now: torch.Tensor, *, sink: int = 0,
-                window: int = 0) -> torch.Tensor:
-    """pos [B, H, N] int64 (-1 = empty), logb [B, H, N] fp32, t_now [B] -> protected score [B, H, N] fp32."""
-    return protect(retention_score(pos, logb, t_now), pos, t_now, sink=sink, window=window)
+                window: int = 0, lookahead: int = 0) -> torch.Tensor:
+    """pos [B, H, N] int64 (-1 = empty), logb [B, H, N] fp32, t_now [B] -> protected score [B, H, N] fp32.
+    ``lookahead`` > 0: :func:`lookahead_score` with that many steps instead of :func:`retention_score`."""
+    raw = lookahead_score(pos, logb, t_now, lookahead) if lookahead else retention_score(pos, logb, t_now)
+    return protect(raw, pos, t_now, sink=sink, window=window)
 
 
 BACKENDS = ("torch", "triton", "auto")

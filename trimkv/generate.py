@@ -9,6 +9,8 @@ from transformers import Cache, DynamicCache
 
 from .cache import BoundedCache, RetentionCache, dynamic_cache_nbytes
 from .compat import cache_kwargs
+from .errors import CacheError
+from .models import input_device
 from .policies import EvictionPolicy
 
 
@@ -47,9 +49,12 @@ def generate(model, tokenizer, prompt: str | torch.Tensor, *, budget: int | None
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     else:
         ids = prompt
-    ids = ids.to(next(model.parameters()).device)
+    ids = ids.to(input_device(model))
     if cache is None:
         cache = new_cache(model, budget, sink=sink, window=window, policy=policy)
+    elif cache.get_seq_length() > 0:
+        raise CacheError(f"this cache already holds {cache.get_seq_length()} tokens of an earlier sequence: "
+                         "generate() would continue from them; pass a fresh cache or call cache.reset() first")
     gen_kwargs.setdefault("do_sample", False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t0 = time.perf_counter()

@@ -22,7 +22,8 @@ table directly would remove the gather; not done).
 
 The layers are :class:`~trimkv.cache.BoundedLayer` s, so the attention reaches them through the same one call
 (``attend``); scores and sink / window protection are :mod:`trimkv.eviction`'s. Only the TRIM-KV retention policy
-is supported (scores must be comparable across layers).
+is supported (scores must be comparable across layers). The pool lives on one device: a model split over devices
+(``device_map``) needs :class:`~trimkv.cache.RetentionCache`, whose layers allocate where their layer runs.
 """
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ INF = float("inf")
 class GlobalPool:
     """The shared slot pool (see module docstring); all tensors are allocated on the first update."""
 
-    def __init__(self, budget: int, num_layers: int, num_kv_heads: int, *, floor: int, sink: int, window: int):
+    def __init__(self, budget: int, num_layers: int, num_kv_heads: int, *, floor: int, sink: int, window: int,
+                 lookahead: int = 0):
         self.P, self.L, self.Hkv = budget, num_layers, num_kv_heads
-        self.floor, self.sink, self.window = floor, sink, window
+        self.floor, self.sink, self.window, self.lookahead = floor, sink, window, lookahead
         self.keys = self.values = self.pos = self.logb = self.owner = self.count = self.t_now = None
 
     @property
@@ -64,8 +66,9 @@ class GlobalPool:
 
     # ------------------------------------------------------------------------------------------- scoring
     def _scores(self, pos: torch.Tensor, logb: torch.Tensor) -> torch.Tensor:
-        """[B, N] keep-scores: TRIM-KV's (t - pos) * logb with sink / window protection, empty -> -inf."""
-        return slot_scores(pos, logb, self.t_now, sink=self.sink, window=self.window)
+        """[B, N] keep-scores: TRIM-KV's (t - pos) * logb (or the look-ahead score) with sink / window protection,
+        empty -> -inf."""
+        return slot_scores(pos, logb, self.t_now, sink=self.sink, window=self.window, lookahead=self.lookahead)
 
     # ------------------------------------------------------------------------------------------- reading
     def gather(self, layer: int):
@@ -168,12 +171,17 @@ class GlobalLayer(BoundedLayer):
     protocol: the pool is updated in :meth:`insert`, nothing is left to compact)."""
 
     def __init__(self, pool: GlobalPool, layer_idx: int):
-        super().__init__(RetentionPolicy())
+        super().__init__(RetentionPolicy(pool.lookahead))
         self.pool, self.layer_idx = pool, layer_idx
 
     def lazy_initialization(self, key_states, value_states) -> None:
         if not self.pool.ready:
             self.pool.allocate(key_states, value_states)
+        if key_states.device != self.pool.keys.device:
+            raise RuntimeError(
+                f"layer {self.layer_idx} runs on {key_states.device} but the global pool lives on "
+                f"{self.pool.keys.device}: one pool serves one device; for a model split over devices "
+                "(device_map) use trimkv.RetentionCache, which allocates each layer on its own device")
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
@@ -195,6 +203,9 @@ class GlobalLayer(BoundedLayer):
             pool.merge(self.layer_idx, key_states, value_states, pos_new, logb_new)
         return k_all, v_all, pos_all, pos_all >= 0
 
+    def kept_positions(self) -> torch.Tensor:
+        return self.pool.gather(self.layer_idx)[2]
+
     def num_kept(self) -> torch.Tensor:
         """[B, Hkv] tokens held by this layer's heads."""
         H = self.pool.Hkv
@@ -214,22 +225,26 @@ class GlobalRetentionCache(BoundedCache):
     """``budget`` tokens per batch row shared by all layers and KV heads; every head keeps >= ``floor`` tokens.
 
     Compare with :class:`~trimkv.cache.RetentionCache` at ``budget_per_head = budget / (num_layers * Hkv)``.
+    ``lookahead=n`` > 0 ranks tokens by DBTrimKV's future utility over the next n steps
+    (:func:`trimkv.eviction.lookahead_score`).
     """
 
     def __init__(self, budget: int, num_layers: int, num_kv_heads: int, *, floor: int = 1, sink: int = 0,
-                 window: int = 0):
-        if min(floor, sink, window) < 0:
-            raise ValueError(f"floor, sink and window must be >= 0, got {floor}, {sink}, {window}")
+                 window: int = 0, lookahead: int = 0):
+        if min(floor, sink, window, lookahead) < 0:
+            raise ValueError(f"floor, sink, window and lookahead must be >= 0, got {floor}, {sink}, {window}, "
+                             f"{lookahead}")
         per_head = floor + sink + window + 1
         if budget < num_layers * num_kv_heads * per_head:
             raise ValueError(
                 f"global budget={budget} is too small: every one of the {num_layers} x {num_kv_heads} (layer, KV "
                 f"head) pairs needs floor + sink + window + 1 = {per_head} slots, i.e. budget >= "
                 f"{num_layers * num_kv_heads * per_head}; raise the budget or lower floor / sink / window")
-        self.pool = GlobalPool(budget, num_layers, num_kv_heads, floor=floor, sink=sink, window=window)
+        self.pool = GlobalPool(budget, num_layers, num_kv_heads, floor=floor, sink=sink, window=window,
+                               lookahead=lookahead)
         super().__init__(layers=[GlobalLayer(self.pool, i) for i in range(num_layers)])
         self.budget, self.floor, self.sink, self.window = budget, floor, sink, window
-        self.policy = RetentionPolicy()
+        self.policy = RetentionPolicy(lookahead)
 
     @classmethod
     def for_model(cls, model, budget: int, **kwargs) -> "GlobalRetentionCache":

@@ -21,6 +21,15 @@ Capacity. S_t = sum_{i<=t} beta_i^(t-i) is the soft cache size of one (layer, KV
 
 "paper" is Eq. (capacity loss) of arXiv 2512.03324; "code" is what the authors' later code does.
 Callers average ``capacity_loss`` over layers.
+
+Scope. "per_head" (TRIM-KV) bounds every (layer, head) by M. "global" (DBTrimKV, arXiv 2605.09649) bounds the sum
+over the N = layers x KV heads rows of S by M_global = N * M, so heads and layers trade budget:
+
+    "paper":  L_cap = mean_{b,t} relu(sum_n S_t^n - N M) / t / N
+    "code":   L_cap = sum_{b,t} relu(sum_n S_t^n - N M) / max(t - M, 1) / N  /  #{(b,t): t > M}
+
+The 1/N keeps the two scopes on one scale: when every head exceeds M by the same x, both give the same loss.
+The S_t are the per-head sums of :func:`trimkv.attention.capacity_sums` (any implementation), summed afterwards.
 """
 from __future__ import annotations
 
@@ -30,6 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 CAPACITY_FORMS = ("paper", "code")
+CAPACITY_SCOPES = ("per_head", "global")   # the recipe's loss.capacity_scope
 
 
 # --------------------------------------------------------------------------------------------- quality
@@ -219,29 +229,40 @@ def capacity_loss(
     *,
     form: str = "paper",
     valid: torch.Tensor | None = None,
+    scope: str = "per_head",
 ) -> torch.Tensor:
-    """Capacity loss for one layer; a scalar fp32.
+    """Capacity loss over the heads in ``S``; a scalar fp32.
 
-    S [B, Hkv, T] fp32 soft cache sizes S_t = sum_{i<=t} beta_i^(t-i) (the token itself counts 1).
-    pos [B, T] int64 positions within each document (t = pos + 1 tokens seen, 1-based).
-    budget: M tokens per KV head. valid [B, T] bool or None: positions to include (e.g. not padding).
+    S [B, Hkv, T] fp32 soft cache sizes S_t = sum_{i<=t} beta_i^(t-i) (the token itself counts 1); the Hkv rows may
+    be every layer's heads at once ([B, L * Hkv, T]). pos [B, T] int64 positions within each document (t = pos + 1
+    tokens seen, 1-based). budget: M tokens per KV head. valid [B, T] bool or None: positions to include (e.g. not
+    padding).
 
     form="paper": mean over included (b, h, t) of relu(S_t - M) / t.
     form="code":  sum over included (b, h, t) of relu(S_t - M) / max(t - M, 1), divided by the number of
                   included (b, h, t) with t > M (at least 1).
+    scope="global": the same with the N rows of S summed into one and M replaced by N * M, divided by N
+                  (see the module docstring).
     """
     if form not in CAPACITY_FORMS:
         raise ValueError(f"capacity loss form={form!r} is unknown; choose one of {CAPACITY_FORMS}")
+    if scope not in CAPACITY_SCOPES:
+        raise ValueError(f"capacity loss scope={scope!r} is unknown; choose one of {CAPACITY_SCOPES}")
     if budget < 1:
         raise ValueError(f"capacity budget M must be at least 1 token per KV head, got {budget}")
     _check_capacity_inputs(S, pos, valid)
+    S = S.float()
+    rows = S.shape[1]
+    limit = float(budget)
+    if scope == "global":
+        # padding positions may hold inf / nan in S; they are excluded below, whatever the sum makes of them
+        S, limit = S.sum(1, keepdim=True), limit * rows                  # [B, 1, T], M_global = N * M
     B, H, T = S.shape
 
-    S = S.float()
     t = (pos + 1).to(torch.float32)[:, None, :]  # [B, 1, T]
     keep = torch.ones_like(pos, dtype=torch.bool) if valid is None else valid.bool()
     keep = keep[:, None, :].expand(B, H, T)  # [B, H, T]
-    excess = F.relu(S - budget)  # [B, H, T]
+    excess = F.relu(S - limit)  # [B, H, T]
 
     if form == "paper":
         terms = excess / t  # [B, H, T]
@@ -251,7 +272,8 @@ def capacity_loss(
         count = (keep & (t > budget)).sum()
     # where() rather than multiply: S at excluded (padding) positions may hold inf / nan.
     total = torch.where(keep, terms, torch.zeros_like(terms)).sum()
-    return total / count.clamp_min(1).to(torch.float32)
+    loss = total / count.clamp_min(1).to(torch.float32)
+    return loss / rows if scope == "global" else loss
 
 
 def _check_capacity_inputs(S, pos, valid) -> None:

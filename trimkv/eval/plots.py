@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from trimkv.compat import cache_kwargs
+from trimkv.models import input_device
 
 FULL = "full"
 
@@ -100,7 +101,7 @@ def retention_by_head(model, ids: torch.Tensor, *, log: bool = True) -> np.ndarr
     if handle is None:
         raise ValueError("no gates attached: load a checkpoint first (trimkv.load_gates(model, path))")
     with handle.recording() as records:
-        model(ids.to(next(model.parameters()).device), use_cache=False)
+        model(ids.to(input_device(model)), use_cache=False)
     out = np.zeros((len(handle.gates), handle.gates.config.num_kv_heads))
     for layer, rec in records.items():
         logb = rec.logb[0].float()                                                  # [Hkv, T]
@@ -132,7 +133,7 @@ def kept_positions(model, ids: torch.Tensor, *, budget: int, policy: str = "trim
     handle = getattr(model, "trimkv", None)
     if handle is None:
         raise ValueError("the bounded cache needs gates attached (trimkv.load_gates, or attach_gates for baselines)")
-    ids = ids.to(next(model.parameters()).device)
+    ids = ids.to(input_device(model))
     cache = make_cache(model, policy, budget, sink=sink, window=window)
     with policy_context(handle, policy):
         for s in range(0, ids.shape[1], prefill_chunk):

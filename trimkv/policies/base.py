@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..eviction import retention_score
+from ..eviction import lookahead_score, retention_score
 
 
 class EvictionPolicy:
@@ -43,11 +43,20 @@ class EvictionPolicy:
 class RetentionPolicy(EvictionPolicy):
     """TRIM-KV: a token scores ``(t - pos) * log beta``; the lowest retention is evicted.
 
+    ``lookahead=n`` > 0 scores by DBTrimKV's future utility over the next n steps instead
+    (:func:`trimkv.eviction.lookahead_score`); the fused append+evict kernel serves only the plain score.
     Without gates (or with gates disabled) tokens get log beta = -1, i.e. the cache keeps the most recent tokens.
     """
 
     name = "trimkv"
     fused = True
+    lookahead = 0             # steps of look-ahead (0 = the plain retention score); subclasses inherit the default
+
+    def __init__(self, lookahead: int = 0):
+        if lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0 steps (0 = the plain retention score), got {lookahead}")
+        self.lookahead = int(lookahead)
+        self.fused = self.lookahead == 0
 
     def new_state(self, keys, values, logb, pos):
         if logb is None:
@@ -55,4 +64,9 @@ class RetentionPolicy(EvictionPolicy):
         return logb.float()
 
     def scores(self, state, pos, t_now):
+        if self.lookahead:
+            return lookahead_score(pos, state, t_now, self.lookahead)
         return retention_score(pos, state, t_now)   # the same formula the fused decode step uses
+
+    def __repr__(self) -> str:
+        return f"RetentionPolicy(lookahead={self.lookahead})" if self.lookahead else "RetentionPolicy()"

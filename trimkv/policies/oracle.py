@@ -21,6 +21,7 @@ class NeedleOraclePolicy(RetentionPolicy):
     name = "oracle"
 
     def __init__(self, keep_positions):
+        super().__init__()                                                    # the plain retention score
         self.keep = torch.as_tensor(keep_positions, dtype=torch.long).flatten()
 
     def new_state(self, keys, values, logb, pos):

@@ -3,6 +3,7 @@
 A run's training checkpoints live in ``<run_dir>/checkpoints/step-N/``, one folder per saved step::
 
     gates.safetensors   the gate weights (fp32, the same keys as a gate checkpoint's model.safetensors)
+    adapters.safetensors  LoRA co-training only: the adapter weights (peft's keys, as in lora/adapter_model.safetensors)
     state.pt            optimiser + LR schedule state, RNG states of every rank, step, data position
                         (read back with ``torch.load(weights_only=True)``: tensors and plain containers only)
     deepspeed/          DeepSpeed engine only: its optimiser partitions (``exclude_frozen_parameters=True``)
@@ -18,6 +19,8 @@ Every function that takes an engine is collective: all ranks call it; rank 0 wri
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -28,17 +31,19 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ..errors import ResumeError
+from ..gate import nonfinite_keys
 from .distributed import all_gather_object, barrier, is_main_process, print0
 
 FORMAT_VERSION = 1
 GATES_FILE = "gates.safetensors"
+ADAPTERS_FILE = "adapters.safetensors"
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -164,9 +169,11 @@ class TrainingCheckpoints:
         try:
             engine.save_extra(tmp)                       # DeepSpeed: every rank writes its partition
             rngs = all_gather_object(rng_state())
-            gates = engine.gate_state_dict()
+            gates, adapters = engine.trainable_state()
             if is_main_process():
                 save_file(gates, str(tmp / GATES_FILE), metadata={"format": "pt", "step": str(step)})
+                if adapters:
+                    save_file(adapters, str(tmp / ADAPTERS_FILE), metadata={"format": "pt", "step": str(step)})
                 torch.save({"step": step, "data": data_state, "engine": engine.state_dict(), "rng": rngs},
                            tmp / STATE_FILE)
                 _write_manifest(tmp, {"step": step, "engine": engine.name, "world_size": len(rngs)})
@@ -192,6 +199,9 @@ class TrainingCheckpoints:
         for _, path in reversed(self.steps()):
             try:
                 verify(path)
+                bad = nonfinite_keys(load_file(str(path / GATES_FILE)))
+                if bad:
+                    raise ResumeError(f"{path}: the gates hold NaN or inf ({bad[:3]}): the run had diverged")
                 return path
             except ResumeError as err:
                 warnings.warn(f"skipping training checkpoint: {err}", stacklevel=2)
@@ -216,14 +226,20 @@ class TrainingCheckpoints:
 
     def load(self, path: Path, engine) -> TrainState:
         """Restore from one checkpoint folder (collective)."""
+        with_adapters = engine.handle.adapters is not None
+        if with_adapters != (path / ADAPTERS_FILE).is_file():
+            raise ResumeError(f"{path}: the checkpoint was written {'without' if with_adapters else 'with'} LoRA "
+                              f"adapters and this run has {'them' if with_adapters else 'none'}: set lora.enabled as "
+                              "the run that wrote it did")
         try:
             state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
             gates = load_file(str(path / GATES_FILE))
+            adapters = load_file(str(path / ADAPTERS_FILE)) if with_adapters else None
         except Exception as err:
             raise ResumeError(f"{path}: cannot read the training state ({err})") from err
         engine.load_extra(path)
         engine.load_state_dict(state["engine"])
-        engine.load_gate_state_dict(gates)
+        engine.load_trainable_state(gates, adapters)
         rank = dist.get_rank() if dist.is_initialized() else 0
         rngs = state["rng"]
         if len(rngs) != (dist.get_world_size() if dist.is_initialized() else 1):
@@ -232,3 +248,28 @@ class TrainingCheckpoints:
         set_rng_state(rngs[rank % len(rngs)])
         print0(f"resumed from {path} (step {state['step']})")
         return TrainState(step=int(state["step"]), data=dict(state["data"]), path=path)
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold ``<run_dir>/.lock`` for the duration of a run, so that a second run on the same folder is refused instead
+    of interleaving its metrics and checkpoints with the first. The OS drops the lock when the process dies (even by
+    SIGKILL), so a crashed run never blocks its resume."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            raise ResumeError(f"{run_dir} is in use by a running training ({owner}): wait for it to finish, or give "
+                              "this run another output.run_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

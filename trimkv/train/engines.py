@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..lora import adapter_state_dict, load_adapter_state_dict
 from .distributed import DistInfo
 from .optim import build_optimizer, build_schedule, make_adamw
 from .step import prepare_batch, training_step
@@ -51,6 +52,14 @@ class _StepModule(nn.Module):
             return training_step(self.model, self.handle, batch, self.loss_cfg)
 
 
+def param_groups(handle, recipe) -> list[dict[str, Any]]:
+    """AdamW parameter groups: the gates at ``train.lr``; LoRA adapters, when attached, at ``lora.lr``."""
+    groups = [{"params": [p for p in handle.gates.parameters() if p.requires_grad]}]
+    if handle.adapter_params:
+        groups.append({"params": list(handle.adapter_params), "lr": recipe.lora.lr})
+    return groups
+
+
 class PlainEngine:
     """One process: forward, ``(loss / grad_accum).backward()``, clip, AdamW, schedule."""
 
@@ -60,9 +69,9 @@ class PlainEngine:
                  info: DistInfo | None = None):
         self.info = info or DistInfo(device=next(model.parameters()).device)
         self.model, self.handle, self.recipe = model, handle, recipe
-        self.params = [p for p in handle.gates.parameters() if p.requires_grad]
+        self.params = handle.trainable_parameters()
         if optimizer is None:
-            optimizer, scheduler = build_optimizer(self.params, recipe.train)
+            optimizer, scheduler = build_optimizer(param_groups(handle, recipe), recipe.train)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device = next(model.parameters()).device
         autocast = recipe.train.bf16 and self.device.type == "cuda"
@@ -107,11 +116,16 @@ class PlainEngine:
     def load_extra(self, folder: Path) -> None:
         """Read back what :meth:`save_extra` wrote."""
 
-    def gate_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.handle.gates.fp32_state_dict()
+    def trainable_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(gate weights, LoRA adapter weights) as fp32 CPU tensors; the adapters' dict is empty without LoRA. The
+        gates' keys are a gate checkpoint's, the adapters' peft's (``lora/adapter_model.safetensors``)."""
+        adapters = self.handle.adapters
+        return self.handle.gates.fp32_state_dict(), (adapter_state_dict(adapters) if adapters is not None else {})
 
-    def load_gate_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.handle.gates.load_state_dict(state)
+    def load_trainable_state(self, gates: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor] | None) -> None:
+        self.handle.gates.load_state_dict(gates)
+        if adapters is not None:
+            load_adapter_state_dict(self.handle.adapters, adapters)
 
 
 class DDPEngine(PlainEngine):
@@ -158,9 +172,9 @@ class DeepSpeedEngine(PlainEngine):
 
         self.info = info or DistInfo(device=next(model.parameters()).device)
         self.model, self.handle, self.recipe = model, handle, recipe
-        self.params = [p for p in handle.gates.parameters() if p.requires_grad]
+        self.params = handle.trainable_parameters()
         cfg = recipe.train
-        optimizer = optimizer or make_adamw(self.params, cfg)   # the same AdamW (eps included) as every engine
+        optimizer = optimizer or make_adamw(param_groups(handle, recipe), cfg)   # the same AdamW as every engine
 
         self.device = next(model.parameters()).device
         autocast = cfg.bf16 and self.device.type == "cuda"
@@ -203,13 +217,13 @@ class DeepSpeedEngine(PlainEngine):
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed state in {folder}/deepspeed")
 
-    def gate_state_dict(self) -> dict[str, torch.Tensor]:
+    def trainable_state(self):
         with self._gathered():
-            return super().gate_state_dict()
+            return super().trainable_state()
 
-    def load_gate_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_trainable_state(self, gates, adapters) -> None:
         with self._gathered(modifier_rank=0):
-            super().load_gate_state_dict(state)
+            super().load_trainable_state(gates, adapters)
 
     def _gathered(self, modifier_rank: int | None = None):
         if self.zero_stage < 3:

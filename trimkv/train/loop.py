@@ -5,6 +5,7 @@ checkpoints. One step's maths is :func:`trimkv.train.step.training_step`; how it
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from ..attach import GateHandle
+from ..errors import NonFiniteError, RecipeError
 from ..progress import Progress
 from .distributed import all_reduce_mean
 from .engines import PlainEngine
@@ -22,32 +24,65 @@ if TYPE_CHECKING:
 
 
 class MetricsLog:
-    """Every logged metric goes to ``metrics.jsonl`` (always) and to wandb (when enabled)."""
+    """Every logged metric goes to ``metrics.jsonl`` (always), to wandb and to TensorBoard (when enabled)."""
 
     def __init__(self, run_dir: Path, recipe: Recipe):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
-        self.wandb = None
+        self.wandb = self.tensorboard = None
         if recipe.logging.wandb != "disabled":
             import wandb
 
             self.wandb = wandb.init(project=recipe.logging.project, name=recipe.logging.run_name,
                                     mode=recipe.logging.wandb, dir=str(run_dir), config=recipe.to_dict())
+        if recipe.logging.tensorboard:
+            self.tensorboard = tensorboard_writer(run_dir / "tensorboard")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+        if self.tensorboard is not None:
+            for name, value in scalars(metrics).items():
+                self.tensorboard.add_scalar(name, value, global_step=step)
 
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def tensorboard_writer(log_dir: Path):
+    """A ``torch.utils.tensorboard.SummaryWriter``; it needs the ``tensorboard`` package (an optional extra)."""
+    return summary_writer_class()(log_dir=str(log_dir))
+
+
+def summary_writer_class():
+    """``SummaryWriter``, or RecipeError naming the extra to install (checked before a run loads its model)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise RecipeError("logging.tensorboard: true needs the tensorboard package: pip install 'trimkv[tensorboard]' "
+                          f"(or pip install tensorboard), or set logging.tensorboard: false ({err})") from err
+    return SummaryWriter
+
+
+def scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """Numbers by name; a list (e.g. ``mean_beta`` per layer) becomes ``name/0``, ``name/1``, ..."""
+    out = {}
+    for name, value in metrics.items():
+        if isinstance(value, (list, tuple)):
+            out.update({f"{name}/{i}": float(v) for i, v in enumerate(value)})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
 
 
 def train_loop(model, handle: GateHandle, batches: Iterator[dict], recipe: Recipe, *, log: MetricsLog | None = None,
                progress: bool = True, start_step: int = 0, optimizer=None, scheduler=None, engine=None,
-               checkpoints=None, until_step: int | None = None) -> list[dict]:
+               checkpoints=None, until_step: int | None = None, on_save=None) -> list[dict]:
     """Run optimiser steps ``start_step + 1 .. recipe.train.steps``. Returns the per-step metrics (also logged).
 
     ``engine`` (:mod:`trimkv.train.engines`) runs each micro-batch's training step and the optimiser; default: a
@@ -55,6 +90,7 @@ def train_loop(model, handle: GateHandle, batches: Iterator[dict], recipe: Recip
     :class:`trimkv.train.checkpoints.TrainingCheckpoints`) gets a training checkpoint every ``train.save_every`` steps and
     at the last step; it stores ``batches.state_dict()`` as the data position when the stream has one.
     ``until_step`` stops early after that step, as a preempted job would (the schedule still spans all steps).
+    ``on_save(step)`` runs after each training checkpoint (e.g. a Hub push of the gates; every rank calls it).
     """
     cfg = recipe.train
     if engine is None:
@@ -73,6 +109,11 @@ def train_loop(model, handle: GateHandle, batches: Iterator[dict], recipe: Recip
         elapsed = time.perf_counter() - t0
         m = _metrics(parts, gnorm, engine.lr(), tokens / elapsed, all_reduce_mean)
         m["seconds"] = elapsed                                              # since this process started the loop
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            raise NonFiniteError(
+                f"step {step + 1}: loss {m['loss']} and gradient norm {m['grad_norm']} (kl {m['kl']}, ntp {m['ntp']}, "
+                f"cap {m['cap']}): the run diverged, so it stops here without saving these gates; the newest "
+                "training checkpoint is intact. Lower train.lr or check the data, then resume or restart")
         history.append({"step": step + 1, **m})
         if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
             log.log(step + 1, m)
@@ -81,6 +122,8 @@ def train_loop(model, handle: GateHandle, batches: Iterator[dict], recipe: Recip
         if checkpoints is not None and cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             position = batches.state_dict() if hasattr(batches, "state_dict") else {}
             checkpoints.save(engine, step + 1, position)
+            if on_save is not None:
+                on_save(step + 1)
     bar.close()
     return history
 

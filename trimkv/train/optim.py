@@ -18,10 +18,15 @@ def lr_lambda(step: int, *, warmup: int, total: int, lr: float, min_lr: float) -
 
 def make_adamw(params, cfg) -> torch.optim.AdamW:
     """AdamW over the trainable ``params`` with the recipe's ``train`` section (``cfg``): lr, betas, eps, weight decay
-    (fused kernels on CUDA)."""
-    params = [p for p in params if p.requires_grad]
-    fused = bool(params) and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
+    (fused kernels on CUDA). ``params`` may also be parameter groups (dicts with ``"params"`` and their own ``"lr"``,
+    e.g. LoRA adapters beside the gates); the schedule scales every group's lr by the same factor."""
+    params = list(params)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups]
+    groups = [g for g in groups if g["params"]]
+    flat = [p for g in groups for p in g["params"]]
+    fused = bool(flat) and all(p.is_cuda for p in flat)
+    return torch.optim.AdamW(groups or flat, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
                              weight_decay=cfg.weight_decay, fused=fused or None)
 
 

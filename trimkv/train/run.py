@@ -1,25 +1,30 @@
-"""A recipe end to end, top to bottom: join the launcher's process group, load the frozen model, attach fresh
-gates, pick the engine, resume if asked, stream this rank's batches, run the loop, export a gate checkpoint.
+"""A recipe end to end, top to bottom: join the launcher's process group, load the frozen model, inject LoRA adapters
+(if the recipe's ``lora`` section asks), attach fresh gates, pick the engine, resume if asked, stream this rank's
+batches, run the loop, export a gate checkpoint (with the adapters in ``lora/``).
 ``trimkv train RECIPE.yaml [--resume]`` calls :func:`finetune`; so does every rank under torchrun / deepspeed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from ..attach import attach_gates
-from ..checkpoint import load_gate_checkpoint, save_gates
-from ..data import DataError, batches, prepare_data
+from ..checkpoint import check_writable, load_gate_checkpoint, push_to_hub, save_gates
+from ..data import DataError, batches, hub_dataset_ids, prepare_data
+from ..errors import GateCheckpointError
 from ..gate import GateConfig, RetentionGates, check_compatible
+from ..lora import add_lora
 from ..models import load_model
-from ..recipe import Recipe, RecipeError, load_recipe, save_recipe
-from .checkpoints import ResumeError, TrainingCheckpoints
+from ..recipe import Recipe, RecipeError, load_recipe, recipe_changes, save_recipe
+from .checkpoints import ResumeError, TrainingCheckpoints, run_dir_lock
 from .distributed import barrier, close_distributed, init_distributed, main_process_first, print0
 from .engines import build_engine
-from .loop import MetricsLog, train_loop
+from .loop import MetricsLog, summary_writer_class, train_loop
 
 
 class EpochStream:
@@ -70,12 +75,14 @@ def _rescale(position: dict, world_size: int) -> int:
 
 
 def gate_config_for(model, recipe: Recipe) -> GateConfig:
-    g = recipe.gates
+    g, m = recipe.gates, recipe.model
+    load = {"name": m.name, "revision": m.revision, "gguf_file": m.gguf_file}   # how the card's snippet loads the base
     return GateConfig.for_model(
         model.config, gate_type=g.gate_type, gate_hidden=g.gate_hidden, bias_init=g.bias_init, init_std=g.init_std,
-        base_revision=recipe.model.revision, train_budget=recipe.loss.budget,
+        activation=g.activation, base_revision=m.revision, train_budget=recipe.loss.budget,
+        base_load_kwargs={k: v for k, v in load.items() if v is not None},
         loss_weights=dict(kl=recipe.loss.kl_weight, ntp=recipe.loss.ntp_weight, capacity=recipe.loss.capacity_weight,
-                          capacity_form=recipe.loss.capacity_form),
+                          capacity_form=recipe.loss.capacity_form, capacity_scope=recipe.loss.capacity_scope),
     )
 
 
@@ -98,10 +105,12 @@ def initial_gates(model, recipe: Recipe) -> RetentionGates:
         start = load_gate_checkpoint(source)
         check_compatible(start.config, model)
         mine, theirs = gates.config, start.config
-        if (mine.gate_type, mine.gate_hidden) != (theirs.gate_type, theirs.gate_hidden):
-            raise RecipeError(f"gates.init_from={source!r} holds {theirs.gate_type} gates of width {theirs.gate_hidden}, "
-                              f"the recipe asks for {mine.gate_type} gates of width {mine.gate_hidden}: set "
-                              f"gates.gate_type / gates.gate_hidden to match the checkpoint")
+        shape = ("gate_type", "gate_hidden", "activation")
+        if [getattr(mine, k) for k in shape] != [getattr(theirs, k) for k in shape]:
+            raise RecipeError(f"gates.init_from={source!r} holds {theirs.gate_type} gates of width {theirs.gate_hidden} "
+                              f"({theirs.activation}), the recipe asks for {mine.gate_type} gates of width "
+                              f"{mine.gate_hidden} ({mine.activation}): set gates.gate_type / gates.gate_hidden / "
+                              "gates.activation to match the checkpoint")
         gates.load_state_dict(start.state_dict())
     return gates
 
@@ -116,21 +125,43 @@ def finetune(recipe: Recipe | str | Path, *, overrides: list[str] | None = None,
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
+    resume = recipe.train.resume if resume is None else resume
     info = init_distributed(recipe.train.device, engine=recipe.train.engine)
     try:
-        return _finetune(recipe, info, recipe.train.resume if resume is None else resume, progress, until_step)
+        lock = run_dir_lock(recipe.output.run_dir) if info.is_main else contextlib.nullcontext()
+        with lock:
+            _preflight(recipe, resume, write=info.is_main)
+            return _finetune(recipe, info, resume, progress, until_step)
     finally:
         close_distributed(info)
+
+
+def _preflight(recipe: Recipe, resume: bool, *, write: bool) -> None:
+    """Everything that can be checked before the model loads: where the gates will go, whether the run folder
+    holds an earlier run, and - on resume - that the recipe changed only in fields a resume may change. Then the
+    resolved recipe is saved next to the run."""
+    run_dir = Path(recipe.output.run_dir)
+    check_writable(recipe.checkpoint_dir())
+    if recipe.logging.tensorboard:
+        summary_writer_class()
+    if not resume and TrainingCheckpoints(run_dir / "checkpoints").steps():
+        raise ResumeError(f"{run_dir / 'checkpoints'} holds training checkpoints of an earlier run: pass --resume "
+                          "(train.resume: true) to continue it, or choose another output.run_dir")
+    saved = run_dir / "recipe.yaml"
+    if resume and saved.is_file():
+        changed = recipe_changes(load_recipe(saved), recipe)
+        if changed:
+            raise ResumeError(f"resuming {run_dir} with a recipe that differs from the one it was trained with in "
+                              f"{len(changed)} field(s) a resume cannot honour: " + "; ".join(changed)
+                              + ". Only steps, logging, checkpoint cadence, device, the export folder and the Hub settings may change; "
+                              "start a new run (another output.run_dir, or gates.init_from) for the rest")
+    if write:
+        save_recipe(recipe, saved)  # the resolved config lives next to every run
 
 
 def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: int | None) -> Path:
     run_dir, cfg = Path(recipe.output.run_dir), recipe.train
     checkpoints = TrainingCheckpoints(run_dir / "checkpoints", keep_last=cfg.keep_last)
-    if not resume and checkpoints.steps():
-        raise ResumeError(f"{checkpoints.folder} holds training checkpoints of an earlier run: pass --resume "
-                          "(train.resume: true) to continue it, or choose another output.run_dir")
-    if info.is_main:
-        save_recipe(recipe, run_dir / "recipe.yaml")  # the resolved config lives next to every run
     torch.manual_seed(cfg.seed)
     m = recipe.model
     with main_process_first():  # one rank downloads / converts the model and tokenises the data
@@ -138,7 +169,10 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
                                       trust_remote_code=m.trust_remote_code, device=str(info.device))
         if not recipe.data.streaming:
             prepare_data(recipe.data, tokenizer)
-    handle = attach_gates(model, initial_gates(model, recipe), attn_impl=cfg.attn_impl)
+    lora = recipe.lora
+    adapters = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                        target_modules=lora.target_modules) if lora.enabled else None
+    handle = attach_gates(model, initial_gates(model, recipe), attn_impl=cfg.attn_impl, adapters=adapters)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.train()  # dropout-free LMs: only switches checkpointing on; the base stays frozen
@@ -151,26 +185,67 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
     if info.is_main and state is not None:
         _drop_metrics_after(run_dir / "metrics.jsonl", state.step)  # steps after the checkpoint are redone
     log = MetricsLog(run_dir, recipe) if info.is_main else None
+    push_each = recipe.output.push_to_hub and recipe.output.push_checkpoints
     try:
         history = train_loop(model, handle, stream, recipe, log=log, progress=progress,
                              start_step=state.step if state else 0, engine=engine,
-                             checkpoints=checkpoints if cfg.save_every else None, until_step=until_step)
+                             checkpoints=checkpoints if cfg.save_every else None, until_step=until_step,
+                             on_save=(lambda step: _push_step(engine, handle, recipe, info, step)) if push_each else None)
     finally:
         if log is not None:
             log.close()
-    gates = RetentionGates(handle.gates.config)
-    gates.load_state_dict(engine.gate_state_dict())   # collective under ZeRO-3
+    gates, adapter_state = exported_gates(engine, handle)
     out = recipe.checkpoint_dir()
     last = history[-1] if history else {}
     if info.is_main:
         reached = last.get("step", state.step if state else 0)
-        meta = {"data": recipe.data.describe(), "steps": reached, "seq_len": recipe.data.seq_len,
-                "final_metrics": {k: last[k] for k in ("loss", "kl", "ntp", "cap", "soft_cache") if k in last}}
-        save_gates(gates, out, metadata=meta)
+        meta = card_metadata(recipe, reached, last)
+        if adapters is not None:
+            meta["lora"] = (f"r={lora.r}, alpha={lora.alpha}, {'/'.join(lora.target_modules)}, lr {lora.lr}; "
+                            "adapters in lora/ (a peft adapter folder)")
+        save_gates(gates, out, metadata=meta, adapters=adapters, adapter_state=adapter_state or None)
         if progress:
             _summary(last, recipe)
+        if recipe.output.push_to_hub:
+            url = push_to_hub(out, recipe.output.push_to_hub, private=recipe.output.hub_private,
+                              commit_message=f"trimkv gates after {reached} steps")
+            print0(f"pushed the gates to {url}")
     barrier()
     return out
+
+
+def exported_gates(engine, handle) -> tuple[RetentionGates, dict[str, torch.Tensor]]:
+    """The trained gates as a fresh fp32 CPU module, and the LoRA adapters' state ({} without adapters); collective
+    under ZeRO-3: every rank calls it."""
+    gates = RetentionGates(handle.gates.config)
+    gate_state, adapter_state = engine.trainable_state()
+    gates.load_state_dict(gate_state)
+    return gates, adapter_state
+
+
+def card_metadata(recipe: Recipe, steps: int, last: dict) -> dict[str, Any]:
+    """What the exported checkpoint's model card says about the run (license and Hub datasets go into its front
+    matter; local paths are shown by name only)."""
+    return {"license": recipe.output.license, "datasets": hub_dataset_ids(recipe.data),
+            "data": recipe.data.describe(), "steps": steps, "seq_len": recipe.data.seq_len,
+            "final_metrics": {k: last[k] for k in ("loss", "kl", "ntp", "cap", "soft_cache") if k in last}}
+
+
+def _push_step(engine, handle, recipe: Recipe, info, step: int) -> None:
+    """``output.push_checkpoints``: push the gates of a training checkpoint (one Hub commit per save). A failed push
+    is reported and training goes on; the push at the end of training is the one that must succeed."""
+    gates, adapter_state = exported_gates(engine, handle)
+    if info.is_main:
+        with tempfile.TemporaryDirectory(prefix="trimkv-step-") as tmp:
+            folder = save_gates(gates, Path(tmp) / recipe.checkpoint_dir().name, metadata=card_metadata(recipe, step, {}),
+                                adapters=handle.adapters, adapter_state=adapter_state or None)
+            try:
+                push_to_hub(folder, recipe.output.push_to_hub, private=recipe.output.hub_private,
+                            commit_message=f"trimkv gates at step {step}")
+            except (OSError, ValueError, GateCheckpointError) as err:   # Hub errors derive from OSError / ValueError
+                print0(f"warning: pushing the gates of step {step} to {recipe.output.push_to_hub} failed "
+                       f"({type(err).__name__}: {err}); training goes on")
+    barrier()
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:

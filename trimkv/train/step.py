@@ -43,8 +43,8 @@ def training_step(model: torch.nn.Module, handle: GateHandle, batch: dict[str, A
                   loss_cfg: Any) -> StepOutput:
     """One forward of teacher and student and the three losses (no backward, no optimiser).
 
-    ``loss_cfg``: the recipe's ``loss`` section (:class:`trimkv.recipe.LossSection`: budget, weights, capacity form,
-    LM-head chunk size).
+    ``loss_cfg``: the recipe's ``loss`` section (:class:`trimkv.recipe.LossSection`: budget, weights, capacity form
+    and scope, LM-head chunk size).
     ``batch``: ``input_ids`` / ``position_ids`` / ``loss_mask`` [B, T], optionally with the host-side extras of
     :func:`prepare_batch` (``scored_rows``, ``packed``).
     """
@@ -61,11 +61,12 @@ def training_step(model: torch.nn.Module, handle: GateHandle, batch: dict[str, A
     if not records:
         raise RuntimeError("no gate records were collected: are the gates attached and enabled?")
     # Every layer sees the same positions: one capacity computation over all layers' heads [B, L * Hkv, T]
-    # (the mean over it is the mean over layers of each layer's capacity loss, all layers being the same size).
+    # (per_head: the mean over it is the mean over layers of each layer's capacity loss, all layers being the same
+    # size; global: the L * Hkv rows are summed against M * L * Hkv).
     first = records[min(records)]
     logb = torch.cat([records[idx].logb for idx in sorted(records)], dim=1)            # [B, L * Hkv, T]
     S = capacity_sums(logb, first.pos, first.seg)                                       # [B, L * Hkv, T]
-    cap = capacity_loss(S, first.pos, loss_cfg.budget, form=loss_cfg.capacity_form)
+    cap = capacity_loss(S, first.pos, loss_cfg.budget, form=loss_cfg.capacity_form, scope=loss_cfg.capacity_scope)
     L = len(records)
     loss = loss_cfg.kl_weight * kl + loss_cfg.ntp_weight * ntp + loss_cfg.capacity_weight * cap
     # metrics stay on the device: no per-layer host sync inside the step

@@ -1,0 +1,120 @@
+"""Questions about a long context, the way kvpress users ask them: one call, the chat template applied, the bounded
+cache prefilled once per context and reused for every question.
+
+    from trimkv.pipeline import answer
+    out = answer(model, tok, context=long_document, questions=["Who ...?", "When ...?"], budget=128)
+    out.answers        # one string per question
+    out.kv_bytes       # bytes the cache holds after the context (what every question starts from)
+
+The context is prefilled in chunks of ``prefill_chunk`` tokens into a fresh cache (all but its last token, which
+each question starts with), *without* the questions: TRIM-KV's retention is query-agnostic, so what the cache keeps
+does not depend on what is asked. Each question then continues from a copy of that cache (:func:`clone_cache`): the
+questions do not see each other and the context is prefilled once. The question is prefilled into its copy the
+same way, and ``generate`` continues from the prompt's last token. As in kvpress's pipeline, the chat template is
+split at the end of the user's context: the context ends the user turn's content, and each question is followed by
+the rest of the template (end of turn, assistant header).
+
+``budget=None`` answers with transformers' full DynamicCache and the gates off (the frozen model), for comparison.
+A heuristic ``policy`` (``"streaming"``, ``"snapkv"``, ...) runs in the same bounded cache with the gates off.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Cache
+
+from .compat import cache_kwargs
+from .generate import kv_nbytes, new_cache
+from .models import input_device
+from .policies import EvictionPolicy, RetentionPolicy, get_policy
+
+_SEPARATOR = "\uE000trimkv-context-end\uE000"   # private-use characters: never part of a real context
+
+
+@dataclass
+class Answers:
+    answers: list[str]
+    context_tokens: int
+    question_tokens: list[int]
+    kv_bytes: int                               # cache bytes after the context prefill
+    answer_kv_bytes: list[int] = field(default_factory=list)   # cache bytes after each answer
+    seconds: float = 0.0
+
+
+def split_prompt(tokenizer, context: str, questions: list[str], *, chat: bool = True, answer_prefix: str = "",
+                 **template_kwargs) -> tuple[str, list[str]]:
+    """``(context_text, [question_text, ...])`` whose concatenations are the full prompts.
+
+    With a chat template (and ``chat``): the user turn holds the context then the question; the context text stops
+    where the user's content would go on. Without: the context, then each question on its own line."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": context + _SEPARATOR}],
+                                                 add_generation_prompt=True, tokenize=False, **template_kwargs)
+        head, suffix = rendered.split(_SEPARATOR)
+        return head, [(f"\n\n{q}" if q else "") + suffix + answer_prefix for q in questions]
+    return context, [(f"\n{q}\n" if q else "") + answer_prefix for q in questions]
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor, cache: Cache, *, chunk: int = 256) -> Cache:
+    """Run ``ids`` [1, T] through the model into ``cache`` in chunks of ``chunk`` tokens (only the last position's
+    logits are computed); returns the cache."""
+    if chunk < 1:
+        raise ValueError(f"prefill chunk must be >= 1 token, got {chunk}")
+    start = cache.get_seq_length()
+    for s in range(0, ids.shape[1], chunk):
+        part = ids[:, s:s + chunk]
+        pos = torch.arange(start + s, start + s + part.shape[1], device=part.device)[None]
+        model(part, position_ids=pos, logits_to_keep=1, use_cache=True, **cache_kwargs(model, cache))
+    return cache
+
+
+def clone_cache(cache: Cache) -> Cache:
+    """An independent copy of a cache's state (K/V slots, positions, retention, policy state)."""
+    return copy.deepcopy(cache)
+
+
+def answer(model, tokenizer, context: str, questions: str | list[str] | None = None, *, budget: int | None = None,
+           sink: int = 4, window: int = 16, policy: str | EvictionPolicy | None = None, prefill_chunk: int = 256,
+           max_new_tokens: int = 64, chat: bool = True, answer_prefix: str = "", template_kwargs: dict | None = None,
+           **gen_kwargs) -> Answers:
+    """Answer ``questions`` (one string, a list, or None for a plain continuation) about ``context``.
+
+    ``budget`` tokens per KV head with TRIM-KV retention (the attached gates) or ``policy``; ``None`` = the full
+    cache with the gates off. Greedy decoding unless ``gen_kwargs`` say otherwise (they go to ``generate``)."""
+    questions = [questions] if isinstance(questions, str) else list(questions or [""])
+    handle = getattr(model, "trimkv", None)
+    rule = get_policy(policy) if isinstance(policy, str) else policy
+    if budget is not None and handle is None:
+        raise ValueError("a bounded cache needs trimkv's hooks: attach gates first (trimkv.load_gates(model, ...); "
+                         "for a heuristic policy without trained gates, trimkv.attach_gates(model) and pass policy=)")
+    gates_on = budget is not None and (rule is None or isinstance(rule, RetentionPolicy))
+    context_text, question_texts = split_prompt(tokenizer, context, questions, chat=chat, answer_prefix=answer_prefix,
+                                                **(template_kwargs or {}))
+    device = input_device(model)
+    encode = lambda text: tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)  # noqa: E731
+    ctx = encode(context_text)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gen_kwargs.setdefault("do_sample", False)
+    t0 = time.perf_counter()
+    with (contextlib.nullcontext() if gates_on or handle is None else handle.disabled()):
+        # all but the context's last token: each question starts with it, so generate always has a token to feed
+        cache = prefill(model, ctx[:, :-1], new_cache(model, budget, sink=sink, window=window, policy=rule),
+                        chunk=prefill_chunk)
+        out = Answers([], int(ctx.shape[1]), [], kv_nbytes(cache))
+        for text in question_texts:
+            q = encode(text)
+            ids = torch.cat([ctx, q], dim=1)
+            own = prefill(model, ids[:, cache.get_seq_length():-1], clone_cache(cache), chunk=prefill_chunk)
+            with torch.no_grad():   # generate() feeds the prompt's last token only: a plain decode on every release
+                gen = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, own),
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad, **gen_kwargs)
+            out.answers.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
+            out.question_tokens.append(int(q.shape[1]))
+            out.answer_kv_bytes.append(kv_nbytes(own))
+    out.seconds = time.perf_counter() - t0
+    return out
