@@ -12,6 +12,7 @@ from trimkv.attach import attach_gates
 from trimkv.cache import RetentionCache
 from trimkv.compat import cache_kwargs
 from trimkv.decode import CompiledDecoder, fast_generate, graphs_compiled
+from trimkv.errors import CacheError
 from trimkv.global_cache import GlobalRetentionCache
 from trimkv.policies import get_policy
 
@@ -121,19 +122,19 @@ def test_end_of_sequence_stops_and_pads_like_generate():
 
 def test_what_cannot_compile_is_refused_with_the_reason():
     model, handle = gated_model()
-    with pytest.raises(ValueError, match="cannot run in a compiled step"):
+    with pytest.raises(CacheError, match="cannot run in a compiled step"):
         CompiledDecoder(model, RetentionCache.for_model(model, 8, policy=get_policy("random")))
-    with pytest.raises(TypeError, match="data-dependent"):
+    with pytest.raises(CacheError, match="data-dependent"):
         CompiledDecoder(model, GlobalRetentionCache.for_model(model, 64))
-    with pytest.raises(TypeError, match="RetentionCache"):
+    with pytest.raises(CacheError, match="RetentionCache"):
         CompiledDecoder(model, DynamicCache(config=model.config))
     cache = RetentionCache.for_model(model, 8)
     decoder = CompiledDecoder(model, cache, backend="eager")
     decoder.generate(PROMPT, max_new_tokens=2)
-    with pytest.raises(ValueError, match="batch 1, the input has 2 rows"):
+    with pytest.raises(CacheError, match="batch 1, the input has 2 rows"):
         decoder.generate(PROMPT.expand(2, -1), max_new_tokens=2)
     handle.detach()
-    with pytest.raises(RuntimeError, match="attach gates first"):
+    with pytest.raises(CacheError, match="attach gates first"):
         CompiledDecoder(model, RetentionCache.for_model(model, 8))
 
 

@@ -37,6 +37,7 @@ from torch._dynamo.utils import counters
 
 from .cache import RetentionCache
 from .compat import cache_name
+from .errors import CacheError
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -231,14 +232,14 @@ def prefill(model, cache, ids: torch.Tensor, attention_mask: torch.Tensor | None
 def check_decodable(model, cache) -> None:
     """Refuse, with the reason, what the compiled step cannot run."""
     if not isinstance(cache, RetentionCache):
-        raise TypeError(f"the compiled decoder needs a trimkv RetentionCache (fixed slots per head), got "
+        raise CacheError(f"the compiled decoder needs a trimkv RetentionCache (fixed slots per head), got "
                         f"{type(cache).__name__}; a global pool's slot tables have data-dependent shapes: decode "
                         "it eagerly with model.generate")
     if not cache.policy.compilable:
-        raise ValueError(f"policy {cache.policy!r} cannot run in a compiled step (its state comes from the host); "
+        raise CacheError(f"policy {cache.policy!r} cannot run in a compiled step (its state comes from the host); "
                          "decode it eagerly with model.generate")
     if getattr(model, "trimkv", None) is None:
-        raise RuntimeError("the bounded cache works through trimkv's attention: attach gates first "
+        raise CacheError("the bounded cache works through trimkv's attention: attach gates first "
                            "(trimkv.attach_gates / load_gates; gates.disabled() for a heuristic policy)")
 
 
@@ -263,7 +264,7 @@ def special_ids(model, eos_token_id=None, pad_token_id=None, device="cpu") -> tu
 def _check_batch(cache: RetentionCache, B: int) -> None:
     for layer in cache.layers:
         if layer.is_initialized and layer.keys.shape[0] != B:
-            raise ValueError(f"this cache was allocated for batch {layer.keys.shape[0]}, the input has {B} rows: "
+            raise CacheError(f"this cache was allocated for batch {layer.keys.shape[0]}, the input has {B} rows: "
                              "build a new RetentionCache for this batch size")
 
 
