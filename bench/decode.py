@@ -16,6 +16,8 @@ compiled-bounded tok/s over each other column's, in the same setting.
 from __future__ import annotations
 
 import copy
+import sys
+import time
 
 import torch
 from transformers import DynamicCache, StaticCache
@@ -206,11 +208,15 @@ def main(argv=None) -> dict:
         attach_gates(gated)
     rows_of = {L: {"1": dict.fromkeys(METHODS, 1), "max": max_rows(cfg, dtype, L, args)} for L in lengths}
     res: dict = {}
-    for L in lengths:
-        for setting in ("1", "max"):
-            for m in args.methods:
-                net = gated if m in ("eager", "compiled") else model
-                res[L, setting, m] = measure(m, net, cfg, L, rows_of[L][setting][m], args, dtype)
+    todo = [(L, setting, m) for L in lengths for setting in ("1", "max") for m in args.methods]
+    for i, (L, setting, m) in enumerate(todo, 1):     # a cell compiles for minutes on a CPU: say what runs
+        net = gated if m in ("eager", "compiled") else model
+        B = rows_of[L][setting][m]
+        t0 = time.perf_counter()
+        res[L, setting, m] = r = measure(m, net, cfg, L, B, args, dtype)
+        tok = "-" if r["tok_s"] is None else f"{r['tok_s']:.1f} tok/s"
+        print(f"[{i}/{len(todo)}] context {L}, {B} rows, {m}: {tok} ({time.perf_counter() - t0:.0f} s with warm-up)",
+              file=sys.stderr, flush=True)
     rows = table_rows(res, lengths, rows_of, args.methods)
     title = (f"decode, {type(model).__name__} on {args.device}, bounded M={args.budget}/head, max batch under "
              f"{args.kv_limit_mb:g} MB of KV (<= {args.max_batch} rows); compile: {args.backend}, mode {args.mode}")
