@@ -91,6 +91,8 @@ def table(rows: list[dict], title: str) -> str:
 
 
 def _fmt(x) -> str:
+    if x is None:
+        return "-"
     if isinstance(x, float):
         return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.0f}"
     return str(x)

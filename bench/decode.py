@@ -1,25 +1,38 @@
-"""Decode tokens/s and KV bytes vs context length: the bounded RetentionCache vs transformers' DynamicCache.
+"""Decode throughput at fixed memory: compiled bounded vs eager bounded vs DynamicCache vs StaticCache compiled.
 
-Both caches are measured side by side in one run, at each context length L:
-  * full:    the plain model (original attention, no gates) decoding with a DynamicCache holding L tokens;
-  * bounded: the same model with gates attached decoding with a RetentionCache of M tokens per KV head.
-Prefill is not what is measured, so each cache is filled directly with random keys / values of the right shapes
-(L tokens for the full cache; M kept tokens at random positions < L for the bounded one); then ``--steps`` decode
-steps (one token, batch 1) are timed. KV bytes are what each cache holds at that point.
+Four ways to decode, side by side in one run, each timing the same greedy step (``trimkv.decode.decode_step``):
+  * eager:    gates attached, a RetentionCache of M tokens per KV head, the eager step;
+  * compiled: the same cache and step under torch.compile (``trimkv.decode.CompiledDecoder``; CUDA graphs on GPU);
+  * full:     the plain model (original attention, no gates; a copy of the gated one) with transformers' DynamicCache
+              holding the context;
+  * static:   the plain model with transformers' StaticCache, compiled the same way (the strongest plain baseline).
+At each context length L, two batch settings: ``1`` (one row each) and ``max`` (each cache gets the most rows whose
+KV bytes fit ``--kv-limit-mb``, capped at ``--max-batch``: a bounded row costs M slots whatever L is, a full row L).
+Prefill is not measured: caches are filled directly with random keys / values of the right shapes (L tokens for the
+full caches, M kept tokens at random positions < L for the bounded one); then ``--steps`` decode steps are timed
+after ``--warmup`` steps (which compile, and record the CUDA graph). tok/s counts every row; ratios are
+compiled-bounded tok/s over each other column's, in the same setting.
 """
 from __future__ import annotations
 
+import copy
+import sys
+import time
+
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from trimkv.attach import attach_gates
 from trimkv.cache import RetentionCache, dynamic_cache_nbytes
-from trimkv.compat import cache_kwargs
+from trimkv.compat import cache_name
+from trimkv.decode import CompiledDecoder, DecodeState, compiled_step, decode_step, graphs_compiled, mark_static
 
 try:
     from . import common
 except ImportError:  # python bench/decode.py
     import common
+
+METHODS = ("eager", "compiled", "full", "static")
 
 
 def kv_shape(cfg) -> tuple[int, int, int]:
@@ -28,16 +41,33 @@ def kv_shape(cfg) -> tuple[int, int, int]:
         cfg.hidden_size // heads
 
 
-def full_cache(cfg, L: int, dtype, device) -> DynamicCache:
+def row_bytes(cfg, dtype, tokens: int, *, bounded: bool) -> int:
+    """KV bytes of one batch row holding ``tokens`` per KV head (bounded: + 12 bytes of slot metadata each)."""
+    n, hkv, d = kv_shape(cfg)
+    per_token = 2 * d * torch.finfo(dtype).bits // 8 + (12 if bounded else 0)
+    return n * hkv * tokens * per_token
+
+
+def full_cache(cfg, L: int, dtype, device, batch: int = 1) -> DynamicCache:
     n, hkv, d = kv_shape(cfg)
     cache = DynamicCache(config=cfg)
     for layer in range(n):
-        cache.update(torch.randn(1, hkv, L, d, dtype=dtype, device=device),
-                     torch.randn(1, hkv, L, d, dtype=dtype, device=device), layer)
+        cache.update(torch.randn(batch, hkv, L, d, dtype=dtype, device=device),
+                     torch.randn(batch, hkv, L, d, dtype=dtype, device=device), layer)
     return cache
 
 
-def bounded_cache(model, cfg, L: int, M: int, dtype, device, *, sink=4, window=16) -> RetentionCache:
+def static_cache(cfg, L: int, room: int, dtype, device, batch: int = 1) -> StaticCache:
+    """A StaticCache of L + ``room`` slots holding L random tokens (what a compiled transformers decode uses)."""
+    n, hkv, d = kv_shape(cfg)
+    cache = StaticCache(config=cfg, max_cache_len=L + room)
+    for layer in range(n):
+        cache.update(torch.randn(batch, hkv, L, d, dtype=dtype, device=device),
+                     torch.randn(batch, hkv, L, d, dtype=dtype, device=device), layer)
+    return cache
+
+
+def bounded_cache(model, cfg, L: int, M: int, dtype, device, *, sink=4, window=16, batch: int = 1) -> RetentionCache:
     """A RetentionCache as after L tokens: M kept tokens per head (the first ``sink``, the last ``window``,
     the rest at random positions), filled through the layer interface (one chunk, then compaction)."""
     n, hkv, d = kv_shape(cfg)
@@ -45,28 +75,103 @@ def bounded_cache(model, cfg, L: int, M: int, dtype, device, *, sink=4, window=1
     m = min(M, L)
     middle = torch.randperm(L - sink - window)[: m - sink - window] + sink
     pos = torch.cat([torch.arange(sink), middle.sort().values, torch.arange(L - window, L)])[None].to(device)
+    pos = pos.expand(batch, m)
     for layer in cache.layers:
-        layer.stage(logb=-0.01 * torch.rand(1, hkv, m, device=device), pos=pos,
-                    valid=torch.ones(1, m, dtype=torch.bool, device=device))
-        k = torch.randn(1, hkv, m, d, dtype=dtype, device=device)
+        layer.stage(logb=-0.01 * torch.rand(batch, hkv, m, device=device), pos=pos,
+                    valid=torch.ones(batch, m, dtype=torch.bool, device=device))
+        k = torch.randn(batch, hkv, m, d, dtype=dtype, device=device)
         layer.update(k, k)
         layer.insert(k, torch.randn_like(k))
         layer.compact()
     return cache
 
 
+def start_state(model, L: int, batch: int, device) -> DecodeState:
+    """Random tokens at position L, never done."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    return DecodeState(ids=ids, pos=torch.full((batch, 1), L, device=device),
+                       done=torch.zeros(batch, dtype=torch.bool, device=device),
+                       eos=torch.zeros(0, dtype=torch.long, device=device),
+                       pad=torch.zeros((), dtype=torch.long, device=device))
+
+
 @torch.no_grad()
-def decode_seconds(model, cache, L: int, steps: int, device) -> float:
-    """Median seconds per decode step (one token) continuing from position L."""
-    tok = torch.randint(0, model.config.vocab_size, (1, 1), device=device)
-    state = {"t": L}
+def step_seconds(step, steps: int, warmup: int, device) -> tuple[float, int]:
+    """(median seconds of ``step()``, graphs compiled during the timed steps)."""
+    for _ in range(warmup):
+        step()
+    graphs = graphs_compiled()
+    seconds = common.timeit(step, repeat=steps, warmup=0, device=device)
+    return seconds, graphs_compiled() - graphs
 
-    def step():
-        pos = torch.tensor([[state["t"]]], device=device)
-        model(input_ids=tok, position_ids=pos, **cache_kwargs(model, cache), use_cache=True)
-        state["t"] += 1
 
-    return common.timeit(step, repeat=steps, warmup=2, device=device)
+@torch.no_grad()
+def decode_seconds(model, cache, L: int, steps: int, device, *, batch: int = 1) -> float:
+    """Median seconds per eager decode step (one token per row) continuing from position L."""
+    state, arg = start_state(model, L, batch, device), cache_name(model)
+    return step_seconds(lambda: decode_step(model, arg, cache, state), steps, 2, device)[0]
+
+
+def measure(method: str, model, cfg, L: int, B: int, args, dtype) -> dict:
+    """tok/s (all rows), KV MB and recompilations of one method at context L with B rows."""
+    if B < 1:
+        return {"tok_s": None, "kv_MB": None, "recompiles": 0}
+    dev, M, room = args.device, args.budget, args.warmup + args.steps + 1
+    if method in ("eager", "compiled"):
+        cache = bounded_cache(model, cfg, L, M, dtype, dev, batch=B)
+        nbytes = cache.nbytes()
+    else:
+        cache = full_cache(cfg, L, dtype, dev, B) if method == "full" else static_cache(cfg, L, room, dtype, dev, B)
+        nbytes = dynamic_cache_nbytes(cache)
+    state, arg = start_state(model, L, B, dev), cache_name(model)
+    if method == "compiled":
+        decoder = CompiledDecoder(model, cache, mode=args.mode, backend=args.backend)
+        mark_static(cache)
+        state.mark_static()
+        step = lambda: decoder.step(state)  # noqa: E731
+    elif method == "static":                             # StaticCache marks its own buffers static
+        compiled = compiled_step(args.mode, args.backend)
+
+        def step():
+            torch.compiler.cudagraph_mark_step_begin()
+            compiled(model, arg, cache, state)
+    else:
+        step = lambda: decode_step(model, arg, cache, state)  # noqa: E731
+    seconds, recompiles = step_seconds(step, args.steps, args.warmup, dev)
+    return {"tok_s": B / seconds, "kv_MB": nbytes / 2**20, "recompiles": recompiles}
+
+
+def max_rows(cfg, dtype, L: int, args) -> dict[str, int]:
+    """The most rows of each cache whose KV bytes fit the limit (capped at --max-batch)."""
+    limit = args.kv_limit_mb * 2**20
+    per_row = {"eager": row_bytes(cfg, dtype, args.budget, bounded=True),
+               "full": row_bytes(cfg, dtype, L, bounded=False),
+               "static": row_bytes(cfg, dtype, L + args.warmup + args.steps + 1, bounded=False)}
+    per_row["compiled"] = per_row["eager"]
+    return {m: min(int(limit // b), args.max_batch) for m, b in per_row.items()}
+
+
+def ratio(a, b):
+    return a / b if a and b else None
+
+
+def table_rows(res: dict, lengths, rows_of, methods) -> list[dict]:
+    out = []
+    for L in lengths:
+        for setting in ("1", "max"):
+            r = {m: res.get((L, setting, m), {}) for m in methods}
+            tok = {m: r[m].get("tok_s") for m in methods}
+            c = tok.get("compiled")
+            out.append({"context": L, "batch": setting,
+                        **{f"rows_{m}": rows_of[L][setting][m] for m in ("eager", "full", "static")},
+                        **{f"{m}_tok_s": tok.get(m) for m in METHODS},
+                        "compiled_vs_eager": ratio(c, tok.get("eager")),
+                        "compiled_vs_full": ratio(c, tok.get("full")),
+                        "compiled_vs_static": ratio(c, tok.get("static")),
+                        "eager_vs_full": ratio(tok.get("eager"), tok.get("full")),
+                        "bounded_kv_MB": (r.get("eager") or r.get("compiled") or {}).get("kv_MB"),
+                        "full_kv_MB": (r.get("full") or r.get("static") or {}).get("kv_MB")})
+    return out
 
 
 def main(argv=None) -> dict:
@@ -75,32 +180,50 @@ def main(argv=None) -> dict:
                                                                           "GPU 1k-32k)")
     p.add_argument("--budget", type=int, default=None, help="M tokens per KV head (default 512; 32 with --quick)")
     p.add_argument("--steps", type=int, default=None, help="timed decode steps per point (default 16)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, CUDA-graph recording)")
+    p.add_argument("--kv-limit-mb", type=float, default=None,
+                   help="KV memory for the max-batch setting (default: CPU 1024, GPU 8192; 0.0625 with --quick)")
+    p.add_argument("--max-batch", type=int, default=None, help="cap on rows (default: CPU 32, GPU 256, quick 4)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--mode", default="auto", help="torch.compile mode ('auto': reduce-overhead on CUDA)")
+    p.add_argument("--backend", default=None, help="torch.compile backend (default inductor; eager with --quick: "
+                                                    "graph capture only, fast)")
     args = p.parse_args(argv)
     common.setup(args)
     gpu = args.device.startswith("cuda")
-    lengths = args.lengths or ([64, 128] if args.quick else
-                               [1024, 4096, 16384, 32768] if gpu else [1024, 2048, 4096, 8192])
-    M = args.budget or (32 if args.quick else 512)
-    steps = args.steps or (3 if args.quick else 16)
+    lengths = args.lengths or ([64] if args.quick else [1024, 4096, 16384, 32768] if gpu else [1024, 2048, 4096, 8192])
+    args.budget = args.budget or (32 if args.quick else 512)
+    args.steps = args.steps or (3 if args.quick else 16)
+    args.kv_limit_mb = args.kv_limit_mb or (0.0625 if args.quick else 8192 if gpu else 1024)
+    args.max_batch = args.max_batch or (4 if args.quick else 256 if gpu else 32)
+    args.backend = args.backend or ("eager" if args.quick else "inductor")
+    if args.mode == "auto":                              # what CompiledDecoder picks, for both compiled columns
+        args.mode = "reduce-overhead" if gpu and args.backend == "inductor" else None
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)   # a graph per shape
     model, cfg = common.load(args)
     dtype = next(model.parameters()).dtype
-    rows = []
-    for L in lengths:
-        full = full_cache(cfg, L, dtype, args.device)
-        t_full = decode_seconds(model, full, L, steps, args.device)
-        full_bytes = dynamic_cache_nbytes(full)
-        del full
-        handle = attach_gates(model)
-        bounded = bounded_cache(model, cfg, L, M, dtype, args.device)
-        t_b = decode_seconds(model, bounded, L, steps, args.device)
-        handle.detach()
-        rows.append({"context": L, "budget_M": M, "full_tok_s": 1 / t_full, "bounded_tok_s": 1 / t_b,
-                     "speedup": t_full / t_b, "full_kv_MB": full_bytes / 2**20,
-                     "bounded_kv_MB": bounded.nbytes() / 2**20, "kv_ratio": bounded.nbytes() / full_bytes})
-    title = (f"decode, batch 1, {type(model).__name__} on {args.device}: bounded RetentionCache (M={M}/head) vs "
-             "DynamicCache, side by side")
-    flat = len({r["bounded_kv_MB"] for r in rows}) == 1
-    return common.finish(args, "decode", rows, title, {"bounded_kv_bytes_constant": flat})
+    gated = None
+    if {"eager", "compiled"} & set(args.methods):   # a gated copy: every cell of a row is measured back to back
+        gated = copy.deepcopy(model)
+        attach_gates(gated)
+    rows_of = {L: {"1": dict.fromkeys(METHODS, 1), "max": max_rows(cfg, dtype, L, args)} for L in lengths}
+    res: dict = {}
+    todo = [(L, setting, m) for L in lengths for setting in ("1", "max") for m in args.methods]
+    for i, (L, setting, m) in enumerate(todo, 1):     # a cell compiles for minutes on a CPU: say what runs
+        net = gated if m in ("eager", "compiled") else model
+        B = rows_of[L][setting][m]
+        t0 = time.perf_counter()
+        res[L, setting, m] = r = measure(m, net, cfg, L, B, args, dtype)
+        tok = "-" if r["tok_s"] is None else f"{r['tok_s']:.1f} tok/s"
+        print(f"[{i}/{len(todo)}] context {L}, {B} rows, {m}: {tok} ({time.perf_counter() - t0:.0f} s with warm-up)",
+              file=sys.stderr, flush=True)
+    rows = table_rows(res, lengths, rows_of, args.methods)
+    title = (f"decode, {type(model).__name__} on {args.device}, bounded M={args.budget}/head, max batch under "
+             f"{args.kv_limit_mb:g} MB of KV (<= {args.max_batch} rows); compile: {args.backend}, mode {args.mode}")
+    bounded_mb = {r["bounded_kv_MB"] for r in rows if r["batch"] == "1" and r["bounded_kv_MB"] is not None}
+    extra = {"bounded_kv_bytes_constant": len(bounded_mb) <= 1,
+             "compiled_recompiles_after_warmup": sum(v["recompiles"] for k, v in res.items() if k[2] == "compiled")}
+    return common.finish(args, "decode", rows, title, extra)
 
 
 if __name__ == "__main__":

@@ -100,9 +100,10 @@ def _bench_summary(name: str, res: dict) -> str:
         r = rows[0]
         return (f"{r['tokens']} tok {r['dtype']}: gate step {1e3 * r['gate_step_s']:.0f} ms vs frozen "
                 f"{1e3 * r['frozen_fwd_bwd_s']:.0f} ms = {r['ratio']:.2f}x (target <= 1.5x)")
-    if name == "decode":
-        return "; ".join(f"{r['context'] // 1024}k: {r['speedup']:.2f}x tok/s, KV {r['bounded_kv_MB']:.1f} vs "
-                         f"{r['full_kv_MB']:.0f} MB" for r in rows)
+    if name == "decode":   # compiled bounded tok/s over eager bounded / DynamicCache / StaticCache compiled
+        x = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+        return "; ".join(f"{r['context'] // 1024}k batch {r['batch']}: {x(r['compiled_vs_eager'])} eager, "
+                         f"{x(r['compiled_vs_full'])} full, {x(r['compiled_vs_static'])} static" for r in rows)
     if name == "evict":
         return "; ".join(f"{r['backend']}: {r['fraction_pct']:.1f}% of a decode step" for r in rows)
     return json.dumps(rows)[:200]

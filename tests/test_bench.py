@@ -14,7 +14,7 @@ if ROOT not in sys.path:  # bench/ is a top-level folder beside the package, not
     sys.path.insert(0, ROOT)
 
 BENCHES = {
-    "decode": ["--steps", "2"],
+    "decode": ["--steps", "2", "--methods", "eager", "full"],   # every column: the test below
     "evict": ["--steps", "2"],
     "attention": ["--lengths", "48"],
     "train_step": [],
@@ -34,10 +34,23 @@ def test_benchmark_quick_run_prints_a_table_and_writes_json(name, tmp_path, caps
     assert data["benchmark"] == name and data["rows"] and data["env"]["device"] == "cpu"
 
 
-def test_decode_bounded_kv_bytes_do_not_grow_with_context():
+def test_decode_bounded_kv_bytes_do_not_grow_with_context_and_more_bounded_rows_fit():
     from bench import decode
 
-    result = decode.main(["--quick", "--model", "tiny", "--device", "cpu", "--steps", "1", "--lengths", "64", "256"])
-    rows = result["rows"]
-    assert rows[0]["bounded_kv_MB"] == rows[1]["bounded_kv_MB"]
-    assert rows[1]["full_kv_MB"] == pytest.approx(4 * rows[0]["full_kv_MB"], rel=0.05)
+    result = decode.main(["--quick", "--model", "tiny", "--device", "cpu", "--steps", "1", "--lengths", "64", "256",
+                          "--methods", "eager", "full"])
+    one = [r for r in result["rows"] if r["batch"] == "1"]
+    assert one[0]["bounded_kv_MB"] == one[1]["bounded_kv_MB"]
+    assert one[1]["full_kv_MB"] == pytest.approx(4 * one[0]["full_kv_MB"], rel=0.05)
+    most = [r for r in result["rows"] if r["batch"] == "max"]
+    assert most[0]["rows_eager"] == most[1]["rows_eager"] > most[0]["rows_full"] > most[1]["rows_full"] == 0
+    assert most[1]["full_tok_s"] is None and most[1]["compiled_vs_full"] is None   # nothing fits: no column
+
+
+def test_decode_quick_run_has_every_column_and_no_recompilation():
+    from bench import decode
+
+    result = decode.main(["--quick", "--model", "tiny", "--device", "cpu", "--steps", "2"])
+    for row in result["rows"]:
+        assert all(row[f"{m}_tok_s"] > 0 for m in decode.METHODS), row
+    assert result["compiled_recompiles_after_warmup"] == 0

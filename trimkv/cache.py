@@ -11,7 +11,8 @@ Decode steps (one new token) run the fused append+evict of :mod:`trimkv.eviction
 chunks) attend over [kept slots + chunk] and then keep the top-``budget`` of them, so peak memory is
 O(budget + chunk): pass ``prefill_chunk_size=...`` to ``generate`` (or use :func:`trimkv.generate`) for long prompts.
 The attention reaches a layer through one call, :meth:`BoundedLayer.attend` (see its protocol).
-``get_seq_length()`` is the logical number of tokens seen, which is what ``generate`` uses for positions.
+``get_seq_length()`` is the logical number of tokens seen, which is what ``generate`` uses for positions; the count
+lives in a tensor (``tokens_seen``) so that a compiled decode step (:mod:`trimkv.decode`) never changes Python state.
 
 Which token goes is decided by an eviction policy (:mod:`trimkv.policies`): TRIM-KV's retention score by default,
 heuristic baselines for comparison. The ``logb`` buffer holds the policy's per-slot state (log beta for TRIM-KV).
@@ -51,9 +52,9 @@ class BoundedLayer(CacheLayerMixin):
     def __init__(self, policy: EvictionPolicy | None = None):
         super().__init__()
         self.policy = policy or RetentionPolicy()
-        self.seen = 0
+        self.tokens_seen: torch.Tensor | None = None   # 0-d int64 on the cache's device, counted in place
         self._staged: dict | None = None
-        self._meta: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._meta: torch.Tensor | None = None         # positions [B, Hkv, S] of what the last insert() returned
 
     def stage(self, *, logb: torch.Tensor | None, pos: torch.Tensor, valid: torch.Tensor | None,
               gate_fn: Callable | None = None) -> None:
@@ -69,8 +70,15 @@ class BoundedLayer(CacheLayerMixin):
                 f"{type(self).__name__}.update() without staged gate output: a trimkv bounded cache works only through "
                 "trimkv's attention; attach gates first (trimkv.attach_gates / load_gates; gates.disabled() for a "
                 "heuristic policy)")
-        self.seen += key_states.shape[2]
+        if self.tokens_seen is None:
+            self.tokens_seen = torch.zeros((), dtype=torch.long, device=key_states.device)
+        self.tokens_seen.add_(key_states.shape[2])     # in place: a compiled step counts without recompiling
         return key_states, value_states
+
+    @property
+    def seen(self) -> int:
+        """Tokens seen so far (a host copy of ``tokens_seen``: one device sync)."""
+        return 0 if self.tokens_seen is None else int(self.tokens_seen)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos: torch.Tensor,
                scaling: float) -> torch.Tensor:
@@ -93,7 +101,7 @@ class BoundedLayer(CacheLayerMixin):
         self._staged = None
         pos = st.get("pos")
         if pos is None:
-            pos = torch.arange(self.seen - T, self.seen, device=k.device).expand(B, T)
+            pos = (torch.arange(T, device=k.device) + (self.tokens_seen - T)).expand(B, T)
         valid = st.get("valid")                  # None: every new token is real
         logb = st.get("logb")
         if logb is None and st.get("gate_fn") is not None:
@@ -122,7 +130,12 @@ class BoundedLayer(CacheLayerMixin):
         """Positions and validity [B, Hkv, S] of the keys the last :meth:`insert` returned."""
         if self._meta is None:
             raise RuntimeError("attention_meta() called before insert()")
-        return self._meta
+        return self._meta, self._meta >= 0
+
+    def reset(self) -> None:
+        if self.tokens_seen is not None:
+            self.tokens_seen.zero_()
+        self._staged = self._meta = None
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -164,24 +177,25 @@ class RetentionLayer(BoundedLayer):
         self.compact()  # a chunk left pending by a caller that skipped compact()
         T = key_states.shape[2]
         pos_new, state_new, valid = self._take_staged(key_states, value_states)   # [B,H,T], [B,H,T], [B,T]|None
-        self.t_now = t_now = torch.maximum(self.t_now, pos_new.amax(dim=(1, 2)))  # [B], O(B*H*T) not O(slots)
+        t_now = self.t_now.copy_(torch.maximum(self.t_now, pos_new.amax(dim=(1, 2))))  # [B], in place
         if T == 1 and (valid is None or bool(valid.all())):   # the hooks pass None: no host sync
             self._decode_step(key_states, value_states, pos_new, state_new, t_now)
-            self._meta = (self.pos, self.pos >= 0)
-            return self.keys, self.values, *self._meta
+            self._meta = self.pos
+            return self.keys, self.values, self.pos, self.pos >= 0
         k_all = torch.cat([self.keys, key_states.to(self.dtype)], dim=2)
         v_all = torch.cat([self.values, value_states.to(self.dtype)], dim=2)
         pos_all = torch.cat([self.pos, pos_new], dim=2)
         state_all = torch.cat([self.logb, state_new], dim=2)
-        self._meta = (pos_all, pos_all >= 0)
+        self._meta = pos_all
         self._pending = (k_all, v_all, pos_all, state_all, t_now)
-        return k_all, v_all, *self._meta
+        return k_all, v_all, pos_all, pos_all >= 0
 
     def _decode_step(self, k, v, pos_new, state_new, t_now) -> None:
         if self.policy.fused:
+            # eager: the fused Triton kernel on CUDA; compiled: the PyTorch reference, which inductor fuses itself
+            backend = "torch" if torch.compiler.is_compiling() else "auto"
             append_evict_(self.keys, self.values, self.pos, self.logb, k, v, pos_new, state_new, t_now,
-                          sink=self.sink, window=self.window, backend="auto",   # Triton kernel on CUDA
-                          return_victim=False)
+                          sink=self.sink, window=self.window, backend=backend, return_victim=False)
             return
         score = protect(self._scores(self.logb, self.pos, t_now, self.keys), self.pos, t_now,
                         sink=self.sink, window=self.window)
@@ -225,11 +239,11 @@ class RetentionLayer(BoundedLayer):
 
     def reset(self) -> None:
         """Forget every token: the next forward starts a new sequence of the same batch size, in the same buffers
-        (for another batch size, make a new cache)."""
+        (their addresses stay, so a compiled decode step still fits; for another batch size, make a new cache)."""
+        super().reset()
         if self.is_initialized:
             self.keys.zero_(), self.values.zero_(), self.pos.fill_(-1), self.logb.zero_(), self.t_now.fill_(-1)
-        self.seen = 0
-        self._pending = self._staged = self._meta = None
+        self._pending = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:

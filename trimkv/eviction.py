@@ -115,13 +115,16 @@ def evict_by_score_(keys, values, pos, state, k_new, v_new, pos_new, state_new, 
 def _write_slots_(keys, values, pos, state, victim, k_new, v_new, pos_new, state_new):
     """Write one newcomer per (row, head) into slot ``victim`` [B, H, 1], in place (cast to the buffers' dtypes).
 
-    keys/values [B, H, C, D], pos/state [B, H, C]; k_new/v_new [B, H, 1, D], pos_new/state_new [B, H, 1].
+    keys/values [B, H, C, D], pos/state [B, H, C] (contiguous); k_new/v_new [B, H, 1, D], pos_new/state_new
+    [B, H, 1]. An ``index_copy_`` of B*H rows into the flattened buffers: under ``torch.compile`` a ``scatter_``
+    into a graph input copies the whole buffer every step (inductor), an ``index_copy_`` writes the rows in place.
     """
-    idx = victim[..., None].expand(-1, -1, 1, keys.shape[-1])                      # [B, H, 1, D]
-    keys.scatter_(2, idx, k_new.to(keys.dtype))
-    values.scatter_(2, idx, v_new.to(values.dtype))
-    pos.scatter_(2, victim, pos_new)
-    state.scatter_(2, victim, state_new.to(state.dtype))
+    B, H, C = pos.shape
+    flat = (torch.arange(B * H, device=victim.device).view(B, H, 1) * C + victim).view(-1)   # [B*H] flat slot
+    keys.view(B * H * C, -1).index_copy_(0, flat, k_new.reshape(B * H, -1).to(keys.dtype))
+    values.view(B * H * C, -1).index_copy_(0, flat, v_new.reshape(B * H, -1).to(values.dtype))
+    pos.view(-1).index_copy_(0, flat, pos_new.reshape(-1).to(pos.dtype))
+    state.view(-1).index_copy_(0, flat, state_new.reshape(-1).to(state.dtype))
 
 
 def keep_topk_(keys, values, pos, state, k_all, v_all, pos_all, state_all, score):

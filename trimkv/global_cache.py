@@ -196,12 +196,12 @@ class GlobalLayer(BoundedLayer):
         k_all = torch.cat([k_old, key_states.to(k_old.dtype)], dim=2)
         v_all = torch.cat([v_old, value_states.to(v_old.dtype)], dim=2)
         pos_all = torch.cat([pos_old, pos_new], dim=2)
-        self._meta = (pos_all, pos_all >= 0)
+        self._meta = pos_all
         if T == 1:
             pool.insert_one(self.layer_idx, key_states, value_states, pos_new, logb_new)
         else:
             pool.merge(self.layer_idx, key_states, value_states, pos_new, logb_new)
-        return k_all, v_all, *self._meta
+        return k_all, v_all, pos_all, pos_all >= 0
 
     def kept_positions(self) -> torch.Tensor:
         return self.pool.gather(self.layer_idx)[2]
@@ -216,10 +216,6 @@ class GlobalLayer(BoundedLayer):
 
     def nbytes(self) -> int:
         return 0  # the pool is counted once by the cache
-
-    def reset(self) -> None:
-        self.seen = 0
-        self._staged = self._meta = None
 
     def reorder_cache(self, beam_idx) -> None:
         pass  # the cache reorders the shared pool once

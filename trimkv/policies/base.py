@@ -19,6 +19,7 @@ class EvictionPolicy:
     needs_attention = False   # the attention passes per-slot weights to observe()
     fused = False             # scores are (t - pos) * state: the cache may use the fused append+evict kernel
     needs_keys = False        # scores() also gets the candidates' keys [B, H, N, D] as ``keys=`` (KeyDiff)
+    compilable = True         # pure tensor code: runs inside a compiled decode step (trimkv.decode)
 
     def new_state(self, keys: torch.Tensor, values: torch.Tensor, logb: torch.Tensor | None,
                   pos: torch.Tensor) -> torch.Tensor:

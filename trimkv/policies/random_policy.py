@@ -12,6 +12,7 @@ from .base import EvictionPolicy
 
 class RandomPolicy(EvictionPolicy):
     name = "random"
+    compilable = False        # draws from a host generator: not traceable by torch.compile
 
     def __init__(self, seed: int = 0):
         self.seed = seed
