@@ -1,4 +1,4 @@
-"""A memory-bounded KV cache for ``model.generate(..., past_key_values=cache)``.
+"""A memory-bounded KV cache for ``model.generate(..., **cache_kwargs(model, cache))``.
 
 Every (batch row, KV head) of every layer keeps at most ``budget`` tokens in fixed-capacity slot buffers that are
 allocated once and reused in place:
