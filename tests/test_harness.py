@@ -10,6 +10,7 @@ import torch
 from conftest import build_tiny_model
 from trimkv.attach import attach_gates
 from trimkv.checkpoint import save_gates
+from trimkv.errors import DataError
 from trimkv.eval import harness
 from trimkv.eval.harness import markdown_table, run_eval
 
@@ -59,6 +60,25 @@ def test_writes_every_cell_and_reruns_skip_them(tokenizer, tmp_path, gates_dir, 
     assert again == recs
     with pytest.raises(AssertionError, match="recomputed"):              # a changed setting is a new cell
         run_eval(model, tokenizer, budgets=[16], policies=["h2o"], out_dir=out, **{**KW, "window": 5})
+
+
+def test_runs_into_one_folder_add_up_and_a_rerun_cell_replaces_its_record(tokenizer, tmp_path):
+    """A grid that is not a product (the baselines at one budget, the gates at three) is several runs into one
+    folder: metrics.json, predictions.jsonl and results.md hold every cell, each once."""
+    model, out = tiny(), tmp_path / "r"
+    first = run_eval(model, tokenizer, budgets=[16, 32], policies=["full", "streaming"], out_dir=out, **KW)
+    second = run_eval(model, tokenizer, budgets=[16], policies=["h2o", "streaming"], out_dir=out, **KW)
+    assert len(first) == 3 and len(second) == 2                          # each run returns its own cells
+    metrics = json.loads((out / "metrics.json").read_text())
+    cells = sorted((r["policy"], r["budget"] or 0) for r in metrics)
+    assert cells == [("full", 0), ("h2o", 16), ("streaming", 16), ("streaming", 32)]
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * len(cells)
+    table = (out / "results.md").read_text()
+    assert "| passkey | 256 | h2o |" in table and "| passkey | 256 | streaming |" in table and "M=32" in table
+    (out / "metrics.json").write_text("{not json")
+    with pytest.raises(DataError, match="cannot read the earlier results"):
+        run_eval(model, tokenizer, budgets=[16], policies=["h2o"], out_dir=out, **KW)
 
 
 def test_budget_that_evicts_nothing_matches_the_full_cache(tokenizer, tmp_path):

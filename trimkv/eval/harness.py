@@ -17,15 +17,18 @@ the model has none: the bounded cache needs trimkv's attention hooks for positio
 Outputs in ``out_dir``:
   * ``cells/<model>/<cell>.json``  - one finished cell: its settings, metrics and per-sample predictions. A rerun
     with the same (model, task, length, budget, policy, n, seed) and the same settings skips it.
-  * ``predictions.jsonl``          - one line per sample of every requested cell.
-  * ``metrics.json``               - one record per cell (mean score, seconds, KV bytes, ...).
-  * ``results.md``                 - a Markdown table: rows (task, length, policy), columns budgets.
+  * ``predictions.jsonl``          - one line per sample of every cell run into this folder.
+  * ``metrics.json``               - one record per cell run into this folder (mean score, seconds, KV bytes, ...):
+    several runs with different grids (e.g. the baselines at one budget only) add up; a cell run again replaces
+    its record, identified by (task, length, budget, policy).
+  * ``results.md``                 - a Markdown table of them: rows (task, length, policy), columns budgets.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +38,7 @@ from typing import Iterator
 import torch
 
 from trimkv.cache import BoundedCache
+from trimkv.errors import DataError
 from trimkv.eval.tasks import TASK_METRIC, TASKS, make_samples, render_prompt, score
 from trimkv.gate import GateConfig
 from trimkv.generate import generate, new_cache
@@ -304,12 +308,32 @@ def _safe(name: str) -> str:
 # ----------------------------------------------------------------------------------------- outputs
 
 
+def _cell_key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in ("task", "length", "budget", "policy"))
+
+
 def _write_outputs(out: Path, records: list[dict], predictions: list[dict]) -> None:
+    """Write this run's records and predictions, keeping those of other cells already in the folder."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(records, indent=1))
-    with open(out / "predictions.jsonl", "w") as f:
+    new = {_cell_key(r) for r in records}
+    old_records, old_predictions = [], []
+    if (out / "metrics.json").is_file():
+        try:
+            old_records = json.loads((out / "metrics.json").read_text())
+            with open(out / "predictions.jsonl") as f:
+                old_predictions = [json.loads(line) for line in f if line.strip()]
+        except (OSError, ValueError) as err:
+            raise DataError(f"{out}: cannot read the earlier results to add to them ({err}); move metrics.json "
+                            "and predictions.jsonl away (the finished cells under cells/ are reused)") from err
+    records = [r for r in old_records if _cell_key(r) not in new] + records
+    predictions = [r for r in old_predictions if _cell_key(r) not in new] + predictions
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(records, indent=1))
+    with open(out / "predictions.jsonl.tmp", "w") as f:
         for row in predictions:
             f.write(json.dumps(row) + "\n")
+    os.replace(out / "predictions.jsonl.tmp", out / "predictions.jsonl")
+    os.replace(tmp, out / "metrics.json")
     (out / "results.md").write_text(markdown_table(records))
 
 
