@@ -226,6 +226,20 @@ def test_eval_cli_takes_device_and_dtype_and_its_results_reach_the_pushed_card(t
         main(["push", str(gates), "me/g", "--results", str(tmp_path / "nothing")])
 
 
+def test_plot_kept_runs_one_prompt_of_an_eval_task(tokenizer, tmp_path, monkeypatch, capsys):
+    """`trimkv plot kept --task passkey` draws what a cache keeps of one passkey prompt (the README's figure)."""
+    from trimkv.cli import main
+
+    gates = save_gates(attach_gates(tiny(), gate_hidden=8, bias_init=3.0).detach(), tmp_path / "gates")
+    monkeypatch.setattr("trimkv.models.load_model", lambda name, **kw: (tiny(), tokenizer))
+    png = tmp_path / "kept.png"
+    assert main(["plot", "kept", "--model", "tiny", "--gates", str(gates), "--task", "passkey", "--tokens", "200",
+                 "--depth", "0.5", "--budget", "16", "--sink", "2", "--window", "4", "--out", str(png)]) == 0
+    assert is_png(png) and "passkey prompt of 200 tokens, answer ['" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--text or --task, not both"):
+        main(["plot", "kept", "--model", "tiny", "--gates", str(gates), "--task", "passkey", "--text", "x"])
+
+
 def test_demo_takes_device_and_dtype(monkeypatch):
     from trimkv import demo
     from trimkv.cli import main

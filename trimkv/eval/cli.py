@@ -101,7 +101,16 @@ def _plot(args: argparse.Namespace) -> int:
         attach_gates(model, gate_hidden=8)     # the bounded cache needs the hooks; the gates stay disabled
     from trimkv import corpus
 
-    text = args.text or corpus.prose_text("eval", 8 * args.tokens, seed=args.seed)
+    if args.task and args.text:
+        raise SystemExit("`trimkv plot`: give --text or --task, not both")
+    if args.task:                  # one prompt of an evaluation task, --tokens long, the needle at --depth
+        from trimkv.eval.tasks import make_samples, render_prompt
+
+        sample = make_samples(args.task, tok, context_length=args.tokens, n=1, seed=args.seed, depths=[args.depth])[0]
+        text = render_prompt(sample, tok)
+        print(f"{args.task} prompt of {args.tokens} tokens, answer {sample.answers} at depth {args.depth:g}")
+    else:
+        text = args.text or corpus.prose_text("eval", 8 * args.tokens, seed=args.seed)
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :args.tokens]
     if args.what == "retention":
         out = plots.plot_retention_heatmap(plots.retention_by_head(model, ids, log=not args.beta),
@@ -181,6 +190,9 @@ def add_commands(sub) -> None:
     p.add_argument("--metric", default="kl", choices=["kl", "top1", "ppl_ratio"], help="fidelity: the y axis")
     add_model_args(p)
     p.add_argument("--text", default=None, help="retention/kept: text to run (default: eval-split prose)")
+    p.add_argument("--task", default=None, help="retention/kept: run one prompt of this eval task (e.g. passkey) "
+                                                 "instead of prose")
+    p.add_argument("--depth", type=float, default=0.3, help="retention/kept with --task: where the needle sits (0-1)")
     p.add_argument("--tokens", type=int, default=512, help="retention/kept: tokens of text")
     p.add_argument("--beta", action="store_true", help="retention: mean beta instead of mean log beta")
     p.add_argument("--budget", type=int, default=64, help="kept: tokens per KV head")
