@@ -14,7 +14,7 @@ OLDEST_LOCK := constraints-oldest.txt
 COMPAT_VENV := .venv-oldest
 LATEST_VENV := .venv-latest
 
-.PHONY: venv model demo test test-compat test-latest lock gpu-check train eval clean
+.PHONY: venv model demo test test-compat test-latest lock gpu-check train eval eval-full clean
 
 venv: $(VENV)/.installed
 
@@ -73,21 +73,35 @@ gpu-check: venv model
 train: venv model
 	$(PY) -m trimkv.cli train $(or $(RECIPE),recipes/smollm2-135m-qa-m64.yaml)
 
-# The README's Results: the shipped gates vs every baseline (and the needle oracle), n = $(N) samples a cell. Finished
-# cells in results/ are reused (keyed by model, gates, task, length, budget, policy, n, seed and every setting), so
-# this computes only what is missing (from nothing: ~14 core-hours; a 2k sample takes ~20 s on one core, 4k ~45 s).
-GATES    ?= checkpoints/smollm2-135m-qa-m64
-POLICIES := trimkv,streaming,h2o,snapkv,tova,knorm,keydiff,random
-N        ?= 20
-EVAL     := $(PY) -m trimkv.cli eval --gates $(GATES) --threads 1 --n $(N)
+# The README's Results: the shipped gates vs the baselines (and the needle oracle), n = $(N) samples a cell. Finished
+# cells in results/ are reused (keyed by model, gates, task, length, budget, policy, n, seed and every setting), and
+# runs into one folder add up, so this computes only what is missing (a 2k sample takes ~20 s on one core, 4k ~45 s;
+# from nothing, `make eval` is ~10 core-hours). `make eval-full` adds the rest of the grid: every baseline at every
+# budget and length, two more tasks (~14 more core-hours).
+GATES     ?= checkpoints/smollm2-135m-qa-m64
+BASELINES := h2o,snapkv,tova,knorm,keydiff,random
+POLICIES  := trimkv,streaming,$(BASELINES)
+N         ?= 20
+EVAL      := $(PY) -m trimkv.cli eval --gates $(GATES) --threads 1 --n $(N)
 eval: venv model
+	$(EVAL) --tasks passkey --lengths 2048 --budgets 32,64,128 --policies full,oracle,trimkv,streaming --out results/passkey
+	$(EVAL) --tasks passkey --lengths 2048 --budgets 64,128 --policies $(BASELINES) --out results/passkey
+	$(EVAL) --tasks passkey --lengths 4096 --budgets 32,64,128 --policies full,oracle,trimkv --out results/passkey-4k
+	$(EVAL) --tasks multikey_needle,variable_tracking --lengths 2048 --budgets 128 --policies full,trimkv,snapkv \
+	    --out results/tasks
+	test -f results/fidelity/fidelity.json || $(EVAL) --fidelity --budgets 64,128 --n 2 --prefix 512 --continuation 96 \
+	    --policies $(POLICIES) --out results/fidelity    # not cached: delete fidelity.json to rerun (~8 min)
+	$(PY) -m trimkv.cli plot accuracy results/passkey results/passkey-4k
+	$(PY) -m trimkv.cli plot fidelity results/fidelity
+	$(PY) -m trimkv.cli plot kept --gates $(GATES) --threads 1 --task passkey --tokens 512 --depth 0.3 --budget 64 \
+	    --out results/kept_tokens_passkey.png
+
+eval-full: eval
 	$(EVAL) --tasks passkey --lengths 2048 --budgets 32,64,128 --policies full,oracle,$(POLICIES) --out results/passkey
 	$(EVAL) --tasks passkey --lengths 4096 --budgets 32,64,128 --policies full,oracle,$(POLICIES) --out results/passkey-4k
 	$(EVAL) --tasks multikey_needle,multivalue_needle,variable_tracking,frequent_words --lengths 2048 --budgets 128 \
 	    --policies full,$(POLICIES) --out results/tasks
-	$(EVAL) --fidelity --budgets 64,128 --n 2 --prefix 512 --continuation 96 --policies $(POLICIES) --out results/fidelity
 	$(PY) -m trimkv.cli plot accuracy results/passkey results/passkey-4k
-	$(PY) -m trimkv.cli plot fidelity results/fidelity
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) $(LATEST_VENV) runs .pytest_cache
