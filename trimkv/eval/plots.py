@@ -52,13 +52,15 @@ def plot_accuracy_vs_budget(records: list[dict], path) -> Path:
     if not panels:
         raise ValueError("no records to plot (run the harness first: its metrics.json)")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    palette = [f"C{i}" for i in range(10) if i != 7]          # C7 (gray) is the oracle's
+    others = sorted({r["policy"] for r in records} - {FULL, "oracle"}, key=lambda p: (p != "trimkv", p))
+    color = {p: palette[i % len(palette)] for i, p in enumerate(others)}   # one colour per policy in every panel
     for ax, (task, length) in zip(axes[0], panels):
         rows = [r for r in records if r["task"] == task and r["length"] == length]
-        palette = iter(f"C{i}" for i in range(10) if i != 7)   # C7 (gray) is the oracle's
         for policy in sorted({r["policy"] for r in rows} - {FULL}):
             pts = sorted((r["budget"], 100 * r["score"]) for r in rows if r["policy"] == policy)
             style = (dict(ls=":", color="gray", label="oracle (keeps the needle)") if policy == "oracle"
-                     else dict(color=next(palette, None)))
+                     else dict(color=color[policy]))
             if policy == "trimkv":
                 style.update(lw=2.6, zorder=5)
             ax.plot(*zip(*pts), marker="o", **{"label": policy, "lw": 1.2, **style})
@@ -71,7 +73,11 @@ def plot_accuracy_vs_budget(records: list[dict], path) -> Path:
         ax.set_ylabel("score (%)")
         ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    legend = {}                                                # every policy of every panel, once
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    axes[0][-1].legend(legend.values(), legend.keys(), fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return _save(fig, path)
 
 
