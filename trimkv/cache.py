@@ -171,9 +171,10 @@ class RetentionLayer(BoundedLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         elif key_states.shape[0] != self.keys.shape[0] or key_states.shape[1] != self.keys.shape[1]:
-            raise CacheError(f"this cache holds {self.keys.shape[0]} sequence(s) x {self.keys.shape[1]} KV heads, "
-                             f"the model now gives {key_states.shape[0]} x {key_states.shape[1]}: a RetentionCache holds "
-                             "one batch of sequences; use a new cache for another batch")
+            raise CacheError(f"this cache holds {self.keys.shape[0]} sequence(s) x {self.keys.shape[1]} KV heads (it was "
+                             f"allocated for batch {self.keys.shape[0]}, the input has {key_states.shape[0]} rows x "
+                             f"{key_states.shape[1]} KV heads): a RetentionCache holds one batch of sequences; build a "
+                             "new RetentionCache for another batch size")
         self.compact()  # a chunk left pending by a caller that skipped compact()
         T = key_states.shape[2]
         pos_new, state_new, valid = self._take_staged(key_states, value_states)   # [B,H,T], [B,H,T], [B,T]|None
@@ -286,7 +287,7 @@ class RetentionCache(BoundedCache):
                 "raise the budget or shrink the sink/window"
             )
         if lookahead and policy is not None:
-            raise ValueError(f"lookahead={lookahead} is an option of the TRIM-KV retention policy; pass either "
+            raise CacheError(f"lookahead={lookahead} is an option of the TRIM-KV retention policy; pass either "
                              f"lookahead or policy={policy!r}, not both")
         self.policy = policy or RetentionPolicy(lookahead)
         layers = [RetentionLayer(budget, sink=sink, window=window, policy=self.policy) for _ in range(num_layers)]

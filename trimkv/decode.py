@@ -151,8 +151,7 @@ class CompiledDecoder:
         """Empty the cache (in place), prefill input_ids [B, T] eagerly; returns the state of the first step (in the
         buffers of the previous call when the shapes match, so a recorded CUDA graph is replayed, not re-recorded)."""
         ids = input_ids.to(self.device)
-        _check_batch(self.cache, ids.shape[0])
-        self.cache.reset()
+        self.cache.reset()               # same buffers; another batch size is refused by the cache's own check
         logits, pos = prefill(self.model, self.cache, ids, attention_mask, chunk=self.prefill_chunk,
                               keep_last=self.keep_last)
         eos, pad = special_ids(self.model, eos_token_id, pad_token_id, self.device)
@@ -259,13 +258,6 @@ def special_ids(model, eos_token_id=None, pad_token_id=None, device="cpu") -> tu
     pad = pad if pad is not None else (eos[0] if eos else 0)
     return (torch.tensor(eos, dtype=torch.long, device=device).reshape(-1),
             torch.tensor(pad, dtype=torch.long, device=device))
-
-
-def _check_batch(cache: RetentionCache, B: int) -> None:
-    for layer in cache.layers:
-        if layer.is_initialized and layer.keys.shape[0] != B:
-            raise CacheError(f"this cache was allocated for batch {layer.keys.shape[0]}, the input has {B} rows: "
-                             "build a new RetentionCache for this batch size")
 
 
 def _steps_until_all_done(out: torch.Tensor, eos: torch.Tensor) -> int:

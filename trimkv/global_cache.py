@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from .cache import BoundedCache, BoundedLayer
+from .errors import CacheError
 from .eviction import slot_scores
 from .policies import RetentionPolicy
 
@@ -232,11 +233,11 @@ class GlobalRetentionCache(BoundedCache):
     def __init__(self, budget: int, num_layers: int, num_kv_heads: int, *, floor: int = 1, sink: int = 0,
                  window: int = 0, lookahead: int = 0):
         if min(floor, sink, window, lookahead) < 0:
-            raise ValueError(f"floor, sink, window and lookahead must be >= 0, got {floor}, {sink}, {window}, "
+            raise CacheError(f"floor, sink, window and lookahead must be >= 0, got {floor}, {sink}, {window}, "
                              f"{lookahead}")
         per_head = floor + sink + window + 1
         if budget < num_layers * num_kv_heads * per_head:
-            raise ValueError(
+            raise CacheError(
                 f"global budget={budget} is too small: every one of the {num_layers} x {num_kv_heads} (layer, KV "
                 f"head) pairs needs floor + sink + window + 1 = {per_head} slots, i.e. budget >= "
                 f"{num_layers * num_kv_heads * per_head}; raise the budget or lower floor / sink / window")
