@@ -38,6 +38,7 @@ from torch._dynamo.utils import counters
 from .cache import RetentionCache
 from .compat import cache_name
 from .errors import CacheError
+from .generate import prefill
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -152,8 +153,7 @@ class CompiledDecoder:
         buffers of the previous call when the shapes match, so a recorded CUDA graph is replayed, not re-recorded)."""
         ids = input_ids.to(self.device)
         self.cache.reset()               # same buffers; another batch size is refused by the cache's own check
-        logits, pos = prefill(self.model, self.cache, ids, attention_mask, chunk=self.prefill_chunk,
-                              keep_last=self.keep_last)
+        logits, pos = prefill(self.model, ids, self.cache, attention_mask=attention_mask, chunk=self.prefill_chunk)
         eos, pad = special_ids(self.model, eos_token_id, pad_token_id, self.device)
         state = DecodeState.start(logits, pos[:, -1:] + 1, eos, pad)
         if self._state is not None and self._state.fits(state):     # the buffers the graph was recorded on
@@ -205,27 +205,6 @@ def fast_generate(model, input_ids: torch.Tensor, cache: RetentionCache, *, atte
     decoder = CompiledDecoder(model, cache, mode=mode, backend=backend, prefill_chunk=prefill_chunk)
     return decoder.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                             **special_tokens)
-
-
-def prefill(model, cache, ids: torch.Tensor, attention_mask: torch.Tensor | None, *, chunk: int,
-            keep_last: bool = True):
-    """Eager chunked prefill of ids [B, T] -> (next-token logits [B, V], positions [B, T]).
-
-    Positions follow the attention mask like ``generate`` (the real tokens of a left-padded row count from 0); each
-    chunk sees the mask up to its end, so padding enters the cache as empty slots."""
-    B, T = ids.shape
-    if attention_mask is None:
-        pos = torch.arange(T, device=ids.device).expand(B, T)
-    else:
-        attention_mask = attention_mask.to(ids.device)
-        pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    kwargs = {cache_name(model): cache, "use_cache": True, **({"logits_to_keep": 1} if keep_last else {})}
-    for start in range(0, T, chunk):
-        end = min(T, start + chunk)
-        mask = None if attention_mask is None else attention_mask[:, :end]
-        logits = model(input_ids=ids[:, start:end], attention_mask=mask, position_ids=pos[:, start:end],
-                       **kwargs).logits
-    return logits[:, -1], pos
 
 
 def check_decodable(model, cache) -> None:

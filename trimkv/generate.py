@@ -1,6 +1,7 @@
 """Generation helpers: the same prompt with the full cache and with a memory-bounded one, with KV byte counts."""
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -34,6 +35,38 @@ def new_cache(model, budget: int | None = None, *, sink: int = 4, window: int = 
 def kv_nbytes(cache: Cache) -> int:
     """Bytes of K/V (and slot metadata) a cache holds."""
     return cache.nbytes() if isinstance(cache, BoundedCache) else dynamic_cache_nbytes(cache)
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor, cache: Cache, *, attention_mask: torch.Tensor | None = None,
+            chunk: int = 256) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Run ids [B, T] through ``model`` into ``cache``, ``chunk`` tokens per forward, continuing from what the cache
+    holds -> (next-token logits [B, V] of the last position, or None for T = 0; positions [B, T]).
+
+    Only the last position's logits are computed where the model allows it. Positions follow ``attention_mask`` like
+    ``generate`` (the real tokens of a left-padded row count from 0; only for an empty cache); each chunk sees the
+    mask up to its end, so padding enters a bounded cache as empty slots."""
+    if chunk < 1:
+        raise ValueError(f"prefill chunk must be >= 1 token, got {chunk}")
+    B, T = ids.shape
+    start = cache.get_seq_length()
+    if attention_mask is None:
+        pos = torch.arange(start, start + T, device=ids.device).expand(B, T)
+    elif start:
+        raise ValueError("prefill with an attention_mask starts from an empty cache (call cache.reset() first)")
+    else:
+        attention_mask = attention_mask.to(ids.device)
+        pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    kwargs = cache_kwargs(model, cache)
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    logits = None
+    for s in range(0, T, chunk):
+        e = min(T, s + chunk)
+        mask = None if attention_mask is None else attention_mask[:, :e]
+        logits = model(input_ids=ids[:, s:e], attention_mask=mask, position_ids=pos[:, s:e], use_cache=True,
+                       **kwargs).logits[:, -1]
+    return logits, pos
 
 
 def generate(model, tokenizer, prompt: str | torch.Tensor, *, budget: int | None = None, sink: int = 4,

@@ -28,7 +28,7 @@ import torch
 from transformers import Cache
 
 from .compat import cache_kwargs
-from .generate import kv_nbytes, new_cache
+from .generate import kv_nbytes, new_cache, prefill
 from .models import input_device
 from .policies import EvictionPolicy, RetentionPolicy, get_policy
 
@@ -57,20 +57,6 @@ def split_prompt(tokenizer, context: str, questions: list[str], *, chat: bool = 
         head, suffix = rendered.split(_SEPARATOR)
         return head, [(f"\n\n{q}" if q else "") + suffix + answer_prefix for q in questions]
     return context, [(f"\n{q}\n" if q else "") + answer_prefix for q in questions]
-
-
-@torch.no_grad()
-def prefill(model, ids: torch.Tensor, cache: Cache, *, chunk: int = 256) -> Cache:
-    """Run ``ids`` [1, T] through the model into ``cache`` in chunks of ``chunk`` tokens (only the last position's
-    logits are computed); returns the cache."""
-    if chunk < 1:
-        raise ValueError(f"prefill chunk must be >= 1 token, got {chunk}")
-    start = cache.get_seq_length()
-    for s in range(0, ids.shape[1], chunk):
-        part = ids[:, s:s + chunk]
-        pos = torch.arange(start + s, start + s + part.shape[1], device=part.device)[None]
-        model(part, position_ids=pos, logits_to_keep=1, use_cache=True, **cache_kwargs(model, cache))
-    return cache
 
 
 def clone_cache(cache: Cache) -> Cache:
@@ -103,13 +89,14 @@ def answer(model, tokenizer, context: str, questions: str | list[str] | None = N
     t0 = time.perf_counter()
     with (contextlib.nullcontext() if gates_on or handle is None else handle.disabled()):
         # all but the context's last token: each question starts with it, so generate always has a token to feed
-        cache = prefill(model, ctx[:, :-1], new_cache(model, budget, sink=sink, window=window, policy=rule),
-                        chunk=prefill_chunk)
+        cache = new_cache(model, budget, sink=sink, window=window, policy=rule)
+        prefill(model, ctx[:, :-1], cache, chunk=prefill_chunk)
         out = Answers([], int(ctx.shape[1]), [], kv_nbytes(cache))
         for text in question_texts:
             q = encode(text)
             ids = torch.cat([ctx, q], dim=1)
-            own = prefill(model, ids[:, cache.get_seq_length():-1], clone_cache(cache), chunk=prefill_chunk)
+            own = clone_cache(cache)
+            prefill(model, ids[:, cache.get_seq_length():-1], own, chunk=prefill_chunk)
             with torch.no_grad():   # generate() feeds the prompt's last token only: a plain decode on every release
                 gen = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, own),
                                      max_new_tokens=max_new_tokens, pad_token_id=pad, **gen_kwargs)
