@@ -25,7 +25,7 @@ from transformers import DynamicCache, StaticCache
 from trimkv.attach import attach_gates
 from trimkv.cache import RetentionCache, dynamic_cache_nbytes
 from trimkv.compat import cache_name
-from trimkv.decode import CompiledDecoder, DecodeState, compiled_step, decode_step, graphs_compiled, mark_static
+from trimkv.decode import CompiledDecoder, DecodeState, compiled_step, decode_step, graphs_compiled
 
 try:
     from . import common
@@ -126,8 +126,7 @@ def measure(method: str, model, cfg, L: int, B: int, args, dtype) -> dict:
     state, arg = start_state(model, L, B, dev), cache_name(model)
     if method == "compiled":
         decoder = CompiledDecoder(model, cache, mode=args.mode, backend=args.backend)
-        mark_static(cache)
-        state.mark_static()
+        state = decoder.adopt(state)
         step = lambda: decoder.step(state)  # noqa: E731
     elif method == "static":                             # StaticCache marks its own buffers static
         compiled = compiled_step(args.mode, args.backend)

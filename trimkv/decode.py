@@ -155,8 +155,13 @@ class CompiledDecoder:
         self.cache.reset()               # same buffers; another batch size is refused by the cache's own check
         logits, pos = prefill(self.model, ids, self.cache, attention_mask=attention_mask, chunk=self.prefill_chunk)
         eos, pad = special_ids(self.model, eos_token_id, pad_token_id, self.device)
-        state = DecodeState.start(logits, pos[:, -1:] + 1, eos, pad)
-        if self._state is not None and self._state.fits(state):     # the buffers the graph was recorded on
+        return self.adopt(DecodeState.start(logits, pos[:, -1:] + 1, eos, pad))
+
+    def adopt(self, state: DecodeState) -> DecodeState:
+        """The state the compiled steps will run on: ``state``'s values in the buffers of the previous call when the
+        shapes match (a recorded CUDA graph is replayed, not re-recorded), else ``state`` itself, with it and the
+        cache's buffers marked as fixed addresses."""
+        if self._state is not None and self._state.fits(state):
             return self._state.copy_(state)
         mark_static(self.cache)
         state.mark_static()
