@@ -1,8 +1,8 @@
 """Decode throughput at fixed memory: compiled bounded vs eager bounded vs DynamicCache vs StaticCache compiled.
 
-Four ways to decode, side by side in one run, each timing the same greedy step (``trimkv.decode.decode_step``):
+Four ways to decode, side by side in one run, each timing the same greedy step (``trimkv.serve.decode.decode_step``):
   * eager:    gates attached, a RetentionCache of M tokens per KV head, the eager step;
-  * compiled: the same cache and step under torch.compile (``trimkv.decode.CompiledDecoder``; CUDA graphs on GPU);
+  * compiled: the same cache and step under torch.compile (``trimkv.serve.CompiledDecoder``; CUDA graphs on GPU);
   * full:     the plain model (original attention, no gates; a copy of the gated one) with transformers' DynamicCache
               holding the context;
   * static:   the plain model with transformers' StaticCache, compiled the same way (the strongest plain baseline).
@@ -22,10 +22,10 @@ import time
 import torch
 from transformers import DynamicCache, StaticCache
 
-from trimkv.attach import attach_gates
-from trimkv.cache import RetentionCache, dynamic_cache_nbytes
+from trimkv.attach import LayerInputs, attach_gates
 from trimkv.compat import cache_name
-from trimkv.decode import CompiledDecoder, DecodeState, compiled_step, decode_step, graphs_compiled
+from trimkv.serve import RetentionCache, kv_nbytes, make_cache
+from trimkv.serve.decode import CompiledDecoder, DecodeState, compiled_step, decode_step, graphs_compiled
 
 try:
     from . import common
@@ -71,14 +71,14 @@ def bounded_cache(model, cfg, L: int, M: int, dtype, device, *, sink=4, window=1
     """A RetentionCache as after L tokens: M kept tokens per head (the first ``sink``, the last ``window``,
     the rest at random positions), filled through the layer interface (one chunk, then compaction)."""
     n, hkv, d = kv_shape(cfg)
-    cache = RetentionCache.for_model(model, M, sink=sink, window=window)
+    cache = make_cache(model, "trimkv", M, sink=sink, window=window)
     m = min(M, L)
     middle = torch.randperm(L - sink - window)[: m - sink - window] + sink
     pos = torch.cat([torch.arange(sink), middle.sort().values, torch.arange(L - window, L)])[None].to(device)
     pos = pos.expand(batch, m)
     for layer in cache.layers:
-        layer.stage(logb=-0.01 * torch.rand(batch, hkv, m, device=device), pos=pos,
-                    valid=torch.ones(batch, m, dtype=torch.bool, device=device))
+        layer.stage(LayerInputs(pos=pos, valid=torch.ones(batch, m, dtype=torch.bool, device=device),
+                                logb=-0.01 * torch.rand(batch, hkv, m, device=device)))
         k = torch.randn(batch, hkv, m, d, dtype=dtype, device=device)
         layer.update(k, k)
         layer.insert(k, torch.randn_like(k))
@@ -122,7 +122,7 @@ def measure(method: str, model, cfg, L: int, B: int, args, dtype) -> dict:
         nbytes = cache.nbytes()
     else:
         cache = full_cache(cfg, L, dtype, dev, B) if method == "full" else static_cache(cfg, L, room, dtype, dev, B)
-        nbytes = dynamic_cache_nbytes(cache)
+        nbytes = kv_nbytes(cache)
     state, arg = start_state(model, L, B, dev), cache_name(model)
     if method == "compiled":
         decoder = CompiledDecoder(model, cache, mode=args.mode, backend=args.backend)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from trimkv.attach import attach_gates
-from trimkv.eviction import append_evict_
+from trimkv.serve.policies.retention import append_evict_
 
 try:
     from . import common

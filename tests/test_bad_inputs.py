@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from _tinyrun import make_data, make_model_dir, recipe_dict
 from conftest import build_tiny_model
-from trimkv import RetentionCache, attach_gates, generate
+from trimkv import RetentionCache, attach_gates, generate, make_cache
 from trimkv.checkpoint import load_gate_checkpoint, push_to_hub, save_gates
 from trimkv.data import DataConfig, build_dataset
 from trimkv.errors import (CacheError, CorruptCheckpointError, DataError, GateCheckpointError, ModelLoadError,
@@ -230,7 +230,7 @@ def gated_model(tokenizer):
 
 def test_a_used_cache_is_refused_by_generate_until_reset(gated_model, tokenizer):
     model, _ = gated_model
-    cache = RetentionCache.for_model(model, 16, sink=2, window=4)
+    cache = make_cache(model, "trimkv", 16, sink=2, window=4)
     first = generate(model, tokenizer, "the quick brown fox jumps over the lazy dog", cache=cache, max_new_tokens=4)
     with pytest.raises(CacheError, match="already holds .* tokens of an earlier sequence"):
         generate(model, tokenizer, "a different prompt entirely", cache=cache, max_new_tokens=4)
@@ -241,7 +241,7 @@ def test_a_used_cache_is_refused_by_generate_until_reset(gated_model, tokenizer)
 
 def test_a_cache_used_for_another_batch_size_is_named(gated_model):
     model, _ = gated_model
-    cache = RetentionCache.for_model(model, 16, sink=2, window=4)
+    cache = make_cache(model, "trimkv", 16, sink=2, window=4)
     from trimkv.compat import cache_kwargs
 
     with torch.no_grad():
@@ -252,10 +252,10 @@ def test_a_cache_used_for_another_batch_size_is_named(gated_model):
 
 def test_a_bounded_cache_without_trimkv_hooks_is_named():
     model = build_tiny_model()
-    cache = RetentionCache.for_model(model, 16)
+    cache = RetentionCache(16, 2)                                         # built without the model: no hooks
     from trimkv.compat import cache_kwargs
 
-    with pytest.raises(CacheError, match="attach gates first"):
+    with pytest.raises(CacheError, match="without trimkv's hooks"):
         model(torch.randint(3, 50, (1, 8)), **cache_kwargs(model, cache), use_cache=True)
 
 

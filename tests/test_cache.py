@@ -8,9 +8,11 @@ from transformers import DynamicCache
 
 from conftest import build_tiny_model
 from trimkv.attach import attach_gates
-from trimkv.cache import RetentionCache
 from trimkv.compat import cache_kwargs
-from trimkv.eviction import lookahead_score, retention_score
+from trimkv.errors import CacheError
+from trimkv.serve import RetentionCache, SoftRetentionCache, make_cache
+from trimkv.serve.policies import RetentionPolicy
+from trimkv.serve.policies.retention import lookahead_score, retention_score
 
 GEN = torch.Generator().manual_seed(1)
 PROMPT = torch.randint(3, 128, (1, 40), generator=GEN)
@@ -57,8 +59,8 @@ def kept_sets(cache) -> list[list[list[set[int]]]]:
 @pytest.mark.parametrize("family,gate_type", [("llama", "rg"), ("qwen3", "rg"), ("llama", "rg2")])
 def test_big_budget_generates_like_the_full_cache(family, gate_type, chunk):
     model, _ = gated_model(family, gate_type=gate_type)
-    ref = generate(model, PROMPT, DynamicCache(config=model.config))
-    cache = RetentionCache.for_model(model, budget=64)
+    ref = generate(model, PROMPT, SoftRetentionCache(2))                # the full cache of the gated model
+    cache = make_cache(model, "trimkv", 64, sink=0, window=0)
     sizes = []
     layer0 = cache.layers[0]
     update = layer0.update
@@ -74,9 +76,9 @@ def test_big_budget_generates_like_the_full_cache(family, gate_type, chunk):
 
 @pytest.mark.parametrize("gate_type", ["rg", "rg2", "rg2-all", "rg3"])
 def test_full_cache_with_soft_gates_matches_recomputing(gate_type):
-    """generate() with a DynamicCache and strongly decaying gates = the gated model run on the whole sequence."""
+    """generate() with a SoftRetentionCache and strongly decaying gates = the gated model run on the whole sequence."""
     model, handle = gated_model(gate_type=gate_type, bias_init=1.0)
-    out = generate(model, PROMPT[:, :20], DynamicCache(config=model.config), n=4)
+    out = generate(model, PROMPT[:, :20], SoftRetentionCache(2), n=4)
     with torch.no_grad():
         for step, step_logits in enumerate(out.logits):
             full = model(input_ids=out.sequences[:, : 20 + step], use_cache=False).logits[:, -1]
@@ -87,15 +89,15 @@ def test_full_cache_with_soft_gates_matches_recomputing(gate_type):
 
 
 def test_full_cache_log_beta_history_follows_a_beam_reorder():
-    """Beam search reorders a DynamicCache between steps; the gates' log-beta history must move with its rows."""
+    """Beam search reorders a soft-gated cache between steps; the gates' log-beta history must move with its rows."""
     model, _ = gated_model(bias_init=1.0)
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(5))
     nxt = torch.randint(3, 128, (2, 1), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        plain = DynamicCache(config=model.config)
+        plain = SoftRetentionCache(2)
         model(input_ids=ids, **cache_kwargs(model, plain), use_cache=True)
         want = model(input_ids=nxt[[1, 1]], **cache_kwargs(model, plain), use_cache=True).logits   # no reorder: row 1
-        beams = DynamicCache(config=model.config)
+        beams = SoftRetentionCache(2)
         model(input_ids=ids, **cache_kwargs(model, beams), use_cache=True)
         beams.reorder_cache(torch.tensor([1, 1]))          # both beams continue row 1, as generate() would
         got = model(input_ids=nxt[[1, 1]], **cache_kwargs(model, beams), use_cache=True).logits
@@ -105,12 +107,15 @@ def test_full_cache_log_beta_history_follows_a_beam_reorder():
 
 def test_full_cache_filled_without_gates_is_refused():
     model, handle = gated_model(bias_init=1.0)
-    cache = DynamicCache(config=model.config)
+    plain = DynamicCache(config=model.config)          # the frozen model's full cache, continued with the gates on
     with torch.no_grad():
         with handle.disabled():
-            model(input_ids=PROMPT[:, :10], **cache_kwargs(model, cache), use_cache=True)
-        with pytest.raises(RuntimeError, match="log retention is unknown"):
-            model(input_ids=PROMPT[:, 10:11], **cache_kwargs(model, cache), use_cache=True)
+            model(input_ids=PROMPT[:, :10], **cache_kwargs(model, plain), use_cache=True)
+        with pytest.raises(CacheError, match="log retention"):
+            model(input_ids=PROMPT[:, 10:11], **cache_kwargs(model, plain), use_cache=True)
+        soft = SoftRetentionCache(2)                    # the soft-gated cache needs the gates from its first token on
+        with handle.disabled(), pytest.raises(CacheError, match="gated model"):
+            model(input_ids=PROMPT[:, :10], **cache_kwargs(model, soft), use_cache=True)
 
 
 # ------------------------------------------------------------------------------------ prefill top-M
@@ -138,7 +143,7 @@ def test_prefill_keeps_exactly_the_top_m_by_score(sink, window, lookahead):
     model, handle = gated_model(bias_init=1.0, init_std=0.5)       # log beta spread out: no ties
     ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(2))
     budget = 9
-    cache = RetentionCache.for_model(model, budget, sink=sink, window=window, lookahead=lookahead)
+    cache = make_cache(model, RetentionPolicy(lookahead), budget, sink=sink, window=window)
     log = GateLog(handle)
     with torch.no_grad():
         model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
@@ -162,7 +167,7 @@ def test_decode_matches_greedy_eviction_and_never_reallocates(lookahead):
     model, handle = gated_model(bias_init=1.0, init_std=0.5)
     ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(3))
     budget, B, H = 6, 2, 2
-    cache = RetentionCache.for_model(model, budget, lookahead=lookahead)
+    cache = make_cache(model, RetentionPolicy(lookahead), budget, sink=0, window=0)
     log = GateLog(handle)
     sim = [[[{} for _ in range(H)] for _ in range(B)] for _ in cache.layers]   # pos -> logb
     ptrs = None
@@ -183,7 +188,7 @@ def test_decode_matches_greedy_eviction_and_never_reallocates(lookahead):
             for layer in cache.layers:
                 assert int(layer.num_kept().max()) <= budget
                 assert layer.keys.shape[2] == budget
-            now = [(l.keys.data_ptr(), l.values.data_ptr(), l.pos.data_ptr(), l.logb.data_ptr()) for l in cache.layers]
+            now = [(l.keys.data_ptr(), l.values.data_ptr(), l.pos.data_ptr(), l.state.data_ptr()) for l in cache.layers]
             assert ptrs is None or now == ptrs, f"buffers re-allocated at step {t}"
             ptrs = now
     log.remove()
@@ -194,10 +199,10 @@ def test_decode_matches_greedy_eviction_and_never_reallocates(lookahead):
 # -------------------------------------------------------------------------------------------- batch
 
 
-def make_cache(model, budget):
+def cache_for(model, budget):
     if budget is None:                                               # the full cache, soft-gated attention
-        return DynamicCache(config=model.config)
-    return RetentionCache.for_model(model, budget, sink=1, window=2)
+        return SoftRetentionCache(2)
+    return make_cache(model, "trimkv", budget, sink=1, window=2)
 
 
 @pytest.mark.parametrize("budget", [8, 64, None])
@@ -210,9 +215,9 @@ def test_left_padded_batch_equals_single_runs(budget):
     mask = torch.zeros(3, T, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, T - len(p):], mask[i, T - len(p):] = p, 1
-    batch = generate(model, ids, make_cache(model, budget), mask=mask)
+    batch = generate(model, ids, cache_for(model, budget), mask=mask)
     for i, p in enumerate(prompts):
-        single = generate(model, p[None], make_cache(model, budget))
+        single = generate(model, p[None], cache_for(model, budget))
         assert torch.equal(batch.sequences[i, T:], single.sequences[0, len(p):]), f"row {i}"
 
 
@@ -221,7 +226,7 @@ def test_left_padded_batch_equals_single_runs(budget):
 
 def test_seq_length_is_logical_and_memory_is_constant():
     model, _ = gated_model()
-    cache = RetentionCache.for_model(model, budget=8)
+    cache = make_cache(model, "trimkv", 8, sink=0, window=0)
     assert cache.get_seq_length() == 0 and cache.nbytes() == 0
     with torch.no_grad():
         model(input_ids=PROMPT[:, :20], **cache_kwargs(model, cache), use_cache=True)
@@ -251,5 +256,5 @@ def test_each_layer_allocates_on_its_key_states_device():
     k = torch.zeros(1, 2, 3, 16, device="meta")
     cache.layers[1].lazy_initialization(k, k)
     layer = cache.layers[1]
-    assert {t.device.type for t in (layer.keys, layer.values, layer.pos, layer.logb, layer.t_now)} == {"meta"}
+    assert {t.device.type for t in (layer.keys, layer.values, layer.pos, layer.state, layer.t_now)} == {"meta"}
     assert not cache.layers[0].is_initialized

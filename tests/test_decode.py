@@ -1,4 +1,4 @@
-"""The compiled decode step (trimkv.decode): token-identical to eager greedy decoding with the same bounded cache
+"""The compiled decode step (trimkv.serve.decode): token-identical to eager greedy decoding with the same bounded cache
 (several budgets, sink / window, a fused and a non-fused policy), one graph for every step (no recompilation after
 warm-up), left-padded batches equal to single-row runs, eos handled like generate, what cannot compile refused."""
 from __future__ import annotations
@@ -9,12 +9,10 @@ from transformers import DynamicCache
 
 from conftest import DEVICE, build_tiny_model, requires_cuda
 from trimkv.attach import attach_gates
-from trimkv.cache import RetentionCache
 from trimkv.compat import cache_kwargs
-from trimkv.decode import CompiledDecoder, fast_generate, graphs_compiled
 from trimkv.errors import CacheError
-from trimkv.global_cache import GlobalRetentionCache
-from trimkv.policies import get_policy
+from trimkv.serve import CompiledDecoder, fast_generate, make_cache
+from trimkv.serve.decode import graphs_compiled
 
 pytestmark = [pytest.mark.usefixtures("one_thread", "fresh_dynamo"), pytest.mark.slow]
 
@@ -52,15 +50,15 @@ def kept_sets(cache):
     ("trimkv", 8, 0, 0),
     ("trimkv", 12, 2, 3),
     ("h2o", 12, 2, 3),          # not fused: needs the attention weights, scores by the generic argmin
+    ("random", 12, 2, 3),       # its draws are a hash of the token, computed in the graph
 ])
 def test_compiled_decode_is_token_identical_to_eager(policy, budget, sink, window):
     model, handle = gated_model()
-    new = lambda: RetentionCache.for_model(model, budget, sink=sink, window=window, policy=get_policy(policy))  # noqa
-    with handle.disabled() if policy != "trimkv" else torch.no_grad():
-        ref_cache, cache = new(), new()
-        ref = eager_generate(model, PROMPT, ref_cache, n=40)
-        decoder = CompiledDecoder(model, cache, prefill_chunk=16)
-        out = decoder.generate(PROMPT, max_new_tokens=40)
+    new = lambda: make_cache(model, policy, budget, sink=sink, window=window)  # noqa: E731
+    ref_cache, cache = new(), new()
+    ref = eager_generate(model, PROMPT, ref_cache, n=40)
+    decoder = CompiledDecoder(model, cache, prefill_chunk=16)
+    out = decoder.generate(PROMPT, max_new_tokens=40)
     assert torch.equal(out, ref)
     assert len(set(out[0, 40:].tolist())) > 3                     # a real continuation, not one repeated token
     assert kept_sets(cache) == kept_sets(ref_cache)                # the same tokens were evicted
@@ -70,7 +68,7 @@ def test_compiled_decode_is_token_identical_to_eager(policy, budget, sink, windo
 
 def test_one_graph_serves_every_step_as_the_context_grows():
     model, _ = gated_model()
-    cache = RetentionCache.for_model(model, 8, sink=0, window=0)   # the shapes of the first case above
+    cache = make_cache(model, "trimkv", 8, sink=0, window=0)   # the shapes of the first case above
     decoder = CompiledDecoder(model, cache, prefill_chunk=16)
     decoder.generate(PROMPT, max_new_tokens=4)                     # warm-up: compiles once
     buffers = [layer.keys.data_ptr() for layer in cache.layers] + [decoder._state.ids.data_ptr()]
@@ -99,7 +97,7 @@ def test_left_padded_batch_equals_single_rows_and_eager():
     single run)."""
     model, _ = gated_model()
     prompts, ids, mask = left_padded((12, 20, 27))
-    new = lambda: RetentionCache.for_model(model, 8, sink=0, window=0)  # noqa: E731
+    new = lambda: make_cache(model, "trimkv", 8, sink=0, window=0)  # noqa: E731
     out = fast_generate(model, ids, new(), attention_mask=mask, max_new_tokens=24, prefill_chunk=32)
     assert torch.equal(out, eager_generate(model, ids, new(), n=24, mask=mask, chunk=32))
     for i, p in enumerate(prompts):
@@ -110,7 +108,7 @@ def test_left_padded_batch_equals_single_rows_and_eager():
 def test_end_of_sequence_stops_and_pads_like_generate():
     model, _ = gated_model()
     _, ids, mask = left_padded((12, 20, 27), seed=7)
-    new = lambda: RetentionCache.for_model(model, 8, sink=0, window=0)  # noqa: E731
+    new = lambda: make_cache(model, "trimkv", 8, sink=0, window=0)  # noqa: E731
     free = fast_generate(model, ids, new(), attention_mask=mask, max_new_tokens=24, prefill_chunk=32)
     eos = int(free[0, ids.shape[1] + 3])                           # row 0 ends at its 4th token
     model.generation_config.eos_token_id = eos
@@ -122,20 +120,18 @@ def test_end_of_sequence_stops_and_pads_like_generate():
 
 def test_what_cannot_compile_is_refused_with_the_reason():
     model, handle = gated_model()
-    with pytest.raises(CacheError, match="cannot run in a compiled step"):
-        CompiledDecoder(model, RetentionCache.for_model(model, 8, policy=get_policy("random")))
     with pytest.raises(CacheError, match="data-dependent"):
-        CompiledDecoder(model, GlobalRetentionCache.for_model(model, 64))
+        CompiledDecoder(model, make_cache(model, "trimkv", 16, scope="global", sink=0, window=0))
     with pytest.raises(CacheError, match="RetentionCache"):
         CompiledDecoder(model, DynamicCache(config=model.config))
-    cache = RetentionCache.for_model(model, 8)
+    cache = make_cache(model, "trimkv", 8, sink=0, window=0)
     decoder = CompiledDecoder(model, cache, backend="eager")
     decoder.generate(PROMPT, max_new_tokens=2)
     with pytest.raises(CacheError, match="batch 1, the input has 2 rows"):
         decoder.generate(PROMPT.expand(2, -1), max_new_tokens=2)
-    handle.detach()
-    with pytest.raises(CacheError, match="attach gates first"):
-        CompiledDecoder(model, RetentionCache.for_model(model, 8))
+    handle.detach()                                                # a heuristic needs no gates: the hooks come back
+    decoder = CompiledDecoder(model, make_cache(model, "streaming", 8, sink=0, window=0), backend="eager")
+    assert decoder.generate(PROMPT, max_new_tokens=2).shape == (1, 42)
 
 
 @requires_cuda
@@ -143,8 +139,8 @@ def test_cuda_graphs_decode_is_token_identical_and_never_recompiles():
     """On a GPU: mode "reduce-overhead" (CUDA graphs), every tensor on the device."""
     model, _ = gated_model(device=DEVICE)
     ids = PROMPT.to(DEVICE)
-    ref = eager_generate(model, ids, RetentionCache.for_model(model, 12, sink=2, window=3), n=40)
-    decoder = CompiledDecoder(model, RetentionCache.for_model(model, 12, sink=2, window=3), prefill_chunk=16)
+    ref = eager_generate(model, ids, make_cache(model, "trimkv", 12, sink=2, window=3), n=40)
+    decoder = CompiledDecoder(model, make_cache(model, "trimkv", 12, sink=2, window=3), prefill_chunk=16)
     assert torch.equal(decoder.generate(ids, max_new_tokens=40), ref)
     assert decoder.last.recompiles == 0
     state = decoder._state

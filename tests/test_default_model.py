@@ -5,9 +5,8 @@ Skipped when the GGUF is not on disk (e.g. a bare `pytest` without `make model`)
 import pytest
 import torch
 
-from trimkv import RetentionCache, attach_gates
+from trimkv import attach_gates, generate
 from trimkv.eval.tasks import make_samples, render_prompt, score
-from trimkv.generate import generate
 from trimkv.models import GGUF_NAME, default_model_dir
 
 pytestmark = pytest.mark.skipif(not (default_model_dir() / GGUF_NAME).is_file(),
@@ -41,8 +40,7 @@ def test_bounded_cache_with_room_matches_full_cache(smollm):
                                      tokenize=False, add_generation_prompt=True)
     handle = attach_gates(model)
     try:
-        with handle.disabled():
-            full = generate(model, tok, prompt, budget=None, max_new_tokens=16)
+        full = generate(model, tok, prompt, budget=None, max_new_tokens=16)   # the frozen model's full cache
         bounded = generate(model, tok, prompt, budget=256, sink=0, window=0, prefill_chunk=16, max_new_tokens=16)
     finally:
         handle.detach()
@@ -56,8 +54,7 @@ def test_passkey_full_cache_and_constant_bounded_memory(smollm):
     prompt = render_prompt(sample, tok)
     handle = attach_gates(model)
     try:
-        with handle.disabled():
-            full = generate(model, tok, prompt, budget=None, max_new_tokens=12)
+        full = generate(model, tok, prompt, budget=None, max_new_tokens=12)
         small = generate(model, tok, prompt, budget=64, sink=4, window=16, max_new_tokens=12)
     finally:
         handle.detach()

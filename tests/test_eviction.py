@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from trimkv.eviction import lookahead_score, retention_score, slot_scores
+from trimkv.serve.eviction import protect
+from trimkv.serve.policies.retention import lookahead_score, retention_score
 
 
 def _direct(t: int, p: int, lb: float, n: int) -> float:
@@ -64,7 +65,7 @@ def test_slot_scores_protect_the_lookahead_score_like_the_plain_one():
     pos = torch.tensor([[[0, 1, 5, 8, -1]]], device=DEVICE)          # [B, H, N]; -1 = empty
     lb = torch.full((1, 1, 5), -0.2, device=DEVICE)
     t = torch.tensor([9], device=DEVICE)
-    s = slot_scores(pos, lb, t, sink=1, window=2, lookahead=4)[0, 0].cpu()
+    s = protect(lookahead_score(pos, lb, t, 4), pos, t, sink=1, window=2)[0, 0].cpu()
     assert s[0] == math.inf and s[3] == math.inf and s[4] == -math.inf
     assert s[1].item() == pytest.approx(_direct(9, 1, -0.2, 4), rel=1e-5)
     with pytest.raises(ValueError, match="lookahead"):

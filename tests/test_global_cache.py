@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from conftest import build_tiny_model
-from trimkv.attach import attach_gates
-from trimkv.global_cache import GlobalRetentionCache
+from trimkv.attach import LayerInputs, attach_gates
 from trimkv.compat import cache_kwargs
+from trimkv.serve import GlobalRetentionCache, SoftRetentionCache, make_cache
+from trimkv.serve.policies import RetentionPolicy, get_policy
 
 GEN = torch.Generator().manual_seed(3)
 PROMPT = torch.randint(3, 128, (2, 24), generator=GEN)          # batch of 2
@@ -37,8 +37,8 @@ def generate(model, ids, cache, mask=None, n=8):
 
 def test_big_budget_generates_like_the_full_cache():
     model, _ = gated_model(spread=False)
-    ref = generate(model, PROMPT, DynamicCache(config=model.config))
-    cache = GlobalRetentionCache.for_model(model, budget=2 * 2 * 64, floor=1)
+    ref = generate(model, PROMPT, SoftRetentionCache(2))                 # the full cache of the gated model
+    cache = make_cache(model, "trimkv", 64, scope="global", sink=0, window=0, floor=1)
     out = generate(model, PROMPT, cache)
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
@@ -50,7 +50,7 @@ def test_big_budget_generates_like_the_full_cache():
 def test_total_is_bounded_and_floors_hold(chunk):
     model, _ = gated_model()
     budget, floor = 40, 3                                    # 4 (layer, head) pairs: 10 tokens per pair on average
-    cache = GlobalRetentionCache.for_model(model, budget=budget, floor=floor, sink=1, window=2)
+    cache = make_cache(model, "trimkv-global", 10, floor=floor, sink=1, window=2)
     kept = []
     hook = model.register_forward_hook(lambda *a: kept.append(cache.num_kept()))
     kw = {} if chunk is None else {"prefill_chunk_size": chunk}
@@ -69,7 +69,7 @@ def test_total_is_bounded_and_floors_hold(chunk):
 
 def _manual_cache(budget=12, floor=1, L=2, Hkv=2, D=4, lookahead=0):
     """Drive the layers directly (no model): random keys, per-token log beta chosen by the test."""
-    cache = GlobalRetentionCache(budget, L, Hkv, floor=floor, lookahead=lookahead)
+    cache = GlobalRetentionCache(budget, L, Hkv, floor=floor, policy=RetentionPolicy(lookahead))
     return cache
 
 
@@ -77,7 +77,8 @@ def _step(cache, t, logb, B=1, D=4):
     """One decode step at position t for every layer; logb [L, B, Hkv]."""
     for l, layer in enumerate(cache.layers):
         Hkv = cache.pool.Hkv
-        layer.stage(logb=logb[l][..., None], pos=torch.full((B, 1), t), valid=torch.ones(B, 1, dtype=torch.bool))
+        layer.stage(LayerInputs(pos=torch.full((B, 1), t), valid=torch.ones(B, 1, dtype=torch.bool),
+                                logb=logb[l][..., None]))
         layer.insert(torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D))
 
 
@@ -107,7 +108,7 @@ def test_decode_evicts_the_globally_lowest_score_above_the_floor(lookahead):
                 _, key, p = min(cands)
                 del kept[key][p]
         for l, layer in enumerate(cache.layers):
-            _, _, pos = cache.pool.gather(l)
+            _, _, pos, _ = cache.pool.gather(l)
             for h in range(Hkv):
                 got = set(pos[0, h][pos[0, h] >= 0].tolist())
                 assert got == set(kept[(l, h)]), f"step {t}, layer {l}, head {h}"
@@ -123,17 +124,18 @@ def test_batch_rows_are_independent():
         logb = -torch.rand(2, 2, 2)                                # [L, B, Hkv]
         k = torch.randn(2, 2, 2, 1, 4)
         for l, layer in enumerate(cache.layers):
-            layer.stage(logb=logb[l][..., None], pos=torch.full((2, 1), t), valid=torch.ones(2, 1, dtype=torch.bool))
+            layer.stage(LayerInputs(pos=torch.full((2, 1), t), valid=torch.ones(2, 1, dtype=torch.bool),
+                                    logb=logb[l][..., None]))
             layer.insert(k[l], k[l])
             for b in range(2):
                 s = solo[b].layers[l]
-                s.stage(logb=logb[l][b:b + 1, :, None], pos=torch.full((1, 1), t),
-                        valid=torch.ones(1, 1, dtype=torch.bool))
+                s.stage(LayerInputs(pos=torch.full((1, 1), t), valid=torch.ones(1, 1, dtype=torch.bool),
+                                    logb=logb[l][b:b + 1, :, None]))
                 s.insert(k[l][b:b + 1], k[l][b:b + 1])
     for b in range(2):
         for l in range(2):
-            kb, _, pb = cache.pool.gather(l)
-            ks, _, ps = solo[b].pool.gather(l)
+            kb, _, pb, _ = cache.pool.gather(l)
+            ks, _, ps, _ = solo[b].pool.gather(l)
             for h in range(2):
                 a = {int(p): kb[b, h, i].tolist() for i, p in enumerate(pb[b, h]) if p >= 0}
                 c = {int(p): ks[0, h, i].tolist() for i, p in enumerate(ps[0, h]) if p >= 0}
@@ -143,11 +145,13 @@ def test_batch_rows_are_independent():
 def test_too_small_budget_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="floor \\+ sink \\+ window"):
         GlobalRetentionCache(10, 4, 2, floor=1)
+    with pytest.raises(ValueError, match="across layers and heads"):       # scores per head cannot share a pool
+        GlobalRetentionCache(64, 2, 2, policy=get_policy("keydiff"))
 
 
 def test_layers_on_another_device_than_the_pool_are_refused():
     cache = GlobalRetentionCache(32, 2, 2, floor=1)
     cache.layers[0].lazy_initialization(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16))
-    with pytest.raises(RuntimeError, match="RetentionCache"):
+    with pytest.raises(RuntimeError, match="scope='head'"):
         cache.layers[1].lazy_initialization(torch.zeros(1, 2, 3, 16, device="meta"),
                                             torch.zeros(1, 2, 3, 16, device="meta"))

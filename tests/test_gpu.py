@@ -18,7 +18,7 @@ from conftest import build_tiny_model, requires_cuda
 from test_train import fixed_batch
 from trimkv.attach import attach_gates
 from trimkv.attention import capacity_sums, resolve_impl
-from trimkv.cache import RetentionCache
+from trimkv.serve import make_cache
 from trimkv.compat import cache_kwargs
 from trimkv.recipe import LossSection
 from trimkv.train.step import prepare_batch, training_step
@@ -104,21 +104,21 @@ def test_capacity_sums_use_the_triton_kernel_and_match():
 def test_triton_eviction_inside_generate_gives_the_torch_path_tokens(budget, monkeypatch):
     """generate() on CUDA evicts with the Triton kernel; forcing the PyTorch reference eviction (same device, same
     model numerics) must give the same tokens and the same kept slots."""
-    import trimkv.cache as cache_mod
+    import trimkv.serve.policies.retention as retention
 
     ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(3)).cuda()
     model, _ = _gated("cuda", seed=1)
     runs = []
     for backend in ("auto", "torch"):
-        real = cache_mod.append_evict_
-        monkeypatch.setattr(cache_mod, "append_evict_", lambda *a, **kw: real(*a, **{**kw, "backend": backend}))
-        cache = RetentionCache.for_model(model, budget, sink=2, window=4)
+        real = retention.append_evict_
+        monkeypatch.setattr(retention, "append_evict_", lambda *a, **kw: real(*a, **{**kw, "backend": backend}))
+        cache = make_cache(model, "trimkv", budget, sink=2, window=4)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache),
                                  max_new_tokens=12, do_sample=False, prefill_chunk_size=16, pad_token_id=0)
         runs.append((out.cpu(), [layer.pos.sort(-1).values.cpu() for layer in cache.layers]))
         assert (cache.layers[0].num_kept() <= budget).all()
-        monkeypatch.setattr(cache_mod, "append_evict_", real)
+        monkeypatch.setattr(retention, "append_evict_", real)
     assert torch.equal(runs[0][0], runs[1][0])
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
 
@@ -126,7 +126,7 @@ def test_triton_eviction_inside_generate_gives_the_torch_path_tokens(budget, mon
 def test_pipeline_on_cuda_answers_like_the_cpu(tokenizer):
     """The pipeline entry on a GPU (gates on the layers' device, the bounded cache allocated there, inputs on the
     embedding's device) answers with the CPU's tokens (fp32, greedy)."""
-    from trimkv.pipeline import answer
+    from trimkv.serve import answer
 
     context = "The grass is green. The sky is blue. " * 8 + "The pass key is 71432. " + "Here we go. " * 6
     outs = {}
@@ -157,7 +157,7 @@ def test_a_model_split_over_two_gpus_answers_like_one_gpu(tokenizer):
 
 
 def _answer(model, tokenizer):
-    from trimkv.pipeline import answer
+    from trimkv.serve import answer
 
     torch.manual_seed(0)                                       # the same fresh gates for both placements
     attach_gates(model, gate_hidden=16, bias_init=3.0)

@@ -111,7 +111,7 @@ def test_global_policy_serves_rg10_gates_in_one_pool_at_the_same_memory(tokenize
                      lookahead=8, **KW)
     assert len(list((tmp_path / "r" / "cells").rglob("*trimkv-global-M16*"))) == 2 and len(ahead) == 1
     with pytest.raises(ValueError, match="lookahead"):
-        harness.make_cache(model, "h2o", 16, sink=2, window=4, lookahead=8)
+        harness.policy_cache(model, "h2o", 16, sink=2, window=4, lookahead=8)
 
 
 def test_trimkv_without_gates_explains(tokenizer, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trimkv.attention import capacity_sums_reference, retention_attention, retention_attention_reference
-from trimkv.eviction import append_evict_
+from trimkv.serve.policies.retention import append_evict_
 
 from test_attention import _capacity_case, _grads, make_case
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from conftest import build_tiny_model, tiny_config
-from trimkv import RetentionCache, load_gates
+from trimkv import load_gates, make_cache
 from trimkv.checkpoint import (CorruptCheckpointError, base_model_for, convert_checkpoint, load_gate_checkpoint,
                                load_gate_config)
 from trimkv.cli import main as cli_main
@@ -94,7 +94,7 @@ def _logits_and_generation(model, ids):
     """Gated logits (soft retention attention) and a greedy bounded-cache continuation."""
     with torch.no_grad():
         logits = model(ids).logits
-        cache = RetentionCache.for_model(model, 12, sink=2, window=4)
+        cache = make_cache(model, "trimkv", 12, sink=2, window=4)
         out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=6, do_sample=False,
                              prefill_chunk_size=8, pad_token_id=0)
     return logits, out[0, ids.shape[1]:]

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from trimkv import attach_gates, pipeline, save_gates
+from trimkv import attach_gates, make_cache, save_gates
 from trimkv.cli import main as cli_main
 from trimkv.compat import cache_kwargs
-from trimkv.pipeline import answer, split_prompt
+from trimkv.errors import CacheError
+from trimkv.serve import generation, pipeline
+from trimkv.serve.pipeline import answer, split_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,8 +59,9 @@ def test_unbounded_budget_equals_the_full_cache_and_plain_generate(gated, tokeni
 def test_context_is_prefilled_once_and_questions_do_not_see_each_other(gated, tokenizer, monkeypatch):
     calls = []
     real = pipeline.prefill
-    monkeypatch.setattr(pipeline, "prefill",
-                        lambda *a, **k: calls.append((a[2].get_seq_length(), a[1].shape[1])) or real(*a, **k))
+    spy = lambda *a, **k: calls.append((a[2].get_seq_length(), a[1].shape[1])) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(pipeline, "prefill", spy)          # the context
+    monkeypatch.setattr(generation, "prefill", spy)        # each question, continuing from a copy
     together = answer(gated, tokenizer, CONTEXT, QUESTIONS + QUESTIONS[:1], budget=24, max_new_tokens=6)
     from_scratch = [n for start, n in calls if start == 0]
     assert from_scratch == [together.context_tokens - 1] and len(calls) == 1 + 4   # the context once, then questions
@@ -75,10 +78,11 @@ def test_kv_bytes_stay_at_the_budget(gated, tokenizer):
     assert full.kv_bytes > 2 * small.kv_bytes and small.context_tokens == full.context_tokens > 50
 
 
-def test_bounded_cache_needs_the_hooks(tokenizer):
+def test_only_the_trimkv_policy_needs_gates(tokenizer):
     model = build_tiny_model("llama", vocab_size=len(tokenizer))
-    with pytest.raises(ValueError, match="attach gates first"):
-        answer(model, tokenizer, CONTEXT, "Q?", budget=16)
+    with pytest.raises(CacheError, match="no gates are attached"):
+        answer(model, tokenizer, CONTEXT, "Q?", budget=32)
+    assert len(answer(model, tokenizer, CONTEXT, "Q?", budget=32, policy="snapkv", max_new_tokens=2).answers) == 1
     assert len(answer(model, tokenizer, CONTEXT, "Q?", budget=None, max_new_tokens=2).answers) == 1
 
 
@@ -107,9 +111,7 @@ def test_cli_generate_answers_a_prompt_file(gated, tokenizer, tmp_path, monkeypa
 
 
 def test_cache_clone_is_independent(gated, tokenizer):
-    from trimkv import RetentionCache
-
-    cache = RetentionCache.for_model(gated, 16, sink=2, window=4)
+    cache = make_cache(gated, "trimkv", 16, sink=2, window=4)
     ids = tokenizer(CONTEXT, return_tensors="pt", add_special_tokens=False)["input_ids"]
     pipeline.prefill(gated, ids, cache, chunk=16)
     copy = pipeline.clone_cache(cache)

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from trimkv.attach import attach_gates
-from trimkv.cache import RetentionCache, RetentionLayer
-from trimkv.policies import POLICIES, get_policy
+from trimkv.attach import LayerInputs, attach_gates
 from trimkv.compat import cache_kwargs
+from trimkv.eval.oracle import NeedleOraclePolicy
+from trimkv.serve import RetentionLayer, make_cache
+from trimkv.serve.eviction import Candidates
+from trimkv.serve.policies import POLICIES, get_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,17 +29,17 @@ def keys_of(rows) -> torch.Tensor:
 
 def feed(layer, keys, start, weights=None):
     """Insert T tokens at positions start..start+T-1 (one row, one KV head), then run the after-attention step
-    with ``weights`` [G*T, S] (over the keys ``update`` returned) or nothing."""
+    with ``weights`` [G*T, S] (over the candidates ``insert`` returned) or nothing."""
     T = keys.shape[2]
-    layer.stage(logb=None, pos=torch.arange(start, start + T)[None], valid=torch.ones(1, T, dtype=torch.bool))
+    layer.stage(LayerInputs(pos=torch.arange(start, start + T)[None], valid=torch.ones(1, T, dtype=torch.bool)))
     layer.update(keys, keys.clone())
-    k_all, *_ = layer.insert(keys, keys.clone())        # what attend() does, with the weights chosen by the test
+    cands = layer.insert(keys, keys.clone())            # what attend() does, with the weights chosen by the test
     if weights is not None:
-        weights = weights(layer) if callable(weights) else weights
-        assert weights.shape[-1] == k_all.shape[2]
-        layer.observe(weights[None, None], q_len=T)
+        weights = weights(cands) if callable(weights) else weights
+        assert weights.shape[-1] == cands.keys.shape[2]
+        layer.policy.observe(cands.state, weights[None, None], cands.pos, T)
     layer.compact()
-    return k_all
+    return cands.keys
 
 
 def kept(layer) -> set[int]:
@@ -49,9 +51,9 @@ def ones(T):
     return keys_of([[1.0] * D] * T)
 
 
-def weights_on(layer, targets: dict[int, float], rows: int) -> torch.Tensor:
+def weights_on(cands, targets: dict[int, float], rows: int) -> torch.Tensor:
     """[rows, S] attention weights: every row puts ``targets[pos]`` on the candidate at that position."""
-    pos = layer.attention_meta()[0][0, 0]                                     # [S]
+    pos = cands.pos[0, 0]                                                     # [S]
     w = torch.zeros(rows, pos.numel())
     for p, val in targets.items():
         w[:, (pos == p).nonzero().item()] = val
@@ -79,7 +81,7 @@ def test_h2o_keeps_heavy_hitters_summed_over_queries_and_group():
     # decode: the newcomer enters, evicting the least-attended (pos 4); its attention then accumulates
     feed(layer, ones(1), 6, weights=lambda L: weights_on(L, {5: 1.0}, G))
     assert kept(layer) == {1, 5, 6}
-    state = dict(zip(layer.pos[0, 0].tolist(), layer.logb[0, 0].tolist()))
+    state = dict(zip(layer.pos[0, 0].tolist(), layer.state[0, 0].tolist()))
     assert state[5] == pytest.approx(6 * 0.5 + 2 * 1.0)
     assert state[6] == 0.0                         # newcomer: no attention received yet
 
@@ -101,7 +103,7 @@ def test_snapkv_uses_only_the_observation_window_and_pools_neighbours():
     assert {4, 5, 6, 10} < kept(layer)
     feed(layer, ones(1), T + 1, weights=lambda L: weights_on(L, {11: 1.0}, 2))
     assert {4, 5, 6, 11} < kept(layer) and 10 not in kept(layer)
-    state = dict(zip(layer.pos[0, 0].tolist(), layer.logb[0, 0].tolist()))
+    state = dict(zip(layer.pos[0, 0].tolist(), layer.state[0, 0].tolist()))
     assert [state[p] for p in (4, 5, 6)] == pytest.approx([0.6, 0.6, 0.6])
 
 
@@ -149,7 +151,7 @@ def test_keydiff_keeps_the_keys_least_like_the_mean():
     feed(layer, keys_of(rows), 0)
     assert 3 in kept(layer) and len(kept(layer)) == 2
     # scores are recomputed from the kept keys at each eviction (mean over the current candidates)
-    score = layer.policy.scores(layer.logb, layer.pos, torch.tensor([6]), keys=layer.keys)
+    score = layer.policy.scores(layer.slots)
     assert torch.isfinite(score).all()
 
 
@@ -157,7 +159,7 @@ def test_keydiff_ignores_empty_slots_in_the_anchor():
     policy = get_policy("keydiff")
     keys = keys_of([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 5.0, 0]])
     pos = torch.tensor([[[0, 1, -1]]])
-    s = policy.scores(torch.zeros(1, 1, 3), pos, torch.tensor([1]), keys=keys)
+    s = policy.scores(Candidates(keys, keys, pos, torch.zeros(1, 1, 3), torch.tensor([1])))
     assert s[0, 0, 0] == pytest.approx(s[0, 0, 1])        # the empty slot's key does not tilt the anchor
 
 
@@ -187,7 +189,7 @@ def test_every_policy_generates_within_budget(name):
     model = build_tiny_model(initializer_range=0.2)
     handle = attach_gates(model, gate_hidden=16)
     ids = torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(0))
-    cache = RetentionCache.for_model(model, 12, sink=2, window=3, policy=get_policy(name))
+    cache = make_cache(model, name, 12, sink=2, window=3)
     with handle.disabled() if name != "trimkv" else torch.no_grad(), torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), max_new_tokens=6,
                              do_sample=False, pad_token_id=0, prefill_chunk_size=16)
@@ -201,8 +203,6 @@ def test_every_policy_generates_within_budget(name):
 
 
 def test_needle_oracle_keeps_the_given_positions_then_the_most_recent():
-    from trimkv.policies.oracle import NeedleOraclePolicy
-
     layer = RetentionLayer(5, sink=1, policy=NeedleOraclePolicy([3, 4]))
     feed(layer, ones(10), 0)                       # prefill: sink 0, needle 3-4, then the most recent 8, 9
     assert kept(layer) == {0, 3, 4, 8, 9}
@@ -211,7 +211,7 @@ def test_needle_oracle_keeps_the_given_positions_then_the_most_recent():
 
 
 def test_oracle_in_the_harness_keeps_the_needle_tokens(tokenizer):
-    from trimkv.eval.harness import make_cache, needle_positions
+    from trimkv.eval.oracle import needle_positions
     from trimkv.eval.tasks import make_samples, render_prompt
 
     sample = make_samples("passkey", tokenizer, context_length=256, n=1, depths=[0.3], chat=False)[0]
@@ -220,9 +220,8 @@ def test_oracle_in_the_harness_keeps_the_needle_tokens(tokenizer):
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert sample.answers[0] in tokenizer.decode([ids[i] for i in keep])  # the positions spell the needle
     model = build_tiny_model(vocab_size=400)
-    handle = attach_gates(model, gate_hidden=8)
-    cache = make_cache(model, "oracle", len(keep) + 8, sink=2, window=4, keep_positions=keep)
-    with handle.disabled(), torch.no_grad():
+    cache = make_cache(model, NeedleOraclePolicy(keep), len(keep) + 8, sink=2, window=4)   # no gates needed
+    with torch.no_grad():
         model(torch.tensor([ids]), **cache_kwargs(model, cache), use_cache=True)
     for layer in cache.layers:
         assert set(keep) <= set(layer.pos[0, 0].tolist())
@@ -234,11 +233,11 @@ def test_oracle_in_the_harness_keeps_the_needle_tokens(tokenizer):
     heads = len(cache.layers) * cache.layers[0].pos.shape[1]
     assert needle_kept(cache, occurrences) == heads                     # every (layer, head) holds the key
     streaming = make_cache(model, "streaming", len(keep) + 8, sink=2, window=4)
-    with handle.disabled(), torch.no_grad():
+    with torch.no_grad():
         model(torch.tensor([ids]), **cache_kwargs(model, streaming), use_cache=True)
     assert needle_kept(streaming, occurrences) == 0                     # recency alone loses it at this depth
     with pytest.raises(ValueError, match="keep_positions"):
-        make_cache(model, "oracle", 16, sink=2, window=4)
+        NeedleOraclePolicy.for_prompt(seed=0)
     body = make_samples("frequent_words", tokenizer, context_length=512, n=1, chat=False)[0]
     with pytest.raises(ValueError, match="no needles"):
         needle_positions(body, render_prompt(body, tokenizer), tokenizer)

@@ -1,18 +1,14 @@
 """trimkv: train, share and serve TRIM-KV retention gates on frozen Hugging Face causal LMs.
 
 Importing trimkv has no side effects: the ``"trimkv"`` attention implementation is registered with transformers
-when gates are attached.
+when hooks are installed (``attach_gates``, ``load_gates``, ``install_hooks`` or ``make_cache``).
 """
-from .attach import GateHandle, attach_gates, detach_gates, gates_disabled
-from .cache import RetentionCache
+from .attach import GateHandle, attach_gates, detach_gates, gates_disabled, install_hooks
 from .checkpoint import convert_checkpoint, load_gate_checkpoint, load_gates, push_to_hub, save_gates
-from .decode import CompiledDecoder, fast_generate
 from .gate import GateConfig, RetentionGate, RetentionGates
-from .generate import generate
-from .global_cache import GlobalRetentionCache
 from .lora import add_lora
-from .pipeline import Answers, answer
-from .policies import EvictionPolicy, RetentionPolicy, get_policy
+from .serve import (Answers, CompiledDecoder, EvictionPolicy, GlobalRetentionCache, RetentionCache, RetentionPolicy,
+                    SoftRetentionCache, answer, fast_generate, generate, get_policy, make_cache, prefill)
 
 __version__ = "0.1.0"
 
@@ -24,8 +20,11 @@ __all__ = [
     "attach_gates",
     "detach_gates",
     "gates_disabled",
+    "install_hooks",
+    "make_cache",
     "RetentionCache",
     "GlobalRetentionCache",
+    "SoftRetentionCache",
     "EvictionPolicy",
     "RetentionPolicy",
     "get_policy",
@@ -34,6 +33,7 @@ __all__ = [
     "load_gate_checkpoint",
     "push_to_hub",
     "convert_checkpoint",
+    "prefill",
     "generate",
     "CompiledDecoder",
     "fast_generate",

@@ -244,7 +244,7 @@ def usage(config: GateConfig, source: str) -> str:
         f"{USAGE_HEADING}\n\n```python\n"
         "from trimkv import load_gates\n"
         "from trimkv.models import load_model\n"
-        "from trimkv.pipeline import answer\n\n"
+        "from trimkv.serve import answer\n\n"
         f"model, tok = {load}   # the base model; add device=\"cuda\" on a GPU\n"
         f"load_gates(model, {source!r})\n"
         'out = answer(model, tok, context="<a long document>", questions=["<a question about it>"], '

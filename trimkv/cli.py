@@ -44,25 +44,21 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .attach import attach_gates
     from .checkpoint import load_gates
     from .eval.cli import load_for_gates
-    from .pipeline import answer
+    from .serve import answer
 
     requests = read_requests(Path(args.prompts))
+    if args.budget is not None and not args.gates and args.policy in (None, "trimkv"):
+        raise SystemExit("--budget with trimkv's retention needs --gates CKPT (or pick a heuristic --policy)")
     model, tok = load_for_gates(args)
     if args.gates:
         load_gates(model, args.gates)
-    elif args.budget is not None:
-        if args.policy in (None, "trimkv"):
-            raise SystemExit("--budget with trimkv's retention needs --gates CKPT (or pick a heuristic --policy)")
-        attach_gates(model, gate_hidden=8)     # the bounded cache needs the hooks; the gates stay off
     out = open(args.out, "w") if args.out else sys.stdout
     try:
         for i, req in enumerate(requests):
             res = answer(model, tok, req["context"], req["questions"], budget=args.budget, sink=args.sink,
-                         window=args.window, policy=None if args.policy == "trimkv" else args.policy,
-                         prefill_chunk=args.prefill_chunk,
+                         window=args.window, policy=args.policy, prefill_chunk=args.prefill_chunk,
                          max_new_tokens=args.max_new_tokens, chat=args.chat)
             row = {"index": i, "questions": req["questions"], "answers": res.answers,
                    "context_tokens": res.context_tokens, "kv_bytes": res.kv_bytes, "seconds": round(res.seconds, 3)}

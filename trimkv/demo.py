@@ -48,9 +48,8 @@ def run_demo(*, retrain: bool = False, steps: int | None = None, context: int = 
              seed: int = 3, depth: float = 0.25, device: str | None = None, dtype: str = "auto") -> dict:
     from .checkpoint import load_gates
     from .eval.tasks import make_samples, render_prompt, score
-    from .generate import generate
     from .models import load_model
-    from .policies import get_policy
+    from .serve import generate
 
     ckpt = _checkpoint_dir()
     if retrain or not (ckpt / "config.json").is_file():
@@ -63,11 +62,9 @@ def run_demo(*, retrain: bool = False, steps: int | None = None, context: int = 
     prompt = render_prompt(sample, tok)
     print(f"\nprompt: {len(tok(prompt, add_special_tokens=False)['input_ids'])} tokens, a pass key hidden at "
           f"{depth:.0%} depth in filler; question: {sample.question!r}; expected answer: {sample.answers[0]}")
-    with handle.disabled():
-        full = generate(model, tok, prompt, budget=None, max_new_tokens=16)
-        streaming = generate(model, tok, prompt, budget=M, sink=4, window=16, policy=get_policy("streaming"),
-                             max_new_tokens=16)
-    bounded = generate(model, tok, prompt, budget=M, sink=4, window=16, max_new_tokens=16)
+    full = generate(model, tok, prompt, budget=None, max_new_tokens=16)
+    bounded = generate(model, tok, prompt, budget=M, policy="trimkv", sink=4, window=16, max_new_tokens=16)
+    streaming = generate(model, tok, prompt, budget=M, policy="streaming", sink=4, window=16, max_new_tokens=16)
     rows = [("full cache (DynamicCache)", full), (f"TRIM-KV gates, M={M}/head", bounded),
             (f"StreamingLLM, M={M}/head", streaming)]
     print()

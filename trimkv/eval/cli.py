@@ -88,17 +88,15 @@ def _plot(args: argparse.Namespace) -> int:
             out = plots.plot_fidelity(recs, args.out or folder / f"fidelity_{args.metric}.png", metric=args.metric)
         print(out)
         return 0
-    model, tok = load_for_gates(args)
-    from trimkv.attach import attach_gates
+    from trimkv.eval.harness import uses_gates
 
+    if not args.gates and (args.what == "retention" or uses_gates(args.policy)):
+        raise SystemExit(f"`trimkv plot {args.what}` needs --gates CKPT")
+    model, tok = load_for_gates(args)
     if args.gates:
         from trimkv.checkpoint import load_gates
 
         load_gates(model, args.gates)
-    elif args.what == "retention" or args.policy == "trimkv":
-        raise SystemExit(f"`trimkv plot {args.what}` needs --gates CKPT")
-    else:
-        attach_gates(model, gate_hidden=8)     # the bounded cache needs the hooks; the gates stay disabled
     from trimkv import corpus
 
     if args.task and args.text:
@@ -119,7 +117,9 @@ def _plot(args: argparse.Namespace) -> int:
         kept = plots.kept_positions(model, ids, budget=args.budget, policy=args.policy, sink=args.sink,
                                     window=args.window, prefill_chunk=args.prefill_chunk)
         toks = [tok.decode([i]) for i in ids[0].tolist()]
-        out = plots.plot_kept_tokens(kept, args.out or "kept.png", num_kv_heads=model.trimkv.gates.config.num_kv_heads,
+        from trimkv.serve.factory import model_shape
+
+        out = plots.plot_kept_tokens(kept, args.out or "kept.png", num_kv_heads=model_shape(model)[1],
                                      tokens=toks, title=f"{args.policy}, M={args.budget}: kept tokens per head")
     print(out)
     return 0

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 
 from trimkv import corpus
 from trimkv.compat import cache_kwargs
-from trimkv.eval.harness import FULL, GATED, gate_fingerprint, make_cache, policy_context, prepared_gates
+from trimkv.eval.harness import gate_fingerprint, policy_cache, prepared_gates, uses_gates
 from trimkv.models import input_device
 from trimkv.progress import Progress
+from trimkv.serve import FULL, gates_for, prefill
 
 
 def eval_texts(tokenizer, *, n_texts: int, n_tokens: int, seed: int = 0) -> list[torch.Tensor]:
@@ -45,23 +46,23 @@ def eval_texts(tokenizer, *, n_texts: int, n_tokens: int, seed: int = 0) -> list
 
 @torch.no_grad()
 def full_logprobs(model, ids: torch.Tensor, n_last: int) -> torch.Tensor:
-    """Log-probs [n_last, V] predicting the last ``n_last`` tokens of ``ids``, from one full-attention forward."""
-    logits = model(ids, use_cache=False, logits_to_keep=n_last + 1).logits[0, :-1]
+    """Log-probs [n_last, V] predicting the last ``n_last`` tokens of ``ids``, from one full-attention forward of
+    the frozen model."""
+    with gates_for(model, None):
+        logits = model(ids, use_cache=False, logits_to_keep=n_last + 1).logits[0, :-1]
     return logits.float().log_softmax(-1)
 
 
 @torch.no_grad()
 def bounded_logprobs(model, ids: torch.Tensor, cache, *, prefix: int, prefill_chunk: int, step: int) -> torch.Tensor:
     """Teacher-forced log-probs [T - prefix, V] predicting ``ids[prefix:]`` through ``cache``."""
-    out = []
-    for s in range(0, prefix, prefill_chunk):
-        e = min(s + prefill_chunk, prefix)
-        logits = model(ids[:, s:e], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
-    out.append(logits[0, -1:])
+    logits, _ = prefill(model, ids[:, :prefix], cache, chunk=prefill_chunk)
+    out = [logits]                                                                   # [1, V]
     T = ids.shape[1]
-    for s in range(prefix, T - 1, step):
-        e = min(s + step, T - 1)
-        out.append(model(ids[:, s:e], **cache_kwargs(model, cache), use_cache=True).logits[0])
+    with gates_for(model, cache):
+        for s in range(prefix, T - 1, step):
+            e = min(s + step, T - 1)
+            out.append(model(ids[:, s:e], **cache_kwargs(model, cache), use_cache=True).logits[0])
     return torch.cat(out).float().log_softmax(-1)
 
 
@@ -85,19 +86,17 @@ def run_fidelity(model, tokenizer, *, budgets, policies, gates=None, n_texts: in
     texts = [t.to(device) for t in eval_texts(tokenizer, n_texts=n_texts, n_tokens=prefix_tokens +
                                               continuation_tokens, seed=seed)]
     sums: dict[tuple, dict] = {}
-    with prepared_gates(model, gates, need_trained=any(p in GATED for p in policies)) as handle:
-        gate_id = gate_fingerprint(handle) if any(p in GATED for p in policies) else None
-        with handle.disabled():
-            refs = [full_logprobs(model, ids, continuation_tokens) for ids in texts]
+    with prepared_gates(model, gates, need_trained=any(uses_gates(p) for p in policies)) as handle:
+        gate_id = gate_fingerprint(handle) if any(uses_gates(p) for p in policies) else None
+        refs = [full_logprobs(model, ids, continuation_tokens) for ids in texts]
         with Progress("fidelity", total=len(texts) * len(policies) * len(budgets), enabled=progress) as bar:
             for policy in policies:
                 for budget in budgets:
                     bar.update(label=f"fidelity {policy} M={budget}")
                     for i, (ids, ref) in enumerate(zip(texts, refs)):
-                        cache = make_cache(model, policy, budget, sink=sink, window=window, seed=seed * 1000 + i)
-                        with policy_context(handle, policy):
-                            test = bounded_logprobs(model, ids, cache, prefix=prefix_tokens,
-                                                    prefill_chunk=prefill_chunk, step=step)
+                        cache = policy_cache(model, policy, budget, sink=sink, window=window, seed=seed * 1000 + i)
+                        test = bounded_logprobs(model, ids, cache, prefix=prefix_tokens,
+                                                prefill_chunk=prefill_chunk, step=step)
                         m = compare(ref, test, ids[0, prefix_tokens:])
                         acc = sums.setdefault((policy, budget), dict(kl=0.0, top1=0.0, nll=0.0, nll_full=0.0))
                         for k in acc:
@@ -106,7 +105,7 @@ def run_fidelity(model, tokenizer, *, budgets, policies, gates=None, n_texts: in
     records = [dict(policy=p, budget=b, kl=v["kl"], top1=v["top1"], ppl=math.exp(v["nll"]),
                     ppl_full=math.exp(v["nll_full"]), ppl_ratio=math.exp(v["nll"] - v["nll_full"]),
                     n_texts=n_texts, prefix_tokens=prefix_tokens, continuation_tokens=continuation_tokens, step=step,
-                    sink=sink, window=window, gates=gate_id if p == "trimkv" else None) for (p, b), v in sums.items()]
+                    sink=sink, window=window, gates=gate_id if uses_gates(p) else None) for (p, b), v in sums.items()]
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

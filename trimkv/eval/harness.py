@@ -4,15 +4,15 @@
              policies=["full", "trimkv", "streaming", "h2o"], n_samples=20, gates="checkpoints/smollm2",
              out_dir="results/")
 
-Every policy runs in the same :class:`~trimkv.cache.RetentionCache` (same ``budget`` tokens per KV head, same
-``sink`` and ``window`` protection, same chunked prefill of ``prefill_chunk`` tokens, greedy decoding), so only
-the scoring rule differs; ``"full"`` is transformers' DynamicCache (no eviction, budget ignored).
-``"trimkv-global"`` is the trained gates in one :class:`~trimkv.global_cache.GlobalRetentionCache` of
-``budget * layers * KV heads`` slots (the same total memory as ``"trimkv"`` at ``budget``; sink and window per head,
-a floor of 1 per head), as DBTrimKV gates are served. ``lookahead`` > 0 ranks the kept tokens of both by DBTrimKV's
-future utility over that many steps. ``"trimkv"`` and ``"trimkv-global"`` need gates; the baselines and the full
-cache run with the gates (and LoRA adapters loaded with them) disabled (fresh gates are attached, disabled, when
-the model has none: the bounded cache needs trimkv's attention hooks for positions and per-head slot masks).
+Every policy runs in a cache made by :func:`trimkv.serve.make_cache` (same ``budget`` tokens per KV head, same
+``sink`` and ``window`` protection, same chunked prefill of ``prefill_chunk`` tokens, greedy decoding through
+:func:`trimkv.serve.generate`), so only the scoring rule differs; ``"full"`` is transformers' DynamicCache (no
+eviction, budget ignored). ``"<policy>-global"`` (e.g. ``"trimkv-global"``) is that policy in one pool of
+``budget * layers * KV heads`` slots (the same total memory; sink and window per head, a floor of 1 per head), as
+DBTrimKV gates are served. ``lookahead`` > 0 ranks the kept tokens of the TRIM-KV policies by DBTrimKV's future
+utility over that many steps. Policies that read the gates need trained gates; which model a cell runs (gated or
+frozen, LoRA adapters on or off) is the cache's business (:func:`trimkv.serve.gates_for`). ``"oracle"``
+(:mod:`trimkv.eval.oracle`) is a diagnostic that is told where the needle is.
 
 Outputs in ``out_dir``:
   * ``cells/<model>/<cell>.json``  - one finished cell: its settings, metrics and per-sample predictions. A rerun
@@ -37,22 +37,18 @@ from typing import Iterator
 
 import torch
 
-from trimkv.cache import BoundedCache
 from trimkv.errors import DataError
+from trimkv.eval.oracle import NeedleOraclePolicy
 from trimkv.eval.tasks import TASK_METRIC, TASKS, make_samples, render_prompt, score
-from trimkv.gate import GateConfig
-from trimkv.generate import generate, new_cache
-from trimkv.global_cache import GlobalRetentionCache
 from trimkv.lora import adapter_state_dict
 from trimkv.models import input_device
-from trimkv.policies import RetentionPolicy, get_policy
-from trimkv.policies.oracle import NeedleOraclePolicy
 from trimkv.progress import Progress
+from trimkv.serve import FULL, BoundedCache, generate, make_cache
+from trimkv.serve.policies import POLICIES, parse_policy
 
-FULL = "full"
-GLOBAL = "trimkv-global"   # the trained gates in one pool for all layers and heads (GlobalRetentionCache)
-GATED = ("trimkv", GLOBAL)  # the policies that run with the gates on
-ORACLE = "oracle"     # keeps the needle sentences, then the most recent tokens: an upper bound (policies/oracle.py)
+GLOBAL = "trimkv-global"   # the trained gates in one pool for all layers and heads (scope "global")
+ORACLE = "oracle"     # keeps the needle sentences, then the most recent tokens: an upper bound (eval/oracle.py)
+EVAL_POLICIES = {**POLICIES, ORACLE: NeedleOraclePolicy}
 DEPTHS = (0.1, 0.9)   # needle depths are spread evenly over this range (the issue's "depths 10%-90%")
 # Enough new tokens for each task's answer plus a little wording around it.
 MAX_NEW_TOKENS = {"passkey": 16, "multikey_needle": 20, "multivalue_needle": 64, "kv_retrieval": 48,
@@ -72,9 +68,12 @@ class Cell:
 
 
 def policy_names() -> list[str]:
-    from trimkv.policies import POLICIES
-
     return [FULL, *POLICIES, GLOBAL, ORACLE]
+
+
+def uses_gates(spec: str) -> bool:
+    """Whether policy ``spec`` (a name, ``"<name>-global"`` or ``"full"``) reads trained gates."""
+    return spec != FULL and EVAL_POLICIES[parse_policy(spec)[0]].uses_gates
 
 
 # ----------------------------------------------------------------------------------------- gates and caches
@@ -82,71 +81,39 @@ def policy_names() -> list[str]:
 
 @contextlib.contextmanager
 def prepared_gates(model, gates=None, *, need_trained: bool = False) -> Iterator:
-    """Yield the model's gate handle: ``gates`` (a checkpoint path) loaded and attached, the gates already on the
-    model, or - when no policy needs trained gates - fresh ones (for the hooks) that are detached on exit."""
-    from trimkv.attach import attach_gates
-
+    """Yield the model's gate handle (None without gates): ``gates`` (a checkpoint path) loaded and attached, and
+    detached on exit, or the gates already on the model. ``need_trained``: some policy reads the gates."""
     handle = getattr(model, "trimkv", None)
-    attached_here = False
     if gates is not None:
         from trimkv.checkpoint import load_gates
 
-        if handle is not None:
+        if handle is not None and handle.gates is not None:
             raise ValueError(f"the model already has gates attached, and gates={str(gates)!r} was given too: pass "
                              "gates=None to evaluate the attached ones, or detach them first (model.trimkv.detach())")
-        handle, attached_here = load_gates(model, gates), True
-    elif handle is None:
-        if need_trained:
-            raise ValueError("policy 'trimkv' needs trained gates: pass gates=<checkpoint folder> (CLI: --gates) "
-                             "or attach them first with trimkv.load_gates(model, path)")
-        handle, attached_here = attach_gates(model, gate_hidden=8), True
-    try:
-        yield handle
-    finally:
-        if attached_here:
+        handle = load_gates(model, gates)
+        try:
+            yield handle
+        finally:
             handle.detach()
+        return
+    if need_trained and (handle is None or handle.gates is None):
+        raise ValueError("policy 'trimkv' needs trained gates: pass gates=<checkpoint folder> (CLI: --gates) "
+                         "or attach them first with trimkv.load_gates(model, path)")
+    yield handle
 
 
-def policy_context(handle, policy: str):
-    """Gates on for ``trimkv`` and ``trimkv-global``, off for every baseline and the full cache."""
-    return contextlib.nullcontext() if policy in GATED else handle.disabled()
-
-
-def make_cache(model, policy: str, budget: int | None, *, sink: int, window: int, seed: int = 0,
-               keep_positions=None, lookahead: int = 0):
-    """A fresh cache for one sequence: DynamicCache for ``"full"``, a GlobalRetentionCache of ``budget`` x layers x
-    KV heads slots for ``"trimkv-global"``, else a RetentionCache with the policy (``"oracle"`` needs
-    ``keep_positions``, the prompt positions of the needle tokens). ``lookahead``: the trimkv policies' look-ahead."""
-    if policy == FULL:
-        return new_cache(model)
+def policy_cache(model, spec: str, budget: int | None, *, sink: int, window: int, lookahead: int = 0, **context):
+    """A fresh cache for one prompt: ``spec`` is a policy name, ``"<name>-global"`` or ``"full"``; ``context`` is what
+    the policy may read of the prompt (``seed``, ``sample``, ``prompt``, ``tokenizer``: the oracle's needle)."""
+    if spec == FULL:
+        return make_cache(model, FULL)
     if budget is None:
-        raise ValueError(f"policy {policy!r} needs a budget (tokens per KV head)")
-    if lookahead and policy not in GATED:
-        raise ValueError(f"lookahead={lookahead} applies to the policies {GATED}, not {policy!r}")
-    if policy == GLOBAL:
-        shape = GateConfig.for_model(model.config)
-        return GlobalRetentionCache.for_model(model, budget * shape.num_layers * shape.num_kv_heads, sink=sink,
-                                              window=window, lookahead=lookahead)
-    if policy == "trimkv":
-        return new_cache(model, budget, sink=sink, window=window, policy=RetentionPolicy(lookahead))
-    if policy == ORACLE:
-        if keep_positions is None:
-            raise ValueError("policy 'oracle' needs keep_positions (the needle tokens' prompt positions)")
-        rule = NeedleOraclePolicy(keep_positions)
-    else:
-        rule = get_policy(policy, **({"seed": seed} if policy == "random" else {}))
-    return new_cache(model, budget, sink=sink, window=window, policy=rule)
-
-
-def needle_positions(sample, prompt: str, tokenizer) -> list[int]:
-    """Token positions of ``prompt`` that overlap a needle sentence of ``sample`` (for the oracle policy)."""
-    needles = sample.metadata.get("needles")
-    if not needles:
-        raise ValueError(f"task {sample.task!r} has no needles in a haystack: the 'oracle' policy only applies to "
-                         "passkey, multikey_needle and multivalue_needle")
-    spans = [(m.start(), m.end()) for n in needles for m in re.finditer(re.escape(n), prompt)]
-    offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    return [i for i, (a, b) in enumerate(offsets) if any(a < e and b > s for s, e in spans)]
+        raise ValueError(f"policy {spec!r} needs a budget (tokens per KV head)")
+    name, scope = parse_policy(spec)
+    if lookahead and not uses_gates(spec):
+        raise ValueError(f"lookahead={lookahead} applies to the TRIM-KV policies, not {spec!r}")
+    policy = EVAL_POLICIES[name].for_prompt(lookahead=lookahead, **context)
+    return make_cache(model, policy, budget, scope=scope, sink=sink, window=window)
 
 
 def answer_occurrences(sample, prompt: str, tokenizer) -> list[list[list[int]]]:
@@ -201,7 +168,7 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
              for b in ([None] if p == FULL else budgets)]
     records: list[dict] = []
     predictions: list[dict] = []
-    gated = any(p in GATED for p in policies)
+    gated = any(uses_gates(p) for p in policies)
     with prepared_gates(model, gates, need_trained=gated) as handle:
         settings = dict(model=model_name, n=n_samples, seed=seed, sink=sink, window=window,
                         prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, haystack=haystack, chat=chat,
@@ -224,7 +191,7 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
                 if key not in samples:
                     samples[key] = make_samples(cell.task, tokenizer, context_length=cell.length, n=n_samples,
                                                 seed=seed, haystack=haystack, chat=chat, depths=spread)
-                done[cell] = _run_cell(model, tokenizer, handle, cell, cfg, samples[key], bar)
+                done[cell] = _run_cell(model, tokenizer, cell, cfg, samples[key], bar)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(done[cell], indent=1))
     for cell in cells:   # a trimkv record names the gates it measured (model cards keep only their own gates' results)
@@ -234,7 +201,7 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
     return records
 
 
-def _run_cell(model, tokenizer, handle, cell: Cell, cfg: dict, samples, bar) -> dict:
+def _run_cell(model, tokenizer, cell: Cell, cfg: dict, samples, bar) -> dict:
     device = input_device(model)
     max_new = cfg["max_new_tokens"] or MAX_NEW_TOKENS.get(cell.task, 32)
     rows, t_cell = [], time.perf_counter()
@@ -242,13 +209,12 @@ def _run_cell(model, tokenizer, handle, cell: Cell, cfg: dict, samples, bar) -> 
     for i, sample in enumerate(samples):
         prompt = render_prompt(sample, tokenizer)
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-        keep = needle_positions(sample, prompt, tokenizer) if cell.policy == ORACLE else None
-        cache = make_cache(model, cell.policy, cell.budget, sink=cfg["sink"], window=cfg["window"],
-                           seed=cfg["seed"] * 1000 + i, keep_positions=keep, lookahead=cfg.get("lookahead", 0))
-        with policy_context(handle, cell.policy):
-            gen = generate(model, tokenizer, ids, cache=cache, prefill_chunk=cfg["prefill_chunk"],
-                           max_new_tokens=max_new)
-        kept = needle_kept(cache, answer_occurrences(sample, prompt, tokenizer)) if cell.policy != FULL else None
+        cache = policy_cache(model, cell.policy, cell.budget, sink=cfg["sink"], window=cfg["window"],
+                             lookahead=cfg.get("lookahead", 0), seed=cfg["seed"] * 1000 + i, sample=sample,
+                             prompt=prompt, tokenizer=tokenizer)
+        gen = generate(model, tokenizer, ids, cache=cache, prefill_chunk=cfg["prefill_chunk"],
+                       max_new_tokens=max_new)
+        kept = needle_kept(cache, answer_occurrences(sample, prompt, tokenizer)) if cell.budget is not None else None
         rows.append(dict(asdict(cell), index=i, depth=sample.depth, prompt_tokens=int(ids.shape[1]),
                          answers=sample.answers, prediction=gen.text,
                          score=score(gen.text, sample.answers, TASK_METRIC[cell.task]),
@@ -268,10 +234,11 @@ def _run_cell(model, tokenizer, handle, cell: Cell, cfg: dict, samples, bar) -> 
 
 def _cell_settings(cell: Cell, settings: dict, gate_id: str | None) -> dict:
     cfg = dict(settings, **asdict(cell))
-    if cell.policy == FULL:                 # the full cache ignores the eviction settings
+    if cell.budget is None:                 # the full cache ignores the eviction settings
         cfg.update(sink=None, window=None)
-    cfg["gates"] = gate_id if cell.policy in GATED else None
-    if cell.policy not in GATED:
+    gated = uses_gates(cell.policy)
+    cfg["gates"] = gate_id if gated else None
+    if not gated:
         cfg.pop("lookahead", None)          # an option of the gated policies only
     return cfg
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trimkv.compat import cache_kwargs
+from trimkv.eval.harness import policy_cache
 from trimkv.models import input_device
+from trimkv.serve import prefill
 
 FULL = "full"
 
@@ -133,21 +134,14 @@ def plot_retention_heatmap(values: np.ndarray, path, *, log: bool = True) -> Pat
 def kept_positions(model, ids: torch.Tensor, *, budget: int, policy: str = "trimkv", sink: int = 4,
                    window: int = 16, prefill_chunk: int = 256) -> np.ndarray:
     """Prefill ``ids`` [1, T] into a bounded cache; returns kept [layers * KV heads, T] (bool), row l*H + h.
-    ``trimkv`` needs gates attached; other policies run with gates disabled (attach any gates for the hooks)."""
-    from trimkv.eval.harness import make_cache, policy_context
-
-    handle = getattr(model, "trimkv", None)
-    if handle is None:
-        raise ValueError("the bounded cache needs gates attached (trimkv.load_gates, or attach_gates for baselines)")
+    ``trimkv`` needs gates attached; the heuristics need none."""
     ids = ids.to(input_device(model))
-    cache = make_cache(model, policy, budget, sink=sink, window=window)
-    with policy_context(handle, policy):
-        for s in range(0, ids.shape[1], prefill_chunk):
-            model(ids[:, s:s + prefill_chunk], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+    cache = policy_cache(model, policy, budget, sink=sink, window=window)
+    prefill(model, ids, cache, chunk=prefill_chunk)
     T = ids.shape[1]
     rows = []
     for layer in cache.layers:
-        pos = layer.pos[0]                                                          # [Hkv, C]
+        pos = layer.kept_positions()[0]                                             # [Hkv, S]
         mask = torch.zeros(pos.shape[0], T + 1, dtype=torch.bool)
         mask.scatter_(1, torch.where(pos >= 0, pos, T).cpu(), True)
         rows.append(mask[:, :T])

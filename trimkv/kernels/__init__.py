@@ -1,4 +1,4 @@
-"""Fast paths (dispatch targets) for the PyTorch references in :mod:`trimkv.attention` and :mod:`trimkv.eviction`.
+"""Fast paths (dispatch targets) for the PyTorch references in :mod:`trimkv.attention` and :mod:`trimkv.serve.policies.retention`.
 
 * :mod:`.triton_attention` - Triton retention attention (forward + backward) and capacity sums (GPU; CPU only
   under ``TRITON_INTERPRET=1``, for tests).

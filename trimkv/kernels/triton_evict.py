@@ -1,4 +1,4 @@
-"""Fused decode-time append+evict in one Triton kernel (the GPU fast path of :func:`trimkv.eviction.append_evict_`).
+"""Fused decode-time append+evict in one Triton kernel (the GPU fast path of :func:`trimkv.serve.policies.retention.append_evict_`).
 
 One program per (batch row, KV head): it reads the slot metadata (pos int64, logb fp32; 12 bytes per slot),
 scores every slot ``(t - pos) * logb`` (sink / window -> +inf, empty -> -inf), takes the argmin (the first one on
@@ -46,7 +46,7 @@ def _append_evict_kernel(KEYS, VALUES, POS, LOGB, KNEW, VNEW, POSNEW, LOGBNEW, T
 
 def append_evict_triton_(keys, values, pos, logb, k_new, v_new, pos_new, logb_new, t_now, *, sink=0, window=0,
                          return_victim: bool = True):
-    """Same contract as :func:`trimkv.eviction.append_evict_`: keys/values [B, H, C, D], pos [B, H, C] int64,
+    """Same contract as :func:`trimkv.serve.policies.retention.append_evict_`: keys/values [B, H, C, D], pos [B, H, C] int64,
     logb [B, H, C] fp32 (all contiguous, updated in place); k_new/v_new [B, H, 1, D], pos_new/logb_new [B, H, 1]
     (any strides, e.g. a position broadcast over heads), t_now [B]. Returns the victim slot index [B, H]
     (``return_victim=False``: None, one allocation less on the decode hot path)."""

@@ -12,6 +12,6 @@ from .base import EvictionPolicy
 class KNormPolicy(EvictionPolicy):
     name = "knorm"
 
-    def new_state(self, keys, values, logb, pos):
-        return -keys.float().norm(dim=-1)                                            # [B, H, T]
+    def new_state(self, new):
+        return -new.keys.float().norm(dim=-1)                                            # [B, H, T]
 

@@ -19,12 +19,11 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .base import EvictionPolicy
+from .base import AttentionPolicy
 
 
-class SnapKVPolicy(EvictionPolicy):
+class SnapKVPolicy(AttentionPolicy):
     name = "snapkv"
-    needs_attention = True
 
     def __init__(self, obs_window: int = 32, kernel: int = 7, pooling: str = "max"):
         if pooling not in ("max", "avg"):

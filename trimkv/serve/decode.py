@@ -1,12 +1,12 @@
 """Fast greedy decoding at fixed memory: the bounded cache's decode step under ``torch.compile`` (CUDA graphs on GPU).
 
-A :class:`~trimkv.cache.RetentionCache` holds fixed-shape slot buffers, so a decode step is the same computation on
+A :class:`~trimkv.serve.cache.RetentionCache` holds fixed-shape slot buffers, so a decode step is the same computation on
 the same shapes at every step, whatever the context length: eviction is an argmin and an in-place write, the token
 count and the latest position (``tokens_seen``, ``t_now``) live in tensors updated in place, and nothing in the step
 reads a tensor on the host. One compiled graph therefore serves every step (no recompilation as the context grows);
 on a GPU ``mode="reduce-overhead"`` replays it as one CUDA graph per token.
 
-    decoder = CompiledDecoder(model, cache)             # gates attached (attach_gates / load_gates)
+    decoder = CompiledDecoder(model, cache)             # cache = make_cache(model, "trimkv", 512) or any policy
     out = decoder.generate(ids, attention_mask=mask, max_new_tokens=64)   # [B, T + new], like model.generate
     decoder.last                                        # DecodeStats: seconds, tokens/s, recompilations
     out = fast_generate(model, ids, cache, max_new_tokens=64)             # the same in one call
@@ -20,9 +20,9 @@ What runs where:
   copies the new token out and, every ``check_every`` steps, asks whether all rows are done (the loop's only sync).
 
 Outputs are token-identical to eager greedy decoding with the same cache (``model.generate(..., do_sample=False)``
-without logits processors, with the same prefill chunk): the tests check it. Refused, with the reason: policies
-whose state comes from a host random generator (``RandomPolicy``) and the global pool (``GlobalRetentionCache``,
-whose slot tables have data-dependent shapes). Each (model, batch size, budget, policy) gets its own graph; torch's
+without logits processors, with the same prefill chunk): the tests check it. Refused, with the reason: the global
+pool (``GlobalRetentionCache``, whose slot tables have data-dependent shapes). Each (model, batch size, budget,
+policy) gets its own graph; torch's
 ``recompile_limit`` (8 graphs per function) caps how many one process holds at once.
 """
 from __future__ import annotations
@@ -35,10 +35,12 @@ from dataclasses import dataclass
 import torch
 from torch._dynamo.utils import counters
 
+from ..attach import install_hooks
+from ..compat import cache_name
+from ..errors import CacheError
 from .cache import RetentionCache
-from .compat import cache_name
-from .errors import CacheError
-from .generate import prefill
+from .factory import gates_for
+from .generation import prefill
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -119,8 +121,8 @@ class DecodeStats:
 
 
 class CompiledDecoder:
-    """Greedy decoding of ``model`` (gates attached) with a :class:`~trimkv.cache.RetentionCache`: eager chunked
-    prefill, then one compiled graph per step (see the module docstring).
+    """Greedy decoding of ``model`` with a :class:`~trimkv.serve.cache.RetentionCache`: eager chunked prefill, then
+    one compiled graph per step (see the module docstring).
 
     ``mode``: a ``torch.compile`` mode; ``"auto"`` = ``"reduce-overhead"`` (CUDA graphs) on CUDA, the default
     inductor compile on CPU. ``backend="eager"`` only captures the graph (no code generation: quick to start).
@@ -144,7 +146,8 @@ class CompiledDecoder:
         """One compiled decode step (the cache's buffers and ``state`` must keep their addresses: see
         :meth:`start`)."""
         torch.compiler.cudagraph_mark_step_begin()       # outputs of earlier replays are never read again
-        self.compiled(self.model, self.cache_arg, self.cache, state, self.keep_last)
+        with gates_for(self.model, self.cache):
+            self.compiled(self.model, self.cache_arg, self.cache, state, self.keep_last)
 
     @torch.no_grad()
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -213,23 +216,18 @@ def fast_generate(model, input_ids: torch.Tensor, cache: RetentionCache, *, atte
 
 
 def check_decodable(model, cache) -> None:
-    """Refuse, with the reason, what the compiled step cannot run."""
+    """Refuse, with the reason, what the compiled step cannot run; install trimkv's hooks if the model has none."""
     if not isinstance(cache, RetentionCache):
         raise CacheError(f"the compiled decoder needs a trimkv RetentionCache (fixed slots per head), got "
                         f"{type(cache).__name__}; a global pool's slot tables have data-dependent shapes: decode "
                         "it eagerly with model.generate")
-    if not cache.policy.compilable:
-        raise CacheError(f"policy {cache.policy!r} cannot run in a compiled step (its state comes from the host); "
-                         "decode it eagerly with model.generate")
-    if getattr(model, "trimkv", None) is None:
-        raise CacheError("the bounded cache works through trimkv's attention: attach gates first "
-                           "(trimkv.attach_gates / load_gates; gates.disabled() for a heuristic policy)")
+    install_hooks(model)
 
 
 def mark_static(cache: RetentionCache) -> None:
     """Tell dynamo the cache's buffers keep their addresses (CUDA graphs then neither copy nor re-record them)."""
     for layer in cache.layers:
-        for t in (layer.keys, layer.values, layer.pos, layer.logb, layer.t_now, layer.tokens_seen):
+        for t in (layer.keys, layer.values, layer.pos, layer.state, layer.t_now, layer.tokens_seen):
             torch._dynamo.mark_static_address(t)
 
 

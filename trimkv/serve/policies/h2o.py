@@ -12,12 +12,11 @@ Deviations: (1) GQA: the paper's models have one query head per KV head; the gro
 """
 from __future__ import annotations
 
-from .base import EvictionPolicy
+from .base import AttentionPolicy
 
 
-class H2OPolicy(EvictionPolicy):
+class H2OPolicy(AttentionPolicy):
     name = "h2o"
-    needs_attention = True
 
     def observe(self, state, weights, pos, q_len):
         state += weights.sum(dim=2)                 # [B, Hkv, G*q, S] -> [B, Hkv, S]

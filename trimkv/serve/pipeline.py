@@ -14,12 +14,11 @@ same way, and ``generate`` continues from the prompt's last token. As in kvpress
 split at the end of the user's context: the context ends the user turn's content, and each question is followed by
 the rest of the template (end of turn, assistant header).
 
-``budget=None`` answers with transformers' full DynamicCache and the gates off (the frozen model), for comparison.
-A heuristic ``policy`` (``"streaming"``, ``"snapkv"``, ...) runs in the same bounded cache with the gates off.
+``budget=None`` answers with transformers' full DynamicCache (the frozen model), for comparison. A heuristic
+``policy`` (``"streaming"``, ``"snapkv"``, ...) runs in the same bounded cache without the gates.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -27,10 +26,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Cache
 
-from .compat import cache_kwargs
-from .generate import kv_nbytes, new_cache, prefill
-from .models import input_device
-from .policies import EvictionPolicy, RetentionPolicy, get_policy
+from ..models import input_device
+from .factory import kv_nbytes, make_cache
+from .generation import generate, prefill
+from .policies import EvictionPolicy
 
 _SEPARATOR = "\uE000trimkv-context-end\uE000"   # private-use characters: never part of a real context
 
@@ -70,38 +69,26 @@ def answer(model, tokenizer, context: str, questions: str | list[str] | None = N
            **gen_kwargs) -> Answers:
     """Answer ``questions`` (one string, a list, or None for a plain continuation) about ``context``.
 
-    ``budget`` tokens per KV head with TRIM-KV retention (the attached gates) or ``policy``; ``None`` = the full
-    cache with the gates off. Greedy decoding unless ``gen_kwargs`` say otherwise (they go to ``generate``)."""
+    ``budget`` tokens per KV head with ``policy`` (default: TRIM-KV retention, the attached gates); ``None`` = the
+    full cache of the frozen model. Greedy decoding unless ``gen_kwargs`` say otherwise (they go to ``generate``)."""
     questions = [questions] if isinstance(questions, str) else list(questions or [""])
-    handle = getattr(model, "trimkv", None)
-    rule = get_policy(policy) if isinstance(policy, str) else policy
-    if budget is not None and handle is None:
-        raise ValueError("a bounded cache needs trimkv's hooks: attach gates first (trimkv.load_gates(model, ...); "
-                         "for a heuristic policy without trained gates, trimkv.attach_gates(model) and pass policy=)")
-    gates_on = budget is not None and (rule is None or isinstance(rule, RetentionPolicy))
     context_text, question_texts = split_prompt(tokenizer, context, questions, chat=chat, answer_prefix=answer_prefix,
                                                 **(template_kwargs or {}))
     device = input_device(model)
     encode = lambda text: tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)  # noqa: E731
     ctx = encode(context_text)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    gen_kwargs.setdefault("do_sample", False)
     t0 = time.perf_counter()
-    with (contextlib.nullcontext() if gates_on or handle is None else handle.disabled()):
-        # all but the context's last token: each question starts with it, so generate always has a token to feed
-        cache = new_cache(model, budget, sink=sink, window=window, policy=rule)
-        prefill(model, ctx[:, :-1], cache, chunk=prefill_chunk)
-        out = Answers([], int(ctx.shape[1]), [], kv_nbytes(cache))
-        for text in question_texts:
-            q = encode(text)
-            ids = torch.cat([ctx, q], dim=1)
-            own = clone_cache(cache)
-            prefill(model, ids[:, cache.get_seq_length():-1], own, chunk=prefill_chunk)
-            with torch.no_grad():   # generate() feeds the prompt's last token only: a plain decode on every release
-                gen = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, own),
-                                     max_new_tokens=max_new_tokens, pad_token_id=pad, **gen_kwargs)
-            out.answers.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
-            out.question_tokens.append(int(q.shape[1]))
-            out.answer_kv_bytes.append(kv_nbytes(own))
+    cache = make_cache(model, policy or ("full" if budget is None else "trimkv"), budget, sink=sink, window=window)
+    # all but the context's last token: each question starts with it, so generate always has a token to feed
+    prefill(model, ctx[:, :-1], cache, chunk=prefill_chunk)
+    out = Answers([], int(ctx.shape[1]), [], kv_nbytes(cache))
+    for text in question_texts:
+        q = encode(text)
+        own = clone_cache(cache)
+        gen = generate(model, tokenizer, torch.cat([ctx, q], dim=1), cache=own, resume=True,
+                       prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, **gen_kwargs)
+        out.answers.append(gen.text)
+        out.question_tokens.append(int(q.shape[1]))
+        out.answer_kv_bytes.append(gen.kv_bytes)
     out.seconds = time.perf_counter() - t0
     return out

@@ -16,12 +16,9 @@ from .base import EvictionPolicy
 
 class KeyDiffPolicy(EvictionPolicy):
     name = "keydiff"
-    needs_keys = True
 
-    def scores(self, state, pos, t_now, keys=None):
-        if keys is None:
-            raise ValueError("KeyDiff scores need the candidates' keys (the cache passes keys= when needs_keys)")
-        k = keys.float()                                                             # [B, H, N, D]
-        valid = (pos >= 0).unsqueeze(-1).float()
+    def scores(self, c):
+        k = c.keys.float()                                                           # [B, H, N, D]
+        valid = (c.pos >= 0).unsqueeze(-1).float()
         anchor = (k * valid).sum(2, keepdim=True) / valid.sum(2, keepdim=True).clamp_min(1.0)   # [B, H, 1, D]
         return -F.cosine_similarity(k, anchor.expand_as(k), dim=-1, eps=1e-6)        # [B, H, N]

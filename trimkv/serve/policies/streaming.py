@@ -10,16 +10,11 @@ keep the rotary positions they were computed with, as every other policy in this
 """
 from __future__ import annotations
 
-import torch
-
-from .base import RetentionPolicy
+from .retention import RecencyPolicy
 
 
-class StreamingPolicy(RetentionPolicy):
+class StreamingPolicy(RecencyPolicy):
     """Keep sinks + the most recent tokens: TRIM-KV's scoring with every log beta = -1, i.e. ``pos - t``
     (newest highest), so the fused decode kernel applies."""
 
     name = "streaming"
-
-    def new_state(self, keys, values, logb, pos):
-        return super().new_state(keys, values, None, pos)   # ignore any gate: constant decay

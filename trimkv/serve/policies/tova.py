@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from einops import rearrange
 
-from .base import EvictionPolicy
+from .base import AttentionPolicy
 
 
-class TOVAPolicy(EvictionPolicy):
+class TOVAPolicy(AttentionPolicy):
     name = "tova"
-    needs_attention = True
 
     def observe(self, state, weights, pos, q_len):
         w = rearrange(weights, "b h (g t) s -> b h g t s", t=q_len)

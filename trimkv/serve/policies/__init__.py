@@ -1,0 +1,47 @@
+"""Eviction policies of the bounded caches: TRIM-KV and the training-free baselines of the field.
+
+One policy per file, each a small object whose docstring cites its paper and lists deviations; :mod:`.base` says what
+a policy is (the moments a cache layer asks it). The full cache (no eviction) is not a policy: it is transformers'
+``DynamicCache`` (``trimkv.make_cache(model, "full")``).
+"""
+from .base import AttentionPolicy, EvictionPolicy, NewTokens
+from .h2o import H2OPolicy
+from .keydiff import KeyDiffPolicy
+from .knorm import KNormPolicy
+from .random_policy import RandomPolicy
+from .retention import RecencyPolicy, RetentionPolicy
+from .snapkv import SnapKVPolicy
+from .streaming import StreamingPolicy
+from .tova import TOVAPolicy
+
+POLICIES: dict[str, type[EvictionPolicy]] = {
+    "trimkv": RetentionPolicy,
+    "streaming": StreamingPolicy,
+    "h2o": H2OPolicy,
+    "snapkv": SnapKVPolicy,
+    "tova": TOVAPolicy,
+    "knorm": KNormPolicy,
+    "keydiff": KeyDiffPolicy,
+    "random": RandomPolicy,
+}
+SCOPES = ("head", "global")   # a budget per (layer, KV head), or one pool for all of them
+GLOBAL_SUFFIX = "-global"     # "trimkv-global" = the trimkv policy in the global pool
+
+
+def get_policy(name: str, **kwargs) -> EvictionPolicy:
+    """Build a policy by name (one of ``POLICIES``)."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown eviction policy {name!r}; available: {sorted(POLICIES)}")
+    return POLICIES[name](**kwargs)
+
+
+def parse_policy(spec: str) -> tuple[str, str]:
+    """``"trimkv"`` -> ``("trimkv", "head")``; ``"trimkv-global"`` -> ``("trimkv", "global")``."""
+    if spec.endswith(GLOBAL_SUFFIX):
+        return spec[: -len(GLOBAL_SUFFIX)], "global"
+    return spec, "head"
+
+
+__all__ = ["EvictionPolicy", "AttentionPolicy", "NewTokens", "RetentionPolicy", "RecencyPolicy", "H2OPolicy",
+           "KeyDiffPolicy", "KNormPolicy", "RandomPolicy", "SnapKVPolicy", "StreamingPolicy", "TOVAPolicy",
+           "POLICIES", "SCOPES", "get_policy", "parse_policy"]
