@@ -19,7 +19,7 @@ from trimkv.data import DataConfig, build_dataset
 from trimkv.errors import (CacheError, CorruptCheckpointError, DataError, GateCheckpointError, ModelLoadError,
                            NonFiniteError, RecipeError, ResumeError, TrimKVError)
 from trimkv.gate import GateConfig, RetentionGates
-from trimkv.models import load_model
+from trimkv.base_model import load_model
 from trimkv.recipe import parse_recipe
 from trimkv.train.checkpoints import TrainingCheckpoints, run_dir_lock
 from trimkv.train.run import finetune

@@ -177,7 +177,7 @@ def test_eval_commands_default_to_the_gates_base_model(tmp_path, monkeypatch):
 
     folder = write_official(tmp_path / "official", "rg")
     seen = {}
-    monkeypatch.setattr("trimkv.models.load_model", lambda name, **kw: seen.update(name=name, **kw) or (None, None))
+    monkeypatch.setattr("trimkv.base_model.load_model", lambda name, **kw: seen.update(name=name, **kw) or (None, None))
     parser = __import__("argparse").ArgumentParser()
     eval_cli.add_model_args(parser)
     eval_cli.load_for_gates(parser.parse_args(["--gates", str(folder), "--device", "cpu"]))

@@ -221,7 +221,7 @@ def test_init_from_starts_at_the_checkpoints_gates(setup, full_run, tmp_path):
     """gates.init_from: step 0 of a warm start is the checkpoint's gates (a 0-step run exports them unchanged);
     a checkpoint of another width is refused with the fields to change."""
     from trimkv.train.run import initial_gates
-    from trimkv.models import load_model
+    from trimkv.base_model import load_model
     from trimkv.recipe import RecipeError
 
     full_gates, _ = full_run

@@ -38,7 +38,7 @@ from .errors import (CheckpointNotFoundError, CorruptCheckpointError, GateCheckp
                      NonFiniteError)
 from .gate import GateConfig, RetentionGates, check_compatible, nonfinite_keys
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_DIR, has_lora, load_lora, save_lora
-from .models import DEFAULT_MODEL, DEFAULT_MODEL_ID
+from .base_model import DEFAULT_MODEL, DEFAULT_MODEL_ID
 from .official import OFFICIAL_WEIGHTS, is_official, official_gate_config, official_state_dict
 
 __all__ = ["save_gates", "load_gate_checkpoint", "load_gate_config", "load_gates", "convert_checkpoint",
@@ -188,7 +188,7 @@ def load_gate_config(
 
 
 def base_model_for(config: GateConfig) -> str:
-    """The ``trimkv.models.load_model`` name of the base model the gates were trained for (``"smollm2"`` for the
+    """The ``trimkv.base_model.load_model`` name of the base model the gates were trained for (``"smollm2"`` for the
     embedded default)."""
     load = config.base_load_kwargs.get("name") or config.base_model
     if not load:

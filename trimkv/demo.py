@@ -49,7 +49,7 @@ def run_demo(*, retrain: bool = False, steps: int | None = None, context: int = 
     from .checkpoint import load_gates
     from .eval.tasks import make_samples, render_prompt, score
     from .generate import generate
-    from .models import load_model
+    from .base_model import load_model
     from .policies import get_policy
 
     ckpt = _checkpoint_dir()

@@ -11,7 +11,7 @@ from transformers import Cache, DynamicCache
 from .cache import BoundedCache, RetentionCache, dynamic_cache_nbytes
 from .compat import cache_kwargs
 from .errors import CacheError
-from .models import input_device
+from .base_model import input_device
 from .policies import EvictionPolicy
 
 

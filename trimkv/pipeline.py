@@ -29,7 +29,7 @@ from transformers import Cache
 
 from .compat import cache_kwargs
 from .generate import kv_nbytes, new_cache, prefill
-from .models import input_device
+from .base_model import input_device
 from .policies import EvictionPolicy, RetentionPolicy, get_policy
 
 _SEPARATOR = "\uE000trimkv-context-end\uE000"   # private-use characters: never part of a real context

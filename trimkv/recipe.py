@@ -32,7 +32,7 @@ from .errors import RecipeError
 from .gate import ACTIVATIONS, GATE_TYPES
 from .lora import DEFAULT_TARGETS
 from .losses import CAPACITY_FORMS, CAPACITY_SCOPES
-from .models import DTYPE_CHOICES
+from .base_model import DTYPE_CHOICES
 
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from trimkv import corpus
 from trimkv.compat import cache_kwargs
 from trimkv.eval.harness import FULL, GATED, gate_fingerprint, make_cache, policy_context, prepared_gates
-from trimkv.models import input_device
+from trimkv.base_model import input_device
 from trimkv.progress import Progress
 
 

@@ -44,7 +44,7 @@ from trimkv.gate import GateConfig
 from trimkv.generate import generate, new_cache
 from trimkv.global_cache import GlobalRetentionCache
 from trimkv.lora import adapter_state_dict
-from trimkv.models import input_device
+from trimkv.base_model import input_device
 from trimkv.policies import RetentionPolicy, get_policy
 from trimkv.policies.oracle import NeedleOraclePolicy
 from trimkv.progress import Progress

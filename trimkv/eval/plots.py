@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from trimkv.compat import cache_kwargs
-from trimkv.models import input_device
+from trimkv.base_model import input_device
 
 FULL = "full"
 

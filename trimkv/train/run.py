@@ -19,7 +19,7 @@ from ..data import DataError, batches, hub_dataset_ids, prepare_data
 from ..errors import GateCheckpointError
 from ..gate import GateConfig, RetentionGates, check_compatible
 from ..lora import add_lora
-from ..models import load_model
+from ..base_model import load_model
 from ..recipe import Recipe, RecipeError, load_recipe, recipe_changes, save_recipe
 from .checkpoints import ResumeError, TrainingCheckpoints, run_dir_lock
 from .distributed import barrier, close_distributed, init_distributed, main_process_first, print0
