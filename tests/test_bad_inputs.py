@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from _tinyrun import make_data, make_model_dir, recipe_dict
 from conftest import build_tiny_model
 from trimkv import RetentionCache, attach_gates, generate
-from trimkv.checkpoint import load_gate_checkpoint, push_to_hub, save_gates
+from trimkv.share import load_gate_checkpoint, push_to_hub, save_gates
 from trimkv.data import DataConfig, build_dataset
 from trimkv.errors import (CacheError, CorruptCheckpointError, DataError, GateCheckpointError, ModelLoadError,
                            NonFiniteError, RecipeError, ResumeError, TrimKVError)

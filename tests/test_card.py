@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from conftest import build_tiny_model
-from trimkv import card, save_gates
-from trimkv.checkpoint import load_gate_checkpoint, push_to_hub
+from trimkv import save_gates
 from trimkv.gate import GateConfig, RetentionGates
+from trimkv.share import card, load_gate_checkpoint, push_to_hub
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import build_tiny_model
 from trimkv.attach import attach_gates
-from trimkv.checkpoint import save_gates
+from trimkv.share import save_gates
 from trimkv.errors import DataError
 from trimkv.eval import harness
 from trimkv.eval.harness import markdown_table, run_eval

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from _tinyrun import make_data, make_model_dir, read_metrics, recipe_dict
 from conftest import build_tiny_model
 from trimkv.attach import GATES_ATTR, attach_gates
-from trimkv.checkpoint import load_gates, save_gates
+from trimkv.share import load_gates, save_gates
 from trimkv.eval import harness
 from trimkv.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_DIR, add_lora
 from trimkv.recipe import LossSection, parse_recipe

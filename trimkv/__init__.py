@@ -5,7 +5,7 @@ when gates are attached.
 """
 from .attach import GateHandle, attach_gates, detach_gates, gates_disabled
 from .cache import RetentionCache
-from .checkpoint import convert_checkpoint, load_gate_checkpoint, load_gates, push_to_hub, save_gates
+from .share import convert_checkpoint, load_gate_checkpoint, load_gates, push_to_hub, save_gates
 from .decode import CompiledDecoder, fast_generate
 from .gate import GateConfig, RetentionGate, RetentionGates
 from .generate import generate

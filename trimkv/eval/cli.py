@@ -41,7 +41,7 @@ def load_for_gates(args):
     else the embedded SmolLM2), ``--dtype``, ``--device`` / ``--device-map``, ``--threads``."""
     import torch
 
-    from trimkv.checkpoint import base_model_for, load_gate_config
+    from trimkv.share import base_model_for, load_gate_config
     from trimkv.base_model import DEFAULT_MODEL, load_model
 
     if args.threads:
@@ -92,7 +92,7 @@ def _plot(args: argparse.Namespace) -> int:
     from trimkv.attach import attach_gates
 
     if args.gates:
-        from trimkv.checkpoint import load_gates
+        from trimkv.share import load_gates
 
         load_gates(model, args.gates)
     elif args.what == "retention" or args.policy == "trimkv":

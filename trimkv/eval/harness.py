@@ -89,7 +89,7 @@ def prepared_gates(model, gates=None, *, need_trained: bool = False) -> Iterator
     handle = getattr(model, "trimkv", None)
     attached_here = False
     if gates is not None:
-        from trimkv.checkpoint import load_gates
+        from trimkv.share import load_gates
 
         if handle is not None:
             raise ValueError(f"the model already has gates attached, and gates={str(gates)!r} was given too: pass "

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 
 from ..attach import attach_gates
-from ..checkpoint import check_writable, load_gate_checkpoint, push_to_hub, save_gates
+from ..share import check_writable, load_gate_checkpoint, push_to_hub, save_gates
 from ..data import DataError, batches, hub_dataset_ids, prepare_data
 from ..errors import GateCheckpointError
 from ..gate import GateConfig, RetentionGates, check_compatible

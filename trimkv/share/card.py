@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from .gate import SHARED_HEAD_TYPES, GateConfig
-from .base_model import DEFAULT_MODEL, DEFAULT_MODEL_ID
+from ..base_model import DEFAULT_MODEL, DEFAULT_MODEL_ID
+from ..gate import SHARED_HEAD_TYPES, GateConfig
 
 FRONT_KEYS = ("license", "datasets", "eval_records")   # metadata keys that go into the front matter
 EVAL_HEADING = "## Evaluation results"

@@ -15,11 +15,11 @@ from transformers.activations import ACT2FN
 
 from conftest import build_tiny_model, tiny_config
 from trimkv import RetentionCache, load_gates
-from trimkv.checkpoint import (CorruptCheckpointError, base_model_for, convert_checkpoint, load_gate_checkpoint,
-                               load_gate_config)
 from trimkv.cli import main as cli_main
 from trimkv.compat import cache_kwargs
-from trimkv.official import OFFICIAL_WEIGHTS
+from trimkv.share import (CorruptCheckpointError, base_model_for, convert_checkpoint, load_gate_checkpoint,
+                          load_gate_config)
+from trimkv.share.authors import OFFICIAL_WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -185,7 +185,7 @@ def test_eval_commands_default_to_the_gates_base_model(tmp_path, monkeypatch):
 
 
 def test_pushing_the_authors_layout_asks_for_a_conversion_first(tmp_path, fake_hub):
-    from trimkv.checkpoint import GateCheckpointError, push_to_hub
+    from trimkv.share import GateCheckpointError, push_to_hub
 
     with pytest.raises(GateCheckpointError, match="trimkv convert"):
         push_to_hub(write_official(tmp_path / "official", "rg"), "me/g")
