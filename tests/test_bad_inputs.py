@@ -21,7 +21,7 @@ from trimkv.errors import (CacheError, CorruptCheckpointError, DataError, GateCh
 from trimkv.gate import GateConfig, RetentionGates
 from trimkv.base_model import load_model
 from trimkv.recipe import parse_recipe
-from trimkv.train.checkpoints import TrainingCheckpoints, run_dir_lock
+from trimkv.train.state import TrainingCheckpoints, run_dir_lock
 from trimkv.train.run import finetune
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,7 +17,7 @@ from trimkv.share import load_gates, save_gates
 from trimkv.eval import harness
 from trimkv.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_DIR, add_lora
 from trimkv.recipe import LossSection, parse_recipe
-from trimkv.train.checkpoints import ADAPTERS_FILE, ResumeError, TrainingCheckpoints
+from trimkv.train.state import ADAPTERS_FILE, ResumeError, TrainingCheckpoints
 from trimkv.train.engines import PlainEngine
 from trimkv.train.run import finetune
 from trimkv.train.step import training_step

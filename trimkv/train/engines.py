@@ -102,7 +102,7 @@ class PlainEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    # Training-state checkpoints (trimkv.train.checkpoints): the optimiser and schedule, rank 0 writes them.
+    # Training-state checkpoints (trimkv.train.state): the optimiser and schedule, rank 0 writes them.
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
