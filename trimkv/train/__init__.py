@@ -7,6 +7,4 @@
 * :mod:`.loop`        - optimiser steps with metrics (``metrics.jsonl``, wandb), progress and checkpoints.
 * :mod:`.state`       - atomic training checkpoints and exact resume.
 * :mod:`.run`         - ``finetune``: a recipe end to end (what ``trimkv train`` runs on every rank).
-
-Nothing is imported here (so ``trimkv.recipe`` can read ``ENGINES`` from :mod:`.engines` without a cycle).
 """

@@ -31,11 +31,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..lora import adapter_state_dict, load_adapter_state_dict
+from ..recipe import ENGINES
 from .distributed import DistInfo
 from .optim import build_optimizer, build_schedule, make_adamw
 from .step import prepare_batch, training_step
-
-ENGINES = ("auto", "plain", "ddp", "deepspeed")   # the one list of engine names (the recipe's train.engine)
 
 
 class _StepModule(nn.Module):
