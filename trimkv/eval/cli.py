@@ -99,7 +99,7 @@ def _plot(args: argparse.Namespace) -> int:
         raise SystemExit(f"`trimkv plot {args.what}` needs --gates CKPT")
     else:
         attach_gates(model, gate_hidden=8)     # the bounded cache needs the hooks; the gates stay disabled
-    from trimkv import corpus
+    from trimkv.data import corpus
 
     if args.task and args.text:
         raise SystemExit("`trimkv plot`: give --text or --task, not both")
