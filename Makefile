@@ -56,7 +56,7 @@ lock:
 model: $(GGUF)
 
 $(GGUF): | $(VENV)/.installed
-	$(PY) -c "from trimkv.models import fetch_default_model; print(fetch_default_model())"
+	$(PY) -c "from trimkv.base_model import fetch_default_model; print(fetch_default_model())"
 
 # Main job: gates on SmolLM2 (shipped checkpoint, or RETRAIN=1 to train new ones), full vs bounded cache.
 demo: venv model

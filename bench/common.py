@@ -16,9 +16,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of a few seconds")
     p.add_argument("--model", default=None,
-                   help="'smollm2' (default model, via trimkv.models.load_model), 'smollm2-shape' (random weights of "
-                        "the same shape: speed only, nothing to fetch), 'tiny' (random Llama) or a Hub id / folder; "
-                        "default: smollm2, tiny with --quick")
+                   help="'smollm2' (default model, via trimkv.base_model.load_model), 'smollm2-shape' (random "
+                        "weights of the same shape: speed only, nothing to fetch), 'tiny' (random Llama) or a Hub id / "
+                        "folder; default: smollm2, tiny with --quick")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
@@ -41,7 +41,7 @@ def load(args):
         if args.device.startswith("cuda"):
             model = model.to(torch.bfloat16)
     else:
-        from trimkv.models import load_model
+        from trimkv.base_model import load_model
 
         model, _ = load_model(name, dtype="bfloat16" if args.device == "cuda" else "float32")
     model = model.to(args.device).eval()

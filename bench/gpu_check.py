@@ -164,7 +164,7 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from trimkv.models import GGUF_NAME, default_model_dir
+    from trimkv.base_model import GGUF_NAME, default_model_dir
 
     have_model = (default_model_dir() / GGUF_NAME).is_file()
     env = _env()

@@ -56,7 +56,7 @@ def test_base_is_frozen_gates_train_and_double_attach_raises():
 
 
 def test_gates_must_fit_the_model():
-    from trimkv.checkpoint import GateMismatchError
+    from trimkv.share import GateMismatchError
     from trimkv.gate import GateConfig, RetentionGates
 
     gates = RetentionGates(GateConfig(num_layers=3, hidden_size=64, num_kv_heads=2, head_dim=16, gate_hidden=8))

@@ -14,14 +14,14 @@ from safetensors.torch import load_file, save_file
 from _tinyrun import make_data, make_model_dir, recipe_dict
 from conftest import build_tiny_model
 from trimkv import RetentionCache, attach_gates, generate, make_cache
-from trimkv.checkpoint import load_gate_checkpoint, push_to_hub, save_gates
+from trimkv.share import load_gate_checkpoint, push_to_hub, save_gates
 from trimkv.data import DataConfig, build_dataset
 from trimkv.errors import (CacheError, CorruptCheckpointError, DataError, GateCheckpointError, ModelLoadError,
                            NonFiniteError, RecipeError, ResumeError, TrimKVError)
 from trimkv.gate import GateConfig, RetentionGates
-from trimkv.models import load_model
+from trimkv.base_model import load_model
 from trimkv.recipe import parse_recipe
-from trimkv.train.checkpoints import TrainingCheckpoints, run_dir_lock
+from trimkv.train.state import TrainingCheckpoints, run_dir_lock
 from trimkv.train.run import finetune
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from conftest import build_tiny_model
-from trimkv import card, save_gates
-from trimkv.checkpoint import load_gate_checkpoint, push_to_hub
+from trimkv import save_gates
 from trimkv.gate import GateConfig, RetentionGates
+from trimkv.share import card, load_gate_checkpoint, push_to_hub
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,7 +91,7 @@ def test_push_adds_this_checkpoints_eval_results_and_names_the_repo(tmp_path, fa
 @pytest.mark.parametrize("load", [{"name": "smollm2"}, {}])
 def test_usage_snippet_runs_as_written(tmp_path, monkeypatch, tokenizer, load):
     """The snippet of a saved card, executed from the folder's parent with load_model standing in for the Hub."""
-    from trimkv.models import DEFAULT_MODEL_ID
+    from trimkv.base_model import DEFAULT_MODEL_ID
 
     gates = tiny_gates(base_model=DEFAULT_MODEL_ID, base_load_kwargs=load)
     monkeypatch.chdir(tmp_path)
@@ -104,7 +104,7 @@ def test_usage_snippet_runs_as_written(tmp_path, monkeypatch, tokenizer, load):
         seen.append(name)
         return build_tiny_model("llama", vocab_size=len(tokenizer)), tokenizer
 
-    monkeypatch.setattr("trimkv.models.load_model", fake_load_model)
+    monkeypatch.setattr("trimkv.base_model.load_model", fake_load_model)
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert seen == ["smollm2"] and len(scope["out"].answers) == 1 and scope["out"].kv_bytes > 0

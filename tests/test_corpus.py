@@ -1,7 +1,7 @@
 """The offline prose corpus: disjoint splits, stable order, prose rather than code."""
 import pytest
 
-from trimkv import corpus
+from trimkv.data import corpus
 
 
 def paragraphs(docs):

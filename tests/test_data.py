@@ -262,7 +262,7 @@ def test_streaming_gives_the_same_rows(tokenizer, text_file, tmp_path):
 def test_second_build_reads_the_cache(tokenizer, text_file, tmp_path, monkeypatch):
     calls = []
     real = data.tokenize_document
-    monkeypatch.setattr(data, "tokenize_document", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr("trimkv.data.tokenize.tokenize_document", lambda *a: calls.append(1) or real(*a))
     first = build_dataset(cfg_for(text_file, tmp_path), tokenizer)
     n = len(calls)
     assert n > 0
@@ -335,29 +335,17 @@ def test_prefix_unstable_template_is_explained(tokenizer, monkeypatch):
 
 
 def test_builtin_prose(tokenizer, tmp_path):
-    pytest.importorskip("trimkv.corpus")
+    pytest.importorskip("trimkv.data.corpus")
     cfg = cfg_for("builtin:prose", tmp_path, seq_len=32, max_samples=20, batch_size=2)
     b = next(batches(cfg, tokenizer))
     assert b["input_ids"].shape == (2, 32)
     assert not b["loss_mask"][b["position_ids"] == 0].any()
 
 
-def test_prose_recall_appends_a_copy_of_an_earlier_paragraph():
-    from trimkv.data import _with_recall
-
-    parts = ["First paragraph about lists and the numbers 4123 and 977 that matter later on in the text.",
-             "Second paragraph, still in the first half of the document, describing dictionaries in prose.",
-             "Third paragraph " + "filler words " * 20, "Fourth paragraph " + "more words " * 20]
-    text = _with_recall(parts, seed=0)
-    head, copy = text.rsplit("\n\n", 1)
-    assert head == "\n\n".join(parts)
-    assert copy in parts[:2] and head.index(copy) < len(head) // 2   # verbatim, from the first half
-
-
 def test_prose_facts_restate_each_fact_later_in_words_the_eval_tasks_never_use():
     import random as _random
 
-    from trimkv.data import _with_facts
+    from trimkv.data.builtin import _with_facts
 
     parts = [f"Paragraph {i} talks about sockets, files and the number {i}." for i in range(40)]
     for seed in range(20):
@@ -377,11 +365,11 @@ def test_prose_facts_restate_each_fact_later_in_words_the_eval_tasks_never_use()
 
 
 def test_prose_facts_builtin_documents_fit_their_rows(tokenizer, tmp_path):
-    pytest.importorskip("trimkv.corpus")
-    from trimkv.data import _builtin_documents
+    pytest.importorskip("trimkv.data.corpus")
+    from trimkv.data.builtin import builtin_documents
 
     cfg = cfg_for("builtin:prose-facts", tmp_path, seq_len=512, pack=False)
-    docs = _builtin_documents(cfg)
+    docs = builtin_documents(cfg)
     assert len(docs) > 10 and all("\n\n" in d for d in docs[:-1])
     assert sum("To recap" in d or "As noted earlier" in d or "Recall that" in d or "Once more" in d
                for d in docs) >= len(docs) // 2

@@ -7,7 +7,7 @@ import torch
 
 from trimkv import attach_gates, generate
 from trimkv.eval.tasks import make_samples, render_prompt, score
-from trimkv.models import GGUF_NAME, default_model_dir
+from trimkv.base_model import GGUF_NAME, default_model_dir
 
 pytestmark = pytest.mark.skipif(not (default_model_dir() / GGUF_NAME).is_file(),
                                 reason="default model not fetched (run `make model`)")
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not (default_model_dir() / GGUF_NAME).is_file(),
 
 @pytest.fixture(scope="module")
 def smollm():
-    from trimkv.models import load_model
+    from trimkv.base_model import load_model
 
     torch.manual_seed(0)
     return load_model()

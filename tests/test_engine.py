@@ -15,7 +15,7 @@ from trimkv.train.distributed import print0
 from trimkv.train.engines import deepspeed_config, resolve_engine
 from trimkv.train.run import finetune
 from trimkv.recipe import parse_recipe
-from trimkv.train.checkpoints import TrainingCheckpoints
+from trimkv.train.state import TrainingCheckpoints
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 # fp32 on CPU. DDP averages two ranks' gradients in a different order than one process summing four

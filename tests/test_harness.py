@@ -9,7 +9,7 @@ import torch
 
 from conftest import build_tiny_model
 from trimkv.attach import attach_gates
-from trimkv.checkpoint import save_gates
+from trimkv.share import save_gates
 from trimkv.errors import DataError
 from trimkv.eval import harness
 from trimkv.eval.harness import markdown_table, run_eval
@@ -208,7 +208,8 @@ def test_eval_cli_takes_device_and_dtype_and_its_results_reach_the_pushed_card(t
     model = tiny()
     gates = save_gates(attach_gates(tiny(), gate_hidden=8, bias_init=3.0).detach(), tmp_path / "gates")
     seen = {}
-    monkeypatch.setattr("trimkv.models.load_model", lambda name, **kw: seen.update(name=name, **kw) or (model, tokenizer))
+    monkeypatch.setattr("trimkv.base_model.load_model",
+                        lambda name, **kw: seen.update(name=name, **kw) or (model, tokenizer))
     out = tmp_path / "results"
     assert main(["eval", "--model", "tiny", "--device", "cpu", "--dtype", "auto", "--gates", str(gates),
                  "--tasks", "passkey", "--lengths", "256", "--budgets", "16", "--policies", "full,trimkv", "--n", "1",
@@ -231,7 +232,7 @@ def test_plot_kept_runs_one_prompt_of_an_eval_task(tokenizer, tmp_path, monkeypa
     from trimkv.cli import main
 
     gates = save_gates(attach_gates(tiny(), gate_hidden=8, bias_init=3.0).detach(), tmp_path / "gates")
-    monkeypatch.setattr("trimkv.models.load_model", lambda name, **kw: (tiny(), tokenizer))
+    monkeypatch.setattr("trimkv.base_model.load_model", lambda name, **kw: (tiny(), tokenizer))
     png = tmp_path / "kept.png"
     assert main(["plot", "kept", "--model", "tiny", "--gates", str(gates), "--task", "passkey", "--tokens", "200",
                  "--depth", "0.5", "--budget", "16", "--sink", "2", "--window", "4", "--out", str(png)]) == 0

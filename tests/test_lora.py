@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 from _tinyrun import make_data, make_model_dir, read_metrics, recipe_dict
 from conftest import build_tiny_model
 from trimkv.attach import GATES_ATTR, attach_gates
-from trimkv.checkpoint import load_gates, save_gates
+from trimkv.share import load_gates, save_gates
 from trimkv.eval import harness
 from trimkv.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_DIR, add_lora
 from trimkv.recipe import LossSection, parse_recipe
-from trimkv.train.checkpoints import ADAPTERS_FILE, ResumeError, TrainingCheckpoints
+from trimkv.train.state import ADAPTERS_FILE, ResumeError, TrainingCheckpoints
 from trimkv.train.engines import PlainEngine
 from trimkv.train.run import finetune
 from trimkv.train.step import training_step

@@ -94,7 +94,7 @@ def test_heuristic_policy_runs_with_the_gates_off(gated, tokenizer):
 def test_cli_generate_answers_a_prompt_file(gated, tokenizer, tmp_path, monkeypatch, capsys):
     gates = save_gates(gated.trimkv.detach(), tmp_path / "gates")
     model = build_tiny_model("llama", vocab_size=len(tokenizer))
-    monkeypatch.setattr("trimkv.models.load_model", lambda *a, **k: (model, tokenizer))
+    monkeypatch.setattr("trimkv.base_model.load_model", lambda *a, **k: (model, tokenizer))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"context": CONTEXT, "questions": QUESTIONS[:2]}) + "\n"
                        + json.dumps({"prompt": "The sky is"}) + "\n")

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from _tinyrun import make_data, make_model_dir, read_metrics, recipe_dict
-from trimkv.train import checkpoints as resume_mod
+from trimkv.train import state as resume_mod
 from trimkv.train.run import EpochStream, finetune
 from trimkv.recipe import parse_recipe
-from trimkv.train.checkpoints import STATE_FILE, ResumeError, TrainingCheckpoints, rng_state, set_rng_state, verify
+from trimkv.train.state import STATE_FILE, ResumeError, TrainingCheckpoints, rng_state, set_rng_state, verify
 
 # 3 short documents -> 8 packed rows of 32 tokens: 6 steps x 2 micro-batches cross an epoch boundary.
 STEPS, ACCUM = 6, 2
@@ -154,7 +154,7 @@ def test_sigkill_mid_save_leaves_a_usable_previous_checkpoint(tmp_path):
         import os, signal, sys, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_resume import FakeEngine
-        from trimkv.train.checkpoints import TrainingCheckpoints
+        from trimkv.train.state import TrainingCheckpoints
         ckpts = TrainingCheckpoints({str(tmp_path / "checkpoints")!r}, keep_last=2)
         ckpts.save(FakeEngine(1.0), 1, {{"epoch": 0, "index": 1}})
         def killed(obj, path):
@@ -221,7 +221,7 @@ def test_init_from_starts_at_the_checkpoints_gates(setup, full_run, tmp_path):
     """gates.init_from: step 0 of a warm start is the checkpoint's gates (a 0-step run exports them unchanged);
     a checkpoint of another width is refused with the fields to change."""
     from trimkv.train.run import initial_gates
-    from trimkv.models import load_model
+    from trimkv.base_model import load_model
     from trimkv.recipe import RecipeError
 
     full_gates, _ = full_run

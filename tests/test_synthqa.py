@@ -1,5 +1,5 @@
-"""builtin:qa / builtin:qa-plain (trimkv.synthqa): documents fit their rows, the answers (and only they) are targets,
-the facts are varied and look alike, and nothing is worded like the evaluation tasks."""
+"""builtin:qa / builtin:qa-plain (trimkv.data.synthqa): documents fit their rows, the answers (and only they) are
+targets, the facts are varied and look alike, and nothing is worded like the evaluation tasks."""
 from __future__ import annotations
 
 import random
@@ -10,7 +10,7 @@ import pytest
 from test_data import tokenizer  # noqa: F401  (the tiny offline BPE with a ChatML template)
 from trimkv.data import DataConfig, DataError, build_dataset
 from trimkv.eval import tasks
-from trimkv.synthqa import ATTRIBUTES, make_facts, make_value
+from trimkv.data.synthqa import ATTRIBUTES, make_facts, make_value
 
 EVAL_WORDS = ("pass key", "magic number", "var ", "uuid", "question:", "answer:", "json")
 
@@ -40,9 +40,9 @@ def test_documents_fit_and_only_the_answers_are_targets(tokenizer, tmp_path, sou
 
 
 def data_docs(cfg, tok):
-    from trimkv.data import _builtin_documents
+    from trimkv.data.builtin import builtin_documents
 
-    return _builtin_documents(cfg, tok)
+    return builtin_documents(cfg, tok)
 
 
 def test_every_asked_fact_is_stated_in_the_context(tokenizer, tmp_path):  # noqa: F811

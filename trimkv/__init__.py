@@ -4,7 +4,7 @@ Importing trimkv has no side effects: the ``"trimkv"`` attention implementation 
 when hooks are installed (``attach_gates``, ``load_gates``, ``install_hooks`` or ``make_cache``).
 """
 from .attach import GateHandle, attach_gates, detach_gates, gates_disabled, install_hooks
-from .checkpoint import convert_checkpoint, load_gate_checkpoint, load_gates, push_to_hub, save_gates
+from .share import convert_checkpoint, load_gate_checkpoint, load_gates, push_to_hub, save_gates
 from .gate import GateConfig, RetentionGate, RetentionGates
 from .lora import add_lora
 from .serve import (Answers, CompiledDecoder, EvictionPolicy, GlobalRetentionCache, RetentionCache, RetentionPolicy,

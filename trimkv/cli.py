@@ -20,7 +20,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .checkpoint import push_to_hub
+    from .share import push_to_hub
 
     records = None
     if args.results:
@@ -37,14 +37,14 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .checkpoint import convert_checkpoint
+    from .share import convert_checkpoint
 
     print(convert_checkpoint(args.source, args.out, revision=args.revision))
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_gates
+    from .share import load_gates
     from .eval.cli import load_for_gates
     from .serve import answer
 

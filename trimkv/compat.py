@@ -45,12 +45,3 @@ def cache_from(kwargs: dict[str, Any]) -> Any:
         if cache is not None:
             return cache
     return None
-
-
-def output_cache(outputs: Any) -> Any:
-    """The cache a model call returned (``outputs.cache`` from 5.24, ``outputs.past_key_values`` before)."""
-    for name in CACHE_NAMES:
-        cache = getattr(outputs, name, None)
-        if cache is not None:
-            return cache
-    return None

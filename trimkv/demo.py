@@ -46,9 +46,9 @@ def _mb(nbytes: int) -> str:
 
 def run_demo(*, retrain: bool = False, steps: int | None = None, context: int = 2048, budget: int | None = None,
              seed: int = 3, depth: float = 0.25, device: str | None = None, dtype: str = "auto") -> dict:
-    from .checkpoint import load_gates
+    from .share import load_gates
     from .eval.tasks import make_samples, render_prompt, score
-    from .models import load_model
+    from .base_model import load_model
     from .serve import generate
 
     ckpt = _checkpoint_dir()

@@ -65,7 +65,7 @@ class GateConfig:
     base_revision: str | None = None
     train_budget: int | None = None
     loss_weights: dict[str, float] = field(default_factory=dict)
-    base_load_kwargs: dict[str, Any] = field(default_factory=dict)  # trimkv.models.load_model(**kw) rebuilds the base
+    base_load_kwargs: dict[str, Any] = field(default_factory=dict)  # base_model.load_model(**kw) rebuilds the base
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -9,7 +9,7 @@ projections of the base model **in place** (the model object stays the one trimk
 
 Adapters are saved beside the gates as a standard peft adapter folder, ``<gate checkpoint>/lora/``
 (``adapter_config.json`` + ``adapter_model.safetensors``), which ``PeftModel.from_pretrained(model, folder)`` reads
-like any other; :func:`trimkv.checkpoint.load_gates` loads both.
+like any other; :func:`trimkv.share.load_gates` loads both.
 
 peft is imported on first use, like DeepSpeed in :mod:`trimkv.train.engines`: it loads parts of transformers that
 trimkv never uses and more than doubled the time of ``import trimkv`` (17 s -> 40 s on the busy 2-core CPU) for a

@@ -26,15 +26,14 @@ import torch
 import yaml
 
 from .attention import IMPLS
+from .base_model import DTYPE_CHOICES
 from .data import DataConfig
-from .train.engines import ENGINES
 from .errors import RecipeError
 from .gate import ACTIVATIONS, GATE_TYPES
 from .lora import DEFAULT_TARGETS
 from .losses import CAPACITY_FORMS, CAPACITY_SCOPES
-from .models import DTYPE_CHOICES
 
-
+ENGINES = ("auto", "plain", "ddp", "deepspeed")   # train.engine: the one list of engine names (trimkv.train.engines)
 
 
 @dataclass

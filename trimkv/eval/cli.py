@@ -41,8 +41,8 @@ def load_for_gates(args):
     else the embedded SmolLM2), ``--dtype``, ``--device`` / ``--device-map``, ``--threads``."""
     import torch
 
-    from trimkv.checkpoint import base_model_for, load_gate_config
-    from trimkv.models import DEFAULT_MODEL, load_model
+    from trimkv.share import base_model_for, load_gate_config
+    from trimkv.base_model import DEFAULT_MODEL, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)   # on a busy shared CPU, 1 thread can beat oversubscribed ones
@@ -94,10 +94,10 @@ def _plot(args: argparse.Namespace) -> int:
         raise SystemExit(f"`trimkv plot {args.what}` needs --gates CKPT")
     model, tok = load_for_gates(args)
     if args.gates:
-        from trimkv.checkpoint import load_gates
+        from trimkv.share import load_gates
 
         load_gates(model, args.gates)
-    from trimkv import corpus
+    from trimkv.data import corpus
 
     if args.task and args.text:
         raise SystemExit("`trimkv plot`: give --text or --task, not both")
@@ -127,7 +127,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
     """``--device`` and ``--dtype`` (shared by every command that loads a model)."""
-    from trimkv.models import DTYPE_CHOICES
+    from trimkv.base_model import DTYPE_CHOICES
 
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),

@@ -1,6 +1,6 @@
 """Long-text fidelity: how far memory-bounded decoding drifts from the full cache on real text, teacher-forced.
 
-For each text (real English from ``trimkv.corpus`` split ``"eval"``, never seen in training), the first
+For each text (real English from ``trimkv.data.corpus`` split ``"eval"``, never seen in training), the first
 ``prefix_tokens`` are prefilled in chunks of ``prefill_chunk`` and the next ``continuation_tokens`` are fed
 ``step`` at a time (1 = true decoding: every step evicts; larger steps are faster but let the cache hold
 ``budget + step`` tokens during a step). Each continuation token's next-token distribution is compared with the
@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trimkv import corpus
+from trimkv.data import corpus
 from trimkv.compat import cache_kwargs
 from trimkv.eval.harness import gate_fingerprint, policy_cache, prepared_gates, uses_gates
-from trimkv.models import input_device
+from trimkv.base_model import input_device
 from trimkv.progress import Progress
 from trimkv.serve import FULL, gates_for, prefill
 

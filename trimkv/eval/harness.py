@@ -41,7 +41,7 @@ from trimkv.errors import DataError
 from trimkv.eval.oracle import NeedleOraclePolicy
 from trimkv.eval.tasks import TASK_METRIC, TASKS, make_samples, render_prompt, score
 from trimkv.lora import adapter_state_dict
-from trimkv.models import input_device
+from trimkv.base_model import input_device
 from trimkv.progress import Progress
 from trimkv.serve import FULL, BoundedCache, generate, make_cache
 from trimkv.serve.policies import POLICIES, parse_policy
@@ -85,7 +85,7 @@ def prepared_gates(model, gates=None, *, need_trained: bool = False) -> Iterator
     detached on exit, or the gates already on the model. ``need_trained``: some policy reads the gates."""
     handle = getattr(model, "trimkv", None)
     if gates is not None:
-        from trimkv.checkpoint import load_gates
+        from trimkv.share import load_gates
 
         if handle is not None and handle.gates is not None:
             raise ValueError(f"the model already has gates attached, and gates={str(gates)!r} was given too: pass "

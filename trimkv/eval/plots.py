@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from trimkv.eval.harness import policy_cache
-from trimkv.models import input_device
+from trimkv.base_model import input_device
 from trimkv.serve import prefill
 
 FULL = "full"

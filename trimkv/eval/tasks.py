@@ -29,7 +29,7 @@ order. Distractor needles sit at seeded random depths. Needles go in at sentence
 depth is measured in characters of the haystack (close to tokens for a homogeneous haystack).
 
 Haystacks: ``"filler"`` repeats "The grass is green. The sky is blue. ..." (RULER's "repeat" noise);
-``"prose"`` is real English from ``trimkv.corpus`` split ``"eval"`` (RULER uses Paul Graham's essays).
+``"prose"`` is real English from ``trimkv.data.corpus`` split ``"eval"`` (RULER uses Paul Graham's essays).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from trimkv import corpus
+from trimkv.data import corpus
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 HAYSTACKS = ("filler", "prose")

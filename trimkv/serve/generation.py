@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers import Cache
 
-from ..models import input_device
+from ..base_model import input_device
 from ..compat import cache_kwargs
 from ..errors import CacheError
 from .factory import gates_for, kv_nbytes, make_cache

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Cache
 
-from ..models import input_device
+from ..base_model import input_device
 from .factory import kv_nbytes, make_cache
 from .generation import generate, prefill
 from .policies import EvictionPolicy

@@ -5,8 +5,6 @@
 * :mod:`.engines`     - how a step runs on 1..N devices: plain PyTorch, DDP, DeepSpeed ZeRO.
 * :mod:`.distributed` - rank, world size and device of this process; the few collectives.
 * :mod:`.loop`        - optimiser steps with metrics (``metrics.jsonl``, wandb), progress and checkpoints.
-* :mod:`.checkpoints` - atomic training checkpoints and exact resume.
+* :mod:`.state`       - atomic training checkpoints and exact resume.
 * :mod:`.run`         - ``finetune``: a recipe end to end (what ``trimkv train`` runs on every rank).
-
-Nothing is imported here (so ``trimkv.recipe`` can read ``ENGINES`` from :mod:`.engines` without a cycle).
 """

@@ -31,11 +31,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..lora import adapter_state_dict, load_adapter_state_dict
+from ..recipe import ENGINES
 from .distributed import DistInfo
 from .optim import build_optimizer, build_schedule, make_adamw
 from .step import prepare_batch, training_step
-
-ENGINES = ("auto", "plain", "ddp", "deepspeed")   # the one list of engine names (the recipe's train.engine)
 
 
 class _StepModule(nn.Module):
@@ -102,7 +101,7 @@ class PlainEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    # Training-state checkpoints (trimkv.train.checkpoints): the optimiser and schedule, rank 0 writes them.
+    # Training-state checkpoints (trimkv.train.state): the optimiser and schedule, rank 0 writes them.
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 

@@ -87,7 +87,7 @@ def train_loop(model, handle: GateHandle, batches: Iterator[dict], recipe: Recip
 
     ``engine`` (:mod:`trimkv.train.engines`) runs each micro-batch's training step and the optimiser; default: a
     plain single-process engine (with ``optimizer`` / ``scheduler`` if given). ``checkpoints`` (a
-    :class:`trimkv.train.checkpoints.TrainingCheckpoints`) gets a training checkpoint every ``train.save_every`` steps and
+    :class:`trimkv.train.state.TrainingCheckpoints`) gets a training checkpoint every ``train.save_every`` steps and
     at the last step; it stores ``batches.state_dict()`` as the data position when the stream has one.
     ``until_step`` stops early after that step, as a preempted job would (the schedule still spans all steps).
     ``on_save(step)`` runs after each training checkpoint (e.g. a Hub push of the gates; every rank calls it).

@@ -14,17 +14,17 @@ from typing import Any, Iterator
 import torch
 
 from ..attach import attach_gates
-from ..checkpoint import check_writable, load_gate_checkpoint, push_to_hub, save_gates
+from ..base_model import load_model
 from ..data import DataError, batches, hub_dataset_ids, prepare_data
 from ..errors import GateCheckpointError
 from ..gate import GateConfig, RetentionGates, check_compatible
 from ..lora import add_lora
-from ..models import load_model
 from ..recipe import Recipe, RecipeError, load_recipe, recipe_changes, save_recipe
-from .checkpoints import ResumeError, TrainingCheckpoints, run_dir_lock
+from ..share import check_writable, load_gate_checkpoint, push_to_hub, save_gates
 from .distributed import barrier, close_distributed, init_distributed, main_process_first, print0
 from .engines import build_engine
 from .loop import MetricsLog, summary_writer_class, train_loop
+from .state import ResumeError, TrainingCheckpoints, run_dir_lock
 
 
 class EpochStream:

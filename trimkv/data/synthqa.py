@@ -15,8 +15,8 @@ One document:
 * ``questions`` questions at the end, each about one of the facts, with its answer.
 
 Two forms. Chat (``builtin:qa``): a conversation, the document and first question in the first user turn, one user
-turn per further question, one assistant reply per answer (the assistant-only mask of :mod:`trimkv.data` makes the
-replies the targets). Plain text (``builtin:qa-plain``): the document, then each question followed by an answer
+turn per further question, one assistant reply per answer (the assistant-only mask of :mod:`trimkv.data.tokenize` makes
+the replies the targets). Plain text (``builtin:qa-plain``): the document, then each question followed by an answer
 lead ("The badge number of Kalo Renvas is") and the value; only the values are targets (``target_spans``).
 
 The wording is our own and shares nothing with :mod:`trimkv.eval.tasks` (no "pass key", "magic number", "VAR",

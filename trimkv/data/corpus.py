@@ -109,7 +109,7 @@ def prose_text(split: str, n_chars: int, seed: int = 0) -> str:
     docs = prose_documents(split)
     if n_chars <= 0:
         return ""
-    rng = random.Random(f"trimkv.corpus:{split}:{seed}")
+    rng = random.Random(f"trimkv.corpus:{split}:{seed}")   # the module's old name: the seed string stays, so texts do
     parts: list[str] = []
     total = 0
     while total < n_chars + 2:

@@ -11,9 +11,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from trimkv import checkpoint as ckpt
-from trimkv.gate import check_compatible
-from trimkv.checkpoint import (
+from trimkv.gate import GateConfig, RetentionGates, check_compatible
+from trimkv.share import folder as ckpt
+from trimkv.share import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     GateCheckpointError,
@@ -23,7 +23,6 @@ from trimkv.checkpoint import (
     push_to_hub,
     save_gates,
 )
-from trimkv.gate import GateConfig, RetentionGates
 
 
 def make_gates(gate_type: str = "rg", num_layers: int = 2, seed: int = 0) -> RetentionGates:

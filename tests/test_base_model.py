@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from trimkv import models
+from trimkv import base_model
 
 
 @pytest.fixture(scope="module")
@@ -18,23 +18,23 @@ def bf16_folder(tmp_path_factory, tokenizer):
 
 
 def test_dtype_auto_keeps_the_checkpoints_dtype(bf16_folder):
-    model, tok = models.load_model(str(bf16_folder))
+    model, tok = base_model.load_model(str(bf16_folder))
     assert next(model.parameters()).dtype == torch.bfloat16 and not model.training
-    model, _ = models.load_model(str(bf16_folder), dtype="float32", device="cpu")
+    model, _ = base_model.load_model(str(bf16_folder), dtype="float32", device="cpu")
     assert next(model.parameters()).dtype == torch.float32
 
 
 def test_unknown_dtype_names_the_choices(bf16_folder):
     with pytest.raises(ValueError, match="auto"):
-        models.load_model(str(bf16_folder), dtype="fp8")
+        base_model.load_model(str(bf16_folder), dtype="fp8")
 
 
 def test_device_auto_picks_cuda_only_when_there_is_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert models.resolve_device("auto") == "cpu"
+    assert base_model.resolve_device("auto") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert models.resolve_device("auto") == "cuda"
-    assert models.resolve_device("cuda:1") == "cuda:1" and models.resolve_device(None) is None
+    assert base_model.resolve_device("auto") == "cuda"
+    assert base_model.resolve_device("cuda:1") == "cuda:1" and base_model.resolve_device(None) is None
 
 
 def test_device_map_is_passed_through(bf16_folder, monkeypatch):
@@ -49,11 +49,11 @@ def test_device_map_is_passed_through(bf16_folder, monkeypatch):
         return real(path, **kwargs)
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
-    models.load_model(str(bf16_folder), device="cuda", device_map={"": "cpu"})   # device_map wins over device
+    base_model.load_model(str(bf16_folder), device="cuda", device_map={"": "cpu"})   # device_map wins over device
     assert seen["device_map"] == {"": "cpu"} and seen["dtype"] == "auto"
 
 
 def test_inputs_go_to_the_embeddings_device():
     model = build_tiny_model("llama")
     model.get_input_embeddings().to("meta")
-    assert models.input_device(model) == torch.device("meta")
+    assert base_model.input_device(model) == torch.device("meta")

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from .gate import SHARED_HEAD_TYPES, GateConfig
-from .models import DEFAULT_MODEL, DEFAULT_MODEL_ID
+from ..base_model import DEFAULT_MODEL, DEFAULT_MODEL_ID
+from ..gate import SHARED_HEAD_TYPES, GateConfig
 
 FRONT_KEYS = ("license", "datasets", "eval_records")   # metadata keys that go into the front matter
 EVAL_HEADING = "## Evaluation results"
@@ -221,7 +221,7 @@ def eval_section(records: list[dict] | None) -> str:
 
 
 def base_load_kwargs(config: GateConfig) -> dict[str, Any] | None:
-    """``trimkv.models.load_model`` arguments that rebuild the base model; None when the config does not say."""
+    """``trimkv.base_model.load_model`` arguments that rebuild the base model; None when the config does not say."""
     if config.base_load_kwargs:
         return dict(config.base_load_kwargs)
     if config.base_model == DEFAULT_MODEL_ID:       # checkpoints of the embedded default written before the field
@@ -243,7 +243,7 @@ def usage(config: GateConfig, source: str) -> str:
     return (
         f"{USAGE_HEADING}\n\n```python\n"
         "from trimkv import load_gates\n"
-        "from trimkv.models import load_model\n"
+        "from trimkv.base_model import load_model\n"
         "from trimkv.serve import answer\n\n"
         f"model, tok = {load}   # the base model; add device=\"cuda\" on a GPU\n"
         f"load_gates(model, {source!r})\n"

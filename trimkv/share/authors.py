@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from .errors import CorruptCheckpointError
-from .gate import ACTIVATIONS, GateConfig
+from ..errors import CorruptCheckpointError
+from ..gate import ACTIVATIONS, GateConfig
 
 OFFICIAL_WEIGHTS = "trimkv_weights.pth"
 GATE_TYPE_OF = {"rg": "rg", "rg2": "rg2-all", "rg3": "rg3"}     # the authors' name -> trimkv's gate_type

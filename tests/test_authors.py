@@ -15,11 +15,11 @@ from transformers.activations import ACT2FN
 
 from conftest import build_tiny_model, tiny_config
 from trimkv import load_gates, make_cache
-from trimkv.checkpoint import (CorruptCheckpointError, base_model_for, convert_checkpoint, load_gate_checkpoint,
-                               load_gate_config)
 from trimkv.cli import main as cli_main
 from trimkv.compat import cache_kwargs
-from trimkv.official import OFFICIAL_WEIGHTS
+from trimkv.share import (CorruptCheckpointError, base_model_for, convert_checkpoint, load_gate_checkpoint,
+                          load_gate_config)
+from trimkv.share.authors import OFFICIAL_WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -177,7 +177,7 @@ def test_eval_commands_default_to_the_gates_base_model(tmp_path, monkeypatch):
 
     folder = write_official(tmp_path / "official", "rg")
     seen = {}
-    monkeypatch.setattr("trimkv.models.load_model", lambda name, **kw: seen.update(name=name, **kw) or (None, None))
+    monkeypatch.setattr("trimkv.base_model.load_model", lambda name, **kw: seen.update(name=name, **kw) or (None, None))
     parser = __import__("argparse").ArgumentParser()
     eval_cli.add_model_args(parser)
     eval_cli.load_for_gates(parser.parse_args(["--gates", str(folder), "--device", "cpu"]))
@@ -185,7 +185,7 @@ def test_eval_commands_default_to_the_gates_base_model(tmp_path, monkeypatch):
 
 
 def test_pushing_the_authors_layout_asks_for_a_conversion_first(tmp_path, fake_hub):
-    from trimkv.checkpoint import GateCheckpointError, push_to_hub
+    from trimkv.share import GateCheckpointError, push_to_hub
 
     with pytest.raises(GateCheckpointError, match="trimkv convert"):
         push_to_hub(write_official(tmp_path / "official", "rg"), "me/g")

@@ -1,0 +1,200 @@
+"""Gate checkpoints: a folder a person can open, saved atomically, loaded safely (from a folder or the Hub).
+
+A checkpoint folder holds three files (and, with LoRA co-training, a peft adapter folder)::
+
+    config.json        GateConfig fields + "trimkv_version" + "format_version"
+    model.safetensors  gates.state_dict(): layers.{l}.w1.weight, layers.{l}.w1.bias, layers.{l}.w2.weight,
+                       layers.{l}.bias (rg10: layers.{l}.w2.bias, and shared.proj.weight + shared.bias once for all
+                       layers) (fp32; independent of the base model's module tree)
+    README.md          generated model card with Hub front matter (library_name: trimkv)
+    lora/              optional: LoRA adapters trained with the gates (adapter_config.json + adapter_model.safetensors,
+                       what peft's PeftModel.save_pretrained writes); :func:`load_gates` injects them too
+
+Weights are read from safetensors; the one exception is the authors' released layout (``config.json`` +
+``trimkv_weights.pth``, :mod:`trimkv.share.authors`), read with ``torch.load(weights_only=True)`` and accepted
+wherever a checkpoint is (``load_gates``, ``trimkv convert``). Every failure raises a :class:`GateCheckpointError`
+subclass whose message names the file / key and says what to do (the classes live in :mod:`trimkv.errors`). The
+file names and the checked reading are in :mod:`trimkv.share.layout`, Hub ids in :mod:`trimkv.share.hub`, the model
+card in :mod:`trimkv.share.card`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+from safetensors.torch import save_file
+
+from ..attach import attach_gates
+from ..base_model import DEFAULT_MODEL, DEFAULT_MODEL_ID
+from ..errors import GateCheckpointError, GateMismatchError, NonFiniteError
+from ..gate import GateConfig, RetentionGates, check_compatible, nonfinite_keys
+from ..lora import LORA_DIR, has_lora, load_lora, save_lora
+from .card import public_config, public_name, public_value, write_model_card
+from .hub import resolve_folder
+from .layout import CARD_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_config, read_gates, trimkv_version
+
+
+# --------------------------------------------------------------------------------------------- save
+
+
+def save_gates(gates: RetentionGates, path: str | os.PathLike, *, metadata: dict | None = None,
+               adapters: Any = None, adapter_state: dict | None = None) -> pathlib.Path:
+    """Write ``gates`` as a checkpoint folder at ``path`` and return its path.
+
+    The folder is built in a temp dir beside ``path`` and renamed into place, so a crash leaves either
+    the old checkpoint or the new one, never a mix. ``metadata`` (data, steps, ...; ``license``, ``datasets`` and
+    ``eval_records`` go into the card's front matter, see :mod:`trimkv.share.card`) goes into the model card.
+    ``adapters`` (a ``peft.PeftModel`` of LoRA adapters trained with the gates) are written to ``lora/``: their
+    current weights, or ``adapter_state`` when given (e.g. gathered under ZeRO-3).
+    """
+    path = pathlib.Path(path)
+    state = gates.fp32_state_dict()
+    bad = nonfinite_keys(state)
+    if bad:
+        raise NonFiniteError(f"refusing to save gates with NaN or inf in {bad[:4]}{' ...' if len(bad) > 4 else ''} "
+                             f"to {path}: the run diverged (lower train.lr, check the data)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path)
+    config = public_config(gates.config)       # Hub ids or folder names, never local paths
+    metadata = public_value(metadata)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        _write_config(tmp / CONFIG_NAME, config)
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if adapters is not None:
+            save_lora(adapters, tmp / LORA_DIR, adapter_state)
+        write_model_card(tmp / CARD_NAME, config, metadata, source=public_name(str(path)), version=trimkv_version())
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_config(file: pathlib.Path, config: GateConfig) -> None:
+    data = config.to_dict()
+    data.update(trimkv_version=trimkv_version(), format_version=FORMAT_VERSION)
+    try:
+        text = json.dumps(data, indent=2, sort_keys=False)
+    except TypeError as err:
+        raise GateCheckpointError(
+            f"cannot write {CONFIG_NAME}: a GateConfig field is not JSON-serializable ({err}); "
+            "keep GateConfig.extra / loss_weights to plain numbers, strings, lists and dicts"
+        ) from err
+    file.write_text(text + "\n", encoding="utf-8")
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise GateCheckpointError unless ``path`` is free, an empty folder or an earlier trimkv checkpoint (what
+    :func:`save_gates` may replace); training calls it before its first step."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise GateCheckpointError(f"cannot save gates to {path}: it is a file; pick a folder path")
+    if any(path.iterdir()) and not _is_trimkv_checkpoint(path):
+        raise GateCheckpointError(
+            f"cannot save gates to {path}: the folder exists and is not a trimkv checkpoint "
+            "(no config.json with a 'format_version'); pick another path or empty it first"
+        )
+
+
+def _is_trimkv_checkpoint(path: pathlib.Path) -> bool:
+    try:
+        data = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "format_version" in data
+
+
+def _swap_into_place(new: pathlib.Path, path: pathlib.Path) -> None:
+    """Rename ``new`` to ``path``; an existing ``path`` is moved aside first and deleted last."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.replace(path, old / "ckpt")
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old / "ckpt", path)  # put the previous checkpoint back
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+def load_gate_checkpoint(
+    source: str | os.PathLike, *, revision: str | None = None, local_files_only: bool | None = None
+) -> RetentionGates:
+    """Load gates from a checkpoint folder or a Hub repo (``"user/name"`` / ``"user/name@revision"``), in trimkv's
+    layout or the authors' (``config.json`` + ``trimkv_weights.pth``, :mod:`trimkv.share.authors`).
+
+    ``local_files_only=None`` follows ``HF_HUB_OFFLINE``. Returns fp32 gates on the CPU (LoRA adapters a checkpoint
+    may carry are not read here; :func:`load_gates` injects them into a model).
+    """
+    folder = resolve_folder(source, revision, local_files_only)
+    config = read_config(folder, str(source))
+    return read_gates(folder, config)
+
+
+def load_gate_config(
+    source: str | os.PathLike, *, revision: str | None = None, local_files_only: bool | None = None
+) -> GateConfig:
+    """Only the :class:`GateConfig` of a checkpoint (either layout): its shape and base model, no weights read."""
+    return read_config(resolve_folder(source, revision, local_files_only), str(source))
+
+
+def base_model_for(config: GateConfig) -> str:
+    """The ``trimkv.base_model.load_model`` name of the base model the gates were trained for (``"smollm2"`` for the
+    embedded default)."""
+    load = config.base_load_kwargs.get("name") or config.base_model
+    if not load:
+        raise GateCheckpointError("the gate checkpoint does not record its base model: pass the model explicitly")
+    return DEFAULT_MODEL if load == DEFAULT_MODEL_ID else load
+
+
+def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, revision: str | None = None,
+                       local_files_only: bool | None = None) -> pathlib.Path:
+    """Read a checkpoint in either layout (the authors' release, typically) and save it as a trimkv checkpoint."""
+    gates = load_gate_checkpoint(source, revision=revision, local_files_only=local_files_only)
+    official = gates.config.extra.get("official", {})
+    metadata = {"converted from": f"{public_name(str(source))} (the authors' release)" if official else
+                public_name(str(source))}
+    metadata.update({f"authors' {k}": official[k] for k in ("memory_size", "buffer_size") if k in official})
+    return save_gates(gates, out, metadata=metadata)
+
+
+# ------------------------------------------------------------------------------------- model binding
+
+
+def load_gates(
+    model: Any, source: str | os.PathLike, *, revision: str | None = None,
+    local_files_only: bool | None = None, **attach_kwargs: Any,
+):
+    """Load a gate checkpoint (either layout), check it fits ``model``, and attach it; returns the attach handle.
+    Each layer's gate goes to the device of that layer (``device_map="auto"`` models included).
+
+    A checkpoint with ``lora/`` (LoRA co-training) also injects those adapters into ``model`` (frozen); the handle's
+    ``disabled()`` then turns gates and adapters off together, and ``detach()`` removes both."""
+    folder = resolve_folder(source, revision, local_files_only)
+    gates = read_gates(folder, read_config(folder, str(source)))
+    try:
+        check_compatible(gates.config, model)      # before anything is attached (attach_gates checks again)
+    except GateMismatchError as err:
+        raise GateMismatchError(f"gate checkpoint {source}: {err}") from None
+    if getattr(model, "trimkv", None) is not None:
+        raise RuntimeError("gates are already attached to this model; call model.trimkv.detach() first")
+    adapters = load_lora(model, folder / LORA_DIR) if has_lora(folder) else None
+    try:
+        return attach_gates(model, gates, adapters=adapters, **attach_kwargs)
+    except BaseException:
+        if adapters is not None:
+            adapters.unload()
+        raise
