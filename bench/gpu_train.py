@@ -169,7 +169,7 @@ def size(recipe, args) -> tuple[dict, str]:
     from trimkv.base_model import load_model
     from trimkv.train.engines import PlainEngine
     from trimkv.train.run import initial_gates
-    from trimkv.train.throughput import rows_for_memory
+    from trimkv.train.throughput import first_that_fits, rows_for_memory
 
     m, T = recipe.model, recipe.data.seq_len
     model, _ = load_model(m.name, dtype=m.dtype, device="cuda" if not args.dry_run else "cpu")
@@ -184,9 +184,10 @@ def size(recipe, args) -> tuple[dict, str]:
 
     if args.dry_run:
         rows = 2
-    else:
+    else:                               # not yet run on a GPU (issue 24): the dry run takes the branch above
         limit = args.memory_fraction * torch.cuda.get_device_properties(0).total_memory
         rows = rows_for_memory(lambda b: peak_of(lambda: step(b), "cuda"), limit_bytes=limit, most=args.max_rows)
+        rows = first_that_fits(step, rows)
     seconds = common.timeit(lambda: step(rows), repeat=3, warmup=1, device="cpu" if args.dry_run else "cuda")
     steps = max(3, int(args.train_seconds / seconds))
     handle.detach()

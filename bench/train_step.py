@@ -24,7 +24,8 @@ from trimkv.attach import attach_gates
 from trimkv.recipe import parse_recipe
 from trimkv.train.engines import PlainEngine
 from trimkv.train.loop import step_metrics
-from trimkv.train.throughput import frozen_fwd_bwd_flops, peak_flops, rows_for_memory, step_flops
+from trimkv.train.throughput import (first_that_fits, frozen_fwd_bwd_flops, peak_flops, rows_for_memory,
+                                     step_flops)
 
 try:
     from . import common
@@ -76,11 +77,13 @@ def max_rows(model, cfg, T: int, args) -> int:
     on a CPU exactly --max-rows."""
     if not args.device.startswith("cuda"):
         return args.max_rows
+    # The CUDA sizing (peak memory of two probe steps) has not run on a GPU yet (issue 24): make gpu-verify runs it.
     step = GateStep(model, T, args.attn_impl, args.device)
     try:
         limit = args.memory_fraction * torch.cuda.get_device_properties(args.device).total_memory
-        return rows_for_memory(lambda b: peak_of(lambda: step(make_batch(b, T, cfg.vocab_size, args.scored)),
-                                                 args.device), limit_bytes=limit, most=args.max_rows)
+        run = lambda b: step(make_batch(b, T, cfg.vocab_size, args.scored))  # noqa: E731
+        rows = rows_for_memory(lambda b: peak_of(lambda: run(b), args.device), limit_bytes=limit, most=args.max_rows)
+        return first_that_fits(run, rows)
     finally:
         step.close()
 

@@ -54,4 +54,5 @@ def test_decode_quick_run_has_every_column_and_no_recompilation():
     for row in result["rows"]:
         assert all(row[f"{m}_tok_s"] > 0 for m in decode.METHODS), row
     assert result["compiled_recompiles_after_warmup"] == 0
-    assert result["tokens_vs_eager"] == {"context": 64, "steps": 6, "same_steps": 6, "first_difference": None}
+    check = result["tokens_vs_eager"]
+    assert (check["steps"], check["same_steps"], check["first_difference"]) == (6, 6, None)

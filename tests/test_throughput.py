@@ -13,8 +13,8 @@ from conftest import build_tiny_model
 from trimkv.recipe import parse_recipe
 from trimkv.train.run import finetune
 from trimkv.train.state import TrainingCheckpoints
-from trimkv.train.throughput import (ModelShape, decoder_flops, frozen_fwd_bwd_flops, peak_flops, rows_for_memory,
-                                     step_flops)
+from trimkv.train.throughput import (ModelShape, decoder_flops, first_that_fits, frozen_fwd_bwd_flops, peak_flops,
+                                     rows_for_memory, step_flops)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
@@ -56,6 +56,19 @@ def test_rows_for_memory_fits_the_line_through_two_probes():
     assert rows_for_memory(peak, limit_bytes=30 * 2**30, most=8) == 8
     with pytest.raises(ValueError, match="seq_len"):
         rows_for_memory(peak, limit_bytes=4 * 2**30)
+
+
+def test_rows_are_halved_until_a_step_fits():
+    tried = []
+
+    def step(rows):
+        tried.append(rows)
+        if rows > 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    assert first_that_fits(step, 24) == 3 and tried == [24, 12, 6, 3]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        first_that_fits(lambda rows: step(99), 1)
 
 
 @pytest.fixture(scope="module")

@@ -127,3 +127,18 @@ def rows_for_memory(peak_bytes: Callable[[int], int], *, limit_bytes: float, pro
     per_row = max((pb - pa) / (b - a), 1.0)
     fixed = pa - a * per_row
     return int(max(a, min(most, (limit_bytes - fixed) // per_row)))
+
+
+def first_that_fits(step: Callable[[int], object], rows: int) -> int:
+    """``rows``, halved until one ``step(rows)`` runs without running out of GPU memory (the line through two probes
+    can miss by the allocator's fragmentation). The step's partial gradients of a failed try are left behind: size
+    with a model whose optimiser state does not matter, as :func:`rows_for_memory`'s callers do."""
+    while True:
+        try:
+            step(rows)
+            return rows
+        except torch.cuda.OutOfMemoryError:
+            if rows == 1:
+                raise
+            torch.cuda.empty_cache()
+            rows //= 2
