@@ -153,6 +153,9 @@ def describe(calls: list[Call], repo: Path = REPO) -> str:
         lines.append(f"   run(command={call.command!r}, carry={call.carry}, timeout_s={call.timeout_s})")
     lines += ["", f"estimate: ~{visit_seconds(calls) / 60:.1f} min of device time of {DEVICE_BUDGET_S // 60} (a cold "
                   f"start ~{START_S} s, {TRANSFER_S} s of transfers per command); guesses until a visit measures them",
+              "if the machine went back between commands (status: warm false), the parts in /tmp went with it: carry "
+              "each part again with make gpu-stage-part (the first with .whl) before make gpu-train, whose error names "
+              "the missing ones",
               "afterwards, here: python -m bench.gpu_stage unpack <files_at of each command> results/gpu-<machine>"]
     problems = check(calls, repo)
     lines += ["", "plan holds" if not problems else "PROBLEMS:\n  " + "\n  ".join(problems)]
