@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from _tinyrun import make_data, make_model_dir, read_metrics, recipe_dict
 from conftest import build_tiny_model
+from trimkv.errors import RecipeError
 from trimkv.recipe import parse_recipe
 from trimkv.train.run import finetune
 from trimkv.train.state import TrainingCheckpoints
@@ -54,7 +55,7 @@ def test_rows_for_memory_fits_the_line_through_two_probes():
     assert rows_for_memory(peak, limit_bytes=30 * 2**30) == 18     # (30 - 3) / 1.5
     assert probes == [1, 2]
     assert rows_for_memory(peak, limit_bytes=30 * 2**30, most=8) == 8
-    with pytest.raises(ValueError, match="seq_len"):
+    with pytest.raises(RecipeError, match="seq_len"):
         rows_for_memory(peak, limit_bytes=4 * 2**30)
 
 

@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+from ..errors import RecipeError
+
 # Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s, no sparsity). MFU is reported against these;
 # a chip that is not listed gets no MFU (None) rather than a guess.
 PEAK_BF16_FLOPS = {
@@ -115,13 +117,13 @@ def rows_for_memory(peak_bytes: Callable[[int], int], *, limit_bytes: float, pro
     ``peak_bytes(rows)`` runs one step with that many rows and returns its peak memory (e.g.
     ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``). Peak memory of a step is affine in the
     rows (the weights, plus activations per row), so two probes give the line; the answer is rounded down, at least
-    ``probe[0]`` and at most ``most``. Raises ValueError when even the first probe does not fit."""
+    ``probe[0]`` and at most ``most``. Raises RecipeError when even the first probe does not fit."""
     a, b = probe
     if not 0 < a < b:
         raise ValueError(f"probe={probe}: need two row counts 0 < a < b")
     pa, pb = peak_bytes(a), peak_bytes(b)
     if pa > limit_bytes:
-        raise ValueError(f"one step of {a} row(s) already peaks at {pa / 2**30:.1f} GiB, over the limit of "
+        raise RecipeError(f"one step of {a} row(s) already peaks at {pa / 2**30:.1f} GiB, over the limit of "
                          f"{limit_bytes / 2**30:.1f} GiB: shorten the rows (data.seq_len) or turn on "
                          "train.gradient_checkpointing")
     per_row = max((pb - pa) / (b - a), 1.0)
