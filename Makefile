@@ -14,7 +14,7 @@ OLDEST_LOCK := constraints-oldest.txt
 COMPAT_VENV := .venv-oldest
 LATEST_VENV := .venv-latest
 
-.PHONY: venv model demo test test-compat test-latest lock gpu-check train eval eval-full clean
+.PHONY: venv model demo test test-compat test-latest lock gpu-stage gpu-verify gpu-stage-part gpu-train train eval eval-full clean
 
 venv: $(VENV)/.installed
 
@@ -65,10 +65,25 @@ demo: venv model
 test: venv model
 	$(PY) -m pytest -q tests
 
-# On a CUDA machine: the suite with compiled kernels, the four benchmarks at GPU sizes and a short bf16 training
-# run, one summary table at the end (logs and JSON in runs/gpu-check). E.g. GPU_CHECK_ARGS="--pytest-args='-n 8'".
-gpu-check: venv model
-	$(PY) -m bench.gpu_check $(GPU_CHECK_ARGS)
+# A GPU visit (bench/gpu_plan.py; docs/guide.md, "A GPU visit"). Here, with the package index: `make gpu-stage`
+# (wheels for the GPU image and the default model's GGUF in parts; prints the visit's device commands). On the lent
+# GPU machine, in that order, one device command each: `make gpu-verify` (the suite with compiled kernels, the
+# benchmarks at GPU sizes, DeepSpeed), `make gpu-stage-part` (a GGUF part), `make gpu-train` (gates at full
+# throughput for a fixed time, the README grid in batches). DRY_RUN=1 checks the plan and runs each step tiny on this
+# CPU. GPU_ARGS pass through, e.g. GPU_ARGS="--parts decode,attention".
+DRY_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+export DRY_RUN DRY_PY
+gpu-stage:
+	$(PY) -m bench.gpu_plan stage
+
+gpu-verify:
+	sh bench/gpu_visit.sh verify $(GPU_ARGS)
+
+gpu-stage-part:
+	sh bench/gpu_visit.sh stage
+
+gpu-train:
+	sh bench/gpu_visit.sh train $(GPU_ARGS)
 
 train: venv model
 	$(PY) -m trimkv.cli train $(or $(RECIPE),recipes/smollm2-135m-qa-m64.yaml)

@@ -5,5 +5,7 @@
     python -m bench.attention    # training attention: time / peak memory of reference vs chunked (vs triton/flex)
     python -m bench.train_step   # gate-training step vs a plain frozen forward+backward
 
+    python -m bench.gpu_plan     # a GPU visit's device commands (make gpu-stage / gpu-verify / gpu-train)
+
 ``--quick`` shrinks every size (seconds); ``--model tiny`` uses a tiny random Llama instead of the default model.
 """

@@ -114,3 +114,33 @@ def env(args) -> dict:
     return {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": sys.version.split()[0], "machine": platform.machine(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def random_model_dir(folder: Path, shape: str = "tiny", *, vocab: int = 512) -> Path:
+    """A random-weight Llama of ``RANDOM_SHAPES[shape]`` and a byte-level BPE tokenizer (``vocab`` tokens, trained
+    on the built-in prose in a second) saved to ``folder``, so that a recipe loads it like a Hub model: training runs
+    that need a model and a tokenizer but not the default model's weights (the DeepSpeed check, dry runs). The
+    model's vocabulary is the larger of the shape's and the tokenizer's. Idempotent."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from trimkv.data import corpus
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus.prose_documents("train")[:200], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    dims = {**RANDOM_SHAPES[shape]}
+    dims["vocab_size"] = max(dims["vocab_size"], len(tok))
+    cfg = LlamaConfig(**dims, max_position_embeddings=1 << 16, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -12,6 +12,12 @@ Prefill is not measured: caches are filled directly with random keys / values of
 full caches, M kept tokens at random positions < L for the bounded one); then ``--steps`` decode steps are timed
 after ``--warmup`` steps (which compile, and record the CUDA graph). tok/s counts every row; ratios are
 compiled-bounded tok/s over each other column's, in the same setting.
+
+``--check-tokens N``: the compiled decode must give the eager decode's tokens. One random prompt of
+``--check-context`` tokens is prefilled into a bounded cache and decoded greedily for N steps twice, with the eager
+step and with the compiled one (end-of-sequence ignored); the JSON gets the number of steps that agree, the first
+that does not, and the eager step's top-1 minus top-2 logit there (a difference at a near-tie of random bf16 weights
+is rounding, not a bug: compare with ``smallest_eager_margin``).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from transformers import DynamicCache, StaticCache
 from trimkv.attach import LayerInputs, attach_gates
 from trimkv.compat import cache_name
 from trimkv.serve import RetentionCache, kv_nbytes, make_cache
+from trimkv.serve import gates_for, prefill
 from trimkv.serve.decode import CompiledDecoder, DecodeState, compiled_step, decode_step, graphs_compiled
 
 try:
@@ -140,6 +147,39 @@ def measure(method: str, model, cfg, L: int, B: int, args, dtype) -> dict:
     return {"tok_s": B / seconds, "kv_MB": nbytes / 2**20, "recompiles": recompiles}
 
 
+@torch.no_grad()
+def token_check(gated, cfg, args) -> dict:
+    """Greedy tokens of the eager and the compiled bounded decode from one random prompt (see the docstring). Checked
+    on CPU (inductor and eager backends); the CUDA-graph comparison is make gpu-verify's, not yet run (issue 24)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (1, args.check_context), generator=g).to(args.device)
+    n, arg = args.check_tokens, cache_name(gated)
+    runs, margins = {}, []
+    for method in ("eager", "compiled"):
+        cache = make_cache(gated, "trimkv", args.budget, sink=4, window=16)
+        if method == "compiled":
+            out = CompiledDecoder(gated, cache, mode=args.mode, backend=args.backend).generate(
+                ids, max_new_tokens=n, eos_token_id=[])[:, ids.shape[1]:]
+        else:                                    # decode_step's greedy step, written out to see the logits
+            logits, pos = prefill(gated, ids, cache, chunk=256)
+            nxt, steps = logits.argmax(-1, keepdim=True), []
+            for k in range(n):
+                top2 = logits.float().topk(2, dim=-1).values[0]
+                margins.append(float(top2[0] - top2[1]))   # how far the eager step is from a tie
+                steps.append(nxt)
+                with gates_for(gated, cache):
+                    out = gated(input_ids=nxt, position_ids=pos[:, -1:] + 1 + k, use_cache=True, **{arg: cache})
+                logits = out.logits[:, -1]
+                nxt = logits.argmax(-1, keepdim=True)
+            out = torch.cat(steps, dim=1)
+        runs[method] = out.cpu()
+    differ = (runs["eager"] != runs["compiled"])[0].nonzero()
+    first = None if len(differ) == 0 else int(differ[0])
+    return {"context": args.check_context, "steps": n, "same_steps": int((runs["eager"] == runs["compiled"]).sum()),
+            "first_difference": first, "eager_margin_there": None if first is None else margins[first],
+            "smallest_eager_margin": min(margins)}
+
+
 def max_rows(cfg, dtype, L: int, args) -> dict[str, int]:
     """The most rows of each cache whose KV bytes fit the limit (capped at --max-batch)."""
     limit = args.kv_limit_mb * 2**20
@@ -187,6 +227,10 @@ def main(argv=None) -> dict:
     p.add_argument("--mode", default="auto", help="torch.compile mode ('auto': reduce-overhead on CUDA)")
     p.add_argument("--backend", default=None, help="torch.compile backend (default inductor; eager with --quick: "
                                                     "graph capture only, fast)")
+    p.add_argument("--check-tokens", type=int, default=0, metavar="N",
+                   help="also check that N compiled decode steps give the eager steps' tokens (0: no check)")
+    p.add_argument("--check-context", type=int, default=None, help="prompt tokens of the check (default 1024; "
+                                                                     "64 with --quick)")
     args = p.parse_args(argv)
     common.setup(args)
     gpu = args.device.startswith("cuda")
@@ -202,9 +246,9 @@ def main(argv=None) -> dict:
     model, cfg = common.load(args)
     dtype = next(model.parameters()).dtype
     gated = None
-    if {"eager", "compiled"} & set(args.methods):   # a gated copy: every cell of a row is measured back to back
+    if {"eager", "compiled"} & set(args.methods) or args.check_tokens:   # a gated copy: cells run back to back
         gated = copy.deepcopy(model)
-        attach_gates(gated)
+        attach_gates(gated, bias_init=4.0)           # beta ~ 0.98, spread by the input: no near-ties in eviction
     rows_of = {L: {"1": dict.fromkeys(METHODS, 1), "max": max_rows(cfg, dtype, L, args)} for L in lengths}
     res: dict = {}
     todo = [(L, setting, m) for L in lengths for setting in ("1", "max") for m in args.methods]
@@ -222,6 +266,9 @@ def main(argv=None) -> dict:
     bounded_mb = {r["bounded_kv_MB"] for r in rows if r["batch"] == "1" and r["bounded_kv_MB"] is not None}
     extra = {"bounded_kv_bytes_constant": len(bounded_mb) <= 1,
              "compiled_recompiles_after_warmup": sum(v["recompiles"] for k, v in res.items() if k[2] == "compiled")}
+    if args.check_tokens:
+        args.check_context = args.check_context or (64 if args.quick else 1024)
+        extra["tokens_vs_eager"] = token_check(gated, cfg, args)
     return common.finish(args, "decode", rows, title, extra)
 
 

@@ -50,7 +50,9 @@ def test_decode_bounded_kv_bytes_do_not_grow_with_context_and_more_bounded_rows_
 def test_decode_quick_run_has_every_column_and_no_recompilation():
     from bench import decode
 
-    result = decode.main(["--quick", "--model", "tiny", "--device", "cpu", "--steps", "2"])
+    result = decode.main(["--quick", "--model", "tiny", "--device", "cpu", "--steps", "2", "--check-tokens", "6"])
     for row in result["rows"]:
         assert all(row[f"{m}_tok_s"] > 0 for m in decode.METHODS), row
     assert result["compiled_recompiles_after_warmup"] == 0
+    check = result["tokens_vs_eager"]
+    assert (check["steps"], check["same_steps"], check["first_difference"]) == (6, 6, None)

@@ -130,14 +130,14 @@ def answer_occurrences(sample, prompt: str, tokenizer) -> list[list[list[int]]]:
     return out if all(out) else []
 
 
-def needle_kept(cache, occurrences: list[list[list[int]]]) -> int | None:
+def needle_kept(cache, occurrences: list[list[list[int]]], row: int = 0) -> int | None:
     """How many (layer, KV head) caches hold every answer in full (all tokens of at least one occurrence of each),
-    batch row 0; None when the cache has no slots to look at or the task has no needles."""
+    batch row ``row``; None when the cache has no slots to look at or the task has no needles."""
     if not occurrences or not isinstance(cache, BoundedCache) or not cache.layers[0].is_initialized:
         return None
     held = 0
     for layer in cache.layers:
-        for kept in layer.kept_positions()[0].tolist():                       # per KV head: kept positions
+        for kept in layer.kept_positions()[row].tolist():                     # per KV head: kept positions
             kept = set(kept)
             held += all(any(set(occ) <= kept for occ in occs) for occs in occurrences)
     return held
@@ -149,10 +149,13 @@ def needle_kept(cache, occurrences: list[list[list[int]]]) -> int | None:
 def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: int, out_dir, gates=None,
              seed: int = 0, sink: int = 4, window: int = 16, prefill_chunk: int = 256,
              max_new_tokens: int | None = None, haystack: str = "filler", chat: bool = False,
-             depths: tuple[float, float] = DEPTHS, lookahead: int = 0, progress: bool = True) -> list[dict]:
+             depths: tuple[float, float] = DEPTHS, lookahead: int = 0, progress: bool = True,
+             run_cell=None) -> list[dict]:
     """Evaluate every cell (see module docstring); returns the metrics records (also written to ``out_dir``).
 
-    Sample i of a cell puts its needle at depth ``lo + (hi - lo) * i / (n - 1)`` for ``depths = (lo, hi)``."""
+    Sample i of a cell puts its needle at depth ``lo + (hi - lo) * i / (n - 1)`` for ``depths = (lo, hi)``.
+    ``run_cell`` runs one unfinished cell (default: one prompt at a time; :mod:`trimkv.eval.batched` runs many)."""
+    run_cell = run_cell or _run_cell
     lo, hi = map(float, depths)
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"depths={depths!r}: need 0 <= lo <= hi <= 1 (fractions of the haystack)")
@@ -191,7 +194,7 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
                 if key not in samples:
                     samples[key] = make_samples(cell.task, tokenizer, context_length=cell.length, n=n_samples,
                                                 seed=seed, haystack=haystack, chat=chat, depths=spread)
-                done[cell] = _run_cell(model, tokenizer, cell, cfg, samples[key], bar)
+                done[cell] = run_cell(model, tokenizer, cell, cfg, samples[key], bar)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(done[cell], indent=1))
     for cell in cells:   # a trimkv record names the gates it measured (model cards keep only their own gates' results)

@@ -15,7 +15,7 @@ import torch
 from ..attach import GateHandle
 from ..errors import NonFiniteError, RecipeError
 from ..progress import Progress
-from .distributed import all_reduce_mean
+from .distributed import all_gather_object, all_reduce_mean
 from .engines import PlainEngine
 from .step import StepOutput
 
@@ -82,7 +82,8 @@ def scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 def train_loop(model, handle: GateHandle, batches: Iterator[dict], recipe: Recipe, *, log: MetricsLog | None = None,
                progress: bool = True, start_step: int = 0, optimizer=None, scheduler=None, engine=None,
-               checkpoints=None, until_step: int | None = None, on_save=None) -> list[dict]:
+               checkpoints=None, until_step: int | None = None, on_save=None,
+               time_limit: float | None = None) -> list[dict]:
     """Run optimiser steps ``start_step + 1 .. recipe.train.steps``. Returns the per-step metrics (also logged).
 
     ``engine`` (:mod:`trimkv.train.engines`) runs each micro-batch's training step and the optimiser; default: a
@@ -90,6 +91,8 @@ def train_loop(model, handle: GateHandle, batches: Iterator[dict], recipe: Recip
     :class:`trimkv.train.state.TrainingCheckpoints`) gets a training checkpoint every ``train.save_every`` steps and
     at the last step; it stores ``batches.state_dict()`` as the data position when the stream has one.
     ``until_step`` stops early after that step, as a preempted job would (the schedule still spans all steps).
+    ``time_limit`` (seconds of this call) stops after the step that reaches it, with a training checkpoint of that
+    step when ``checkpoints`` is given, so a run with a wall-time budget ends on a point it can resume from.
     ``on_save(step)`` runs after each training checkpoint (e.g. a Hub push of the gates; every rank calls it).
     """
     cfg = recipe.train
@@ -99,6 +102,7 @@ def train_loop(model, handle: GateHandle, batches: Iterator[dict], recipe: Recip
     history = []
     bar = Progress("train", total=cfg.steps, done=start_step, enabled=progress and engine.info.is_main)
     t0, tokens = time.perf_counter(), 0
+    deadline = None if time_limit is None else t0 + time_limit
     for step in range(start_step, end):
         parts = []
         for micro in range(cfg.grad_accum):
@@ -107,7 +111,7 @@ def train_loop(model, handle: GateHandle, batches: Iterator[dict], recipe: Recip
             tokens += batch["input_ids"].numel() * engine.info.world_size
         gnorm = engine.optimizer_step()
         elapsed = time.perf_counter() - t0
-        m = _metrics(parts, gnorm, engine.lr(), tokens / elapsed, all_reduce_mean)
+        m = step_metrics(parts, gnorm, engine.lr(), tokens / elapsed, all_reduce_mean)
         m["seconds"] = elapsed                                              # since this process started the loop
         if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
             raise NonFiniteError(
@@ -119,16 +123,25 @@ def train_loop(model, handle: GateHandle, batches: Iterator[dict], recipe: Recip
             log.log(step + 1, m)
         bar.update(step + 1, info=f"loss {m['loss']:.3f} kl {m['kl']:.3f} ntp {m['ntp']:.3f} cap {m['cap']:.3f} "
                                   f"S {m['soft_cache']:.0f} {m['tokens_per_s']:.0f} tok/s")
-        if checkpoints is not None and cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+        out_of_time = deadline is not None and _agreed(time.perf_counter() >= deadline)
+        if checkpoints is not None and cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps
+                                                           or out_of_time):
             position = batches.state_dict() if hasattr(batches, "state_dict") else {}
             checkpoints.save(engine, step + 1, position)
             if on_save is not None:
                 on_save(step + 1)
+        if out_of_time:
+            break
     bar.close()
     return history
 
 
-def _metrics(parts: list[StepOutput], gnorm, lr: float, tok_s: float, reduce=None) -> dict[str, Any]:
+def _agreed(flag: bool) -> bool:
+    """``flag`` as rank 0 sees it, on every rank (ranks stop on the same step: their clocks may disagree)."""
+    return bool(all_gather_object(flag)[0])
+
+
+def step_metrics(parts: list[StepOutput], gnorm, lr: float, tok_s: float, reduce=None) -> dict[str, Any]:
     """Mean over the step's micro-batches (and over ranks, when ``reduce`` averages across processes)."""
     rows = [torch.cat([torch.stack([p.loss.detach(), p.kl, p.ntp, p.cap, p.soft_cache]).float(), p.mean_beta.float()])
             for p in parts]

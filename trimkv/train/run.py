@@ -116,12 +116,13 @@ def initial_gates(model, recipe: Recipe) -> RetentionGates:
 
 
 def finetune(recipe: Recipe | str | Path, *, overrides: list[str] | None = None, progress: bool = True,
-             resume: bool | None = None, until_step: int | None = None) -> Path:
+             resume: bool | None = None, until_step: int | None = None, time_limit: float | None = None) -> Path:
     """Train gates as the recipe says; returns the exported checkpoint folder.
 
     ``resume`` (default: the recipe's ``train.resume``) continues from the newest valid training checkpoint in
     ``<run_dir>/checkpoints``. ``until_step`` stops after that step, like a preempted job (for tests and
-    time-limited allocations); the gates exported then are the gates of that step.
+    time-limited allocations); the gates exported then are the gates of that step. ``time_limit`` (seconds of
+    training, after the model and data are loaded) does the same on a wall-time budget.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
@@ -131,7 +132,7 @@ def finetune(recipe: Recipe | str | Path, *, overrides: list[str] | None = None,
         lock = run_dir_lock(recipe.output.run_dir) if info.is_main else contextlib.nullcontext()
         with lock:
             _preflight(recipe, resume, write=info.is_main)
-            return _finetune(recipe, info, resume, progress, until_step)
+            return _finetune(recipe, info, resume, progress, until_step, time_limit)
     finally:
         close_distributed(info)
 
@@ -159,7 +160,8 @@ def _preflight(recipe: Recipe, resume: bool, *, write: bool) -> None:
         save_recipe(recipe, saved)  # the resolved config lives next to every run
 
 
-def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: int | None) -> Path:
+def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: int | None,
+              time_limit: float | None = None) -> Path:
     run_dir, cfg = Path(recipe.output.run_dir), recipe.train
     checkpoints = TrainingCheckpoints(run_dir / "checkpoints", keep_last=cfg.keep_last)
     torch.manual_seed(cfg.seed)
@@ -190,6 +192,7 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
         history = train_loop(model, handle, stream, recipe, log=log, progress=progress,
                              start_step=state.step if state else 0, engine=engine,
                              checkpoints=checkpoints if cfg.save_every else None, until_step=until_step,
+                             time_limit=time_limit,
                              on_save=(lambda step: _push_step(engine, handle, recipe, info, step)) if push_each else None)
     finally:
         if log is not None:

@@ -25,16 +25,21 @@ class StepOutput:
     ntp: torch.Tensor
     cap: torch.Tensor
     soft_cache: torch.Tensor    # [] peak soft cache size max_t S_t, mean over layers and heads (detached)
-    mean_beta: torch.Tensor     # [L] mean beta per layer (detached; read once per step by _metrics)
+    mean_beta: torch.Tensor     # [L] mean beta per layer (detached; read once per step by step_metrics)
 
 
 def prepare_batch(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, Any]:
     """A data batch (CPU tensors [B, T]) on ``device``, plus what the step needs to know about it from the host:
     ``scored_rows`` (flat indices of the positions whose next token is a target) and ``packed`` (does any row hold
-    several documents). Working these out here, before the copy, keeps the GPU step free of host syncs."""
+    several documents). Working these out here, before the copy, keeps the GPU step free of host syncs; on CUDA the
+    tensors are copied from pinned memory, so the copies queue behind the running step instead of waiting for it."""
     pos, mask = batch["position_ids"], batch["loss_mask"].bool()
-    out: dict[str, Any] = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    out["scored_rows"] = scored_rows(mask.cpu()).to(device, non_blocking=True)
+    # A copy from pageable memory would wait for the GPU's queue. The pinned path has not run on a GPU yet (issue 24);
+    # tests/test_gpu.py's host-sync test covers it there.
+    pin = torch.device(device).type == "cuda"
+    host = {**batch, "scored_rows": scored_rows(mask.cpu())}
+    out: dict[str, Any] = {k: (v.pin_memory() if pin and v.device.type == "cpu" else v).to(device, non_blocking=True)
+                           for k, v in host.items()}
     out["packed"] = bool((pos[:, 1:] != pos[:, :-1] + 1).any())
     return out
 
