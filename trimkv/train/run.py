@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 
 from ..attach import attach_gates
 from ..base_model import load_model
 from ..data import DataError, batches, hub_dataset_ids, prepare_data
-from ..errors import GateCheckpointError
+from ..errors import GateCheckpointError, TrimKVError, write_failed
 from ..gate import GateConfig, RetentionGates, check_compatible
+from ..limits import check_fits
 from ..lora import add_lora
 from ..recipe import Recipe, RecipeError, load_recipe, recipe_changes, save_recipe
 from ..share import check_writable, load_gate_checkpoint, push_to_hub, save_gates
@@ -99,7 +104,9 @@ def enable_activation_checkpointing(model) -> None:
 def initial_gates(model, recipe: Recipe) -> RetentionGates:
     """Fresh gates as the recipe's ``gates`` section says, or - with ``gates.init_from`` - those weights loaded from a
     gate checkpoint (a warm start; the exported config still records this recipe's budget and loss weights)."""
-    gates = RetentionGates(gate_config_for(model, recipe))
+    config = gate_config_for(model, recipe)
+    _check_sizes(config, model, recipe)
+    gates = RetentionGates(config)
     source = recipe.gates.init_from
     if source:
         start = load_gate_checkpoint(source)
@@ -115,38 +122,77 @@ def initial_gates(model, recipe: Recipe) -> RetentionGates:
     return gates
 
 
+METRICS_FILE = "metrics.jsonl"
+EXPORT_RECORD = "export.json"     # in run_dir: {"requested": output.checkpoint, "folder": where this run exports}
+
+
+def _check_sizes(config: GateConfig, model, recipe: Recipe) -> None:
+    """The gates (with gradients and AdamW's two moments) must fit the model's device; a ``seq_len`` beyond the
+    model's positions is said."""
+    params = config.num_parameters()
+    device = next(model.parameters()).device
+    check_fits(16 * params, device, error=RecipeError,
+               what=f"gates of width 'gates.gate_hidden' = {config.gate_hidden:,} ({params:,} parameters with their "
+                    "gradients and AdamW state)",
+               fix="lower gates.gate_hidden (the paper uses 512)")
+    cfg = getattr(model.config, "text_config", None) or model.config
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if isinstance(limit, int) and recipe.data.seq_len > limit:
+        warnings.warn(f"'data.seq_len' = {recipe.data.seq_len} is beyond the {limit} positions {recipe.model.name} "
+                      "was trained for: its attention (and so the teacher) may degrade there", stacklevel=3)
+
+
 def finetune(recipe: Recipe | str | Path, *, overrides: list[str] | None = None, progress: bool = True,
-             resume: bool | None = None, until_step: int | None = None) -> Path:
+             resume: bool | None = None, until_step: int | None = None, overwrite: bool = False) -> Path:
     """Train gates as the recipe says; returns the exported checkpoint folder.
 
     ``resume`` (default: the recipe's ``train.resume``) continues from the newest valid training checkpoint in
     ``<run_dir>/checkpoints``. ``until_step`` stops after that step, like a preempted job (for tests and
     time-limited allocations); the gates exported then are the gates of that step.
+
+    Nothing another run wrote is lost: gates already in ``output.checkpoint`` that this run did not write stay, and
+    this run exports to a new folder beside them (``<name>-2``, ...; said at the start); a ``run_dir`` that holds an
+    earlier run (metrics or training checkpoints) is refused unless resumed. ``overwrite=True`` (``--overwrite``)
+    replaces those gates and starts that run over instead.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     resume = recipe.train.resume if resume is None else resume
+    _check_folders(recipe)
     info = init_distributed(recipe.train.device, engine=recipe.train.engine)
     try:
         lock = run_dir_lock(recipe.output.run_dir) if info.is_main else contextlib.nullcontext()
         with lock:
-            _preflight(recipe, resume, write=info.is_main)
-            return _finetune(recipe, info, resume, progress, until_step)
+            out = _preflight(recipe, resume, write=info.is_main, overwrite=overwrite)
+            return _finetune(recipe, info, resume, progress, until_step, out)
     finally:
         close_distributed(info)
 
 
-def _preflight(recipe: Recipe, resume: bool, *, write: bool) -> None:
+def _check_folders(recipe: Recipe) -> None:
+    """``output.run_dir`` and ``output.checkpoint`` must be folders (or not exist yet) under folders."""
+    for field, path in (("output.run_dir", Path(recipe.output.run_dir)), ("output.checkpoint", recipe.checkpoint_dir())):
+        if field == "output.run_dir" and path.exists() and not path.is_dir():   # a checkpoint file: check_writable's
+            raise RecipeError(f"'{field}' = {str(path)!r} is a file: give a folder path (or move the file away)")
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise RecipeError(f"'{field}' = {str(path)!r} lies under {str(parent)!r}, which is a file: give another "
+                              "folder path")
+
+
+def _preflight(recipe: Recipe, resume: bool, *, write: bool, overwrite: bool = False) -> Path:
     """Everything that can be checked before the model loads: where the gates will go, whether the run folder
     holds an earlier run, and - on resume - that the recipe changed only in fields a resume may change. Then the
-    resolved recipe is saved next to the run."""
+    resolved recipe is saved next to the run. Returns the folder the gates will be exported to."""
     run_dir = Path(recipe.output.run_dir)
-    check_writable(recipe.checkpoint_dir())
     if recipe.logging.tensorboard:
         summary_writer_class()
-    if not resume and TrainingCheckpoints(run_dir / "checkpoints").steps():
-        raise ResumeError(f"{run_dir / 'checkpoints'} holds training checkpoints of an earlier run: pass --resume "
-                          "(train.resume: true) to continue it, or choose another output.run_dir")
+    earlier = None if resume else _earlier_run(run_dir)
+    if earlier and not overwrite:
+        raise ResumeError(f"{run_dir} holds an earlier run ({earlier}): pass --resume (train.resume: true) to continue "
+                          "it, --overwrite to start it over (its metrics and training checkpoints are deleted), or "
+                          "choose another output.run_dir")
+    out = _export_folder(recipe, resume, overwrite=overwrite, write=write)
     saved = run_dir / "recipe.yaml"
     if resume and saved.is_file():
         changed = recipe_changes(load_recipe(saved), recipe)
@@ -156,10 +202,66 @@ def _preflight(recipe: Recipe, resume: bool, *, write: bool) -> None:
                               + ". Only steps, logging, checkpoint cadence, device, the export folder and the Hub settings may change; "
                               "start a new run (another output.run_dir, or gates.init_from) for the rest")
     if write:
+        if earlier:
+            _clear_run(run_dir)
+            print0(f"--overwrite: {run_dir} held an earlier run ({earlier}); starting it over")
         save_recipe(recipe, saved)  # the resolved config lives next to every run
+        (run_dir / EXPORT_RECORD).write_text(json.dumps({"requested": os.path.abspath(recipe.checkpoint_dir()),
+                                                         "folder": os.path.abspath(out)}) + "\n")
+    return out
 
 
-def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: int | None) -> Path:
+def _earlier_run(run_dir: Path) -> str | None:
+    """What an earlier run left in ``run_dir`` (training checkpoints, metrics), or None."""
+    steps = TrainingCheckpoints(run_dir / "checkpoints").steps()
+    if steps:
+        return f"training checkpoints up to step {steps[-1][0]}"
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file() and metrics.stat().st_size:
+        rows = read_metrics(metrics)
+        return f"{METRICS_FILE} with {len(rows)} logged step(s)" + (f", up to step {rows[-1]['step']}" if rows else "")
+    return None
+
+
+def _clear_run(run_dir: Path) -> None:
+    for name in ("checkpoints", "tensorboard"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in (METRICS_FILE, EXPORT_RECORD):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _export_folder(recipe: Recipe, resume: bool, *, overwrite: bool, write: bool) -> Path:
+    """Where this run exports its gates: ``output.checkpoint``, unless gates this run did not write are there (then a
+    new folder beside it, unless ``overwrite``). A resumed run keeps the folder it chose when it started."""
+    requested = recipe.checkpoint_dir()
+    check_writable(requested)                      # a file, or a folder that is no trimkv checkpoint: refused
+    record = _read_record(Path(recipe.output.run_dir) / EXPORT_RECORD)
+    if resume and record.get("requested") == os.path.abspath(requested) and record.get("folder"):
+        own = Path(record["folder"])
+        if own != requested.absolute():
+            check_writable(own)
+            print0(f"resume: exporting to {own}, the folder this run chose at its start ({requested} held other gates)")
+            return own
+        return requested
+    if overwrite or not (requested.is_dir() and any(requested.iterdir())):
+        return requested
+    n = 2
+    while (new := requested.with_name(f"{requested.name}-{n}")).exists():
+        n += 1
+    print0(f"output.checkpoint {requested} holds gates this run did not write; they stay, and this run exports to "
+           f"{new} (pass --overwrite to replace them)")
+    return new
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: int | None, out: Path) -> Path:
     run_dir, cfg = Path(recipe.output.run_dir), recipe.train
     checkpoints = TrainingCheckpoints(run_dir / "checkpoints", keep_last=cfg.keep_last)
     torch.manual_seed(cfg.seed)
@@ -182,8 +284,8 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
         print0(f"resume: no training checkpoint in {checkpoints.folder} yet; starting from step 0")
     stream = EpochStream(recipe.data, tokenizer, rank=info.rank, world_size=info.world_size,
                          position=state.data if state else None)
-    if info.is_main and state is not None:
-        _drop_metrics_after(run_dir / "metrics.jsonl", state.step)  # steps after the checkpoint are redone
+    if info.is_main and resume:
+        truncate_metrics(run_dir / METRICS_FILE, state.step if state else 0)  # steps after the checkpoint are redone
     log = MetricsLog(run_dir, recipe) if info.is_main else None
     push_each = recipe.output.push_to_hub and recipe.output.push_checkpoints
     try:
@@ -195,7 +297,6 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
         if log is not None:
             log.close()
     gates, adapter_state = exported_gates(engine, handle)
-    out = recipe.checkpoint_dir()
     last = history[-1] if history else {}
     if info.is_main:
         reached = last.get("step", state.step if state else 0)
@@ -203,7 +304,12 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
         if adapters is not None:
             meta["lora"] = (f"r={lora.r}, alpha={lora.alpha}, {'/'.join(lora.target_modules)}, lr {lora.lr}; "
                             "adapters in lora/ (a peft adapter folder)")
-        save_gates(gates, out, metadata=meta, adapters=adapters, adapter_state=adapter_state or None)
+        try:
+            save_gates(gates, out, metadata=meta, adapters=adapters, adapter_state=adapter_state or None)
+        except TrimKVError:
+            raise
+        except (OSError, RuntimeError, SafetensorError) as err:   # a full disk: the previous folder is intact
+            raise write_failed(err, out) from err
         if progress:
             _summary(last, recipe)
         if recipe.output.push_to_hub:
@@ -248,10 +354,39 @@ def _push_step(engine, handle, recipe: Recipe, info, step: int) -> None:
     barrier()
 
 
-def _drop_metrics_after(path: Path, step: int) -> None:
-    if path.is_file():
-        lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(line for line in lines if json.loads(line).get("step", 0) <= step))
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl``; a torn last line (a run killed mid-write) is skipped, an unreadable line
+    elsewhere is skipped with a warning naming it."""
+    rows = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            if n < len(lines):
+                warnings.warn(f"{path}:{n} is not a metrics row; it is dropped", stacklevel=2)
+            continue
+        rows.append(row)
+    return rows
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the rows of ``metrics.jsonl`` up to ``step`` (a resumed run redoes the steps after its checkpoint;
+    no checkpoint yet: step 0, every row goes). Written atomically."""
+    if not path.is_file():
+        return
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(err, path) from err
 
 
 def _summary(m: dict, recipe: Recipe) -> None:
