@@ -29,7 +29,7 @@ from typing import Iterator
 
 from ..errors import DataError
 from .config import DataConfig
-from .sources import load_documents
+from .sources import first_problem, load_documents, local_files
 
 SPANS_COLUMN = "target_spans"  # optional with format text: [[start, end), ...] character spans that are the targets
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
@@ -157,7 +157,7 @@ def tokenized_documents(cfg: DataConfig, tokenizer) -> Iterator[dict]:
               "completion": [tcfg.prompt_column, tcfg.completion_column]}[tcfg.format]
     skipped: Counter[str] = Counter()
     seen = 0
-    for index, example in enumerate(ds):
+    for index, example in enumerate(_rows(ds, cfg)):
         seen += 1
         where = f"{cfg.source} row {index + 1}"
         missing = [c for c in needed if example.get(c) is None]
@@ -203,6 +203,22 @@ def tokenized_documents(cfg: DataConfig, tokenizer) -> Iterator[dict]:
         warnings.warn(f"{cfg.source}: {untrained} of {seen} documents have no target token (empty replies or "
                       f"completions, or targets cut off at seq_len={cfg.seq_len} with pack=false) and are skipped; "
                       "raise DataConfig.seq_len if they were truncated", stacklevel=2)
+
+
+def _rows(ds, cfg: DataConfig) -> Iterator[dict]:
+    """The rows of ``ds``; text that turns out not to be UTF-8 while reading (datasets decodes lazily) is a
+    DataError naming the file and the line."""
+    it = iter(ds)
+    while True:
+        try:
+            example = next(it)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as err:
+            files = local_files(cfg.source) or []
+            raise DataError(f"{cfg.source} could not be read: " + (first_problem(files) or f"not UTF-8 text ({err})")) \
+                from None
+        yield example
 
 
 _FIELD_OF = {"text": "text_column", "chat": "messages_column", "completion": "prompt_column / completion_column"}
