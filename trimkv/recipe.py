@@ -315,13 +315,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: {err}") from None
 
 
-def _yaml(text: str, *, where: str) -> Any:
-    """``yaml.safe_load(text)``; a RecipeError naming ``where``, the line and the column otherwise."""
+def _yaml(text: str, *, where: str, lines: bool = True) -> Any:
+    """``yaml.safe_load(text)``; a RecipeError naming ``where``, the line (``lines``) and the column otherwise."""
     try:
         return yaml.safe_load(text)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
-        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        at = "" if mark is None else f":{mark.line + 1}:{mark.column + 1}" if lines else f" (column {mark.column + 1})"
         what = "; ".join(p for p in (err.context, err.problem) if p)
         raise RecipeError(f"{where}{at}: not valid YAML ({what})") from None
     except yaml.YAMLError as err:
@@ -342,9 +342,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if not isinstance(raw[section], dict):
         raise RecipeError(f"cannot override {dotted}: section '{section}' is not a mapping")
     try:
-        raw[section][key] = _yaml(value, where=f"override --set {item}")
+        raw[section][key] = _yaml(value, where=f"--set {item}: the value {value!r}", lines=False)
     except RecipeError as err:
-        raise RecipeError(f"{err}: the value after '=' is read as YAML; quote text that is not a number, a list or "
+        raise RecipeError(f"{err}; the value after '=' is read as YAML: quote text that is not a number, a list or "
                           f"true/false, e.g. --set {dotted}=\"'...'\"") from None
 
 
