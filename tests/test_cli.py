@@ -96,9 +96,10 @@ def test_an_os_error_names_the_path_and_the_fix():
     assert "/data/run/metrics.jsonl" in text and "disk is full" in text
 
 
-def test_a_network_error_is_not_called_a_bug():
-    httpx = pytest.importorskip("httpx")
-    code, text = command.explain(httpx.ConnectError("[Errno -2] Name or service not known"))
+@pytest.mark.parametrize("module", ["httpx", "httpx2", "requests.exceptions"])   # httpx2: huggingface_hub 2's client
+def test_a_network_error_is_not_called_a_bug(module):
+    error = type("ConnectError", (Exception,), {"__module__": module})
+    code, text = command.explain(error("[Errno -2] Name or service not known"))
     assert code == 10 and "connection" in text and "bug" not in text
 
 
@@ -134,6 +135,7 @@ def test_main_returns_the_code_and_prints_one_line(monkeypatch, capsys):
     (["eval", "--budgets", "0"], 2, "below 1"),
     (["eval", "--tasks", "passkee"], 2, "passkee"),
     (["plot", "kept", "--policy", "trimkv"], 2, "needs --gates"),
+    (["generate", "{p}", "--device", "gpu"], 2, "is not a device"),
 ])
 def test_arguments_are_checked_before_the_model_loads(argv, code, named, tmp_path, gates_dir, no_model, capsys):
     values = {"p": prompts(tmp_path), "missing": tmp_path / "missing.jsonl", "tmp": tmp_path, "gates": gates_dir}
@@ -144,6 +146,13 @@ def test_arguments_are_checked_before_the_model_loads(argv, code, named, tmp_pat
         got = exit_.code
     err = capsys.readouterr().err
     assert got == code and named in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_cuda_device_without_a_gpu_is_refused_before_the_model_loads(tmp_path, no_model, capsys):
+    assert main(["generate", str(prompts(tmp_path)), "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    assert main(["demo", "--device", "cuda:1"]) == 2
 
 
 def test_recipe_problems_stop_train_before_the_model_loads(tmp_path, no_model, capsys):

@@ -21,7 +21,8 @@ from typing import Callable
 from . import __version__
 from .command import Names, Parser, add_command, common_options, deepspeed_in_use, integer, quiet_loading, run
 from .errors import DataError, UsageError
-from .eval.cli import add_commands as add_eval_commands, add_device_args, add_model_args, check_budget_fits, read_records
+from .eval.cli import (add_commands as add_eval_commands, add_device_args, add_model_args, check_budget_fits,
+                       check_device, read_records)
 from .limits import MAX_TOKENS
 
 
@@ -287,6 +288,7 @@ def add_generate(sub) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    check_device(args.device)
     quiet_loading(args.verbose)
     run_demo(retrain=args.retrain, steps=args.steps, context=args.context, budget=args.budget, device=args.device,
              dtype=args.dtype)

@@ -52,7 +52,8 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (OSError, 10),
 )
 INTERNAL_ERROR = 70
-_NETWORK_MODULES = ("requests", "urllib3", "httpx", "httpcore", "huggingface_hub")
+_NETWORK_MODULES = ("requests", "urllib3", "httpx", "httpcore", "huggingface_hub", "aiohttp")
+_NETWORK_CLASSES = {"HTTPError", "RequestError", "TransportError", "NetworkError", "ConnectionError", "TimeoutException"}
 _MAX_MESSAGE = 600      # characters of a library's message shown (a chained HTTP error can be pages long)
 
 
@@ -261,7 +262,9 @@ def _os_error(err: OSError) -> str:
 
 
 def _is_network_error(err: BaseException) -> bool:
-    return any(type(e).__module__.split(".")[0] in _NETWORK_MODULES for e in _chain(err))
+    """An error of an HTTP client or the Hub library (``httpx2`` is huggingface_hub 2's), anywhere in the chain."""
+    return any(type(e).__module__.startswith(_NETWORK_MODULES)
+               or any(c.__name__ in _NETWORK_CLASSES for c in type(e).__mro__) for e in _chain(err))
 
 
 def _chain(err: BaseException | None) -> Iterable[BaseException]:

@@ -87,11 +87,36 @@ def load_for_gates(args):
     from trimkv.share import base_model_for, load_gate_config
     from trimkv.base_model import DEFAULT_MODEL, load_model
 
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)   # on a busy shared CPU, 1 thread can beat oversubscribed ones
     name = args.model or (base_model_for(load_gate_config(args.gates)) if args.gates else DEFAULT_MODEL)
     quiet_loading(getattr(args, "verbose", False))
     return load_model(name, dtype=args.dtype, device=args.device, device_map=args.device_map)
+
+
+def check_device(device: str | None) -> None:
+    """UsageError naming ``--device`` when it names no device torch has here (checked before the model loads)."""
+    import re
+
+    import torch
+
+    if device in (None, "auto", "cpu"):
+        return
+    match = re.fullmatch(r"(cuda|mps)(?::(\d+))?", device)
+    if match is None:
+        raise UsageError(f"--device {device!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    kind, index = match.group(1), match.group(2)
+    if kind == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UsageError("--device mps: this torch sees no Apple GPU; use --device auto or cpu")
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not count:
+        raise UsageError(f"--device {device}: torch sees no CUDA GPU here (a CPU build of torch, or no driver); use "
+                         "--device auto (CUDA when available) or cpu")
+    if index is not None and int(index) >= count:
+        raise UsageError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
 
 
 def check_budget_fits(model, budgets: list[int], flag: str) -> None:
