@@ -366,7 +366,9 @@ def test_cli_sigint_ends_in_one_line_and_the_run_resumes(setup, cli_recipe):
     run = setup["root"] / "cli-run"
     proc = subprocess.Popen([sys.executable, "-m", "trimkv", "train", str(cli_recipe), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+                            env={**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # (a background
+    # pytest passes SIGINT on ignored, and Python keeps an ignored SIGINT ignored)
     deadline = time.monotonic() + 240
     while not TrainingCheckpoints(run / "checkpoints").steps() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
