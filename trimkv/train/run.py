@@ -6,9 +6,6 @@ batches, run the loop, export a gate checkpoint (with the adapters in ``lora/``)
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -25,10 +22,12 @@ from ..gate import GateConfig, RetentionGates, check_compatible
 from ..limits import check_fits
 from ..lora import add_lora
 from ..recipe import Recipe, RecipeError, load_recipe, recipe_changes, save_recipe
-from ..share import check_writable, load_gate_checkpoint, push_to_hub, save_gates
+from ..share import load_gate_checkpoint, push_to_hub, save_gates
 from .distributed import barrier, close_distributed, init_distributed, main_process_first, print0
 from .engines import build_engine
 from .loop import MetricsLog, summary_writer_class, train_loop
+from .rundir import (METRICS_FILE, check_folders, clear_run, earlier_run, export_folder, record_export,
+                     truncate_metrics)
 from .state import ResumeError, TrainingCheckpoints, run_dir_lock
 
 
@@ -122,10 +121,6 @@ def initial_gates(model, recipe: Recipe) -> RetentionGates:
     return gates
 
 
-METRICS_FILE = "metrics.jsonl"
-EXPORT_RECORD = "export.json"     # in run_dir: {"requested": output.checkpoint, "folder": where this run exports}
-
-
 def _check_sizes(config: GateConfig, model, recipe: Recipe) -> None:
     """The gates (with gradients and AdamW's two moments) must fit the model's device; a ``seq_len`` beyond the
     model's positions is said."""
@@ -158,7 +153,7 @@ def finetune(recipe: Recipe | str | Path, *, overrides: list[str] | None = None,
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     resume = recipe.train.resume if resume is None else resume
-    _check_folders(recipe)
+    check_folders(recipe)
     info = init_distributed(recipe.train.device, engine=recipe.train.engine)
     try:
         lock = run_dir_lock(recipe.output.run_dir) if info.is_main else contextlib.nullcontext()
@@ -169,17 +164,6 @@ def finetune(recipe: Recipe | str | Path, *, overrides: list[str] | None = None,
         close_distributed(info)
 
 
-def _check_folders(recipe: Recipe) -> None:
-    """``output.run_dir`` and ``output.checkpoint`` must be folders (or not exist yet) under folders."""
-    for field, path in (("output.run_dir", Path(recipe.output.run_dir)), ("output.checkpoint", recipe.checkpoint_dir())):
-        if field == "output.run_dir" and path.exists() and not path.is_dir():   # a checkpoint file: check_writable's
-            raise RecipeError(f"'{field}' = {str(path)!r} is a file: give a folder path (or move the file away)")
-        parent = next((p for p in path.parents if p.exists()), None)
-        if parent is not None and not parent.is_dir():
-            raise RecipeError(f"'{field}' = {str(path)!r} lies under {str(parent)!r}, which is a file: give another "
-                              "folder path")
-
-
 def _preflight(recipe: Recipe, resume: bool, *, write: bool, overwrite: bool = False) -> Path:
     """Everything that can be checked before the model loads: where the gates will go, whether the run folder
     holds an earlier run, and - on resume - that the recipe changed only in fields a resume may change. Then the
@@ -187,12 +171,12 @@ def _preflight(recipe: Recipe, resume: bool, *, write: bool, overwrite: bool = F
     run_dir = Path(recipe.output.run_dir)
     if recipe.logging.tensorboard:
         summary_writer_class()
-    earlier = None if resume else _earlier_run(run_dir)
+    earlier = None if resume else earlier_run(run_dir)
     if earlier and not overwrite:
         raise ResumeError(f"{run_dir} holds an earlier run ({earlier}): pass --resume (train.resume: true) to continue "
                           "it, --overwrite to start it over (its metrics and training checkpoints are deleted), or "
                           "choose another output.run_dir")
-    out = _export_folder(recipe, resume, overwrite=overwrite, write=write)
+    out = export_folder(recipe, resume, overwrite=overwrite)
     saved = run_dir / "recipe.yaml"
     if resume and saved.is_file():
         changed = recipe_changes(load_recipe(saved), recipe)
@@ -203,62 +187,11 @@ def _preflight(recipe: Recipe, resume: bool, *, write: bool, overwrite: bool = F
                               "start a new run (another output.run_dir, or gates.init_from) for the rest")
     if write:
         if earlier:
-            _clear_run(run_dir)
+            clear_run(run_dir)
             print0(f"--overwrite: {run_dir} held an earlier run ({earlier}); starting it over")
         save_recipe(recipe, saved)  # the resolved config lives next to every run
-        (run_dir / EXPORT_RECORD).write_text(json.dumps({"requested": os.path.abspath(recipe.checkpoint_dir()),
-                                                         "folder": os.path.abspath(out)}) + "\n")
+        record_export(recipe, out)
     return out
-
-
-def _earlier_run(run_dir: Path) -> str | None:
-    """What an earlier run left in ``run_dir`` (training checkpoints, metrics), or None."""
-    steps = TrainingCheckpoints(run_dir / "checkpoints").steps()
-    if steps:
-        return f"training checkpoints up to step {steps[-1][0]}"
-    metrics = run_dir / METRICS_FILE
-    if metrics.is_file() and metrics.stat().st_size:
-        rows = read_metrics(metrics)
-        return f"{METRICS_FILE} with {len(rows)} logged step(s)" + (f", up to step {rows[-1]['step']}" if rows else "")
-    return None
-
-
-def _clear_run(run_dir: Path) -> None:
-    for name in ("checkpoints", "tensorboard"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    for name in (METRICS_FILE, EXPORT_RECORD):
-        (run_dir / name).unlink(missing_ok=True)
-
-
-def _export_folder(recipe: Recipe, resume: bool, *, overwrite: bool, write: bool) -> Path:
-    """Where this run exports its gates: ``output.checkpoint``, unless gates this run did not write are there (then a
-    new folder beside it, unless ``overwrite``). A resumed run keeps the folder it chose when it started."""
-    requested = recipe.checkpoint_dir()
-    check_writable(requested)                      # a file, or a folder that is no trimkv checkpoint: refused
-    record = _read_record(Path(recipe.output.run_dir) / EXPORT_RECORD)
-    if resume and record.get("requested") == os.path.abspath(requested) and record.get("folder"):
-        own = Path(record["folder"])
-        if own != requested.absolute():
-            check_writable(own)
-            print0(f"resume: exporting to {own}, the folder this run chose at its start ({requested} held other gates)")
-            return own
-        return requested
-    if overwrite or not (requested.is_dir() and any(requested.iterdir())):
-        return requested
-    n = 2
-    while (new := requested.with_name(f"{requested.name}-{n}")).exists():
-        n += 1
-    print0(f"output.checkpoint {requested} holds gates this run did not write; they stay, and this run exports to "
-           f"{new} (pass --overwrite to replace them)")
-    return new
-
-
-def _read_record(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: int | None, out: Path) -> Path:
@@ -352,41 +285,6 @@ def _push_step(engine, handle, recipe: Recipe, info, step: int) -> None:
                 print0(f"warning: pushing the gates of step {step} to {recipe.output.push_to_hub} failed "
                        f"({type(err).__name__}: {err}); training goes on")
     barrier()
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of a ``metrics.jsonl``; a torn last line (a run killed mid-write) is skipped, an unreadable line
-    elsewhere is skipped with a warning naming it."""
-    rows = []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            if n < len(lines):
-                warnings.warn(f"{path}:{n} is not a metrics row; it is dropped", stacklevel=2)
-            continue
-        rows.append(row)
-    return rows
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the rows of ``metrics.jsonl`` up to ``step`` (a resumed run redoes the steps after its checkpoint;
-    no checkpoint yet: step 0, every row goes). Written atomically."""
-    if not path.is_file():
-        return
-    kept = [r for r in read_metrics(path) if r["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise write_failed(err, path) from err
 
 
 def _summary(m: dict, recipe: Recipe) -> None:
