@@ -319,7 +319,7 @@ def test_too_long_error_names_row_and_length(tokenizer, text_file, tmp_path):
 def test_chat_row_without_assistant_is_named(tokenizer, tmp_path):
     rows = CHAT + [{"messages": [{"role": "user", "content": "hello"}]}]
     source = write_jsonl(tmp_path / "chat.jsonl", rows)
-    with pytest.raises(DataError, match=r"row 2 has no assistant message"):
+    with pytest.raises(DataError, match=r"chat.jsonl row 3 has no assistant message"):
         build_dataset(cfg_for(source, tmp_path), tokenizer)
 
 
@@ -447,7 +447,7 @@ def test_documents_without_targets_are_skipped_with_a_warning(tokenizer, tmp_pat
 
 def test_non_string_text_is_named(tokenizer, tmp_path):
     source = write_jsonl(tmp_path / "num.jsonl", [{"text": "fine"}, {"text": 42}])
-    with pytest.raises(DataError, match=r"row 1: column 'text' must hold strings, got int"):
+    with pytest.raises(DataError, match=r"num.jsonl row 2: column 'text' must hold strings, got int"):
         build_dataset(cfg_for(source, tmp_path), tokenizer)
 
 

@@ -1,39 +1,96 @@
-"""``trimkv`` command line: train / push / convert / generate / demo (and eval / plot from :mod:`trimkv.eval.cli`)."""
+"""``trimkv`` command line: train / push / convert / generate / demo (and eval / plot from :mod:`trimkv.eval.cli`).
+
+    trimkv train recipes/smollm2-135m-qa-m64.yaml --set train.steps=50
+    trimkv generate prompts.jsonl --gates checkpoints/smollm2-135m-qa-m64
+    python -m trimkv --version
+
+Every argument is checked before a model loads; an error ends in one line and an exit code per kind of error
+(:mod:`trimkv.command`), ``--debug`` shows the traceback. Building the parser imports no torch, so ``--help`` is
+immediate. To add a sub-command, write ``add_<name>(sub)`` with :func:`add_command` and list it in :data:`COMMANDS`.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Callable
 
-from .eval.cli import add_commands as add_eval_commands, add_device_args, add_model_args
+from . import __version__
+from .command import Names, Parser, add_command, common_options, deepspeed_in_use, integer, quiet_loading, run
+from .errors import DataError, UsageError
+from .eval.cli import (add_commands as add_eval_commands, add_device_args, add_model_args, check_budget_fits,
+                       check_device, read_records)
+from .limits import MAX_TOKENS
+
+
+# ------------------------------------------------------------------------------------------------ train
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
     from .train.run import finetune
 
-    out = finetune(args.recipe, overrides=args.set, progress=not args.quiet, resume=args.resume or None)
+    recipe = load_recipe(args.recipe, args.set)
+    if recipe.train.engine == "deepspeed":
+        deepspeed_in_use()
+    quiet_loading(args.verbose)
+    out = finetune(recipe, progress=not args.quiet, resume=args.resume or None, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank runs this
         print(f"gate checkpoint: {out}")
     return 0
 
 
-def _push(args: argparse.Namespace) -> int:
-    from .share import push_to_hub
+def add_train(sub) -> None:
+    t = add_command(sub, "train", _train, "train gates from a recipe YAML")
+    t.add_argument("recipe", help="path to a recipe, e.g. recipes/smollm2-135m-qa-m64.yaml")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a recipe field (repeatable; the value is read as YAML), e.g. --set train.steps=10")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest valid training checkpoint in <run_dir>/checkpoints")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace gates in output.checkpoint that this run did not write, and start over a run_dir "
+                        "that holds an earlier run (without it: the gates go to a new folder beside them, and an "
+                        "earlier run is refused)")
 
+
+# ------------------------------------------------------------------------------------------- push, convert
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
+
+
+def _push(args: argparse.Namespace) -> int:
+    if not _REPO_ID.fullmatch(args.repo_id):
+        raise UsageError(f"repo_id {args.repo_id!r} is not a Hub repo id: write 'user/name'")
     records = None
     if args.results:
         records = []
         for folder in map(Path, args.results):
             found = [f for f in (folder / "metrics.json", folder / "fidelity.json") if f.is_file()]
             if not found:
-                raise SystemExit(f"no metrics.json or fidelity.json in {folder}: run `trimkv eval --out {folder}` first")
-            records += [r for f in found for r in json.loads(f.read_text())]
+                raise UsageError(f"--results {folder}: no metrics.json or fidelity.json in it: run "
+                                 f"`trimkv eval --out {folder}` first")
+            records += [r for f in found for r in read_records(f)]
+    from .share import push_to_hub
+
     url = push_to_hub(args.checkpoint, args.repo_id, private=args.private, revision=args.revision,
                       eval_records=records)
     print(url)
     return 0
+
+
+def add_push(sub) -> None:
+    h = add_command(sub, "push", _push, "upload a gate checkpoint folder to the Hugging Face Hub")
+    h.add_argument("checkpoint", help="a gate checkpoint folder (trimkv's layout)")
+    h.add_argument("repo_id", help="the Hub repo, user/name (created if needed)")
+    h.add_argument("--private", action="store_true", help="create the repo private")
+    h.add_argument("--revision", default=None, help="a branch to push to (created if needed; default: main)")
+    h.add_argument("--results", action="append", default=[], metavar="EVAL_OUT",
+                   help="a `trimkv eval --out` folder (repeatable): its results for these gates go into the card's "
+                        "model-index")
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -43,117 +100,231 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from .share import load_gates
-    from .eval.cli import load_for_gates
-    from .serve import answer
+def add_convert(sub) -> None:
+    c = add_command(sub, "convert", _convert,
+                    "the authors' released gates (folder or Hub id) -> a trimkv checkpoint folder")
+    c.add_argument("source", help="e.g. ngocbh/TrimKV-Qwen3-4B-Math or a folder with config.json + trimkv_weights.pth")
+    c.add_argument("out", help="output folder")
+    c.add_argument("--revision", default=None, help="Hub revision of the source")
 
+
+# --------------------------------------------------------------------------------------------- generate
+
+
+def _generate(args: argparse.Namespace) -> int:
     requests = read_requests(Path(args.prompts))
-    if args.budget is not None and not args.gates and args.policy in (None, "trimkv"):
-        raise SystemExit("--budget with trimkv's retention needs --gates CKPT (or pick a heuristic --policy)")
+    out_path = _check_out_file(args.out)
+    policy, budget = _generate_cache(args)
+    from .eval.cli import load_for_gates
+
     model, tok = load_for_gates(args)
     if args.gates:
+        from .share import load_gates
+
         load_gates(model, args.gates)
-    out = open(args.out, "w") if args.out else sys.stdout
+    if budget is not None:
+        check_budget_fits(model, [budget], "--budget")
+    from .serve import answer
+
+    out = open(out_path, "w", encoding="utf-8") if out_path else sys.stdout
+    written = 0
     try:
         for i, req in enumerate(requests):
-            res = answer(model, tok, req["context"], req["questions"], budget=args.budget, sink=args.sink,
-                         window=args.window, policy=args.policy, prefill_chunk=args.prefill_chunk,
+            res = answer(model, tok, req["context"], req["questions"], budget=budget, sink=args.sink,
+                         window=args.window, policy=policy, prefill_chunk=args.prefill_chunk,
                          max_new_tokens=args.max_new_tokens, chat=args.chat)
             row = {"index": i, "questions": req["questions"], "answers": res.answers,
                    "context_tokens": res.context_tokens, "kv_bytes": res.kv_bytes, "seconds": round(res.seconds, 3)}
             out.write(json.dumps(row) + "\n")
             out.flush()
+            written += 1
     finally:
         if out is not sys.stdout:
             out.close()
+        if out_path and written < len(requests):
+            print(f"trimkv generate: {written} of {len(requests)} requests answered in {out_path} before stopping",
+                  file=sys.stderr)
+    if out_path:
+        print(f"trimkv generate: {written} answers in {out_path}", file=sys.stderr)
     return 0
+
+
+def _generate_cache(args: argparse.Namespace) -> tuple[str | None, int | None]:
+    """``(policy, budget)`` the command line asks for, checked before the model loads: with ``--gates`` and no
+    ``--budget`` the gates' training budget (said on stderr); no ``--policy`` means TRIM-KV's retention with gates,
+    the full cache without."""
+    from .serve.policies import POLICIES, parse_policy
+
+    needs_gates = POLICIES[parse_policy(args.policy)[0]].uses_gates if args.policy else bool(args.gates)
+    budget = args.budget
+    if args.gates:
+        from .share import load_gate_config
+
+        config = load_gate_config(args.gates)         # a missing or corrupt checkpoint fails here, not after loading
+        if not needs_gates:
+            print(f"trimkv generate: --policy {args.policy} does not read the gates of --gates {args.gates}",
+                  file=sys.stderr)
+        if budget is None and needs_gates:
+            if not config.train_budget:
+                raise UsageError(f"--gates {args.gates} does not record the budget it was trained for: give --budget "
+                                 "(tokens per KV head)")
+            budget = config.train_budget
+            print(f"trimkv generate: --budget {budget} (the budget --gates {args.gates} were trained for)",
+                  file=sys.stderr)
+    elif needs_gates:
+        raise UsageError(f"--policy {args.policy} reads trained gates: give --gates CKPT, or pick a heuristic policy "
+                         "(e.g. --policy snapkv)")
+    if budget is None and args.policy:
+        raise UsageError(f"--policy {args.policy} evicts to a budget: give --budget (tokens per KV head)")
+    if budget is not None and not args.policy and not args.gates:
+        raise UsageError("--budget with trimkv's retention needs --gates CKPT (or pick a heuristic --policy, "
+                         "e.g. --policy snapkv)")
+    if budget is not None and budget <= args.sink + args.window:
+        raise UsageError(f"--budget {budget} leaves no room beside --sink {args.sink} and --window {args.window} "
+                         "(always kept): raise --budget or lower them")
+    return (args.policy or ("trimkv" if budget is not None else None)), budget
+
+
+def _check_out_file(out: str | None) -> Path | None:
+    if out is None:
+        return None
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"--out {out} is a folder: give a file path (JSON lines)")
+    if not path.parent.is_dir():
+        raise UsageError(f"--out {out}: the folder {path.parent} does not exist: create it or give another path")
+    return path
 
 
 def read_requests(path: Path) -> list[dict]:
     """A prompt file: ``.txt`` = one prompt (the whole file, continued as is); ``.jsonl`` = one request per line,
-    ``{"prompt": ...}`` or ``{"context": ..., "question": ...}`` / ``{"context": ..., "questions": [...]}``."""
+    ``{"prompt": ...}`` or ``{"context": ..., "question": ...}`` / ``{"context": ..., "questions": [...]}``. A problem
+    is a :class:`DataError` naming the file, the line and the field."""
     if not path.is_file():
-        raise SystemExit(f"prompt file {path} does not exist")
+        raise DataError(f"prompt file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}): save the "
+                        "file as UTF-8") from None
+    if path.suffix == ".json":
+        raise DataError(f"{path}: a prompt file is .txt (one prompt) or .jsonl (one JSON request per line): rename it "
+                        "to .jsonl with one request per line")
     if path.suffix != ".jsonl":
-        return [{"context": path.read_text(encoding="utf-8"), "questions": [""]}]
+        if not text.strip():
+            raise DataError(f"{path} is empty: write the prompt into it")
+        return [{"context": text, "questions": [""]}]
     requests = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        context = row.get("context", row.get("prompt"))
-        questions = row.get("questions") or ([row["question"]] if "question" in row else [""])
-        if not isinstance(context, str) or not all(isinstance(q, str) for q in questions):
-            raise SystemExit(f"{path}:{n}: give a string 'prompt', or a string 'context' with 'question' / "
-                             "'questions' (strings)")
-        requests.append({"context": context, "questions": list(questions)})
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            requests.append(_request(line, f"{path}:{n}"))
+    if not requests:
+        raise DataError(f"{path} holds no request: write one JSON object per line, e.g. "
+                        '{"context": "...", "question": "..."}')
     return requests
+
+
+def _request(line: str, where: str) -> dict:
+    shape = ('give {"prompt": "..."} or {"context": "...", "question": "..."} / {"context": "...", '
+             '"questions": ["...", ...]}')
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}:{err.colno}: not valid JSON ({err.msg}); {shape}") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a request is a JSON object, got {type(row).__name__}; {shape}")
+    unknown = sorted(set(row) - {"prompt", "context", "question", "questions"})
+    if unknown:
+        raise DataError(f"{where}: unknown field(s) {unknown}; {shape}")
+    if ("prompt" in row) == ("context" in row):
+        raise DataError(f"{where}: give exactly one of 'prompt' and 'context'; {shape}")
+    key = "context" if "context" in row else "prompt"
+    if not isinstance(row[key], str):
+        raise DataError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
+    if "question" in row and "questions" in row:
+        raise DataError(f"{where}: give 'question' (one string) or 'questions' (a list), not both")
+    if "question" in row:
+        if not isinstance(row["question"], str):
+            raise DataError(f"{where}: 'question' must be a string, got {type(row['question']).__name__}")
+        questions = [row["question"]]
+    elif "questions" in row:
+        qs = row["questions"]
+        if not isinstance(qs, list) or not qs or not all(isinstance(q, str) for q in qs):
+            got = f"the string {qs!r:.60}" if isinstance(qs, str) else f"{qs!r:.60}"
+            raise DataError(f"{where}: 'questions' must be a non-empty list of strings, got {got}"
+                            + ("; for one question write \"question\": \"...\"" if isinstance(qs, str) else ""))
+        questions = list(qs)
+    else:
+        questions = [""]
+    return {"context": row[key], "questions": questions}
+
+
+def _policy_names() -> list[str]:
+    from .serve.policies import GLOBAL_SUFFIX, POLICIES
+
+    return [*POLICIES, *(f"{name}{GLOBAL_SUFFIX}" for name in POLICIES)]
+
+
+def add_generate(sub) -> None:
+    g = add_command(sub, "generate", _generate, "answer the prompts of a file with a bounded cache (JSON lines out)")
+    g.add_argument("prompts", help=".txt (one prompt) or .jsonl ({prompt} or {context, question(s)} per line)")
+    add_model_args(g)
+    g.add_argument("--budget", type=integer(1, MAX_TOKENS, "tokens per KV head"), default=None,
+                   help="tokens per KV head (default: with --gates the budget they were trained for; without, "
+                        "the full cache)")
+    g.add_argument("--policy", default=None, choices=Names(_policy_names), metavar="POLICY",
+                   help="eviction policy (default: trimkv's retention with --gates, else the full cache)")
+    g.add_argument("--max-new-tokens", type=integer(1, MAX_TOKENS), default=64, help="tokens generated per answer")
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="apply the tokenizer's chat template")
+    g.add_argument("--out", default=None, help="JSONL output file (default: stdout)")
+
+
+# ------------------------------------------------------------------------------------------------- demo
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    check_device(args.device)
+    quiet_loading(args.verbose)
     run_demo(retrain=args.retrain, steps=args.steps, context=args.context, budget=args.budget, device=args.device,
              dtype=args.dtype)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trimkv", description="TRIM-KV retention gates: train, share, serve")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train gates from a recipe YAML")
-    t.add_argument("recipe", help="path to a recipe, e.g. recipes/smollm2-135m-qa-m64.yaml")
-    t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a recipe field (repeatable), e.g. --set train.steps=10")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--resume", action="store_true",
-                   help="continue from the newest valid training checkpoint in <run_dir>/checkpoints")
-    t.set_defaults(func=_train)
-
-    h = sub.add_parser("push", help="upload a gate checkpoint folder to the Hugging Face Hub")
-    h.add_argument("checkpoint")
-    h.add_argument("repo_id")
-    h.add_argument("--private", action="store_true")
-    h.add_argument("--revision", default=None)
-    h.add_argument("--results", action="append", default=[], metavar="EVAL_OUT",
-                   help="a `trimkv eval --out` folder (repeatable): its results for these gates go into the card's "
-                        "model-index")
-    h.set_defaults(func=_push)
-
-    c = sub.add_parser("convert", help="the authors' released gates (folder or Hub id) -> a trimkv checkpoint folder")
-    c.add_argument("source", help="e.g. ngocbh/TrimKV-Qwen3-4B-Math or a folder with config.json + trimkv_weights.pth")
-    c.add_argument("out", help="output folder")
-    c.add_argument("--revision", default=None, help="Hub revision of the source")
-    c.set_defaults(func=_convert)
-
-    g = sub.add_parser("generate", help="answer the prompts of a file with a bounded cache (JSON lines out)")
-    g.add_argument("prompts", help=".txt (one prompt) or .jsonl ({prompt} or {context, question(s)} per line)")
-    add_model_args(g)
-    g.add_argument("--budget", type=int, default=None, help="tokens per KV head (default: the full cache, gates off)")
-    g.add_argument("--policy", default=None, help="eviction policy (default: trimkv's retention)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
-                   help="apply the tokenizer's chat template (default: on)")
-    g.add_argument("--out", default=None, help="JSONL output file (default: stdout)")
-    g.set_defaults(func=_generate)
-
-    d = sub.add_parser("demo", help="train (or load) gates on the embedded SmolLM2 and compare full vs bounded cache")
+def add_demo(sub) -> None:
+    d = add_command(sub, "demo", _demo,
+                    "train (or load) gates on the embedded SmolLM2 and compare full vs bounded cache")
     d.add_argument("--retrain", action="store_true", help="train new gates even if checkpoints/ has some")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo recipe's)")
-    d.add_argument("--context", type=int, default=2048, help="prompt length in tokens")
-    d.add_argument("--budget", type=int, default=None, help="tokens per KV head (default: the gates' budget)")
+    d.add_argument("--steps", type=integer(1, 10**7), default=None, help="training steps (default: the demo recipe's)")
+    d.add_argument("--context", type=integer(64, MAX_TOKENS), default=2048, help="prompt length in tokens")
+    d.add_argument("--budget", type=integer(1, MAX_TOKENS), default=None,
+                   help="tokens per KV head (default: the gates' budget)")
     add_device_args(d)
-    d.set_defaults(func=_demo)
 
-    add_eval_commands(sub)   # eval, plot
+
+# ----------------------------------------------------------------------------------------------- parser
+
+COMMANDS: list[Callable] = [add_train, add_push, add_convert, add_generate, add_demo, add_eval_commands]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``trimkv`` parser: one sub-command per entry of :data:`COMMANDS` (no torch imported)."""
+    p = Parser(prog="trimkv", description="TRIM-KV retention gates: train, share, serve. "
+                                          "`trimkv COMMAND --help` shows a command's options.")
+    p.add_argument("--version", action="version", version=f"trimkv {__version__}")
+    common_options(p, top=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

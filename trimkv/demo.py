@@ -35,7 +35,7 @@ def _train(steps: int) -> Path:
     overrides = [f"output.checkpoint={REPO / 'runs' / 'demo' / 'gates'}", f"output.run_dir={REPO / 'runs' / 'demo'}"]
     overrides += [o.format(steps=steps) for o in RETRAIN]
     t0 = time.perf_counter()
-    out = finetune(RECIPE, overrides=overrides)
+    out = finetune(RECIPE, overrides=overrides, overwrite=True)   # runs/demo is the demo's own: a retrain restarts it
     print(f"trained gates in {time.perf_counter() - t0:.0f} s -> {out}")
     return out
 

@@ -49,3 +49,29 @@ class NonFiniteError(TrimKVError, FloatingPointError):
 
 class ResumeError(TrimKVError, RuntimeError):
     """No usable training checkpoint, or one that does not fit this run."""
+
+
+class UsageError(TrimKVError, ValueError):
+    """A command-line argument is wrong or does not fit the others (checked before any model loads)."""
+
+
+def write_failed(err: BaseException, path) -> OSError:
+    """An ``OSError`` naming ``path`` for a write that failed with ``err``: torch.save reports a full disk as a
+    ``RuntimeError`` ("basic_ios::clear: iostream error") and Python's own ENOSPC may name no file. Raise it
+    ``from err``; the errno is ENOSPC when the disk holding ``path`` is (nearly) full."""
+    import errno
+    import os
+    import shutil
+
+    code = getattr(err, "errno", None)
+    if code is None:
+        folder = os.path.dirname(os.path.abspath(path))
+        while folder and not os.path.isdir(folder):
+            folder = os.path.dirname(folder)
+        try:
+            code = errno.ENOSPC if shutil.disk_usage(folder).free < (1 << 20) else errno.EIO
+        except OSError:
+            code = errno.EIO
+    reason = getattr(err, "strerror", None) or os.strerror(code)
+    return OSError(code, f"{reason} (while writing; {type(err).__name__}: {err})" if code == errno.EIO else reason,
+                   str(path))

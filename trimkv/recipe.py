@@ -30,10 +30,12 @@ from .base_model import DTYPE_CHOICES
 from .data import DataConfig
 from .errors import RecipeError
 from .gate import ACTIVATIONS, GATE_TYPES
+from .limits import MAX_GATE_HIDDEN, MAX_TOKENS
 from .lora import DEFAULT_TARGETS
 from .losses import CAPACITY_FORMS, CAPACITY_SCOPES
 
 ENGINES = ("auto", "plain", "ddp", "deepspeed")   # train.engine: the one list of engine names (trimkv.train.engines)
+MAX_RECIPE_BYTES = 1 << 20
 
 
 @dataclass
@@ -160,6 +162,9 @@ _CHOICES = {
 _POSITIVE = {("loss", "budget"), ("loss", "chunk_size"), ("train", "steps"), ("train", "grad_accum"),
              ("gates", "gate_hidden"), ("train", "log_every"), ("train", "keep_last"), ("data", "batch_size"),
              ("data", "seq_len"), ("data", "max_samples"), ("train", "lr"), ("train", "adam_eps"), ("lora", "r")}
+_MAXIMUM = {("gates", "gate_hidden"): MAX_GATE_HIDDEN, ("lora", "r"): MAX_GATE_HIDDEN, ("loss", "budget"): MAX_TOKENS,
+            ("loss", "chunk_size"): MAX_TOKENS, ("data", "seq_len"): MAX_TOKENS, ("train", "grad_accum"): 1 << 16,
+            ("data", "batch_size"): 1 << 16}   # plausibility; memory is checked once the model is known
 _NON_NEGATIVE = {("train", "save_every"), ("train", "warmup_steps"), ("train", "grad_clip"), ("train", "min_lr"),
                  ("train", "weight_decay"), ("gates", "init_std"), ("loss", "kl_weight"), ("loss", "ntp_weight"),
                  ("loss", "capacity_weight"), ("lora", "alpha"), ("lora", "dropout"), ("lora", "lr")}
@@ -226,6 +231,8 @@ def _coerce(section: str, key: str, val: Any, typ: Any) -> Any:
         raise RecipeError(f"{name} must be positive (> 0), got {val!r}")
     if (section, key) in _NON_NEGATIVE and val < 0:
         raise RecipeError(f"{name} must be >= 0, got {val!r}")
+    if (section, key) in _MAXIMUM and val > _MAXIMUM[section, key]:
+        raise RecipeError(f"{name} = {val:,} is above the limit {_MAXIMUM[section, key]:,}: a typo?")
     if (section, key) == ("lora", "dropout") and val >= 1:
         raise RecipeError(f"'lora.dropout' must be below 1, got {val!r}")
     if (section, key) == ("lora", "target_modules") and not val:
@@ -281,17 +288,46 @@ def _check_across_fields(recipe: Recipe) -> None:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe YAML; ``overrides`` like ``["train.steps=10", "loss.budget=64"]`` are applied first."""
+    """Read a recipe YAML; ``overrides`` like ``["train.steps=10", "loss.budget=64"]`` are applied first. Every
+    problem is a RecipeError naming the file (and the line) or the override."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist (recipes live in recipes/*.yaml)")
+        raise RecipeError(f"recipe file {path} does not exist" + (" (it is a folder)" if path.is_dir() else "")
+                          + " (recipes live in recipes/*.yaml)")
+    raw_bytes = path.read_bytes()
+    if len(raw_bytes) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path} holds {len(raw_bytes):,} bytes; a recipe is a few kilobytes of YAML: wrong file?")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path} is not valid YAML: {err}") from err
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw_bytes[:err.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: not UTF-8 text (byte {raw_bytes[err.start]:#04x} at offset {err.start}): "
+                          "save the recipe as UTF-8") from None
+    raw = _yaml(text, where=str(path)) or {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping with sections "
+                          f"{'/'.join(f.name for f in dataclasses.fields(Recipe))}, got {type(raw).__name__}")
     for item in overrides or []:
         apply_override(raw, item)
-    return parse_recipe(raw)
+    try:
+        return parse_recipe(raw)
+    except RecipeError as err:
+        raise RecipeError(f"{path}: {err}") from None
+
+
+def _yaml(text: str, *, where: str, lines: bool = True) -> Any:
+    """``yaml.safe_load(text)``; a RecipeError naming ``where``, the line (``lines``) and the column otherwise."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        at = "" if mark is None else f":{mark.line + 1}:{mark.column + 1}" if lines else f" (column {mark.column + 1})"
+        what = "; ".join(p for p in (err.context, err.problem) if p)
+        raise RecipeError(f"{where}{at}: not valid YAML ({what})") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{where}: not valid YAML ({' '.join(str(err).split())})") from None
+    except RecursionError:
+        raise RecipeError(f"{where}: nested too deeply to be a recipe") from None
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -301,9 +337,15 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     dotted, value = item.split("=", 1)
     section, key = dotted.split(".", 1)
     raw.setdefault(section, {})
+    if raw[section] is None:
+        raw[section] = {}
     if not isinstance(raw[section], dict):
         raise RecipeError(f"cannot override {dotted}: section '{section}' is not a mapping")
-    raw[section][key] = yaml.safe_load(value)
+    try:
+        raw[section][key] = _yaml(value, where=f"--set {item}: the value {value!r}", lines=False)
+    except RecipeError as err:
+        raise RecipeError(f"{err}; the value after '=' is read as YAML: quote text that is not a number, a list or "
+                          f"true/false, e.g. --set {dotted}=\"'...'\"") from None
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

@@ -23,13 +23,14 @@ import hashlib
 import json
 import os
 import random
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, write_failed
 from . import builtin, corpus, synthqa
 from .config import DataConfig, seeded_generator
 from .pack import source_rows
@@ -51,17 +52,52 @@ def build_dataset(cfg: DataConfig, tokenizer) -> list[dict]:
     """
     path = _cache_path(cfg, tokenizer)
     if path.exists():
-        return _split_rows(torch.load(path, weights_only=True))
+        cached = _read_cache(path)
+        if cached is not None:
+            return cached
     rows = list(source_rows(cfg, tokenizer))
     if not rows:
         raise DataError(f"{cfg.source} gave no training rows: it is empty after filtering, or has "
                         f"fewer than seq_len={cfg.seq_len} tokens in all (pack={cfg.pack})")
     flat = _flatten_rows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(flat, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(flat, tmp)
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
+    except (OSError, RuntimeError) as err:   # torch.save: "basic_ios::clear: iostream error" on a full disk
+        tmp.unlink(missing_ok=True)
+        raise write_failed(err, path) from err
     return _split_rows(flat)
+
+
+def _read_cache(path: Path) -> list[dict] | None:
+    """The rows of a cache file, or None (with a warning naming it; the file is removed and rebuilt) when it is
+    unreadable or does not hold what :func:`_flatten_rows` writes."""
+    try:
+        flat = torch.load(path, map_location="cpu", weights_only=True)
+        problem = _cache_problem(flat)
+    except Exception as err:  # noqa: BLE001 - truncated, not a torch file, pickled objects: all mean "rebuild"
+        problem = f"unreadable ({type(err).__name__})"
+    if problem is None:
+        return _split_rows(flat)
+    warnings.warn(f"the tokenised-data cache {path} is {problem}: it is rebuilt", stacklevel=3)
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _cache_problem(flat) -> str | None:
+    keys = {"input_ids": torch.int32, "position_ids": torch.int32, "loss_mask": torch.bool, "offsets": None}
+    if not isinstance(flat, dict) or set(flat) != set(keys):
+        return "not a cache of tokenised rows"
+    if not all(torch.is_tensor(flat[k]) and flat[k].dim() == 1 and (t is None or flat[k].dtype == t)
+               for k, t in keys.items()):
+        return "corrupt (a tensor of the wrong type or shape)"
+    n, offsets = flat["input_ids"].numel(), flat["offsets"]
+    if (flat["position_ids"].numel() != n or flat["loss_mask"].numel() != n or offsets.numel() < 2
+            or int(offsets[0]) != 0 or int(offsets[-1]) != n or bool((offsets[1:] < offsets[:-1]).any())):
+        return "corrupt (its row offsets do not match its tokens)"
+    return None
 
 
 def _flatten_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -83,8 +119,8 @@ def _split_rows(flat: dict[str, torch.Tensor]) -> list[dict]:
 
 
 def _cache_path(cfg: DataConfig, tokenizer) -> Path:
-    fields = {k: v for k, v in asdict(cfg).items()
-              if k not in ("batch_size", "seed", "streaming", "cache_dir")}
+    fields = {k: v for k, v in asdict(cfg).items()     # skip_incomplete: the rows are the same when the build succeeds
+              if k not in ("batch_size", "seed", "streaming", "cache_dir", "skip_incomplete")}
     vocab = sorted(tokenizer.get_vocab().items())
     key = {
         "version": CACHE_VERSION, "config": fields, "source": _source_fingerprint(cfg),

@@ -14,10 +14,15 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
+from ..limits import MAX_TOKENS
 
 FORMATS = ("auto", "text", "chat", "completion")
 TOO_LONG = ("truncate", "drop", "error")
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+# builtin:qa / qa-plain documents hold up to 6 facts and 3 questions: about 300-360 tokens before any haystack with
+# the SmolLM2 tokenizer (measured), so a shorter seq_len can never hold them
+QA_MIN_SEQ_LEN = 320
+MAX_ROWS = 1 << 16      # batch_size (plausibility; memory is the model's to tell)
 
 
 @dataclass
@@ -36,6 +41,8 @@ class DataConfig:
     and any of ``format``, ``*_column``, ``split``, ``pack``, ``too_long``, ``max_samples`` (the mixture's own
     values of these are the defaults); every batch row comes from one of them, drawn with probability
     proportional to its weight (``seq_len``, ``batch_size``, ``seed``, ``cache_dir`` are shared).
+    ``skip_incomplete``: a row without the field its format reads (or ``null`` there) is an error naming the row
+    (``False``, the default), or skipped and counted in a warning (``True``).
     """
 
     source: str | None = None
@@ -56,13 +63,14 @@ class DataConfig:
     max_samples: int | None = None
     cache_dir: str | None = None
     mixture: list | None = None
+    skip_incomplete: bool = False
 
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "seed", "max_samples"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise DataError(f"DataConfig.{name} must be an integer, got {value!r}")
-        for name in ("pack", "streaming"):
+        for name in ("pack", "streaming", "skip_incomplete"):
             if not isinstance(getattr(self, name), bool):
                 raise DataError(f"DataConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.format not in FORMATS:
@@ -71,6 +79,14 @@ class DataConfig:
             raise DataError(f"DataConfig.too_long={self.too_long!r}: choose one of {TOO_LONG}")
         if self.seq_len < 2:
             raise DataError(f"DataConfig.seq_len={self.seq_len}: need at least 2 tokens per row")
+        if self.seq_len > MAX_TOKENS:
+            raise DataError(f"DataConfig.seq_len={self.seq_len:,} is above the limit {MAX_TOKENS:,}: a typo?")
+        if self.batch_size > MAX_ROWS:
+            raise DataError(f"DataConfig.batch_size={self.batch_size:,} is above the limit {MAX_ROWS:,}: a typo?")
+        if self.source in ("builtin:qa", "builtin:qa-plain") and self.seq_len < QA_MIN_SEQ_LEN:
+            raise DataError(f"DataConfig.seq_len={self.seq_len} is too short for {self.source}: its documents need "
+                            f"{QA_MIN_SEQ_LEN} tokens or more (up to 6 facts and 3 questions before any haystack): "
+                            f"raise seq_len (the shipped QA recipes use 1024 or more)")
         if self.batch_size < 1:
             raise DataError(f"DataConfig.batch_size={self.batch_size}: must be >= 1")
         if self.max_samples is not None and self.max_samples < 1:

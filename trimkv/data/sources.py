@@ -6,6 +6,7 @@ tokens is :mod:`trimkv.data.tokenize`'s job.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import DataError
@@ -31,6 +32,37 @@ def local_files(source: str) -> list[Path] | None:
         return [path]
     if not is_hub_source(source):
         raise DataError(f"local data path {source} does not exist (DataConfig.source)")
+    return None
+
+
+def first_problem(files: list[Path]) -> str | None:
+    """``"file:line[:column]: what is wrong"`` for the first line of a local text file that is not UTF-8, or of a
+    ``.jsonl`` / ``.json`` file that is not a JSON object per row; None when nothing is found (the library's own
+    message is then the best there is)."""
+    for f in files:
+        if f.suffix == ".parquet":
+            continue
+        raw = f.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = raw[:err.start].count(b"\n") + 1
+            return f"{f}:{line}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}): save it as UTF-8"
+        if f.suffix == ".json":
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as err:
+                return f"{f}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})"
+        elif f.suffix == ".jsonl":
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"{f}:{n}:{err.colno}: not valid JSON ({err.msg}); each line must be one JSON object"
+                if not isinstance(row, dict):
+                    return f"{f}:{n}: each line must be a JSON object (a row of named fields), got {type(row).__name__}"
     return None
 
 
@@ -60,7 +92,9 @@ def load_documents(cfg: DataConfig, tokenizer=None):
                                        split=cfg.split, streaming=cfg.streaming, **extra)
         except Exception as err:  # noqa: BLE001 - datasets raises its own types; the cause names the bad row
             cause = err.__cause__ or err.__context__ or err
-            raise DataError(f"{cfg.source} could not be read as {builder}: {cause}") from err
+            where = first_problem(files)
+            raise DataError(f"{cfg.source} could not be read as {builder}: "
+                            + (where or " ".join(f"{type(cause).__name__}: {cause}".split())[:400])) from err
     else:
         ds = datasets.load_dataset(cfg.source, name=cfg.config_name, revision=cfg.revision, split=cfg.split,
                                    streaming=cfg.streaming)

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections import Counter
 from dataclasses import asdict
 from typing import Iterator
 
 from ..errors import DataError
 from .config import DataConfig
-from .sources import load_documents
+from .sources import first_problem, load_documents, local_files
 
 SPANS_COLUMN = "target_spans"  # optional with format text: [[start, end), ...] character spans that are the targets
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
@@ -144,42 +145,91 @@ def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> l
 
 
 def tokenized_documents(cfg: DataConfig, tokenizer) -> Iterator[dict]:
-    """Tokenised documents of ``cfg.source``, with empty rows skipped and ``too_long`` applied."""
+    """Tokenised documents of ``cfg.source``, ``too_long`` applied. Every row the source holds is accounted for: a
+    row without the field its format needs is an error naming it (or, with ``skip_incomplete``, skipped), and each
+    kind of skipped row is counted in one warning at the end (``N of M rows skipped: ...``)."""
     ds = load_documents(cfg, tokenizer)
     columns = ds.column_names
     if columns is None:  # streaming without known features: look at the first row
         columns = list(next(iter(ds), {}).keys())
     tcfg = DataConfig(**{**asdict(cfg), "format": _resolve_format(cfg, columns)})
-    untrained = seen = 0
-    for index, example in enumerate(ds):
+    needed = {"text": [tcfg.text_column], "chat": [tcfg.messages_column],
+              "completion": [tcfg.prompt_column, tcfg.completion_column]}[tcfg.format]
+    skipped: Counter[str] = Counter()
+    seen = 0
+    for index, example in enumerate(_rows(ds, cfg)):
         seen += 1
+        where = f"{cfg.source} row {index + 1}"
+        missing = [c for c in needed if example.get(c) is None]
+        if missing:
+            if not cfg.skip_incomplete:
+                raise DataError(f"{where} has no {missing[0]!r} field (format={tcfg.format!r} reads "
+                                f"{', '.join(map(repr, needed))}): fix the row, point DataConfig.{_FIELD_OF[tcfg.format]} "
+                                "at the right column, or set skip_incomplete: true to skip such rows with a count")
+            skipped[f"no {missing[0]!r} field"] += 1
+            continue
         if tcfg.format == "text":
-            text = example[tcfg.text_column]
-            if text is not None:
-                _check_str(text, tcfg.text_column, f"{cfg.source} row {index}")
-            if not (text or "").strip():
+            _check_str(example[tcfg.text_column], tcfg.text_column, where)
+            if not example[tcfg.text_column].strip():
+                skipped[f"empty {tcfg.text_column!r}"] += 1
                 continue
-        if tcfg.format == "chat" and not any(
-                m.get("role") == "assistant" for m in example[tcfg.messages_column] or []):
-            raise DataError(f"{cfg.source} row {index} has no assistant message, so it has "
-                            "nothing to train on: remove such rows or use format='text'")
+        if tcfg.format == "chat":
+            _check_messages(example[tcfg.messages_column], tcfg.messages_column, where)
+            if not any(m["role"] == "assistant" for m in example[tcfg.messages_column]):
+                raise DataError(f"{where} has no assistant message, so it has nothing to train on: remove such rows "
+                                "or use format='text'")
         doc = tokenize_document(example, tokenizer, tcfg)
         if len(doc["input_ids"]) > cfg.seq_len:
             if cfg.too_long == "error":
-                raise DataError(f"{cfg.source} row {index} has {len(doc['input_ids'])} tokens > "
-                                f"seq_len={cfg.seq_len}: raise DataConfig.seq_len or set "
-                                "too_long='truncate' / 'drop'")
+                raise DataError(f"{where} has {len(doc['input_ids'])} tokens > seq_len={cfg.seq_len}: raise "
+                                "DataConfig.seq_len or set too_long='truncate' / 'drop'")
             if cfg.too_long == "drop":
+                skipped[f"longer than seq_len={cfg.seq_len} (too_long='drop')"] += 1
                 continue
             if not cfg.pack:
                 doc = {k: v[: cfg.seq_len] for k, v in doc.items()}
         if len(doc["input_ids"]) < 2:
+            skipped["shorter than 2 tokens"] += 1
             continue
         if not any(doc["target"][1:]):             # nothing to train on: empty replies, or cut off at seq_len
-            untrained += 1
+            skipped["untrained"] += 1
             continue
         yield doc
+    untrained = skipped.pop("untrained", 0)
+    if skipped:
+        warnings.warn(f"{cfg.source}: " + "; ".join(f"{n} of {seen} rows skipped: {why}" for why, n in skipped.items()),
+                      stacklevel=2)
     if untrained:
         warnings.warn(f"{cfg.source}: {untrained} of {seen} documents have no target token (empty replies or "
                       f"completions, or targets cut off at seq_len={cfg.seq_len} with pack=false) and are skipped; "
                       "raise DataConfig.seq_len if they were truncated", stacklevel=2)
+
+
+def _rows(ds, cfg: DataConfig) -> Iterator[dict]:
+    """The rows of ``ds``; text that turns out not to be UTF-8 while reading (datasets decodes lazily) is a
+    DataError naming the file and the line."""
+    it = iter(ds)
+    while True:
+        try:
+            example = next(it)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as err:
+            files = local_files(cfg.source) or []
+            raise DataError(f"{cfg.source} could not be read: " + (first_problem(files) or f"not UTF-8 text ({err})")) \
+                from None
+        yield example
+
+
+_FIELD_OF = {"text": "text_column", "chat": "messages_column", "completion": "prompt_column / completion_column"}
+
+
+def _check_messages(messages, column: str, where: str) -> None:
+    """A conversation must be a non-empty list of ``{"role": str, "content": str}`` mappings."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: column {column!r} must hold a non-empty list of {{'role': ..., 'content': ...}} "
+                        f"messages, got {type(messages).__name__}: {messages!r:.80}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: {column}[{i}] must be a mapping with string 'role' and 'content', got "
+                            f"{type(m).__name__}: {m!r:.80}")

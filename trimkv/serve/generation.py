@@ -79,6 +79,9 @@ def generate(model, tokenizer, prompt: str | torch.Tensor, *, budget: int | None
     prefilled context)."""
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"] if isinstance(prompt, str) \
         else prompt
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise CacheError(f"generate() answers one prompt: ids must be [1, T], got {list(ids.shape)}; loop over the "
+                         "prompts, or use trimkv.fast_generate for a batch")
     ids = ids.to(input_device(model))
     if cache is None:
         cache = make_cache(model, policy or ("full" if budget is None else "trimkv"), budget, sink=sink,

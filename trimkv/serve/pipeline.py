@@ -27,6 +27,7 @@ import torch
 from transformers import Cache
 
 from ..base_model import input_device
+from ..errors import DataError
 from .factory import kv_nbytes, make_cache
 from .generation import generate, prefill
 from .policies import EvictionPolicy
@@ -72,6 +73,10 @@ def answer(model, tokenizer, context: str, questions: str | list[str] | None = N
     ``budget`` tokens per KV head with ``policy`` (default: TRIM-KV retention, the attached gates); ``None`` = the
     full cache of the frozen model. Greedy decoding unless ``gen_kwargs`` say otherwise (they go to ``generate``)."""
     questions = [questions] if isinstance(questions, str) else list(questions or [""])
+    if not all(isinstance(q, str) for q in questions):
+        raise DataError(f"questions must be a string or a list of strings, got {questions!r:.80}")
+    if not isinstance(context, str):
+        raise DataError(f"context must be a string, got {type(context).__name__}")
     context_text, question_texts = split_prompt(tokenizer, context, questions, chat=chat, answer_prefix=answer_prefix,
                                                 **(template_kwargs or {}))
     device = input_device(model)

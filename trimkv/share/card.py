@@ -231,23 +231,31 @@ def base_load_kwargs(config: GateConfig) -> dict[str, Any] | None:
     return None
 
 
+SNIPPET_KEYS = ("name", "revision", "gguf_file")   # load_model arguments a card's usage snippet may show
+
+
 def usage(config: GateConfig, source: str) -> str:
-    """A snippet that runs as written: load the base model, attach these gates, answer with a bounded cache."""
-    kwargs = base_load_kwargs(config)
-    if kwargs is None:
-        load = 'load_model("<the base model these gates were trained for>")'
-    else:
-        name = public_name(kwargs.pop("name"))
-        load = "load_model(" + ", ".join([repr(name), *(f"{k}={v!r}" for k, v in kwargs.items())]) + ")"
-    budget = config.train_budget or 512
+    """A snippet that runs as written: load the base model, attach these gates, answer with a bounded cache.
+
+    It is published code built from a checkpoint's config.json, so nothing from there reaches it as code: only the
+    :data:`SNIPPET_KEYS` of ``base_load_kwargs`` with string values (written as Python string literals by ``repr``),
+    other keys and values are dropped; the budget is an integer or the default."""
+    load = 'load_model("<the base model these gates were trained for>")'
+    kwargs = {k: v for k, v in (base_load_kwargs(config) or {}).items() if k in SNIPPET_KEYS and isinstance(v, str)}
+    if "name" in kwargs:
+        args = [repr(public_name(kwargs.pop("name"))), *(f"{k}={kwargs[k]!r}" for k in SNIPPET_KEYS if k in kwargs)]
+        load = "load_model(" + ", ".join(args) + ")"
+    budget = config.train_budget
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+        budget = 512
     return (
         f"{USAGE_HEADING}\n\n```python\n"
         "from trimkv import load_gates\n"
         "from trimkv.base_model import load_model\n"
         "from trimkv.serve import answer\n\n"
         f"model, tok = {load}   # the base model; add device=\"cuda\" on a GPU\n"
-        f"load_gates(model, {source!r})\n"
+        f"load_gates(model, {str(source)!r})\n"
         'out = answer(model, tok, context="<a long document>", questions=["<a question about it>"], '
-        f"budget={budget})\n"
+        f"budget={int(budget)})\n"
         'print(out.answers[0], out.kv_bytes, "bytes of KV")\n```\n'
     )

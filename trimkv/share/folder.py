@@ -63,6 +63,7 @@ def save_gates(gates: RetentionGates, path: str | os.PathLike, *, metadata: dict
     metadata = public_value(metadata)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())           # mkdtemp makes it 0700; the checkpoint is a normal folder
         _write_config(tmp / CONFIG_NAME, config)
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if adapters is not None:
@@ -73,6 +74,12 @@ def save_gates(gates: RetentionGates, path: str | os.PathLike, *, metadata: dict
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_config(file: pathlib.Path, config: GateConfig) -> None:

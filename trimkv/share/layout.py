@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import pathlib
+import re
 
 import torch
 from safetensors import SafetensorError
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..gate import GateConfig, RetentionGates, nonfinite_keys
+from ..limits import MAX_GATE_HIDDEN, MAX_HEADS, MAX_LAYERS, MAX_WIDTH, load_json
 from ..lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_DIR
 from .authors import OFFICIAL_WEIGHTS, is_official, official_gate_config, official_state_dict
 
@@ -57,13 +59,22 @@ def read_config(folder: pathlib.Path, source: str) -> GateConfig:
     """The :class:`GateConfig` of a checked folder (``source``: how the user named it, kept by the authors' layout)."""
     file = folder / CONFIG_NAME
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CorruptCheckpointError(f"{file} is not valid JSON ({err}); re-save the gates with save_gates") from err
+        data = load_json(file.read_text(encoding="utf-8"), where=str(file))
+    except json.JSONDecodeError as err:
+        raise CorruptCheckpointError(f"{file}:{err.lineno}:{err.colno}: not valid JSON ({err.msg}); re-save the gates "
+                                     "with save_gates") from None
+    except UnicodeDecodeError as err:
+        raise CorruptCheckpointError(f"{file}: not UTF-8 text (byte offset {err.start}); re-save the gates with "
+                                     "save_gates") from None
+    except (ValueError, RecursionError) as err:
+        raise CorruptCheckpointError(f"{err}; it is not a gate config: re-save the gates with save_gates") from None
     if not isinstance(data, dict):
         raise CorruptCheckpointError(f"{file} must hold a JSON object, got {type(data).__name__}")
     if _is_official_layout(folder, data):
-        return official_gate_config(folder, data, source)
+        config = official_gate_config(folder, data, source)
+        check_sizes(config, file)
+        check_provenance(config, file)
+        return config
     version = data.get("format_version", FORMAT_VERSION)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CorruptCheckpointError(
@@ -72,9 +83,26 @@ def read_config(folder: pathlib.Path, source: str) -> GateConfig:
         )
     fields = {k: v for k, v in data.items() if k not in META_KEYS}
     try:
-        return GateConfig.from_dict(fields)
+        config = GateConfig.from_dict(fields)
     except (TypeError, ValueError) as err:
         raise CorruptCheckpointError(f"{file} does not describe a GateConfig: {err}") from err
+    check_sizes(config, file)
+    check_provenance(config, file)
+    return config
+
+
+_SIZE_LIMITS = {"num_layers": MAX_LAYERS, "num_kv_heads": MAX_HEADS, "hidden_size": MAX_WIDTH, "head_dim": MAX_WIDTH,
+                "gate_hidden": MAX_GATE_HIDDEN}
+
+
+def check_sizes(config: GateConfig, file) -> None:
+    """CorruptCheckpointError when a size in a gate config is beyond any real model (checked before gates are built:
+    building a million layers would take minutes before any other check)."""
+    for name, limit in _SIZE_LIMITS.items():
+        value = getattr(config, name)
+        if value > limit:
+            raise CorruptCheckpointError(f"{file}: {name} = {value:,} is above the limit {limit:,}; no real model has "
+                                         "that many: the file is corrupt or not a gate config")
 
 
 def _is_official_layout(folder: pathlib.Path, data: dict) -> bool:
@@ -118,3 +146,27 @@ def _check_tensors(file: pathlib.Path, tensors: dict, expected: dict) -> None:
             f"{file} does not match its {CONFIG_NAME}: " + "; ".join(problems)
             + ". The two files come from different saves; re-save the gates with save_gates"
         )
+
+
+_PRINTABLE = re.compile(r"[^\x00-\x1f\x7f`]*")   # names shown in model cards: no control characters, no backticks
+
+
+def check_provenance(config: GateConfig, file) -> None:
+    """CorruptCheckpointError unless the provenance fields have their types (names are printable strings, the
+    budget a positive integer, ``base_load_kwargs`` a mapping of names to strings): model cards and ``--gates``
+    defaults are built from them."""
+    for name in ("base_model", "base_revision"):
+        value = getattr(config, name)
+        if value is not None and not (isinstance(value, str) and _PRINTABLE.fullmatch(value)):
+            raise CorruptCheckpointError(f"{file}: {name} must be a printable string (a Hub id or a folder name), "
+                                         f"got {value!r:.80}")
+    budget = config.train_budget
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+        raise CorruptCheckpointError(f"{file}: train_budget must be a positive integer (tokens per KV head), got "
+                                     f"{budget!r:.80}")
+    load = config.base_load_kwargs
+    if not isinstance(load, dict) or not all(isinstance(k, str) and (v is None or isinstance(v, (str, bool)))
+                                             for k, v in load.items()):
+        raise CorruptCheckpointError(f"{file}: base_load_kwargs must map argument names to strings, got {load!r:.120}")
+    if isinstance(load.get("name"), str) and not _PRINTABLE.fullmatch(load["name"]):
+        raise CorruptCheckpointError(f"{file}: base_load_kwargs.name must be a printable string, got {load['name']!r:.80}")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from ..attach import GateHandle
-from ..errors import NonFiniteError, RecipeError
+from ..errors import NonFiniteError, RecipeError, write_failed
 from ..progress import Progress
 from .distributed import all_gather_object, all_reduce_mean
 from .engines import PlainEngine
@@ -39,8 +39,11 @@ class MetricsLog:
             self.tensorboard = tensorboard_writer(run_dir / "tensorboard")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        except OSError as err:
+            raise write_failed(err, self.path) from err
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         if self.tensorboard is not None:

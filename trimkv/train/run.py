@@ -6,24 +6,28 @@ batches, run the loop, export a gate checkpoint (with the adapters in ``lora/``)
 from __future__ import annotations
 
 import contextlib
-import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 
 from ..attach import attach_gates
 from ..base_model import load_model
 from ..data import DataError, batches, hub_dataset_ids, prepare_data
-from ..errors import GateCheckpointError
+from ..errors import GateCheckpointError, TrimKVError, write_failed
 from ..gate import GateConfig, RetentionGates, check_compatible
+from ..limits import check_fits
 from ..lora import add_lora
 from ..recipe import Recipe, RecipeError, load_recipe, recipe_changes, save_recipe
-from ..share import check_writable, load_gate_checkpoint, push_to_hub, save_gates
+from ..share import load_gate_checkpoint, push_to_hub, save_gates
 from .distributed import barrier, close_distributed, init_distributed, main_process_first, print0
 from .engines import build_engine
 from .loop import MetricsLog, summary_writer_class, train_loop
+from .rundir import (METRICS_FILE, check_folders, clear_run, earlier_run, export_folder, record_export,
+                     truncate_metrics)
 from .state import ResumeError, TrainingCheckpoints, run_dir_lock
 
 
@@ -99,7 +103,9 @@ def enable_activation_checkpointing(model) -> None:
 def initial_gates(model, recipe: Recipe) -> RetentionGates:
     """Fresh gates as the recipe's ``gates`` section says, or - with ``gates.init_from`` - those weights loaded from a
     gate checkpoint (a warm start; the exported config still records this recipe's budget and loss weights)."""
-    gates = RetentionGates(gate_config_for(model, recipe))
+    config = gate_config_for(model, recipe)
+    _check_sizes(config, model, recipe)
+    gates = RetentionGates(config)
     source = recipe.gates.init_from
     if source:
         start = load_gate_checkpoint(source)
@@ -115,39 +121,64 @@ def initial_gates(model, recipe: Recipe) -> RetentionGates:
     return gates
 
 
+def _check_sizes(config: GateConfig, model, recipe: Recipe) -> None:
+    """The gates (with gradients and AdamW's two moments) must fit the model's device; a ``seq_len`` beyond the
+    model's positions is said."""
+    params = config.num_parameters()
+    device = next(model.parameters()).device
+    check_fits(16 * params, device, error=RecipeError,
+               what=f"gates of width 'gates.gate_hidden' = {config.gate_hidden:,} ({params:,} parameters with their "
+                    "gradients and AdamW state)",
+               fix="lower gates.gate_hidden (the paper uses 512)")
+    cfg = getattr(model.config, "text_config", None) or model.config
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if isinstance(limit, int) and recipe.data.seq_len > limit:
+        warnings.warn(f"'data.seq_len' = {recipe.data.seq_len} is beyond the {limit} positions {recipe.model.name} "
+                      "was trained for: its attention (and so the teacher) may degrade there", stacklevel=3)
+
+
 def finetune(recipe: Recipe | str | Path, *, overrides: list[str] | None = None, progress: bool = True,
-             resume: bool | None = None, until_step: int | None = None, time_limit: float | None = None) -> Path:
+             resume: bool | None = None, until_step: int | None = None, time_limit: float | None = None,
+             overwrite: bool = False) -> Path:
     """Train gates as the recipe says; returns the exported checkpoint folder.
 
     ``resume`` (default: the recipe's ``train.resume``) continues from the newest valid training checkpoint in
     ``<run_dir>/checkpoints``. ``until_step`` stops after that step, like a preempted job (for tests and
     time-limited allocations); the gates exported then are the gates of that step. ``time_limit`` (seconds of
     training, after the model and data are loaded) does the same on a wall-time budget.
+
+    Nothing another run wrote is lost: gates already in ``output.checkpoint`` that this run did not write stay, and
+    this run exports to a new folder beside them (``<name>-2``, ...; said at the start); a ``run_dir`` that holds an
+    earlier run (metrics or training checkpoints) is refused unless resumed. ``overwrite=True`` (``--overwrite``)
+    replaces those gates and starts that run over instead.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     resume = recipe.train.resume if resume is None else resume
+    check_folders(recipe)
     info = init_distributed(recipe.train.device, engine=recipe.train.engine)
     try:
         lock = run_dir_lock(recipe.output.run_dir) if info.is_main else contextlib.nullcontext()
         with lock:
-            _preflight(recipe, resume, write=info.is_main)
-            return _finetune(recipe, info, resume, progress, until_step, time_limit)
+            out = _preflight(recipe, resume, write=info.is_main, overwrite=overwrite)
+            return _finetune(recipe, info, resume, progress, until_step, out, time_limit)
     finally:
         close_distributed(info)
 
 
-def _preflight(recipe: Recipe, resume: bool, *, write: bool) -> None:
+def _preflight(recipe: Recipe, resume: bool, *, write: bool, overwrite: bool = False) -> Path:
     """Everything that can be checked before the model loads: where the gates will go, whether the run folder
     holds an earlier run, and - on resume - that the recipe changed only in fields a resume may change. Then the
-    resolved recipe is saved next to the run."""
+    resolved recipe is saved next to the run. Returns the folder the gates will be exported to."""
     run_dir = Path(recipe.output.run_dir)
-    check_writable(recipe.checkpoint_dir())
     if recipe.logging.tensorboard:
         summary_writer_class()
-    if not resume and TrainingCheckpoints(run_dir / "checkpoints").steps():
-        raise ResumeError(f"{run_dir / 'checkpoints'} holds training checkpoints of an earlier run: pass --resume "
-                          "(train.resume: true) to continue it, or choose another output.run_dir")
+    earlier = None if resume else earlier_run(run_dir)
+    if earlier and not overwrite:
+        raise ResumeError(f"{run_dir} holds an earlier run ({earlier}): pass --resume (train.resume: true) to continue "
+                          "it, --overwrite to start it over (its metrics and training checkpoints are deleted), or "
+                          "choose another output.run_dir")
+    out = export_folder(recipe, resume, overwrite=overwrite)
     saved = run_dir / "recipe.yaml"
     if resume and saved.is_file():
         changed = recipe_changes(load_recipe(saved), recipe)
@@ -157,10 +188,15 @@ def _preflight(recipe: Recipe, resume: bool, *, write: bool) -> None:
                               + ". Only steps, logging, checkpoint cadence, device, the export folder and the Hub settings may change; "
                               "start a new run (another output.run_dir, or gates.init_from) for the rest")
     if write:
+        if earlier:
+            clear_run(run_dir)
+            print0(f"--overwrite: {run_dir} held an earlier run ({earlier}); starting it over")
         save_recipe(recipe, saved)  # the resolved config lives next to every run
+        record_export(recipe, out)
+    return out
 
 
-def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: int | None,
+def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: int | None, out: Path,
               time_limit: float | None = None) -> Path:
     run_dir, cfg = Path(recipe.output.run_dir), recipe.train
     checkpoints = TrainingCheckpoints(run_dir / "checkpoints", keep_last=cfg.keep_last)
@@ -184,8 +220,8 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
         print0(f"resume: no training checkpoint in {checkpoints.folder} yet; starting from step 0")
     stream = EpochStream(recipe.data, tokenizer, rank=info.rank, world_size=info.world_size,
                          position=state.data if state else None)
-    if info.is_main and state is not None:
-        _drop_metrics_after(run_dir / "metrics.jsonl", state.step)  # steps after the checkpoint are redone
+    if info.is_main and resume:
+        truncate_metrics(run_dir / METRICS_FILE, state.step if state else 0)  # steps after the checkpoint are redone
     log = MetricsLog(run_dir, recipe) if info.is_main else None
     push_each = recipe.output.push_to_hub and recipe.output.push_checkpoints
     try:
@@ -198,7 +234,6 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
         if log is not None:
             log.close()
     gates, adapter_state = exported_gates(engine, handle)
-    out = recipe.checkpoint_dir()
     last = history[-1] if history else {}
     if info.is_main:
         reached = last.get("step", state.step if state else 0)
@@ -206,7 +241,12 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
         if adapters is not None:
             meta["lora"] = (f"r={lora.r}, alpha={lora.alpha}, {'/'.join(lora.target_modules)}, lr {lora.lr}; "
                             "adapters in lora/ (a peft adapter folder)")
-        save_gates(gates, out, metadata=meta, adapters=adapters, adapter_state=adapter_state or None)
+        try:
+            save_gates(gates, out, metadata=meta, adapters=adapters, adapter_state=adapter_state or None)
+        except TrimKVError:
+            raise
+        except (OSError, RuntimeError, SafetensorError) as err:   # a full disk: the previous folder is intact
+            raise write_failed(err, out) from err
         if progress:
             _summary(last, recipe)
         if recipe.output.push_to_hub:
@@ -249,12 +289,6 @@ def _push_step(engine, handle, recipe: Recipe, info, step: int) -> None:
                 print0(f"warning: pushing the gates of step {step} to {recipe.output.push_to_hub} failed "
                        f"({type(err).__name__}: {err}); training goes on")
     barrier()
-
-
-def _drop_metrics_after(path: Path, step: int) -> None:
-    if path.is_file():
-        lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(line for line in lines if json.loads(line).get("step", 0) <= step))
 
 
 def _summary(m: dict, recipe: Recipe) -> None:

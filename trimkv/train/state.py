@@ -35,9 +35,10 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import ResumeError
+from ..errors import ResumeError, write_failed
 from ..gate import nonfinite_keys
 from .distributed import all_gather_object, barrier, is_main_process, print0
 
@@ -171,12 +172,15 @@ class TrainingCheckpoints:
             rngs = all_gather_object(rng_state())
             gates, adapters = engine.trainable_state()
             if is_main_process():
-                save_file(gates, str(tmp / GATES_FILE), metadata={"format": "pt", "step": str(step)})
-                if adapters:
-                    save_file(adapters, str(tmp / ADAPTERS_FILE), metadata={"format": "pt", "step": str(step)})
-                torch.save({"step": step, "data": data_state, "engine": engine.state_dict(), "rng": rngs},
-                           tmp / STATE_FILE)
-                _write_manifest(tmp, {"step": step, "engine": engine.name, "world_size": len(rngs)})
+                try:
+                    save_file(gates, str(tmp / GATES_FILE), metadata={"format": "pt", "step": str(step)})
+                    if adapters:
+                        save_file(adapters, str(tmp / ADAPTERS_FILE), metadata={"format": "pt", "step": str(step)})
+                    torch.save({"step": step, "data": data_state, "engine": engine.state_dict(), "rng": rngs},
+                               tmp / STATE_FILE)
+                    _write_manifest(tmp, {"step": step, "engine": engine.name, "world_size": len(rngs)})
+                except (OSError, RuntimeError, SafetensorError) as err:   # torch.save: "basic_ios::clear" on a full disk
+                    raise write_failed(err, tmp) from err
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(tmp, final)                   # the commit point

@@ -1,0 +1,6 @@
+"""``python -m trimkv ...``: the ``trimkv`` command."""
+import sys
+
+from trimkv.cli import main
+
+sys.exit(main())
