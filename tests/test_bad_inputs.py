@@ -239,6 +239,29 @@ def test_a_used_cache_is_refused_by_generate_until_reset(gated_model, tokenizer)
     assert again.text == first.text                                       # reset = a fresh cache
 
 
+def test_a_cache_reused_inside_model_generate_is_refused(gated_model, tokenizer):
+    """model.generate would take a used cache's tokens for the start of a new prompt: the cache knows its sequence."""
+    model, _ = gated_model
+    from trimkv.compat import cache_kwargs
+
+    def run(cache, text, **kw):
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"] if isinstance(text, str) \
+            else text
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache),
+                                  max_new_tokens=4, do_sample=False, pad_token_id=0, **kw)
+
+    for scope in ("head", "global"):
+        cache = make_cache(model, "streaming", 16, sink=2, window=4, scope=scope)
+        fresh = run(cache, "the quick brown fox jumps over the lazy dog")
+        with pytest.raises(CacheError, match="another sequence"):
+            run(cache, "a different prompt entirely, and longer than the first one was")
+        cache.reset()
+        assert torch.equal(run(cache, "the quick brown fox jumps over the lazy dog"), fresh)   # reset = fresh
+    more = tokenizer(" and then", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    assert run(cache, torch.cat([fresh, more], 1)).shape[1] > fresh.shape[1]   # continuing its own sequence: allowed
+
+
 def test_a_cache_used_for_another_batch_size_is_named(gated_model):
     model, _ = gated_model
     cache = make_cache(model, "trimkv", 16, sink=2, window=4)

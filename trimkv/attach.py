@@ -21,6 +21,7 @@ Adding a model family = making :func:`attention_modules` find its attention modu
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -183,7 +184,25 @@ def install_hooks(model: nn.Module) -> GateHandle:
         mod._trimkv = (handle, idx)
         handle._hooks.append(mod.register_forward_pre_hook(_attn_pre_hook(handle, idx), with_kwargs=True))
     model.set_attn_implementation(ATTN_NAME)
+    _check_prompts_in_generate(model)
     return handle
+
+
+def _check_prompts_in_generate(model: nn.Module) -> None:
+    """``model.generate`` hands every step's whole sequence to ``prepare_inputs_for_generation``: a trimkv cache
+    checks there that what it holds is the start of that sequence (a cache reused for another prompt would otherwise
+    be continued as if it were its beginning). The wrapper keeps the method's signature (transformers reads it)."""
+    original = model.prepare_inputs_for_generation
+
+    @functools.wraps(original)
+    def prepare_inputs_for_generation(input_ids, *args, **kwargs):
+        check = getattr(cache_from(kwargs), "check_prompt", None)
+        # generate passes next_sequence_length with the whole sequence (a chunk of a chunked prefill comes without)
+        if check is not None and torch.is_tensor(input_ids) and "next_sequence_length" in kwargs:
+            check(input_ids)
+        return original(input_ids, *args, **kwargs)
+
+    model.prepare_inputs_for_generation = prepare_inputs_for_generation
 
 
 def attach_gates(model: nn.Module, gates: RetentionGates | None = None, *, gate_config: GateConfig | None = None,
@@ -240,6 +259,7 @@ def detach_gates(model: nn.Module) -> RetentionGates | None:
         h.remove()
     for mod in attention_modules(model):
         mod.__dict__.pop("_trimkv", None)
+    model.__dict__.pop("prepare_inputs_for_generation", None)
     if handle.original_attn is not None:
         model.set_attn_implementation(handle.original_attn)
     if handle.gates is not None:
@@ -267,6 +287,9 @@ def _decoder_pre_hook(handle: GateHandle):
         mask = kwargs.get("attention_mask")
         handle._mask2d = mask if (torch.is_tensor(mask) and mask.dim() == 2) else None
         handle._new_valid = handle._meta = None   # the first attention layer of this forward computes them
+        note = getattr(cache_from(kwargs), "note_input_ids", None)
+        if note is not None and not torch.compiler.is_compiling():   # the compiled decoder keeps no record
+            note(kwargs.get("input_ids", args[0] if args else None))
     return hook
 
 

@@ -202,9 +202,50 @@ class RetentionLayer(BoundedLayer):
 
 class BoundedCache(Cache):
     """A transformers ``Cache`` whose layers are :class:`BoundedLayer` s, all with one policy. Subclasses:
-    :class:`RetentionCache` (a budget per head), :class:`~trimkv.serve.pool.GlobalRetentionCache` (one pool)."""
+    :class:`RetentionCache` (a budget per head), :class:`~trimkv.serve.pool.GlobalRetentionCache` (one pool).
+
+    The cache knows its sequence: the hooks note the token ids of every eager forward (:meth:`note_input_ids`), and
+    ``model.generate`` checks at every step that they are the start of the sequence it continues
+    (:meth:`check_prompt`), so a cache reused for another prompt is refused instead of continued."""
 
     policy: EvictionPolicy
+    _ids: torch.Tensor | None = None     # [B, N] the token ids fed so far (None: none, or a forward without ids)
+    _ids_complete: bool = True           # False once a forward came without ids (embeddings, a compiled step)
+
+    def note_input_ids(self, ids: torch.Tensor | None) -> None:
+        """Record the ids [B, T] of one forward (called by trimkv's decoder pre-hook)."""
+        if ids is None or (self._ids is not None and self._ids.shape[0] != ids.shape[0]):
+            self._ids_complete = False      # embeddings, or another batch size (the layers refuse that one)
+            return
+        self._ids = ids.detach() if self._ids is None else torch.cat([self._ids, ids.detach().to(self._ids.device)], 1)
+
+    def check_prompt(self, input_ids: torch.Tensor) -> None:
+        """Refuse to continue a sequence this cache does not hold the start of: ``input_ids`` [B, T] must begin with
+        every token the cache has seen."""
+        seen = self.get_seq_length()
+        if not seen:
+            return
+        held = self._ids
+        fix = "pass a fresh cache (trimkv.make_cache) or call cache.reset() before generating another sequence"
+        if held is None or not self._ids_complete or held.shape[1] != seen:
+            raise CacheError(f"this cache holds {seen} tokens whose ids it did not see (filled by a compiled decoder or "
+                             f"from embeddings), so it cannot tell whether this prompt continues them: {fix}")
+        if input_ids.shape[0] != held.shape[0] or input_ids.shape[1] < seen or \
+                not torch.equal(input_ids[:, :seen].to(held.device), held):
+            raise CacheError(f"this cache already holds {seen} tokens of another sequence, and model.generate would "
+                             f"continue from them as if they were the start of this prompt: {fix}")
+
+    def reset(self) -> None:
+        super().reset()
+        self._ids, self._ids_complete = None, True
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._reorder_ids(beam_idx)
+
+    def _reorder_ids(self, beam_idx: torch.LongTensor) -> None:
+        if self._ids is not None:
+            self._ids = self._ids.index_select(0, beam_idx.to(self._ids.device))
 
     @property
     def uses_gates(self) -> bool:

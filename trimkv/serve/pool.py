@@ -262,9 +262,10 @@ class GlobalRetentionCache(BoundedCache):
 
     def reorder_cache(self, beam_idx) -> None:
         self.pool.reorder(beam_idx)
+        self._reorder_ids(beam_idx)
 
     def reset(self) -> None:
         self.pool.keys = None
+        super().reset()                      # every layer's, and the record of the sequence
         for layer in self.layers:
-            layer.reset()
             layer.is_initialized = False
