@@ -7,10 +7,9 @@ from .attach import GateHandle, attach_gates, detach_gates, gates_disabled, inst
 from .share import convert_checkpoint, load_gate_checkpoint, load_gates, push_to_hub, save_gates
 from .gate import GateConfig, RetentionGate, RetentionGates
 from .lora import add_lora
+from ._version import __version__
 from .serve import (Answers, CompiledDecoder, EvictionPolicy, GlobalRetentionCache, RetentionCache, RetentionPolicy,
                     SoftRetentionCache, answer, fast_generate, generate, get_policy, make_cache, prefill)
-
-__version__ = "0.1.0"
 
 __all__ = [
     "GateConfig",

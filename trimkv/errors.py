@@ -49,3 +49,7 @@ class NonFiniteError(TrimKVError, FloatingPointError):
 
 class ResumeError(TrimKVError, RuntimeError):
     """No usable training checkpoint, or one that does not fit this run."""
+
+
+class MissingDependencyError(TrimKVError, ImportError):
+    """A feature needs an optional package (an extra of the ``trimkv-gates`` distribution) that is not installed."""

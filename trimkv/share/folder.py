@@ -29,10 +29,13 @@ from typing import Any
 from safetensors.torch import save_file
 
 from ..attach import attach_gates
-from ..base_model import DEFAULT_MODEL, DEFAULT_MODEL_ID
+import torch
+
+from ..base_model import DEFAULT_MODEL, is_default_model, load_config
 from ..errors import GateCheckpointError, GateMismatchError, NonFiniteError
 from ..gate import GateConfig, RetentionGates, check_compatible, nonfinite_keys
 from ..lora import LORA_DIR, has_lora, load_lora, save_lora
+from .authors import OFFICIAL_WEIGHTS, official_config, official_weights
 from .card import public_config, public_name, public_value, write_model_card
 from .hub import resolve_folder
 from .layout import CARD_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_config, read_gates, trimkv_version
@@ -88,14 +91,17 @@ def _write_config(file: pathlib.Path, config: GateConfig) -> None:
     file.write_text(text + "\n", encoding="utf-8")
 
 
-def check_writable(path: str | os.PathLike) -> None:
+def check_writable(path: str | os.PathLike, *, layouts: tuple[str, ...] | None = None) -> None:
     """Raise GateCheckpointError unless ``path`` is free, an empty folder or an earlier trimkv checkpoint (what
-    :func:`save_gates` may replace); training calls it before its first step."""
+    :func:`save_gates` may replace); training calls it before its first step. ``layouts``: the files of an earlier
+    export (e.g. the authors' layout) that make a folder replaceable too."""
     path = pathlib.Path(path)
     if not path.exists():
         return
     if not path.is_dir():
         raise GateCheckpointError(f"cannot save gates to {path}: it is a file; pick a folder path")
+    if layouts and all((path / name).is_file() for name in layouts):
+        return
     if any(path.iterdir()) and not _is_trimkv_checkpoint(path):
         raise GateCheckpointError(
             f"cannot save gates to {path}: the folder exists and is not a trimkv checkpoint "
@@ -157,7 +163,7 @@ def base_model_for(config: GateConfig) -> str:
     load = config.base_load_kwargs.get("name") or config.base_model
     if not load:
         raise GateCheckpointError("the gate checkpoint does not record its base model: pass the model explicitly")
-    return DEFAULT_MODEL if load == DEFAULT_MODEL_ID else load
+    return DEFAULT_MODEL if is_default_model(load) else load
 
 
 def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, revision: str | None = None,
@@ -169,6 +175,45 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, rev
                 public_name(str(source))}
     metadata.update({f"authors' {k}": official[k] for k in ("memory_size", "buffer_size") if k in official})
     return save_gates(gates, out, metadata=metadata)
+
+
+EXPORT_FORMATS = ("authors",)      # trimkv export --format: the authors' released layout (their inference package)
+
+
+def export_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, format: str = "authors",
+                      base_config: Any = None, revision: str | None = None,
+                      local_files_only: bool | None = None) -> pathlib.Path:
+    """Write the gates of ``source`` (a checkpoint in either layout, folder or Hub id) at ``out`` in another layout.
+
+    ``format="authors"``: the layout of the authors' package (``config.json`` = the base model's config plus their
+    TRIM-KV fields, ``trimkv_weights.pth``; :mod:`trimkv.share.authors`), which their
+    ``TrimKV*ForCausalLM.from_pretrained(out)`` serves, with a model card beside them. ``base_config``: the base
+    model's transformers config (default: read for the gates' recorded base model, see
+    :func:`trimkv.base_model.load_config`). The folder is written atomically, like :func:`save_gates`."""
+    if format not in EXPORT_FORMATS:
+        raise GateCheckpointError(f"export format {format!r} is unknown; choose one of {EXPORT_FORMATS}")
+    gates = load_gate_checkpoint(source, revision=revision, local_files_only=local_files_only)
+    config = public_config(gates.config)
+    if base_config is None:
+        base_config = load_config(base_model_for(config), revision=config.base_revision
+                                  if not is_default_model(config.base_model) else None)
+    data = official_config(config, base_config)
+    weights = official_weights(gates)
+    path = pathlib.Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path, layouts=(CONFIG_NAME, OFFICIAL_WEIGHTS))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+        torch.save(weights, tmp / OFFICIAL_WEIGHTS)
+        metadata = {"layout": "the TRIM-KV authors' (config.json + trimkv_weights.pth), written by trimkv export",
+                    "exported from": public_name(str(source))}
+        write_model_card(tmp / CARD_NAME, config, metadata, source=public_name(str(path)), version=trimkv_version())
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
 
 
 # ------------------------------------------------------------------------------------- model binding

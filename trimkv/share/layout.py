@@ -7,7 +7,6 @@ this module, so neither imports the other's private helpers.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import pathlib
 
@@ -15,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .._version import __version__
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..gate import GateConfig, RetentionGates, nonfinite_keys
 from ..lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_DIR
@@ -30,11 +30,8 @@ META_KEYS = ("trimkv_version", "format_version")
 
 
 def trimkv_version() -> str:
-    """Installed trimkv version, or ``"0+unknown"`` when running from an uninstalled tree."""
-    try:
-        return importlib.metadata.version("trimkv")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
+    """This trimkv's version (the installed distribution's, ``trimkv-gates``; the same in a source tree)."""
+    return __version__
 
 
 def check_folder(path: pathlib.Path) -> pathlib.Path:

@@ -14,9 +14,10 @@ from typing import Any, Iterator
 import torch
 
 from ..attach import attach_gates
-from ..base_model import load_model
+from ..base_model import DEFAULT_WEIGHTS, is_default_model, load_model
 from ..data import DataError, batches, hub_dataset_ids, prepare_data
 from ..errors import GateCheckpointError
+from ..extras import require
 from ..gate import GateConfig, RetentionGates, check_compatible
 from ..lora import add_lora
 from ..recipe import Recipe, RecipeError, load_recipe, recipe_changes, save_recipe
@@ -77,9 +78,13 @@ def _rescale(position: dict, world_size: int) -> int:
 def gate_config_for(model, recipe: Recipe) -> GateConfig:
     g, m = recipe.gates, recipe.model
     load = {"name": m.name, "revision": m.revision, "gguf_file": m.gguf_file}   # how the card's snippet loads the base
+    base = {"base_revision": m.revision}
+    if is_default_model(m.name):   # the weights it really is: the GGUF's repo and revision (not the safetensors model)
+        base = {"base_model": DEFAULT_WEIGHTS["base_model"], "base_revision": DEFAULT_WEIGHTS["base_revision"],
+                "extra": {"base_weights": DEFAULT_WEIGHTS["note"], "base_gguf_file": DEFAULT_WEIGHTS["gguf_file"]}}
     return GateConfig.for_model(
         model.config, gate_type=g.gate_type, gate_hidden=g.gate_hidden, bias_init=g.bias_init, init_std=g.init_std,
-        activation=g.activation, base_revision=m.revision, train_budget=recipe.loss.budget,
+        activation=g.activation, **base, train_budget=recipe.loss.budget,
         base_load_kwargs={k: v for k, v in load.items() if v is not None},
         loss_weights=dict(kl=recipe.loss.kl_weight, ntp=recipe.loss.ntp_weight, capacity=recipe.loss.capacity_weight,
                           capacity_form=recipe.loss.capacity_form, capacity_scope=recipe.loss.capacity_scope),
@@ -144,6 +149,12 @@ def _preflight(recipe: Recipe, resume: bool, *, write: bool) -> None:
     check_writable(recipe.checkpoint_dir())
     if recipe.logging.tensorboard:
         summary_writer_class()
+    if recipe.logging.wandb != "disabled":
+        require("wandb", f"logging.wandb: {recipe.logging.wandb}")
+    if recipe.lora.enabled:
+        require("peft", "LoRA co-training (lora.enabled: true)")
+    if recipe.train.engine == "deepspeed":
+        require("deepspeed", "train.engine: deepspeed")
     if not resume and TrainingCheckpoints(run_dir / "checkpoints").steps():
         raise ResumeError(f"{run_dir / 'checkpoints'} holds training checkpoints of an earlier run: pass --resume "
                           "(train.resume: true) to continue it, or choose another output.run_dir")
