@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_package import add_commands as add_package_commands
 from .eval.cli import add_commands as add_eval_commands, add_device_args, add_model_args
 
 
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     add_eval_commands(sub)   # eval, plot
+    add_package_commands(sub)   # recipes, export
     return p
 
 

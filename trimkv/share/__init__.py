@@ -19,11 +19,11 @@ Every failure raises a :class:`~trimkv.errors.GateCheckpointError` subclass (imp
 """
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, GateCheckpointError, GateMismatchError
 from .card import write_model_card
-from .folder import (EXPORT_FORMATS, base_model_for, check_writable, convert_checkpoint, export_checkpoint,
+from .folder import (EXPORT_FORMATS, PretrainedGates, base_model_for, check_writable, convert_checkpoint, export_checkpoint,
                      load_gate_checkpoint, load_gate_config, load_gates, save_gates)
 from .hub import parse_source, push_to_hub
 
 __all__ = ["save_gates", "load_gate_checkpoint", "load_gate_config", "load_gates", "convert_checkpoint",
-           "export_checkpoint", "EXPORT_FORMATS",
+           "export_checkpoint", "EXPORT_FORMATS", "PretrainedGates",
            "push_to_hub", "check_writable", "base_model_for", "parse_source", "write_model_card",
            "GateCheckpointError", "CheckpointNotFoundError", "CorruptCheckpointError", "GateMismatchError"]

@@ -37,7 +37,7 @@ from ..gate import GateConfig, RetentionGates, check_compatible, nonfinite_keys
 from ..lora import LORA_DIR, has_lora, load_lora, save_lora
 from .authors import OFFICIAL_WEIGHTS, official_config, official_weights
 from .card import public_config, public_name, public_value, write_model_card
-from .hub import resolve_folder
+from .hub import push_to_hub as _push, resolve_folder
 from .layout import CARD_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_config, read_gates, trimkv_version
 
 
@@ -133,12 +133,62 @@ def _swap_into_place(new: pathlib.Path, path: pathlib.Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------ the Hugging Face methods
+
+
+class PretrainedGates(RetentionGates):
+    """:class:`~trimkv.gate.RetentionGates` with the checkpoint methods of the Hugging Face ecosystem (PEFT /
+    ``huggingface_hub`` mixins), the same gates and the same folder as the free functions write::
+
+        gates = PretrainedGates.from_pretrained("user/gates")       # = load_gate_checkpoint
+        handle = gates.attach(model)                                # = attach_gates(model, gates), checked first
+        model.trimkv.gates.save_pretrained("my-gates")              # = save_gates
+        model.trimkv.gates.push_to_hub("user/my-gates")             # = save_gates + push_to_hub
+
+    Gates loaded by trimkv (``load_gates``, ``load_gate_checkpoint``) and trained by ``trimkv train`` are of this
+    class; ``PretrainedGates(config)`` builds fresh ones like ``RetentionGates(config)``."""
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, *, revision: str | None = None,
+                        local_files_only: bool | None = None) -> "PretrainedGates":
+        """Gates from a checkpoint folder or Hub repo (``"user/name[@revision]"``), in trimkv's layout or the
+        authors'; fp32 on the CPU."""
+        return load_gate_checkpoint(source, revision=revision, local_files_only=local_files_only)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, metadata: dict | None = None,
+                        push_to_hub: bool = False, repo_id: str | None = None, **push_kwargs: Any) -> pathlib.Path:
+        """Write the checkpoint folder (atomically, with its model card); ``push_to_hub=True`` uploads it to
+        ``repo_id`` (default: the folder's name) too."""
+        path = save_gates(self, save_directory, metadata=metadata)
+        if push_to_hub:
+            _push(path, repo_id or path.name, **push_kwargs)
+        return path
+
+    def push_to_hub(self, repo_id: str, *, metadata: dict | None = None, private: bool = False,
+                    token: str | None = None, revision: str | None = None,
+                    commit_message: str = "Upload trimkv gates") -> str:
+        """Save to a temporary folder and upload it to the Hub repo ``repo_id`` (created if needed); returns the
+        commit url."""
+        with tempfile.TemporaryDirectory(prefix="trimkv-gates-") as tmp:
+            path = save_gates(self, pathlib.Path(tmp) / repo_id.split("/")[-1], metadata=metadata)
+            return _push(path, repo_id, private=private, token=token, revision=revision,
+                         commit_message=commit_message)
+
+    def attach(self, model: Any, **attach_kwargs: Any):
+        """Attach these gates to ``model`` (checked against its shape first); returns the handle (``model.trimkv``)."""
+        try:
+            check_compatible(self.config, model)
+        except GateMismatchError as err:
+            raise GateMismatchError(f"gates {self.config.base_model or ''}: {err}") from None
+        return attach_gates(model, self, **attach_kwargs)
+
+
 # ---------------------------------------------------------------------------------------------- load
 
 
 def load_gate_checkpoint(
     source: str | os.PathLike, *, revision: str | None = None, local_files_only: bool | None = None
-) -> RetentionGates:
+) -> "PretrainedGates":
     """Load gates from a checkpoint folder or a Hub repo (``"user/name"`` / ``"user/name@revision"``), in trimkv's
     layout or the authors' (``config.json`` + ``trimkv_weights.pth``, :mod:`trimkv.share.authors`).
 
@@ -147,7 +197,7 @@ def load_gate_checkpoint(
     """
     folder = resolve_folder(source, revision, local_files_only)
     config = read_config(folder, str(source))
-    return read_gates(folder, config)
+    return read_gates(folder, config, PretrainedGates)
 
 
 def load_gate_config(
@@ -229,7 +279,7 @@ def load_gates(
     A checkpoint with ``lora/`` (LoRA co-training) also injects those adapters into ``model`` (frozen); the handle's
     ``disabled()`` then turns gates and adapters off together, and ``detach()`` removes both."""
     folder = resolve_folder(source, revision, local_files_only)
-    gates = read_gates(folder, read_config(folder, str(source)))
+    gates = read_gates(folder, read_config(folder, str(source)), PretrainedGates)
     try:
         check_compatible(gates.config, model)      # before anything is attached (attach_gates checks again)
     except GateMismatchError as err:

@@ -78,8 +78,9 @@ def _is_official_layout(folder: pathlib.Path, data: dict) -> bool:
     return "format_version" not in data and "retention_gate" in data and is_official(folder)
 
 
-def read_gates(folder: pathlib.Path, config: GateConfig) -> RetentionGates:
-    """fp32 gates on the CPU from a checked folder's weights, every key and shape checked against ``config``."""
+def read_gates(folder: pathlib.Path, config: GateConfig, cls: type[RetentionGates] = RetentionGates) -> RetentionGates:
+    """fp32 gates (a ``cls``) on the CPU from a checked folder's weights, every key and shape checked against
+    ``config``."""
     if config.extra.get("official") is not None and not (folder / WEIGHTS_NAME).is_file():
         file, tensors = folder / OFFICIAL_WEIGHTS, official_state_dict(folder, config)
     else:
@@ -91,7 +92,7 @@ def read_gates(folder: pathlib.Path, config: GateConfig) -> RetentionGates:
                 f"{file} is not a readable safetensors file ({err}); it may be truncated: re-download or re-save it"
             ) from err
     with torch.device("meta"):
-        gates = RetentionGates(config)
+        gates = cls(config)
     _check_tensors(file, tensors, gates.state_dict())
     bad = nonfinite_keys(tensors)
     if bad:

@@ -21,7 +21,7 @@ from ..extras import require
 from ..gate import GateConfig, RetentionGates, check_compatible
 from ..lora import add_lora
 from ..recipe import Recipe, RecipeError, load_recipe, recipe_changes, save_recipe
-from ..share import check_writable, load_gate_checkpoint, push_to_hub, save_gates
+from ..share import PretrainedGates, check_writable, load_gate_checkpoint, push_to_hub, save_gates
 from .distributed import barrier, close_distributed, init_distributed, main_process_first, print0
 from .engines import build_engine
 from .loop import MetricsLog, summary_writer_class, train_loop
@@ -104,7 +104,7 @@ def enable_activation_checkpointing(model) -> None:
 def initial_gates(model, recipe: Recipe) -> RetentionGates:
     """Fresh gates as the recipe's ``gates`` section says, or - with ``gates.init_from`` - those weights loaded from a
     gate checkpoint (a warm start; the exported config still records this recipe's budget and loss weights)."""
-    gates = RetentionGates(gate_config_for(model, recipe))
+    gates = PretrainedGates(gate_config_for(model, recipe))
     source = recipe.gates.init_from
     if source:
         start = load_gate_checkpoint(source)
@@ -228,7 +228,7 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
 def exported_gates(engine, handle) -> tuple[RetentionGates, dict[str, torch.Tensor]]:
     """The trained gates as a fresh fp32 CPU module, and the LoRA adapters' state ({} without adapters); collective
     under ZeRO-3: every rank calls it."""
-    gates = RetentionGates(handle.gates.config)
+    gates = PretrainedGates(handle.gates.config)
     gate_state, adapter_state = engine.trainable_state()
     gates.load_state_dict(gate_state)
     return gates, adapter_state
