@@ -100,3 +100,16 @@ def test_gates_save_pretrained_from_pretrained_push_to_hub(gated, tmp_path, toke
     assert other.trimkv is handle and handle.gates is loaded
     with pytest.raises(GateMismatchError, match="layers"):
         loaded.attach(build_tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=3))
+
+
+def test_lr_schedule_is_transformers_cosine_with_another_warmup():
+    """Why trimkv keeps its own schedule (trimkv.train.optim.lr_lambda): after warm-up it is transformers' cosine
+    with a floor, value for value; the warm-up is not (transformers starts at lr 0)."""
+    from trimkv.train.optim import lr_lambda
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = transformers.get_cosine_with_min_lr_schedule_with_warmup(
+        opt, num_warmup_steps=4, num_training_steps=20, min_lr=0.1).lr_lambdas[0]
+    mine = [lr_lambda(s, warmup=4, total=20, lr=1.0, min_lr=0.1) for s in range(21)]
+    assert mine[4:] == pytest.approx([theirs(s) for s in range(4, 21)], abs=1e-12)
+    assert theirs(0) == 0.0 and mine[0] == pytest.approx(1 / 5)

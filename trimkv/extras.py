@@ -44,8 +44,3 @@ def require(module: str, feature: str) -> ModuleType:
         raise MissingDependencyError(
             f"{feature} needs the package {package!r}, which is not installed ({err}): {install_hint(package)} "
             f"(or pip install {package})") from err
-
-
-def available(package: str) -> bool:
-    """Whether an optional package can be imported (without importing it)."""
-    return importlib.util.find_spec(package) is not None
