@@ -258,6 +258,9 @@ def export_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, form
         torch.save(weights, tmp / OFFICIAL_WEIGHTS)
         metadata = {"layout": "the TRIM-KV authors' (config.json + trimkv_weights.pth), written by trimkv export",
                     "exported from": public_name(str(source))}
+        if config.extra.get("base_gguf_file"):     # their loader reads base_model with transformers: a GGUF needs this
+            metadata["their loader"] = (f"TrimKV*ForCausalLM.from_pretrained(folder, gguf_file="
+                                        f"{config.extra['base_gguf_file']!r}): the base model is a GGUF")
         write_model_card(tmp / CARD_NAME, config, metadata, source=public_name(str(path)), version=trimkv_version())
         _swap_into_place(tmp, path)
     except BaseException:
