@@ -110,6 +110,10 @@ def test_without_gguf_the_default_model_names_the_extra(monkeypatch, tmp_path):
         base_model.load_model()
     with pytest.raises(MissingDependencyError, match=r"trimkv-gates\[smollm2\]"):
         base_model.load_config()
+    monkeypatch.delitem(sys.modules, "gguf")
+    monkeypatch.setitem(sys.modules, "accelerate", None)          # transformers reads a GGUF only with accelerate
+    with pytest.raises(MissingDependencyError, match=r"'accelerate'.*trimkv-gates\[smollm2\]"):
+        base_model.load_model()
 
 
 def test_gates_of_the_default_name_its_real_weights(tokenizer):

@@ -198,6 +198,7 @@ def _default_converted() -> Path:
         return out
     folder = fetch_default_model()
     require("gguf", "the embedded default model (a GGUF file)")
+    require("accelerate", "reading the embedded default model's GGUF (transformers asks for it)", extra="smollm2")
     _say(f"de-quantising the default model's GGUF to a transformers fp32 copy in {out} (once per transformers "
          "release; later loads read the copy)")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)

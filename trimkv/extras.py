@@ -27,14 +27,16 @@ EXTRAS = {                      # top-level package -> the extra that installs i
 }
 
 
-def install_hint(package: str) -> str:
-    """``pip install 'trimkv-gates[EXTRA]'`` for a package of :data:`EXTRAS`."""
-    return f"pip install '{DISTRIBUTION}[{EXTRAS[package]}]'"
+def install_hint(package: str, extra: str | None = None) -> str:
+    """``pip install 'trimkv-gates[EXTRA]'`` for a package of :data:`EXTRAS` (``extra``: another extra that brings
+    it too)."""
+    return f"pip install '{DISTRIBUTION}[{extra or EXTRAS[package]}]'"
 
 
-def require(module: str, feature: str) -> ModuleType:
+def require(module: str, feature: str, *, extra: str | None = None) -> ModuleType:
     """Import ``module`` (a package of :data:`EXTRAS` or one of its submodules) for ``feature``, or raise
-    MissingDependencyError saying what to install."""
+    MissingDependencyError saying what to install (``extra``: the extra of that feature, when it is not the
+    package's own)."""
     package = module.split(".")[0]
     if package not in EXTRAS:
         raise KeyError(f"{package!r} is not an optional dependency of trimkv (known: {sorted(EXTRAS)})")
@@ -42,5 +44,5 @@ def require(module: str, feature: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as err:
         raise MissingDependencyError(
-            f"{feature} needs the package {package!r}, which is not installed ({err}): {install_hint(package)} "
+            f"{feature} needs the package {package!r}, which is not installed ({err}): {install_hint(package, extra)} "
             f"(or pip install {package})") from err
