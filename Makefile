@@ -5,8 +5,15 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 LOCK   := constraints.txt
-export TRIMKV_HOME ?= $(CURDIR)/.cache
+# trimkv's one cache folder, by the library's rule (trimkv.base_model.trimkv_home): TRIMKV_HOME when set and not
+# empty, else ~/.cache/trimkv. Commands run by hand and by make share it.
+TRIMKV_HOME := $(or $(TRIMKV_HOME),$(HOME)/.cache/trimkv)
+export TRIMKV_HOME
 GGUF   := $(TRIMKV_HOME)/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+# Every extra, so that the whole suite runs (the library itself needs none of them); the compatibility run has the
+# extras whose floors constraints-oldest.txt pins (tensorboard and deepspeed are tested at constraints.txt's versions).
+EXTRAS := test,all,triton,deepspeed
+COMPAT_EXTRAS := test,triton,smollm2,lora,plots,wandb,accelerate
 
 # The transformers releases the compatibility runs test: the oldest 5.x we support (with its own lock file) and the
 # newest release of everything (unpinned, what a fresh `pip install trimkv` picks up today).
@@ -22,14 +29,14 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH)
-	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q -c $(LOCK) -e ".[test,triton,deepspeed,tensorboard]"
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $@
 
 $(COMPAT_VENV)/.installed: pyproject.toml $(OLDEST_LOCK)
 	$(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/pip install -q --upgrade pip
 	$(COMPAT_VENV)/bin/pip install -q $(TORCH)
-	$(COMPAT_VENV)/bin/pip install -q -c $(OLDEST_LOCK) -e ".[test,triton]"
+	$(COMPAT_VENV)/bin/pip install -q -c $(OLDEST_LOCK) -e ".[$(COMPAT_EXTRAS)]"
 	touch $@
 
 # The suite on the oldest supported transformers (CI runs this after `make test`).
@@ -43,7 +50,7 @@ test-latest: model
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install -q --upgrade pip
 	$(LATEST_VENV)/bin/pip install -q $(TORCH)
-	$(LATEST_VENV)/bin/pip install -q --upgrade -e ".[test,triton]"
+	$(LATEST_VENV)/bin/pip install -q --upgrade -e ".[$(COMPAT_EXTRAS)]"
 	$(LATEST_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
 	$(LATEST_VENV)/bin/python -m pytest -q tests
 

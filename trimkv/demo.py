@@ -3,8 +3,9 @@ three ways: with the full cache, with the shipped TRIM-KV gates keeping M tokens
 (sink + recent window) at the same memory. Prints each answer and the KV bytes it needed, then how far bounded
 decoding drifts from the full cache on real prose (learned retention vs StreamingLLM).
 
-Uses the gate checkpoint shipped under ``checkpoints/`` (quick); ``--retrain`` trains new gates with a short CPU
-version of the same recipe first (~10 min on 2 cores; far from the shipped gates' quality).
+Uses the gate checkpoint shipped with trimkv (``checkpoints/`` of a clone, package data of an installed wheel:
+:mod:`trimkv.shipped`); ``--retrain`` trains new gates with a short CPU version of the same recipe first (~10 min on
+2 cores; far from the shipped gates' quality), into ``runs/demo`` under the current folder.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "smollm2-135m-qa-m64.yaml"
+from .shipped import default_gates, recipe_path
+
+RECIPE = recipe_path("smollm2-135m-qa-m64")
 # A retrain in the demo: the recipe shortened to what 2 CPU cores do in ~10 minutes.
 RETRAIN = ["train.steps={steps}", "data.seq_len=1024", "data.batch_size=1", "data.max_samples=128",
            "train.warmup_steps=5", "train.save_every=0"]
@@ -22,17 +24,15 @@ DEMO_STEPS = 40
 
 
 def _checkpoint_dir() -> Path:
-    from .recipe import load_recipe
-
-    ckpt = load_recipe(RECIPE).checkpoint_dir()
-    return ckpt if ckpt.is_absolute() else REPO / ckpt
+    return default_gates()
 
 
 def _train(steps: int) -> Path:
     from .train.run import finetune
 
-    # a retrain never overwrites the shipped checkpoint: it goes to runs/demo/gates
-    overrides = [f"output.checkpoint={REPO / 'runs' / 'demo' / 'gates'}", f"output.run_dir={REPO / 'runs' / 'demo'}"]
+    # a retrain never overwrites the shipped checkpoint: it goes to runs/demo/gates under the current folder
+    runs = Path.cwd() / "runs" / "demo"
+    overrides = [f"output.checkpoint={runs / 'gates'}", f"output.run_dir={runs}"]
     overrides += [o.format(steps=steps) for o in RETRAIN]
     t0 = time.perf_counter()
     out = finetune(RECIPE, overrides=overrides, overwrite=True)   # runs/demo is the demo's own: a retrain restarts it

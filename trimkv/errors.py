@@ -75,3 +75,7 @@ def write_failed(err: BaseException, path) -> OSError:
     reason = getattr(err, "strerror", None) or os.strerror(code)
     return OSError(code, f"{reason} (while writing; {type(err).__name__}: {err})" if code == errno.EIO else reason,
                    str(path))
+
+
+class MissingDependencyError(TrimKVError, ImportError):
+    """A feature needs an optional package (an extra of the ``trimkv-gates`` distribution) that is not installed."""

@@ -27,6 +27,8 @@ from typing import Iterator, Sequence
 import torch
 from safetensors.torch import save_file
 
+from .extras import require
+
 LORA_DIR = "lora"                                 # the adapter folder inside a gate checkpoint
 ADAPTER_CONFIG = "adapter_config.json"            # peft's file names
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -38,6 +40,7 @@ def add_lora(model: torch.nn.Module, *, r: int = 8, alpha: float = 16.0, dropout
     """Inject fresh, trainable LoRA adapters into ``model``'s ``target_modules`` (in place; B = 0, so the model's
     output is unchanged until they train) and return their ``peft.PeftModel``. Only the adapters require grad
     afterwards."""
+    require("peft", "LoRA co-training (a recipe's lora.enabled: true)")
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout),
@@ -53,6 +56,7 @@ def add_lora(model: torch.nn.Module, *, r: int = 8, alpha: float = 16.0, dropout
 def load_lora(model: torch.nn.Module, folder: str | os.PathLike):
     """Inject the adapters saved in ``folder`` (a peft adapter folder) into ``model``, in place, frozen; returns their
     ``peft.PeftModel``."""
+    require("peft", f"a gate checkpoint with LoRA adapters ({folder})")
     from peft import PeftModel
 
     with _quiet_peft():

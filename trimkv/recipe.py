@@ -123,7 +123,7 @@ class OutputSection:
 @dataclass
 class LoggingSection:
     wandb: str = "disabled"          # disabled | offline | online
-    tensorboard: bool = False        # also write TensorBoard events to <run_dir>/tensorboard (pip install trimkv[tensorboard])
+    tensorboard: bool = False        # also write TensorBoard events to <run_dir>/tensorboard (pip install 'trimkv-gates[tensorboard]')
     project: str = "trimkv"
     run_name: str | None = None
 

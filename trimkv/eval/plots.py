@@ -17,13 +17,14 @@ import torch
 
 from trimkv.eval.harness import policy_cache
 from trimkv.base_model import input_device
+from trimkv.extras import require
 from trimkv.serve import prefill
 
 FULL = "full"
 
 
 def _pyplot():
-    import matplotlib
+    matplotlib = require("matplotlib", "trimkv's plots")
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

@@ -12,6 +12,7 @@
 * :mod:`.generation`  - the one chunked ``prefill`` and ``generate`` (eager, around ``model.generate``).
 * :mod:`.decode`      - the compiled fixed-memory decode step (CUDA graphs on GPU): ``CompiledDecoder``.
 * :mod:`.pipeline`    - questions about a long context: prefill once, a cache copy per question.
+* :mod:`.hf`          - the same in transformers' words: ``cache_implementation="trimkv"`` and a registered pipeline.
 
 A decode step's route: the attention pre-hook (:mod:`trimkv.attach`) -> ``layer.stage`` -> ``cache.update``
 (transformers) -> the ``"trimkv"`` attention (:mod:`trimkv.attention_impl`) -> ``layer.attend`` -> the policy.
@@ -21,6 +22,7 @@ from .decode import CompiledDecoder, fast_generate
 from .factory import FULL, gates_for, kv_nbytes, make_cache
 from .generation import Generation, generate, prefill
 from .pipeline import Answers, answer
+from .hf import TrimKVTextGenerationPipeline, register_with_transformers
 from .policies import POLICIES, SCOPES, EvictionPolicy, RetentionPolicy, get_policy
 from .pool import GlobalRetentionCache
 from .soft import SoftRetentionCache
@@ -28,4 +30,4 @@ from .soft import SoftRetentionCache
 __all__ = ["make_cache", "gates_for", "kv_nbytes", "FULL", "BoundedCache", "BoundedLayer", "RetentionCache",
            "RetentionLayer", "GlobalRetentionCache", "SoftRetentionCache", "EvictionPolicy", "RetentionPolicy",
            "POLICIES", "SCOPES", "get_policy", "prefill", "generate", "Generation", "CompiledDecoder",
-           "fast_generate", "answer", "Answers"]
+           "fast_generate", "answer", "Answers", "register_with_transformers", "TrimKVTextGenerationPipeline"]

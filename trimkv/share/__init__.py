@@ -8,7 +8,8 @@ what goes to and comes from the Hugging Face Hub (``"user/name[@revision]"``); t
 
 Read in this order:
 
-* :mod:`.folder`  - ``save_gates`` (atomic), ``load_gate_checkpoint`` / ``load_gates`` / ``convert_checkpoint``.
+* :mod:`.folder`  - ``save_gates`` (atomic), ``load_gate_checkpoint`` / ``load_gates`` / ``convert_checkpoint``
+  (the authors' layout in) / ``export_checkpoint`` (the authors' layout out).
 * :mod:`.layout`  - the file names, and reading ``config.json`` and the weights back with checks.
 * :mod:`.hub`     - a source (folder or Hub id) resolved to a local folder, downloads, ``push_to_hub``.
 * :mod:`.authors` - the authors' released layout, mapped exactly onto trimkv's gates.
@@ -18,10 +19,11 @@ Every failure raises a :class:`~trimkv.errors.GateCheckpointError` subclass (imp
 """
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, GateCheckpointError, GateMismatchError
 from .card import write_model_card
-from .folder import (base_model_for, check_writable, convert_checkpoint, load_gate_checkpoint, load_gate_config,
-                     load_gates, save_gates)
+from .folder import (EXPORT_FORMATS, PretrainedGates, base_model_for, check_writable, convert_checkpoint, export_checkpoint,
+                     load_gate_checkpoint, load_gate_config, load_gates, save_gates)
 from .hub import parse_source, push_to_hub
 
 __all__ = ["save_gates", "load_gate_checkpoint", "load_gate_config", "load_gates", "convert_checkpoint",
+           "export_checkpoint", "EXPORT_FORMATS", "PretrainedGates",
            "push_to_hub", "check_writable", "base_model_for", "parse_source", "write_model_card",
            "GateCheckpointError", "CheckpointNotFoundError", "CorruptCheckpointError", "GateMismatchError"]

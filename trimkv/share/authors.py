@@ -17,6 +17,11 @@ the same inputs give the same log beta.
 
 The weights file is a pickle: it is read with ``torch.load(weights_only=True)`` (no code runs) and anything but a
 flat mapping of names to tensors is refused.
+
+Writing the layout (``trimkv export --format authors``, :func:`trimkv.share.export_checkpoint`) is the exact inverse:
+:func:`official_config` (the base model's config plus their fields, ``trainable_params: retention_gate`` so that
+their loader finds the gate keys) and :func:`official_weights`. Their package serves Llama, Qwen3 and Phi-3 models
+(``TrimKV{Llama,Qwen3,Phi3}ForCausalLM.from_pretrained(folder)`` loads ``config.base_model`` and then these gates).
 """
 from __future__ import annotations
 
@@ -27,11 +32,14 @@ from typing import Any
 
 import torch
 
-from ..errors import CorruptCheckpointError
-from ..gate import ACTIVATIONS, GateConfig
+from ..errors import CorruptCheckpointError, GateCheckpointError
+from ..gate import ACTIVATIONS, GateConfig, RetentionGates, check_compatible
 
 OFFICIAL_WEIGHTS = "trimkv_weights.pth"
 GATE_TYPE_OF = {"rg": "rg", "rg2": "rg2-all", "rg3": "rg3"}     # the authors' name -> trimkv's gate_type
+AUTHORS_NAME = {mine: theirs for theirs, mine in GATE_TYPE_OF.items()}   # trimkv's gate_type -> the authors' name
+ARCHITECTURES = {"llama": "TrimKVLlamaForCausalLM", "qwen3": "TrimKVQwen3ForCausalLM", "phi3": "TrimKVPhi3ForCausalLM"}
+TRAINABLE = "retention_gate"          # their config.trainable_params: the substring that names every gate key
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.retention_gate\.(.+)$")
 _NAMES = {  # their parameter name -> trimkv's, per body
     "mlp": {"linear1.weight": "w1.weight", "linear1.bias": "w1.bias", "linear2.weight": "w2.weight",
@@ -119,3 +127,49 @@ def _load_tensors(file: pathlib.Path) -> dict[str, torch.Tensor]:
                                      "only a flat mapping of names to tensors is read")
     return data
 
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def official_config(config: GateConfig, base_config: Any) -> dict[str, Any]:
+    """The ``config.json`` of the authors' layout for gates of ``config``: ``base_config`` (the base model's
+    transformers config) with their TRIM-KV fields. GateCheckpointError when their package cannot hold these gates."""
+    kind = AUTHORS_NAME.get(config.gate_type)
+    if kind is None:
+        raise GateCheckpointError(
+            f"{config.gate_type} gates have no equivalent in the authors' package (it has {sorted(GATE_TYPE_OF)}, "
+            f"trimkv's {sorted(AUTHORS_NAME)}): keep them in trimkv's layout")
+    check_compatible(config, base_config)
+    data = base_config.to_dict()
+    text = data.get("text_config") or data
+    if text.get("hidden_act", "silu") != config.activation:
+        raise GateCheckpointError(
+            f"the gates use {config.activation!r}, but the authors' gates use the base model's hidden_act "
+            f"({text.get('hidden_act')!r}): their package would compute other betas; keep these gates in trimkv's layout")
+    if not config.base_model:
+        raise GateCheckpointError("the gate checkpoint does not record its base model, which the authors' loader "
+                                  "needs (config.base_model): re-save the gates with base_model set")
+    kept = config.extra.get("official", {})
+    data.update({k: v for k, v in kept.items() if k not in ("architectures", "model_type")})
+    arch = ARCHITECTURES.get(text.get("model_type"))
+    if arch is not None:
+        data["architectures"] = [arch]
+    data.update(base_model=config.base_model, retention_gate=kind, retention_gate_intermediate_size=config.gate_hidden,
+                retention_gate_bias_init=float(config.bias_init), trainable_params=TRAINABLE)
+    if config.train_budget is not None:
+        data["memory_size"] = int(config.train_budget)
+    return data
+
+
+def official_weights(gates: RetentionGates) -> dict[str, torch.Tensor]:
+    """The gates' weights under the authors' names (``model.layers.{l}.self_attn.retention_gate.linear1.weight``, ...),
+    fp32 CPU copies: what ``trimkv_weights.pth`` holds."""
+    if gates.config.gate_type not in AUTHORS_NAME:
+        raise GateCheckpointError(f"{gates.config.gate_type} gates have no equivalent in the authors' package")
+    theirs = {mine: name for name, mine in _NAMES["swiglu" if gates.config.gate_type == "rg3" else "mlp"].items()}
+    out = {}
+    for key, tensor in gates.fp32_state_dict().items():
+        layer, name = key.split(".", 2)[1:]
+        out[f"model.layers.{int(layer)}.self_attn.{TRAINABLE}.{theirs[name]}"] = tensor
+    return out

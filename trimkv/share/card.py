@@ -1,5 +1,5 @@
-"""Model cards of gate checkpoints: Hub front matter (license, base model, datasets, ``model-index`` eval results), a
-readable summary, and a usage snippet that runs as written.
+"""Model cards of gate checkpoints (``huggingface_hub.ModelCard``): Hub metadata (license, base model, datasets,
+``model-index`` eval results as ``EvalResult``), a readable summary, and a usage snippet that runs as written.
 
     write_model_card(folder / "README.md", config, metadata)          # at save time
     refresh_model_card(folder / "README.md", config, source="user/repo", eval_records=records)   # before a push
@@ -18,9 +18,9 @@ import pathlib
 import re
 from typing import Any
 
-import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..base_model import DEFAULT_MODEL, DEFAULT_MODEL_ID
+from ..base_model import DEFAULT_MODEL, DEFAULT_WEIGHTS, is_default_model
 from ..gate import SHARED_HEAD_TYPES, GateConfig
 
 FRONT_KEYS = ("license", "datasets", "eval_records")   # metadata keys that go into the front matter
@@ -69,15 +69,15 @@ def public_config(config: GateConfig) -> GateConfig:
 def write_model_card(path: str | os.PathLike, config: GateConfig, metadata: dict | None = None, *,
                      source: str | None = None, parameters: int | None = None,
                      version: str = "unknown") -> pathlib.Path:
-    """Write a README.md model card to ``path``. ``source`` is what the usage snippet passes to ``load_gates`` (a
-    Hub id or folder; default: the folder the card is in)."""
+    """Write a README.md model card (a ``huggingface_hub.ModelCard``) to ``path``. ``source`` is what the usage
+    snippet passes to ``load_gates`` (a Hub id or folder; default: the folder the card is in)."""
     path = pathlib.Path(path)
     metadata = dict(metadata or {})
     source = source or public_name(path.parent)
-    text = "\n".join([front_matter(config, metadata, name=source), _card_body(config, parameters, version),
-                      _metadata_section(metadata), eval_section(metadata.get("eval_records")), usage(config, source)])
-    path.write_text(text.rstrip() + "\n", encoding="utf-8")
-    return path
+    body = "\n".join([_card_body(config, parameters, version), _metadata_section(metadata),
+                      eval_section(metadata.get("eval_records")), usage(config, source)])
+    return _save(ModelCard.from_template(card_data(config, metadata, name=source), template_str=_TEMPLATE,
+                                         body=body.rstrip()), path)
 
 
 def refresh_model_card(path: str | os.PathLike, config: GateConfig, *, source: str,
@@ -86,34 +86,42 @@ def refresh_model_card(path: str | os.PathLike, config: GateConfig, *, source: s
     snippet, and with ``eval_records`` the front matter's ``model-index`` and the evaluation section. Everything
     else is kept."""
     path = pathlib.Path(path)
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    meta, body = split_front_matter(text)
-    raw = meta.pop("_raw", {})
+    old = ModelCard(path.read_text(encoding="utf-8")) if path.is_file() else ModelCard("")
+    body = old.text
     cut = (EVAL_HEADING, USAGE_HEADING) if eval_records is not None else (USAGE_HEADING,)
     for heading in cut:
         if heading in body:
             body = body[:body.index(heading)]
-    if eval_records is None:
-        front = "---\n" + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True) + "---\n" if raw else ""
-        parts = [front, body.rstrip() + "\n"]
-    else:
-        meta["eval_records"] = eval_records
-        parts = [front_matter(config, meta, name=source, keep=raw), body.rstrip() + "\n", eval_section(eval_records)]
-    path.write_text("\n".join([*parts, usage(config, source)]).rstrip() + "\n", encoding="utf-8")
-    return path
+    parts = [body.strip() + "\n"]
+    data = old.data
+    if eval_records is not None:
+        keep = {k: v for k, v in old.data.to_dict().items() if k != "model-index"}
+        meta = {k: keep[k] for k in ("license", "datasets") if k in keep}
+        data = card_data(config, {**meta, "eval_records": eval_records}, name=source, keep=keep)
+        parts.append(eval_section(eval_records))
+    parts.append(usage(config, source))
+    return _save(ModelCard.from_template(data, template_str=_TEMPLATE, body="\n".join(parts).strip()), path)
 
 
 def split_front_matter(text: str) -> tuple[dict, str]:
     """(``{"license", "datasets", "_raw": the whole front matter}``, body) of a card's text."""
-    if not text.startswith("---\n") or "\n---\n" not in text[4:]:
-        return {}, text
-    head, body = text[4:].split("\n---\n", 1)
-    raw = yaml.safe_load(head) or {}
+    card = ModelCard(text)
+    raw = card.data.to_dict()
     meta = {k: raw[k] for k in ("license", "datasets") if k in raw}
-    return {**meta, "_raw": raw}, body.lstrip("\n")
+    return {**meta, "_raw": raw}, card.text.lstrip("\n")
 
 
-def front_matter(config: GateConfig, metadata: dict, *, name: str, keep: dict | None = None) -> str:
+_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
+
+
+def _save(card: ModelCard, path: pathlib.Path) -> pathlib.Path:
+    path.write_text(str(card).rstrip() + "\n", encoding="utf-8")
+    return path
+
+
+def card_data(config: GateConfig, metadata: dict, *, name: str, keep: dict | None = None) -> ModelCardData:
+    """The card's Hub metadata: library, license, base model, datasets, tags and ``model-index`` eval results (the
+    records of these gates). ``keep``: fields of an earlier card kept as they were."""
     data: dict[str, Any] = {k: v for k, v in (keep or {}).items() if k != "model-index"}
     data["library_name"] = "trimkv"
     if metadata.get("license"):
@@ -125,8 +133,13 @@ def front_matter(config: GateConfig, metadata: dict, *, name: str, keep: dict | 
     data.setdefault("tags", ["trimkv", "kv-cache"])
     results = eval_results(metadata.get("eval_records") or [])
     if results:
-        data["model-index"] = [{"name": name, "results": results}]
-    return "---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True) + "---\n"
+        data.update(model_name=name, eval_results=results)
+    return ModelCardData(**data)
+
+
+def front_matter(config: GateConfig, metadata: dict, *, name: str, keep: dict | None = None) -> str:
+    """:func:`card_data` as the YAML block at the top of a README.md."""
+    return "---\n" + card_data(config, metadata, name=name, keep=keep).to_yaml() + "\n---\n"
 
 
 def _card_body(config: GateConfig, parameters: int | None, version: str) -> str:
@@ -147,6 +160,8 @@ def _card_body(config: GateConfig, parameters: int | None, version: str) -> str:
         ("Loss weights", weights),
         ("trimkv version", version),
     ]
+    if config.extra.get("base_weights"):      # what the base weights really are (the embedded default: a GGUF)
+        rows.insert(1, ("Base weights", public_name(str(config.extra["base_weights"]))))
     if config.extra.get("converted_from"):
         rows.append(("Converted from", f"`{public_name(config.extra['converted_from'])}` (the authors' release)"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -173,29 +188,27 @@ def _metadata_section(metadata: dict) -> str:
 # -------------------------------------------------------------------------------------- eval results
 
 
-def eval_results(records: list[dict]) -> list[dict]:
-    """Hub ``model-index`` results from ``trimkv eval`` records (``metrics.json`` / ``fidelity.json`` rows) of the
-    ``trimkv`` policy: one result per (task, length) with one accuracy per budget, one for long-text fidelity."""
-    tasks: dict[tuple, list] = {}
-    fidelity = []
+def eval_results(records: list[dict]) -> list[EvalResult]:
+    """Hub ``model-index`` results (``huggingface_hub.EvalResult``) from ``trimkv eval`` records (``metrics.json`` /
+    ``fidelity.json`` rows) of the ``trimkv`` policy: one accuracy per (task, length, budget), one KL per budget for
+    long-text fidelity (the Hub groups them by task and dataset)."""
+    out = []
     for r in records:
         if r.get("policy") != "trimkv" or r.get("budget") is None:
             continue
         if "task" in r:
-            tasks.setdefault((r["task"], r["length"]), []).append(
-                {"type": "accuracy", "name": f"{r['task']} accuracy at M={r['budget']} (n={r.get('n')})",
-                 "value": round(100 * float(r["score"]), 2)})
+            out.append(EvalResult(
+                task_type="text-generation", task_name="Long-context retrieval (RULER-style, trimkv eval)",
+                dataset_type=f"trimkv-{r['task']}", dataset_name=f"{r['task']}, {r['length']} tokens (generated offline)",
+                metric_type="accuracy", metric_name=f"{r['task']} accuracy at M={r['budget']} (n={r.get('n')})",
+                metric_value=round(100 * float(r["score"]), 2)))
         elif "kl" in r:
-            fidelity.append({"type": "kl_divergence", "name": f"KL(full || bounded) at M={r['budget']}",
-                             "value": round(float(r["kl"]), 4)})
-    results = [{"task": {"type": "text-generation", "name": "Long-context retrieval (RULER-style, trimkv eval)"},
-                "dataset": {"type": f"trimkv-{task}", "name": f"{task}, {length} tokens (generated offline)"},
-                "metrics": metrics} for (task, length), metrics in tasks.items()]
-    if fidelity:
-        results.append({"task": {"type": "text-generation", "name": "Long-text fidelity vs the full cache"},
-                        "dataset": {"type": "trimkv-prose", "name": "eval-split prose (trimkv eval --fidelity)"},
-                        "metrics": fidelity})
-    return results
+            out.append(EvalResult(
+                task_type="text-generation", task_name="Long-text fidelity vs the full cache",
+                dataset_type="trimkv-prose", dataset_name="eval-split prose (trimkv eval --fidelity)",
+                metric_type="kl_divergence", metric_name=f"KL(full || bounded) at M={r['budget']}",
+                metric_value=round(float(r["kl"]), 4)))
+    return out
 
 
 def eval_section(records: list[dict] | None) -> str:
@@ -224,7 +237,7 @@ def base_load_kwargs(config: GateConfig) -> dict[str, Any] | None:
     """``trimkv.base_model.load_model`` arguments that rebuild the base model; None when the config does not say."""
     if config.base_load_kwargs:
         return dict(config.base_load_kwargs)
-    if config.base_model == DEFAULT_MODEL_ID:       # checkpoints of the embedded default written before the field
+    if is_default_model(config.base_model):       # the embedded default (checkpoints written before the field too)
         return {"name": DEFAULT_MODEL}
     if config.base_model:
         return {"name": config.base_model, **({"revision": config.base_revision} if config.base_revision else {})}

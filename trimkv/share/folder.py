@@ -29,12 +29,15 @@ from typing import Any
 from safetensors.torch import save_file
 
 from ..attach import attach_gates
-from ..base_model import DEFAULT_MODEL, DEFAULT_MODEL_ID
+import torch
+
+from ..base_model import DEFAULT_MODEL, is_default_model, load_config
 from ..errors import GateCheckpointError, GateMismatchError, NonFiniteError
 from ..gate import GateConfig, RetentionGates, check_compatible, nonfinite_keys
 from ..lora import LORA_DIR, has_lora, load_lora, save_lora
+from .authors import OFFICIAL_WEIGHTS, official_config, official_weights
 from .card import public_config, public_name, public_value, write_model_card
-from .hub import resolve_folder
+from .hub import push_to_hub as _push, resolve_folder
 from .layout import CARD_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_config, read_gates, trimkv_version
 
 
@@ -95,14 +98,17 @@ def _write_config(file: pathlib.Path, config: GateConfig) -> None:
     file.write_text(text + "\n", encoding="utf-8")
 
 
-def check_writable(path: str | os.PathLike) -> None:
+def check_writable(path: str | os.PathLike, *, layouts: tuple[str, ...] | None = None) -> None:
     """Raise GateCheckpointError unless ``path`` is free, an empty folder or an earlier trimkv checkpoint (what
-    :func:`save_gates` may replace); training calls it before its first step."""
+    :func:`save_gates` may replace); training calls it before its first step. ``layouts``: the files of an earlier
+    export (e.g. the authors' layout) that make a folder replaceable too."""
     path = pathlib.Path(path)
     if not path.exists():
         return
     if not path.is_dir():
         raise GateCheckpointError(f"cannot save gates to {path}: it is a file; pick a folder path")
+    if layouts and all((path / name).is_file() for name in layouts):
+        return
     if any(path.iterdir()) and not _is_trimkv_checkpoint(path):
         raise GateCheckpointError(
             f"cannot save gates to {path}: the folder exists and is not a trimkv checkpoint "
@@ -134,12 +140,62 @@ def _swap_into_place(new: pathlib.Path, path: pathlib.Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------ the Hugging Face methods
+
+
+class PretrainedGates(RetentionGates):
+    """:class:`~trimkv.gate.RetentionGates` with the checkpoint methods of the Hugging Face ecosystem (PEFT /
+    ``huggingface_hub`` mixins), the same gates and the same folder as the free functions write::
+
+        gates = PretrainedGates.from_pretrained("user/gates")       # = load_gate_checkpoint
+        handle = gates.attach(model)                                # = attach_gates(model, gates), checked first
+        model.trimkv.gates.save_pretrained("my-gates")              # = save_gates
+        model.trimkv.gates.push_to_hub("user/my-gates")             # = save_gates + push_to_hub
+
+    Gates loaded by trimkv (``load_gates``, ``load_gate_checkpoint``) and trained by ``trimkv train`` are of this
+    class; ``PretrainedGates(config)`` builds fresh ones like ``RetentionGates(config)``."""
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, *, revision: str | None = None,
+                        local_files_only: bool | None = None) -> "PretrainedGates":
+        """Gates from a checkpoint folder or Hub repo (``"user/name[@revision]"``), in trimkv's layout or the
+        authors'; fp32 on the CPU."""
+        return load_gate_checkpoint(source, revision=revision, local_files_only=local_files_only)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, metadata: dict | None = None,
+                        push_to_hub: bool = False, repo_id: str | None = None, **push_kwargs: Any) -> pathlib.Path:
+        """Write the checkpoint folder (atomically, with its model card); ``push_to_hub=True`` uploads it to
+        ``repo_id`` (default: the folder's name) too."""
+        path = save_gates(self, save_directory, metadata=metadata)
+        if push_to_hub:
+            _push(path, repo_id or path.name, **push_kwargs)
+        return path
+
+    def push_to_hub(self, repo_id: str, *, metadata: dict | None = None, private: bool = False,
+                    token: str | None = None, revision: str | None = None,
+                    commit_message: str = "Upload trimkv gates") -> str:
+        """Save to a temporary folder and upload it to the Hub repo ``repo_id`` (created if needed); returns the
+        commit url."""
+        with tempfile.TemporaryDirectory(prefix="trimkv-gates-") as tmp:
+            path = save_gates(self, pathlib.Path(tmp) / repo_id.split("/")[-1], metadata=metadata)
+            return _push(path, repo_id, private=private, token=token, revision=revision,
+                         commit_message=commit_message)
+
+    def attach(self, model: Any, **attach_kwargs: Any):
+        """Attach these gates to ``model`` (checked against its shape first); returns the handle (``model.trimkv``)."""
+        try:
+            check_compatible(self.config, model)
+        except GateMismatchError as err:
+            raise GateMismatchError(f"gates {self.config.base_model or ''}: {err}") from None
+        return attach_gates(model, self, **attach_kwargs)
+
+
 # ---------------------------------------------------------------------------------------------- load
 
 
 def load_gate_checkpoint(
     source: str | os.PathLike, *, revision: str | None = None, local_files_only: bool | None = None
-) -> RetentionGates:
+) -> "PretrainedGates":
     """Load gates from a checkpoint folder or a Hub repo (``"user/name"`` / ``"user/name@revision"``), in trimkv's
     layout or the authors' (``config.json`` + ``trimkv_weights.pth``, :mod:`trimkv.share.authors`).
 
@@ -148,7 +204,7 @@ def load_gate_checkpoint(
     """
     folder = resolve_folder(source, revision, local_files_only)
     config = read_config(folder, str(source))
-    return read_gates(folder, config)
+    return read_gates(folder, config, PretrainedGates)
 
 
 def load_gate_config(
@@ -164,7 +220,7 @@ def base_model_for(config: GateConfig) -> str:
     load = config.base_load_kwargs.get("name") or config.base_model
     if not load:
         raise GateCheckpointError("the gate checkpoint does not record its base model: pass the model explicitly")
-    return DEFAULT_MODEL if load == DEFAULT_MODEL_ID else load
+    return DEFAULT_MODEL if is_default_model(load) else load
 
 
 def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, revision: str | None = None,
@@ -176,6 +232,48 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, rev
                 public_name(str(source))}
     metadata.update({f"authors' {k}": official[k] for k in ("memory_size", "buffer_size") if k in official})
     return save_gates(gates, out, metadata=metadata)
+
+
+EXPORT_FORMATS = ("authors",)      # trimkv export --format: the authors' released layout (their inference package)
+
+
+def export_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, format: str = "authors",
+                      base_config: Any = None, revision: str | None = None,
+                      local_files_only: bool | None = None) -> pathlib.Path:
+    """Write the gates of ``source`` (a checkpoint in either layout, folder or Hub id) at ``out`` in another layout.
+
+    ``format="authors"``: the layout of the authors' package (``config.json`` = the base model's config plus their
+    TRIM-KV fields, ``trimkv_weights.pth``; :mod:`trimkv.share.authors`), which their
+    ``TrimKV*ForCausalLM.from_pretrained(out)`` serves, with a model card beside them. ``base_config``: the base
+    model's transformers config (default: read for the gates' recorded base model, see
+    :func:`trimkv.base_model.load_config`). The folder is written atomically, like :func:`save_gates`."""
+    if format not in EXPORT_FORMATS:
+        raise GateCheckpointError(f"export format {format!r} is unknown; choose one of {EXPORT_FORMATS}")
+    gates = load_gate_checkpoint(source, revision=revision, local_files_only=local_files_only)
+    config = public_config(gates.config)
+    if base_config is None:
+        base_config = load_config(base_model_for(config), revision=config.base_revision
+                                  if not is_default_model(config.base_model) else None)
+    data = official_config(config, base_config)
+    weights = official_weights(gates)
+    path = pathlib.Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path, layouts=(CONFIG_NAME, OFFICIAL_WEIGHTS))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+        torch.save(weights, tmp / OFFICIAL_WEIGHTS)
+        metadata = {"layout": "the TRIM-KV authors' (config.json + trimkv_weights.pth), written by trimkv export",
+                    "exported from": public_name(str(source))}
+        if config.extra.get("base_gguf_file"):     # their loader reads base_model with transformers: a GGUF needs this
+            metadata["their loader"] = (f"TrimKV*ForCausalLM.from_pretrained(folder, gguf_file="
+                                        f"{config.extra['base_gguf_file']!r}): the base model is a GGUF")
+        write_model_card(tmp / CARD_NAME, config, metadata, source=public_name(str(path)), version=trimkv_version())
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
 
 
 # ------------------------------------------------------------------------------------- model binding
@@ -191,7 +289,7 @@ def load_gates(
     A checkpoint with ``lora/`` (LoRA co-training) also injects those adapters into ``model`` (frozen); the handle's
     ``disabled()`` then turns gates and adapters off together, and ``detach()`` removes both."""
     folder = resolve_folder(source, revision, local_files_only)
-    gates = read_gates(folder, read_config(folder, str(source)))
+    gates = read_gates(folder, read_config(folder, str(source)), PretrainedGates)
     try:
         check_compatible(gates.config, model)      # before anything is attached (attach_gates checks again)
     except GateMismatchError as err:

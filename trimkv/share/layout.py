@@ -7,7 +7,6 @@ this module, so neither imports the other's private helpers.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import pathlib
 import re
@@ -16,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .._version import __version__
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..gate import GateConfig, RetentionGates, nonfinite_keys
 from ..limits import MAX_GATE_HIDDEN, MAX_HEADS, MAX_LAYERS, MAX_WIDTH, load_json
@@ -32,11 +32,8 @@ META_KEYS = ("trimkv_version", "format_version")
 
 
 def trimkv_version() -> str:
-    """Installed trimkv version, or ``"0+unknown"`` when running from an uninstalled tree."""
-    try:
-        return importlib.metadata.version("trimkv")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
+    """This trimkv's version (the installed distribution's, ``trimkv-gates``; the same in a source tree)."""
+    return __version__
 
 
 def check_folder(path: pathlib.Path) -> pathlib.Path:
@@ -109,8 +106,9 @@ def _is_official_layout(folder: pathlib.Path, data: dict) -> bool:
     return "format_version" not in data and "retention_gate" in data and is_official(folder)
 
 
-def read_gates(folder: pathlib.Path, config: GateConfig) -> RetentionGates:
-    """fp32 gates on the CPU from a checked folder's weights, every key and shape checked against ``config``."""
+def read_gates(folder: pathlib.Path, config: GateConfig, cls: type[RetentionGates] = RetentionGates) -> RetentionGates:
+    """fp32 gates (a ``cls``) on the CPU from a checked folder's weights, every key and shape checked against
+    ``config``."""
     if config.extra.get("official") is not None and not (folder / WEIGHTS_NAME).is_file():
         file, tensors = folder / OFFICIAL_WEIGHTS, official_state_dict(folder, config)
     else:
@@ -122,7 +120,7 @@ def read_gates(folder: pathlib.Path, config: GateConfig) -> RetentionGates:
                 f"{file} is not a readable safetensors file ({err}); it may be truncated: re-download or re-save it"
             ) from err
     with torch.device("meta"):
-        gates = RetentionGates(config)
+        gates = cls(config)
     _check_tensors(file, tensors, gates.state_dict())
     bad = nonfinite_keys(tensors)
     if bad:

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..extras import require
 from ..lora import adapter_state_dict, load_adapter_state_dict
 from ..recipe import ENGINES
 from .distributed import DistInfo
@@ -167,7 +168,7 @@ class DeepSpeedEngine(PlainEngine):
     name = "deepspeed"
 
     def __init__(self, model, handle, recipe, optimizer=None, scheduler=None, info: DistInfo | None = None):
-        import deepspeed
+        deepspeed = require("deepspeed", "train.engine: deepspeed")
 
         self.info = info or DistInfo(device=next(model.parameters()).device)
         self.model, self.handle, self.recipe = model, handle, recipe

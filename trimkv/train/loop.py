@@ -14,6 +14,7 @@ import torch
 
 from ..attach import GateHandle
 from ..errors import NonFiniteError, RecipeError, write_failed
+from ..extras import install_hint, require
 from ..progress import Progress
 from .distributed import all_gather_object, all_reduce_mean
 from .engines import PlainEngine
@@ -31,8 +32,7 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         self.wandb = self.tensorboard = None
         if recipe.logging.wandb != "disabled":
-            import wandb
-
+            wandb = require("wandb", f"logging.wandb: {recipe.logging.wandb}")
             self.wandb = wandb.init(project=recipe.logging.project, name=recipe.logging.run_name,
                                     mode=recipe.logging.wandb, dir=str(run_dir), config=recipe.to_dict())
         if recipe.logging.tensorboard:
@@ -67,7 +67,7 @@ def summary_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
-        raise RecipeError("logging.tensorboard: true needs the tensorboard package: pip install 'trimkv[tensorboard]' "
+        raise RecipeError(f"logging.tensorboard: true needs the tensorboard package: {install_hint('tensorboard')} "
                           f"(or pip install tensorboard), or set logging.tensorboard: false ({err})") from err
     return SummaryWriter
 

@@ -8,7 +8,13 @@ import torch
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, lr: float, min_lr: float) -> float:
-    """Linear warm-up to 1, then cosine from 1 to min_lr / lr (a multiplier for LambdaLR)."""
+    """Linear warm-up to 1, then cosine from 1 to min_lr / lr (a multiplier for LambdaLR).
+
+    Not transformers' ``get_cosine_with_min_lr_schedule_with_warmup``, though its cosine is the same one: that
+    warm-up is ``step / warmup``, so its first optimiser step runs at lr 0 (a step that only feeds Adam's moments),
+    where this one is ``(step + 1) / (warmup + 1)``; and past ``total`` it rises again where this one stays at
+    ``min_lr``. Swapping would change every run (the shipped gates were trained with this schedule) and a resumed run
+    would not continue its own curve; ``tests/test_hf.py`` pins where the two agree and where they differ."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
     frac = min(1.0, (step - warmup) / max(1, total - warmup))

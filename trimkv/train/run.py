@@ -15,14 +15,15 @@ import torch
 from safetensors import SafetensorError
 
 from ..attach import attach_gates
-from ..base_model import load_model
+from ..base_model import DEFAULT_WEIGHTS, is_default_model, load_model
 from ..data import DataError, batches, hub_dataset_ids, prepare_data
 from ..errors import GateCheckpointError, TrimKVError, write_failed
+from ..extras import require
 from ..gate import GateConfig, RetentionGates, check_compatible
 from ..limits import check_fits
 from ..lora import add_lora
 from ..recipe import Recipe, RecipeError, load_recipe, recipe_changes, save_recipe
-from ..share import load_gate_checkpoint, push_to_hub, save_gates
+from ..share import PretrainedGates, load_gate_checkpoint, push_to_hub, save_gates
 from .distributed import barrier, close_distributed, init_distributed, main_process_first, print0
 from .engines import build_engine
 from .loop import MetricsLog, summary_writer_class, train_loop
@@ -81,9 +82,13 @@ def _rescale(position: dict, world_size: int) -> int:
 def gate_config_for(model, recipe: Recipe) -> GateConfig:
     g, m = recipe.gates, recipe.model
     load = {"name": m.name, "revision": m.revision, "gguf_file": m.gguf_file}   # how the card's snippet loads the base
+    base = {"base_revision": m.revision}
+    if is_default_model(m.name):   # the weights it really is: the GGUF's repo and revision (not the safetensors model)
+        base = {"base_model": DEFAULT_WEIGHTS["base_model"], "base_revision": DEFAULT_WEIGHTS["base_revision"],
+                "extra": {"base_weights": DEFAULT_WEIGHTS["note"], "base_gguf_file": DEFAULT_WEIGHTS["gguf_file"]}}
     return GateConfig.for_model(
         model.config, gate_type=g.gate_type, gate_hidden=g.gate_hidden, bias_init=g.bias_init, init_std=g.init_std,
-        activation=g.activation, base_revision=m.revision, train_budget=recipe.loss.budget,
+        activation=g.activation, **base, train_budget=recipe.loss.budget,
         base_load_kwargs={k: v for k, v in load.items() if v is not None},
         loss_weights=dict(kl=recipe.loss.kl_weight, ntp=recipe.loss.ntp_weight, capacity=recipe.loss.capacity_weight,
                           capacity_form=recipe.loss.capacity_form, capacity_scope=recipe.loss.capacity_scope),
@@ -105,7 +110,7 @@ def initial_gates(model, recipe: Recipe) -> RetentionGates:
     gate checkpoint (a warm start; the exported config still records this recipe's budget and loss weights)."""
     config = gate_config_for(model, recipe)
     _check_sizes(config, model, recipe)
-    gates = RetentionGates(config)
+    gates = PretrainedGates(config)
     source = recipe.gates.init_from
     if source:
         start = load_gate_checkpoint(source)
@@ -173,6 +178,12 @@ def _preflight(recipe: Recipe, resume: bool, *, write: bool, overwrite: bool = F
     run_dir = Path(recipe.output.run_dir)
     if recipe.logging.tensorboard:
         summary_writer_class()
+    if recipe.logging.wandb != "disabled":
+        require("wandb", f"logging.wandb: {recipe.logging.wandb}")
+    if recipe.lora.enabled:
+        require("peft", "LoRA co-training (lora.enabled: true)")
+    if recipe.train.engine == "deepspeed":
+        require("deepspeed", "train.engine: deepspeed")
     earlier = None if resume else earlier_run(run_dir)
     if earlier and not overwrite:
         raise ResumeError(f"{run_dir} holds an earlier run ({earlier}): pass --resume (train.resume: true) to continue "
@@ -260,7 +271,7 @@ def _finetune(recipe: Recipe, info, resume: bool, progress: bool, until_step: in
 def exported_gates(engine, handle) -> tuple[RetentionGates, dict[str, torch.Tensor]]:
     """The trained gates as a fresh fp32 CPU module, and the LoRA adapters' state ({} without adapters); collective
     under ZeRO-3: every rank calls it."""
-    gates = RetentionGates(handle.gates.config)
+    gates = PretrainedGates(handle.gates.config)
     gate_state, adapter_state = engine.trainable_state()
     gates.load_state_dict(gate_state)
     return gates, adapter_state
