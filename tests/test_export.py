@@ -17,6 +17,7 @@ from trimkv.errors import RecipeError
 from trimkv.gate import GateConfig
 from trimkv.share import GateCheckpointError, export_checkpoint, load_gate_checkpoint
 from trimkv.share.authors import OFFICIAL_WEIGHTS
+from trimkv.shipped import copy_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,7 +74,7 @@ def test_export_refuses_what_the_authors_package_cannot_hold(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "gelu-out").exists()
 
 
-def test_export_and_recipes_commands(tmp_path, monkeypatch):
+def test_export_and_recipes_commands(tmp_path, monkeypatch, capsys):
     """The entry point as a user runs it (trimkv export with the base config from a folder; trimkv recipes list),
     then recipes copy in-process."""
     src = save_gates(trained("rg"), tmp_path / "mine")
@@ -90,7 +91,10 @@ def test_export_and_recipes_commands(tmp_path, monkeypatch):
     assert (tmp_path / "smollm2-135m-qa-m64.yaml").read_text().startswith("# Gates for the embedded SmolLM2")
     assert cli_main(["recipes", "copy", "smollm2-135m-qa-m64.yaml", "sub/my.yaml"]) == 0
     assert (tmp_path / "sub" / "my.yaml").is_file()
-    with pytest.raises(RecipeError, match="exists"):
-        cli_main(["recipes", "copy", "smollm2-135m-qa-m64"])
-    with pytest.raises(RecipeError, match="no shipped recipe named 'nope'"):
-        cli_main(["recipes", "copy", "nope"])
+    capsys.readouterr()
+    assert cli_main(["recipes", "copy", "smollm2-135m-qa-m64"]) == 3               # a RecipeError, in one line
+    assert "exists" in capsys.readouterr().err
+    assert cli_main(["recipes", "copy", "nope"]) == 3
+    assert "no shipped recipe named 'nope'" in capsys.readouterr().err
+    with pytest.raises(RecipeError, match="exists"):                                # the Python API raises
+        copy_recipe("smollm2-135m-qa-m64")

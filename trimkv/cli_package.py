@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .command import add_command
+
 
 def _recipes_list(args: argparse.Namespace) -> int:
     from .shipped import list_recipes, recipes_dir
@@ -50,21 +52,18 @@ def add_commands(sub) -> None:
     """Add ``recipes`` and ``export`` to the ``trimkv`` parser's sub-commands."""
     r = sub.add_parser("recipes", help="list the recipes shipped with trimkv, or copy one to edit")
     rsub = r.add_subparsers(dest="recipes_command", required=True)
-    ls = rsub.add_parser("list", help="the shipped recipes, one line each")
-    ls.set_defaults(func=_recipes_list)
-    cp = rsub.add_parser("copy", help="copy a shipped recipe (to DEST, a file or folder; default: here)")
+    add_command(rsub, "list", _recipes_list, "the shipped recipes, one line each")
+    cp = add_command(rsub, "copy", _recipes_copy, "copy a shipped recipe (to DEST, a file or folder; default: here)")
     cp.add_argument("name", help="a name from `trimkv recipes list`, e.g. smollm2-135m-qa-m64")
     cp.add_argument("dest", nargs="?", default=None, help="a file or an existing folder (default: the current folder)")
     cp.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
-    cp.set_defaults(func=_recipes_copy)
 
-    e = sub.add_parser("export", help="write a gate checkpoint in another layout (the authors' inference package)")
+    e = add_command(sub, "export", _export, "write a gate checkpoint in another layout (the authors' inference package)")
     e.add_argument("checkpoint", help="a gate checkpoint folder or Hub id")
     e.add_argument("out", help="output folder")
     e.add_argument("--format", choices=("authors",), default="authors",
-                   help="authors: config.json (base config + TRIM-KV fields) + trimkv_weights.pth (default: %(default)s)")
+                   help="authors: config.json (base config + TRIM-KV fields) + trimkv_weights.pth")
     e.add_argument("--base-model", default=None,
                    help="read the base model's config from here (default: the base model the gates record)")
     e.add_argument("--base-revision", default=None, help="Hub revision of --base-model")
     e.add_argument("--revision", default=None, help="Hub revision of the checkpoint")
-    e.set_defaults(func=_export)
