@@ -48,8 +48,9 @@ def prompts(tmp_path, rows=({"context": "the quick brown fox", "question": "who?
 
 
 # ------------------------------------------------------------------------------------------ help and version
-def test_building_the_parser_and_top_help_import_no_torch():
-    code = ("import sys, time; t = time.perf_counter(); import trimkv.cli as c; c.build_parser().format_help(); "
+def test_building_the_parser_and_every_help_import_no_torch():
+    code = ("import sys, time; t = time.perf_counter(); import trimkv.cli as c; p = c.build_parser(); p.format_help(); "
+            "[a.format_help() for a in p._subparsers._group_actions[0].choices.values()]; "   # lists policies, tasks
             "print(time.perf_counter() - t, *[m for m in ('torch', 'transformers', 'datasets') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.split()

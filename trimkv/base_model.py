@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
+from .names import DTYPE_CHOICES, check_names
 from .extras import require
 
 DEFAULT_MODEL = "smollm2"
@@ -43,7 +44,7 @@ DEFAULT_WEIGHTS = {
 }
 DEFAULT_MODEL_IDS = (DEFAULT_MODEL_ID, DEFAULT_WEIGHTS["base_model"])   # names gate configs use for the default
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)   # "auto": the dtype the checkpoint was saved in (its config's dtype)
+check_names("trimkv.base_model.DTYPES", ("auto", *DTYPES), DTYPE_CHOICES)   # "auto": the checkpoint's own dtype
 
 
 def resolve_device(device: str | None) -> str | None:

@@ -25,6 +25,7 @@ from .errors import DataError, UsageError
 from .eval.cli import (add_commands as add_eval_commands, add_device_args, add_model_args, check_budget_fits,
                        check_device, read_records)
 from .limits import MAX_TOKENS
+from .names import GLOBAL_SUFFIX, POLICY_NAMES
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -263,9 +264,7 @@ def _request(line: str, where: str) -> dict:
 
 
 def _policy_names() -> list[str]:
-    from .serve.policies import GLOBAL_SUFFIX, POLICIES
-
-    return [*POLICIES, *(f"{name}{GLOBAL_SUFFIX}" for name in POLICIES)]
+    return [*POLICY_NAMES, *(f"{name}{GLOBAL_SUFFIX}" for name in POLICY_NAMES)]
 
 
 def add_generate(sub) -> None:

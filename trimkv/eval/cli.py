@@ -22,6 +22,7 @@ from pathlib import Path
 from trimkv.command import Names, add_command, csv, integer, integers, names, quiet_loading, run
 from trimkv.errors import CacheError, UsageError
 from trimkv.limits import MAX_TOKENS
+from trimkv import names as _names
 
 DEFAULT_POLICIES = ["full", "streaming", "h2o"]        # and trimkv first when --gates are given
 DEFAULT_BUDGETS = [64, 128]
@@ -48,28 +49,20 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _tasks() -> list[str]:
-    from trimkv.eval.tasks import TASKS
-
-    return list(TASKS)
+def _tasks() -> tuple[str, ...]:
+    return _names.TASK_NAMES
 
 
-def _eval_policies() -> list[str]:
-    from trimkv.eval.harness import policy_names
-
-    return policy_names()
+def _eval_policies() -> tuple[str, ...]:
+    return _names.EVAL_POLICY_NAMES
 
 
-def _policies() -> list[str]:
-    from trimkv.serve.policies import POLICIES
-
-    return list(POLICIES)
+def _policies() -> tuple[str, ...]:
+    return _names.POLICY_NAMES
 
 
 def _dtypes() -> tuple[str, ...]:
-    from trimkv.base_model import DTYPE_CHOICES
-
-    return DTYPE_CHOICES
+    return _names.DTYPE_CHOICES
 
 
 TASK_NAMES, EVAL_POLICY_NAMES, POLICY_NAMES, DTYPE_NAMES = (Names(_tasks), Names(_eval_policies), Names(_policies),

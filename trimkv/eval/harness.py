@@ -42,6 +42,7 @@ from trimkv.eval.oracle import NeedleOraclePolicy
 from trimkv.eval.tasks import TASK_METRIC, TASKS, make_samples, render_prompt, score
 from trimkv.lora import adapter_state_dict
 from trimkv.base_model import input_device
+from trimkv.names import EVAL_POLICY_NAMES, check_names
 from trimkv.progress import Progress
 from trimkv.serve import FULL, BoundedCache, generate, make_cache
 from trimkv.serve.policies import POLICIES, parse_policy
@@ -49,6 +50,7 @@ from trimkv.serve.policies import POLICIES, parse_policy
 GLOBAL = "trimkv-global"   # the trained gates in one pool for all layers and heads (scope "global")
 ORACLE = "oracle"     # keeps the needle sentences, then the most recent tokens: an upper bound (eval/oracle.py)
 EVAL_POLICIES = {**POLICIES, ORACLE: NeedleOraclePolicy}
+check_names("trimkv.eval.harness (full, policies, global, oracle)", [FULL, *POLICIES, GLOBAL, ORACLE], EVAL_POLICY_NAMES)
 DEPTHS = (0.1, 0.9)   # needle depths are spread evenly over this range (the "depths 10%-90%")
 # Enough new tokens for each task's answer plus a little wording around it.
 MAX_NEW_TOKENS = {"passkey": 16, "multikey_needle": 20, "multivalue_needle": 64, "kv_retrieval": 48,
@@ -68,7 +70,7 @@ class Cell:
 
 
 def policy_names() -> list[str]:
-    return [FULL, *POLICIES, GLOBAL, ORACLE]
+    return list(EVAL_POLICY_NAMES)
 
 
 def uses_gates(spec: str) -> bool:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from trimkv.data import corpus
+from trimkv.names import TASK_NAMES, check_names
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 HAYSTACKS = ("filler", "prose")
@@ -246,6 +247,7 @@ TASKS: dict[str, Callable[..., _Plan]] = {
     "variable_tracking": _variable_tracking,
     "frequent_words": _frequent_words,
 }
+check_names("trimkv.eval.tasks.TASKS", TASKS, TASK_NAMES)
 TASK_METRIC: dict[str, str] = {name: "all" for name in TASKS}  # RULER scores all its synthetic tasks "all"
 
 

@@ -4,6 +4,7 @@ One policy per file, each a small object whose docstring cites its paper and lis
 a policy is (the moments a cache layer asks it). The full cache (no eviction) is not a policy: it is transformers'
 ``DynamicCache`` (``trimkv.make_cache(model, "full")``).
 """
+from ...names import GLOBAL_SUFFIX, POLICY_NAMES, check_names
 from .base import AttentionPolicy, EvictionPolicy, NewTokens
 from .h2o import H2OPolicy
 from .keydiff import KeyDiffPolicy
@@ -24,8 +25,8 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
     "keydiff": KeyDiffPolicy,
     "random": RandomPolicy,
 }
+check_names("trimkv.serve.policies.POLICIES", POLICIES, POLICY_NAMES)
 SCOPES = ("head", "global")   # a budget per (layer, KV head), or one pool for all of them
-GLOBAL_SUFFIX = "-global"     # "trimkv-global" = the trimkv policy in the global pool
 
 
 def get_policy(name: str, **kwargs) -> EvictionPolicy:
