@@ -51,7 +51,8 @@ def run_cell_batched(model, tokenizer, cell: Cell, cfg: dict, samples, bar, *, b
     ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"] for p in prompts]
     caches = [policy_cache(model, cell.policy, cell.budget, sink=cfg["sink"], window=cfg["window"],
                            lookahead=cfg.get("lookahead", 0), seed=cfg["seed"] * 1000 + i, sample=s, prompt=p,
-                           tokenizer=tokenizer) for i, (s, p) in enumerate(zip(samples, prompts))]
+                           tokenizer=tokenizer, prefill_chunk=cfg["prefill_chunk"])
+              for i, (s, p) in enumerate(zip(samples, prompts))]
     rows: list[dict | None] = [None] * len(samples)
     for group in batches(ids, caches, batch_size):
         if len(group) == 1:                       # what the harness does for one prompt
