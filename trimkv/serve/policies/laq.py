@@ -26,11 +26,13 @@ leave the recent window they go first.
 Deviations: (1) cost: the prompt is prefilled twice (stage 1, then the real prefill; the paper keeps the full prompt
 KV once and re-selects from it), plus ``n`` decode steps. (2) Chunked prefill: each chunk is compacted by the
 lookahead queries over the candidates [kept + chunk] (softmax over those, not over the whole prompt), and LAQ++'s
-local window is each chunk's last ``local_window`` queries. (3) GQA: the reference repeats K/V per query head (one
-selection per query head); here the scores of a KV head's query group are summed. (4) Pseudo decoding always runs
-``n`` steps (the reference stops early at an end-of-sequence token). (5) Without lookahead queries (a policy built
-by name, without a model and prompt: ``make_cache(model, "laq", ...)``, fidelity runs) it is LAQ's stage 1 alone,
-i.e. SnapKV with a ``stage1_window`` observation window; the evaluation harness always builds the full method.
+local window is each chunk's last ``local_window`` queries; the last ``local_window`` prompt tokens, which LAQ++
+always keeps, are kept by the cache's recent ``window`` when it is that wide (16 in the harness). (3) GQA: the
+reference repeats K/V per query head (one selection per query head); here the scores of a KV head's query group are
+summed. (4) Pseudo decoding always runs ``n`` steps (the reference stops early at an end-of-sequence token).
+(5) Without lookahead queries (a policy built by name, without a model and prompt: ``make_cache(model, "laq", ...)``,
+fidelity runs) it is LAQ's stage 1 alone, i.e. SnapKV with a ``stage1_window`` observation window; the evaluation
+harness always builds the full method.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from einops import rearrange
 
 from ...errors import CacheError
 from ..slot_attention import slot_attention
-from .base import NewTokens
+from .base import EvictionPolicy, NewTokens
 from .snapkv import SnapKVPolicy
 
 
@@ -113,7 +115,9 @@ class LAQPolicy(SnapKVPolicy):
 
     def attend(self, q, c, *, q_pos, scaling):
         T = q.shape[2]
-        if T == 1 or self.queries is None:   # decode: plain attention, scores frozen; no lookahead: stage 1 (SnapKV)
+        if T == 1:                           # decode: plain attention, the scores stay as the prompt left them
+            return EvictionPolicy.attend(self, q, c, q_pos=q_pos, scaling=scaling)
+        if self.queries is None:             # no lookahead queries: LAQ's stage 1 (SnapKV)
             return super().attend(q, c, q_pos=q_pos, scaling=scaling)
         out, weights = slot_attention(q, c.keys, c.values, q_pos=q_pos, k_pos=c.pos, k_valid=c.pos >= 0,
                                       scaling=scaling, return_weights=True)

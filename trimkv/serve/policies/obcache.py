@@ -12,8 +12,8 @@ For query i with logits ``z_ij = q_i . k_j * scale``, weights ``A_ij`` and outpu
   removes both its key and its value).
 
 Summed over queries, the saliency replaces the accumulated attention of the base heuristic; the lowest goes. The
-paper plugs the scores into H2O, TOVA and SnapKV and states no single default (its first code release's example uses
-the value score, its later one the key score); this policy is the H2O form of its reference code: a token's state
+paper plugs the scores into H2O, TOVA and SnapKV and names no single default (the examples of its code use the value
+score in one release, the key score in another); this policy is the H2O form of its reference code: a token's state
 accumulates its saliency over the last ``obs_window`` queries of every prefill chunk it is a candidate in (the
 reference's perturbation window, 16 = its recent window) and over every decode query. ``obs_window=None`` takes
 every query.
