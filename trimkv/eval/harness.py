@@ -106,7 +106,9 @@ def prepared_gates(model, gates=None, *, need_trained: bool = False) -> Iterator
 
 def policy_cache(model, spec: str, budget: int | None, *, sink: int, window: int, lookahead: int = 0, **context):
     """A fresh cache for one prompt: ``spec`` is a policy name, ``"<name>-global"`` or ``"full"``; ``context`` is what
-    the policy may read of the prompt (``seed``, ``sample``, ``prompt``, ``tokenizer``: the oracle's needle)."""
+    the policy may read of the prompt (``seed``, ``sample``, ``prompt``, ``tokenizer``: the oracle's needle;
+    ``prefill_chunk``). The policy's ``for_prompt`` also gets the model and the cache's ``budget``, ``sink`` and
+    ``window`` (LAQ runs its pseudo lookahead decoding with them)."""
     if spec == FULL:
         return make_cache(model, FULL)
     if budget is None:
@@ -114,7 +116,8 @@ def policy_cache(model, spec: str, budget: int | None, *, sink: int, window: int
     name, scope = parse_policy(spec)
     if lookahead and not uses_gates(spec):
         raise ValueError(f"lookahead={lookahead} applies to the TRIM-KV policies, not {spec!r}")
-    policy = EVAL_POLICIES[name].for_prompt(lookahead=lookahead, **context)
+    policy = EVAL_POLICIES[name].for_prompt(lookahead=lookahead, model=model, budget=budget, sink=sink, window=window,
+                                            **context)
     return make_cache(model, policy, budget, scope=scope, sink=sink, window=window)
 
 
@@ -214,16 +217,18 @@ def _run_cell(model, tokenizer, cell: Cell, cfg: dict, samples, bar) -> dict:
     for i, sample in enumerate(samples):
         prompt = render_prompt(sample, tokenizer)
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+        t_policy = time.perf_counter()      # a sample's seconds include building its policy (LAQ decodes for it)
         cache = policy_cache(model, cell.policy, cell.budget, sink=cfg["sink"], window=cfg["window"],
                              lookahead=cfg.get("lookahead", 0), seed=cfg["seed"] * 1000 + i, sample=sample,
-                             prompt=prompt, tokenizer=tokenizer)
+                             prompt=prompt, tokenizer=tokenizer, prefill_chunk=cfg["prefill_chunk"])
+        t_policy = time.perf_counter() - t_policy
         gen = generate(model, tokenizer, ids, cache=cache, prefill_chunk=cfg["prefill_chunk"],
                        max_new_tokens=max_new)
         kept = needle_kept(cache, answer_occurrences(sample, prompt, tokenizer)) if cell.budget is not None else None
         rows.append(dict(asdict(cell), index=i, depth=sample.depth, prompt_tokens=int(ids.shape[1]),
                          answers=sample.answers, prediction=gen.text,
                          score=score(gen.text, sample.answers, TASK_METRIC[cell.task]),
-                         kv_bytes=gen.kv_bytes, seconds=round(gen.seconds, 3), needle_heads=kept))
+                         kv_bytes=gen.kv_bytes, seconds=round(t_policy + gen.seconds, 3), needle_heads=kept))
         bar.update(advance=1)
     n = len(rows)
     metrics = dict(asdict(cell), model=cfg["model"], n=n, seed=cfg["seed"],

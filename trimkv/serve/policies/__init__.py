@@ -6,9 +6,12 @@ a policy is (the moments a cache layer asks it). The full cache (no eviction) is
 """
 from ...names import GLOBAL_SUFFIX, POLICY_NAMES, check_names
 from .base import AttentionPolicy, EvictionPolicy, NewTokens
+from .caote import CAOTEPolicy
 from .h2o import H2OPolicy
 from .keydiff import KeyDiffPolicy
 from .knorm import KNormPolicy
+from .laq import LAQPolicy
+from .obcache import OBCachePolicy
 from .random_policy import RandomPolicy
 from .retention import RecencyPolicy, RetentionPolicy
 from .snapkv import SnapKVPolicy
@@ -24,6 +27,9 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
     "knorm": KNormPolicy,
     "keydiff": KeyDiffPolicy,
     "random": RandomPolicy,
+    "caote": CAOTEPolicy,
+    "obcache": OBCachePolicy,
+    "laq": LAQPolicy,
 }
 check_names("trimkv.serve.policies.POLICIES", POLICIES, POLICY_NAMES)
 SCOPES = ("head", "global")   # a budget per (layer, KV head), or one pool for all of them
@@ -45,4 +51,5 @@ def parse_policy(spec: str) -> tuple[str, str]:
 
 __all__ = ["EvictionPolicy", "AttentionPolicy", "NewTokens", "RetentionPolicy", "RecencyPolicy", "H2OPolicy",
            "KeyDiffPolicy", "KNormPolicy", "RandomPolicy", "SnapKVPolicy", "StreamingPolicy", "TOVAPolicy",
+           "CAOTEPolicy", "OBCachePolicy", "LAQPolicy",
            "POLICIES", "SCOPES", "get_policy", "parse_policy"]

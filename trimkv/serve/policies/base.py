@@ -54,7 +54,8 @@ class EvictionPolicy:
     @classmethod
     def for_prompt(cls, **context: Any) -> "EvictionPolicy":
         """The policy for one prompt of an evaluation. ``context`` holds what the harness knows (``seed``, ``sample``,
-        ``prompt``, ``tokenizer``, ``lookahead``); most policies need none of it."""
+        ``prompt``, ``tokenizer``, ``lookahead``, ``prefill_chunk``, the ``model`` and the cache's ``budget``, ``sink``
+        and ``window``); most policies need none of it (LAQ decodes its pseudo lookahead tokens with it)."""
         return cls()
 
     def new_state(self, new: NewTokens) -> torch.Tensor:

@@ -1,0 +1,162 @@
+"""LAQ, Lookahead Q-Cache (Wang et al., EMNLP 2025, arXiv 2505.20334, "Lookahead Q-Cache: Achieving More Consistent
+KV Cache Eviction via Pseudo Query"): select the prompt tokens with the queries of a few pseudo decoded tokens, which
+resemble the real decoding queries better than the prompt's last window does.
+
+The paper's recipe (and its released code, whose default settings are used here):
+
+1. stage 1: compress the prompt with SnapKV (observation window of the last ``stage1_window`` = 32 prompt queries,
+   max-pooling ``kernel`` 7) to the same budget;
+2. pseudo decode ``n`` = 8 tokens greedily with that compressed cache, keeping their (post-RoPE) queries ``Q_la`` at
+   every layer;
+3. stage 2: score every prompt token by the attention the lookahead queries give it, plus (LAQ++, the released
+   script's setting ``local_window`` = 8) the attention of the prompt's last ``local_window`` queries,
+
+       s_j = sum_{q in Q_la (+ local window)} softmax(q K^T * scale)_j,    pooled (max, kernel 7) over positions,
+
+   keep the top tokens, drop the pseudo tokens and decode for real from the prompt. ``local_window=0`` is plain LAQ.
+
+In this cache (at most ``budget + chunk`` tokens per head, never the whole prompt) that is two passes:
+:meth:`LAQPolicy.lookahead` runs stages 1-2 (a chunked prefill into a SnapKV cache of the same budget, then ``n``
+greedy steps that record each layer's query) and returns the policy that holds ``Q_la`` [L, B, Hq, n, D] and their
+positions; the real prefill then compacts every chunk by the stage-3 score over [kept + chunk]. The evaluation harness
+builds it per prompt (:meth:`for_prompt` gets the model, the prompt and the cache settings). Decoding leaves the
+scores as the prompt left them (LAQ, like SnapKV, selects the prompt once): generated tokens score 0, so once they
+leave the recent window they go first.
+
+Deviations: (1) cost: the prompt is prefilled twice (stage 1, then the real prefill; the paper keeps the full prompt
+KV once and re-selects from it), plus ``n`` decode steps. (2) Chunked prefill: each chunk is compacted by the
+lookahead queries over the candidates [kept + chunk] (softmax over those, not over the whole prompt), and LAQ++'s
+local window is each chunk's last ``local_window`` queries; the last ``local_window`` prompt tokens, which LAQ++
+always keeps, are kept by the cache's recent ``window`` when it is that wide (16 in the harness). (3) GQA: the
+reference repeats K/V per query head (one selection per query head); here the scores of a KV head's query group are
+summed. (4) Pseudo decoding always runs ``n`` steps (the reference stops early at an end-of-sequence token).
+(5) Without lookahead queries (a policy built by name, without a model and prompt: ``make_cache(model, "laq", ...)``,
+fidelity runs) it is LAQ's stage 1 alone, i.e. SnapKV with a ``stage1_window`` observation window; the evaluation
+harness always builds the full method.
+"""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+from ...errors import CacheError
+from ..slot_attention import slot_attention
+from .base import EvictionPolicy, NewTokens
+from .snapkv import SnapKVPolicy
+
+
+class LAQPolicy(SnapKVPolicy):
+    name = "laq"
+
+    def __init__(self, queries: torch.Tensor | None = None, query_pos: torch.Tensor | None = None, *,
+                 local_window: int = 8, stage1_window: int = 32, kernel: int = 7, pooling: str = "max"):
+        super().__init__(obs_window=stage1_window, kernel=kernel, pooling=pooling)
+        if local_window < 0:
+            raise ValueError(f"LAQ local_window must be >= 0 queries (0 = plain LAQ, 8 = LAQ++), got {local_window}")
+        if (queries is None) != (query_pos is None):
+            raise ValueError("LAQ needs both the lookahead queries and their positions (or neither)")
+        self.queries, self.query_pos = queries, query_pos       # [L, B, Hq, n, D], [B, n]
+        self.local_window = local_window
+        self._layer = 0                                         # the layer being prefilled (set by new_state)
+
+    @classmethod
+    def for_prompt(cls, *, model=None, prompt: str | None = None, tokenizer=None, budget: int | None = None,
+                   sink: int = 4, window: int = 16, prefill_chunk: int = 256, **context) -> "LAQPolicy":
+        """With the model, the prompt and the cache's budget (the evaluation harness passes them): the full method
+        (pseudo lookahead queries of this prompt); without: stage 1 alone (see the module docstring)."""
+        if model is None or prompt is None or tokenizer is None or budget is None:
+            return cls()
+        from ...base_model import input_device
+
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(input_device(model))
+        return cls.lookahead(model, ids, budget=budget, sink=sink, window=window, chunk=prefill_chunk)
+
+    @classmethod
+    @torch.no_grad()
+    def lookahead(cls, model, ids: torch.Tensor, *, budget: int, sink: int = 4, window: int = 16, chunk: int = 256,
+                  attention_mask: torch.Tensor | None = None, n: int = 8, local_window: int = 8,
+                  stage1_window: int = 32, kernel: int = 7, pooling: str = "max") -> "LAQPolicy":
+        """Stages 1-2 for the prompts ids [B, T]: prefill them into a SnapKV cache of ``budget`` tokens per KV head
+        (``sink`` / ``window`` protected, ``chunk`` tokens per forward), decode ``n`` tokens greedily and return the
+        policy holding every layer's queries of those tokens. Use it in a fresh cache of the same budget for the
+        same rows."""
+        from ...compat import cache_kwargs
+        from ..factory import gates_for, make_cache
+        from ..generation import prefill
+
+        if n < 1:
+            raise ValueError(f"LAQ needs n >= 1 pseudo decoded tokens, got {n}")
+        recorder = _QueryRecorder(obs_window=stage1_window, kernel=kernel, pooling=pooling)
+        cache = make_cache(model, recorder, budget, sink=sink, window=window)
+        logits, pos = prefill(model, ids, cache, attention_mask=attention_mask, chunk=chunk)
+        if logits is None:
+            raise ValueError("LAQ needs a prompt of at least one token")
+        token, step_pos = logits.argmax(-1, keepdim=True), pos[:, -1:] + 1                 # [B, 1] each
+        mask = None if attention_mask is None else attention_mask.to(ids.device)
+        kwargs = cache_kwargs(model, cache)
+        recorder.recording = True
+        with gates_for(model, cache):
+            for _ in range(n):
+                if mask is not None:
+                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                logits = model(input_ids=token, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                               **kwargs).logits[:, -1]
+                token, step_pos = logits.argmax(-1, keepdim=True), step_pos + 1
+        layers = sorted(recorder.seen)
+        queries = torch.stack([torch.cat(recorder.seen[i], dim=2) for i in layers])         # [L, B, Hq, n, D]
+        query_pos = torch.cat(recorder.seen_pos, dim=1)[:, :n]                             # [B, n] (layer 0's)
+        return cls(queries, query_pos, local_window=local_window, stage1_window=stage1_window, kernel=kernel,
+                   pooling=pooling)
+
+    def new_state(self, new: NewTokens) -> torch.Tensor:
+        if new.pos.shape[-1] > 1:            # a prefill chunk (static shape: no side effect in a decode step)
+            self._layer = new.layer_idx
+        return super().new_state(new)
+
+    def attend(self, q, c, *, q_pos, scaling):
+        T = q.shape[2]
+        if T == 1:                           # decode: plain attention, the scores stay as the prompt left them
+            return EvictionPolicy.attend(self, q, c, q_pos=q_pos, scaling=scaling)
+        if self.queries is None:             # no lookahead queries: LAQ's stage 1 (SnapKV)
+            return super().attend(q, c, q_pos=q_pos, scaling=scaling)
+        out, weights = slot_attention(q, c.keys, c.values, q_pos=q_pos, k_pos=c.pos, k_valid=c.pos >= 0,
+                                      scaling=scaling, return_weights=True)
+        if self.queries.shape[1] != q.shape[0]:
+            raise CacheError(f"these LAQ lookahead queries were made for {self.queries.shape[1]} prompt(s), the batch "
+                             f"has {q.shape[0]} rows: build the policy with LAQPolicy.lookahead(model, ids, ...) for "
+                             "the same prompts")
+        la = self.queries[self._layer].to(q.device, q.dtype)                                # [B, Hq, n, D]
+        _, la_w = slot_attention(la, c.keys, c.values, q_pos=self.query_pos.to(q.device), k_pos=c.pos,
+                                 k_valid=c.pos >= 0, scaling=scaling, return_weights=True)  # [B, Hkv, G*n, S]
+        score = la_w.sum(dim=2)
+        if self.local_window:
+            w = rearrange(weights, "b h (g t) s -> b h g t s", t=T)
+            score = score + w[:, :, :, -self.local_window:].sum(dim=(2, 3))
+        c.state.copy_(self._pool(score, c.pos))
+        return out
+
+    def __repr__(self) -> str:
+        n = 0 if self.queries is None else self.queries.shape[3]
+        return (f"LAQPolicy(lookahead={n} queries, local_window={self.local_window}, "
+                f"stage1_window={self.obs_window})")
+
+
+class _QueryRecorder(SnapKVPolicy):
+    """LAQ's stage-1 policy (SnapKV) that, once ``recording``, keeps every layer's queries of the decode steps."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.recording, self._layer = False, 0
+        self.seen: dict[int, list[torch.Tensor]] = {}
+        self.seen_pos: list[torch.Tensor] = []
+
+    def new_state(self, new):
+        self._layer = new.layer_idx
+        return super().new_state(new)
+
+    def attend(self, q, c, *, q_pos, scaling):
+        if self.recording:
+            self.seen.setdefault(self._layer, []).append(q.detach())
+            if self._layer == min(self.seen):
+                self.seen_pos.append(q_pos.detach())
+        return super().attend(q, c, q_pos=q_pos, scaling=scaling)
