@@ -327,3 +327,18 @@ def test_the_names_reach_the_command_line(monkeypatch, tmp_path):
     assert seen["policies"] == ["caote", "obcache", "laq"]
     args = build_parser().parse_args(["generate", "p.txt", "--policy", "obcache", "--budget", "8"])
     assert args.policy == "obcache"
+
+
+def test_laq_without_lookahead_queries_says_it_is_snapkv():
+    """A LAQ policy built by name (no model, no prompt) is stage 1 alone: it warns instead of passing for LAQ."""
+    import warnings
+
+    torch.manual_seed(0)
+    B, H, S, D = 1, 2, 6, 4
+    c = Candidates(torch.randn(B, H, S, D), torch.randn(B, H, S, D), torch.arange(S).expand(B, H, S).clone(),
+                   torch.zeros(B, H, S), torch.tensor([S - 1]))
+    q = torch.randn(B, 4, 3, D)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        LAQPolicy().attend(q, c, q_pos=torch.arange(3, 6)[None], scaling=0.5)
+    assert any("stage 1 only" in str(w.message) for w in seen)

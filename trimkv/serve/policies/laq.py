@@ -31,10 +31,12 @@ always keeps, are kept by the cache's recent ``window`` when it is that wide (16
 reference repeats K/V per query head (one selection per query head); here the scores of a KV head's query group are
 summed. (4) Pseudo decoding always runs ``n`` steps (the reference stops early at an end-of-sequence token).
 (5) Without lookahead queries (a policy built by name, without a model and prompt: ``make_cache(model, "laq", ...)``,
-fidelity runs) it is LAQ's stage 1 alone, i.e. SnapKV with a ``stage1_window`` observation window; the evaluation
-harness always builds the full method.
+fidelity runs) it is LAQ's stage 1 alone, i.e. SnapKV with a ``stage1_window`` observation window, and says so in a
+warning; the evaluation harness always builds the full method.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from einops import rearrange
@@ -117,7 +119,10 @@ class LAQPolicy(SnapKVPolicy):
         T = q.shape[2]
         if T == 1:                           # decode: plain attention, the scores stay as the prompt left them
             return EvictionPolicy.attend(self, q, c, q_pos=q_pos, scaling=scaling)
-        if self.queries is None:             # no lookahead queries: LAQ's stage 1 (SnapKV)
+        if self.queries is None:             # no lookahead queries: LAQ's stage 1 (SnapKV), said once per process
+            warnings.warn("LAQ without lookahead queries runs its stage 1 only (SnapKV with a 32-query window): "
+                          "build the policy with LAQPolicy.lookahead(model, ids, budget=...) or LAQPolicy.for_prompt("
+                          "model=..., prompt=..., tokenizer=..., budget=...) (trimkv eval does)", stacklevel=2)
             return super().attend(q, c, q_pos=q_pos, scaling=scaling)
         out, weights = slot_attention(q, c.keys, c.values, q_pos=q_pos, k_pos=c.pos, k_valid=c.pos >= 0,
                                       scaling=scaling, return_weights=True)
