@@ -254,7 +254,15 @@ def resolve_head_budgets(head_budgets, *, num_layers: int, num_kv_heads: int, bu
     if isinstance(head_budgets, HeadAllocation):
         head_budgets.check_model(num_layers, num_kv_heads)
         return head_budgets.budgets(policy, budget, floor).tolist()
-    return head_budgets.tolist() if torch.is_tensor(head_budgets) else head_budgets
+    rows = head_budgets.tolist() if torch.is_tensor(head_budgets) else head_budgets
+    try:
+        shape = (len(rows), *{len(r) for r in rows})
+    except TypeError:
+        raise CacheError(f"head_budgets must be [layers][KV heads] token counts, got {head_budgets!r:.80}") from None
+    if shape != (num_layers, num_kv_heads):
+        raise CacheError(f"head_budgets has shape {list(shape)}; this model has {num_layers} layers x {num_kv_heads} "
+                         "KV heads")
+    return rows
 
 
 __all__ = ["HeadAllocation", "load_allocation", "from_json", "resolve_head_budgets", "scale_shares",
