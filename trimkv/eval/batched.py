@@ -62,9 +62,9 @@ def run_cell_batched(model, tokenizer, cell: Cell, cfg: dict, samples, bar, *, b
             gen = generate(model, tokenizer, ids[i].to(device), cache=caches[i], prefill_chunk=cfg["prefill_chunk"],
                            max_new_tokens=max_new)
             results = [(i, gen.text, gen.kv_bytes, gen.seconds, caches[i], 0)]
-        group_budget = budget_nbytes(caches[group[0]]) // len(group)
         else:
             results = _generate_batch(model, tokenizer, group, ids, caches[group[0]], cfg["prefill_chunk"], max_new)
+        group_budget = budget_nbytes(caches[group[0]]) // len(group)        # per row
         for i, text, kv_bytes, seconds, cache, row in results:
             sample = samples[i]
             kept = needle_kept(cache, answer_occurrences(sample, prompts[i], tokenizer), row=row) \
