@@ -272,3 +272,48 @@ def test_the_eval_flag_defaults_to_uniform():
     assert args.head_budgets == "uniform"
     args = build_parser().parse_args(["eval", "--head-budgets", "x/alloc"])
     assert args.head_budgets == "x/alloc"
+
+
+# ------------------------------------------------------------------------------------------- the harness
+
+
+def test_eval_cells_with_head_budgets_are_their_own_cells_at_the_same_memory(tokenizer, tmp_path):
+    from trimkv.eval.harness import run_eval
+
+    model = build_tiny_model(vocab_size=400, initializer_range=0.2)
+    kw = dict(tasks=["passkey"], lengths=[256], n_samples=2, sink=2, window=4, prefill_chunk=64, max_new_tokens=3,
+              progress=False, budgets=[16], policies=["snapkv"], out_dir=tmp_path / "r")
+    folder = allocation(tmp_path)
+    uniform = run_eval(model, tokenizer, **kw)
+    split = run_eval(model, tokenizer, head_budgets=folder, **kw)
+    assert "head_budgets" not in uniform[0] and split[0]["head_budgets"] == "tiny-lukv"
+    assert split[0]["budget_kv_bytes"] == uniform[0]["budget_kv_bytes"] == uniform[0]["kv_bytes"]
+    assert split[0]["kv_bytes"] > split[0]["budget_kv_bytes"]            # the padding of the largest head budgets
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert len(metrics) == 2                                             # both cells kept side by side
+    assert "| passkey | 256 | snapkv (tiny-lukv) |" in (tmp_path / "r" / "results.md").read_text()
+    assert len(list((tmp_path / "r" / "cells").rglob("*.json"))) == 2
+
+
+def test_profiling_a_tiny_model_writes_an_allocation_make_cache_takes(tokenizer, tmp_path):
+    from trimkv.eval.profile import allocation_card, profile_allocation, profiling_set
+
+    docs = profiling_set(tokenizer, n_docs=1, questions=2, length=640, seed=5)
+    context, queries = docs[0]
+    assert len(queries) == 2 and all(q.tail.startswith("\n\n") and q.answer.endswith(".") for q in queries)
+    assert "Question:" not in context and "pass key" not in context          # nothing of the eval tasks' wording
+    model = build_tiny_model(vocab_size=400, initializer_range=0.2)
+    alloc = profile_allocation(model, tokenizer, policies=["snapkv", "keydiff"], n_docs=1, questions=2, length=640,
+                               seed=5, grid=[0.1, 0.2], sink=1, window=2, prefill_chunk=64, name="t", progress=False)
+    for table in alloc.tables.values():
+        shares, ratios = torch.tensor(table["shares"]), torch.tensor(table["ratios"])
+        assert shares.shape == (2, 2) and float(shares.mean()) == pytest.approx(1.0) and (shares > 0).all()
+        assert ratios.shape == (2, 2, 2) and float(ratios[0].mean()) == pytest.approx(0.1, rel=0.05)
+        assert all(0 <= x <= 1 for x in table["loss_uniform"] + table["loss_lukv"])
+    folder = tmp_path / "t"
+    alloc.save(folder, card=allocation_card(alloc))
+    assert "| snapkv |" in (folder / "README.md").read_text()
+    again = load_allocation(folder)
+    assert again.tables == json.loads(json.dumps(alloc.tables)) and again.cost["seconds"] > 0
+    cache = make_cache(model, "keydiff", 16, sink=1, window=2, head_budgets=folder)
+    assert sum(map(sum, cache.head_budgets)) == 64

@@ -42,6 +42,7 @@ from trimkv.attach import attention_modules
 from trimkv.data.corpus import prose_documents
 from trimkv.data.synthqa import qa_documents
 from trimkv.base_model import input_device
+from trimkv.errors import DataError
 from trimkv.names import LUKV_GRID
 from trimkv.progress import Progress
 from trimkv.serve import make_cache
@@ -68,8 +69,11 @@ def profiling_set(tokenizer, *, n_docs: int, questions: int, length: int, seed: 
     """``n_docs`` ``builtin:qa-plain`` documents of at most ``length`` tokens with ``questions`` questions each (and
     a few more facts than questions, as distractors): [(context, [Query, ...]), ...]."""
     paragraphs = [p.strip() for d in prose_documents("train") for p in d.split("\n\n") if p.strip()]
-    docs = qa_documents(paragraphs, tokenizer, length=length, n_docs=n_docs, chat=False, seed=seed,
-                        n_facts=(questions + 2, questions + 4), n_questions=(questions, questions))
+    try:
+        docs = qa_documents(paragraphs, tokenizer, length=length, n_docs=n_docs, chat=False, seed=seed,
+                            n_facts=(questions + 2, questions + 4), n_questions=(questions, questions))
+    except ValueError as err:
+        raise DataError(f"profiling set: {err}; raise --length or lower --questions") from None
     out = []
     for doc in docs:
         text, spans = doc["text"], doc["target_spans"]
