@@ -199,8 +199,13 @@ def profile_policy(model, tokenizer, policy: str, docs, *, grid, sink: int, wind
             count += 1
             if bar is not None:
                 bar.update(advance=1, label=policy)
-    return {"shares": (shares / count).view(L, H).tolist(), "ratios": (ratios / count).view(len(grid), L, H).tolist(),
-            "loss_uniform": (loss_u / count).tolist(), "loss_lukv": (loss_a / count).tolist(), "queries": count}
+    return {"shares": _rounded((shares / count).view(L, H)), "ratios": _rounded((ratios / count).view(len(grid), L, H)),
+            "loss_uniform": _rounded(loss_u / count), "loss_lukv": _rounded(loss_a / count), "queries": count}
+
+
+def _rounded(t: torch.Tensor, digits: int = 6) -> list:
+    """Nested lists of ``t``'s values rounded to ``digits`` decimals (a small file; shares keep mean 1 to 1e-6)."""
+    return torch.round(t.double(), decimals=digits).tolist()
 
 
 def profile_allocation(model, tokenizer, *, policies: list[str], n_docs: int = 4, questions: int = 8,
