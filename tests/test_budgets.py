@@ -144,7 +144,7 @@ def test_bad_head_budgets_are_refused():
     with pytest.raises(CacheError, match="one row of KV-head budgets per layer"):
         RetentionCache(8, 2, head_budgets=[[16, 16]])
     with pytest.raises(CacheError, match="global pool"):
-        make_cache(model, "trimkv", 8, scope="global", head_budgets=HB8)
+        make_cache(model, "trimkv", 8, scope="global", head_budgets=torch.tensor(HB8))
     with pytest.raises(CacheError, match="2 layers x 2 KV heads"):
         make_cache(model, "snapkv", 8, sink=1, window=2, head_budgets=[[6, 6, 12], [8, 8, 8]])
 

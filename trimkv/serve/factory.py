@@ -68,7 +68,8 @@ def make_cache(model, policy: str | EvictionPolicy | None = "trimkv", budget: in
         raise CacheError(f"policy {policy!r} needs a budget (tokens per KV head); use policy='full' for no eviction")
     check_tokens("budget", budget, 1)
     num_layers, num_kv_heads = model_shape(model)
-    if scope == "global" and head_budgets is not None and head_budgets != "uniform":
+    if scope == "global" and head_budgets is not None and not (isinstance(head_budgets, str) and
+                                                               head_budgets == "uniform"):
         raise CacheError("the global pool (scope='global') sizes each head at run time from the scores: it takes no "
                          "head_budgets; use scope='head' (a budget per head) or drop head_budgets")
     rows = resolve_head_budgets(head_budgets, num_layers=num_layers, num_kv_heads=num_kv_heads, budget=budget,
