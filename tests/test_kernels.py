@@ -137,6 +137,26 @@ def test_triton_append_evict_equals_reference_over_steps(sink, window, fill):
             assert torch.equal(ref[n], fast[n].cpu()), f"step {step}: {n} differs"
 
 
+def test_triton_append_evict_never_picks_a_disabled_slot():
+    """Per-head budgets: the last slots of a head are disabled (pos -2); both paths evict within the others."""
+    ref = _slots(fill=13)
+    ref["pos"][:, 0, 9:] = -2                                  # head 0 owns 9 slots, head 1 owns 11, head 2 all 13
+    ref["pos"][:, 1, 11:] = -2
+    fast = {n: t.clone().to(DEV) for n, t in ref.items()}
+    g = torch.Generator().manual_seed(11)
+    B, H, _, D = ref["keys"].shape
+    for step in range(8):
+        t = torch.tensor([40 + step, 41 + step])
+        k, v = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
+        pos_new, logb_new = t.view(B, 1, 1).expand(B, H, 1).contiguous(), -torch.rand(B, H, 1, generator=g)
+        vr = append_evict_(*ref.values(), k, v, pos_new, logb_new, t, sink=1, window=2)
+        vf = append_evict_(*fast.values(), k.to(DEV), v.to(DEV), pos_new.to(DEV), logb_new.to(DEV), t.to(DEV),
+                           sink=1, window=2, backend="triton")
+        assert torch.equal(vr, vf.cpu()) and (vr[:, 0] < 9).all() and (vr[:, 1] < 11).all()
+    assert (ref["pos"][:, 0, 9:] == -2).all() and (ref["pos"][:, 1, 11:] == -2).all()
+    assert torch.equal(ref["pos"], fast["pos"].cpu())
+
+
 def test_triton_append_evict_ties_pick_first_slot_like_torch():
     ref = _slots(fill=13)
     ref["logb"].zero_()  # every kept token scores 0: argmin ties everywhere

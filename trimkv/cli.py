@@ -22,8 +22,8 @@ from . import __version__
 from .cli_package import add_commands as add_package_commands
 from .command import Names, Parser, add_command, common_options, deepspeed_in_use, integer, quiet_loading, run
 from .errors import DataError, UsageError
-from .eval.cli import (add_commands as add_eval_commands, add_device_args, add_model_args, check_budget_fits,
-                       check_device, read_records)
+from .eval.cli import (add_commands as add_eval_commands, add_device_args, add_head_budgets_arg, add_model_args,
+                       check_budget_fits, check_device, check_head_budgets_arg, read_records)
 from .limits import MAX_TOKENS
 from .names import GLOBAL_SUFFIX, POLICY_NAMES
 
@@ -126,6 +126,11 @@ def _generate(args: argparse.Namespace) -> int:
         load_gates(model, args.gates)
     if budget is not None:
         check_budget_fits(model, [budget], "--budget")
+    if args.head_budgets is not None:
+        from .serve.budgets import load_allocation
+        from .serve.factory import model_shape
+
+        load_allocation(args.head_budgets).check_model(*model_shape(model))
     from .serve import answer
 
     out = open(out_path, "w", encoding="utf-8") if out_path else sys.stdout
@@ -134,7 +139,7 @@ def _generate(args: argparse.Namespace) -> int:
         for i, req in enumerate(requests):
             res = answer(model, tok, req["context"], req["questions"], budget=budget, sink=args.sink,
                          window=args.window, policy=policy, prefill_chunk=args.prefill_chunk,
-                         max_new_tokens=args.max_new_tokens, chat=args.chat)
+                         max_new_tokens=args.max_new_tokens, chat=args.chat, head_budgets=args.head_budgets)
             row = {"index": i, "questions": req["questions"], "answers": res.answers,
                    "context_tokens": res.context_tokens, "kv_bytes": res.kv_bytes, "seconds": round(res.seconds, 3)}
             out.write(json.dumps(row) + "\n")
@@ -184,7 +189,12 @@ def _generate_cache(args: argparse.Namespace) -> tuple[str | None, int | None]:
     if budget is not None and budget <= args.sink + args.window:
         raise UsageError(f"--budget {budget} leaves no room beside --sink {args.sink} and --window {args.window} "
                          "(always kept): raise --budget or lower them")
-    return (args.policy or ("trimkv" if budget is not None else None)), budget
+    policy = args.policy or ("trimkv" if budget is not None else None)
+    if args.head_budgets not in (None, "uniform") and policy is None:
+        raise UsageError("--head-budgets splits a bounded cache's budget: give --budget (and --gates or --policy)")
+    args.budget = budget
+    check_head_budgets_arg(args, [policy] if policy else [])
+    return policy, budget
 
 
 def _check_out_file(out: str | None) -> Path | None:
@@ -276,6 +286,7 @@ def add_generate(sub) -> None:
                         "the full cache)")
     g.add_argument("--policy", default=None, choices=Names(_policy_names), metavar="POLICY",
                    help="eviction policy (default: trimkv's retention with --gates, else the full cache)")
+    add_head_budgets_arg(g)
     g.add_argument("--max-new-tokens", type=integer(1, MAX_TOKENS), default=64, help="tokens generated per answer")
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the tokenizer's chat template")

@@ -79,3 +79,8 @@ def write_failed(err: BaseException, path) -> OSError:
 
 class MissingDependencyError(TrimKVError, ImportError):
     """A feature needs an optional package (an extra of the ``trimkv-gates`` distribution) that is not installed."""
+
+
+class AllocationError(DataError):
+    """A per-head budget allocation file (``trimkv profile``'s output) is missing, unreadable, or made for another
+    model or policy."""

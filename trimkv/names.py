@@ -15,3 +15,7 @@ def check_names(owner: str, table, names: tuple[str, ...]) -> None:
     if tuple(table) != tuple(names):
         raise RuntimeError(f"{owner} defines {tuple(table)} but trimkv.names lists {tuple(names)}: add the new name "
                            "to trimkv/names.py too")
+
+# LU-KV profiling (trimkv.eval.profile, `trimkv profile --ratios`): the global keep ratios (mean budget / prompt
+# length) whose greedy solutions are averaged into one allocation; M ~ 30 .. 330 tokens per head at 2k.
+LUKV_GRID = (0.015, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.16)

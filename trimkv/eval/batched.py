@@ -26,9 +26,11 @@ import torch
 
 from trimkv.base_model import input_device
 from trimkv.compat import cache_kwargs
-from trimkv.eval.harness import (MAX_NEW_TOKENS, Cell, answer_occurrences, needle_kept, policy_cache, run_eval)
+from trimkv.eval.harness import (MAX_NEW_TOKENS, Cell, answer_occurrences, cell_allocation, cell_record,
+                                 needle_kept, policy_cache, run_eval)
 from trimkv.eval.tasks import TASK_METRIC, render_prompt, score
 from trimkv.serve import gates_for, generate, kv_nbytes
+from trimkv.serve.factory import budget_nbytes
 
 
 def run_eval_batched(model, tokenizer, *, batch_size: int, **kwargs) -> list[dict]:
@@ -49,12 +51,14 @@ def run_cell_batched(model, tokenizer, cell: Cell, cfg: dict, samples, bar, *, b
     bar.update(label=cell.slug)
     prompts = [render_prompt(s, tokenizer) for s in samples]
     ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"] for p in prompts]
+    allocation = cell_allocation(cfg)
     caches, built = [], []                        # a sample's seconds include building its policy (LAQ decodes)
     for i, (s, p) in enumerate(zip(samples, prompts)):
         t0 = time.perf_counter()
         caches.append(policy_cache(model, cell.policy, cell.budget, sink=cfg["sink"], window=cfg["window"],
-                                   lookahead=cfg.get("lookahead", 0), seed=cfg["seed"] * 1000 + i, sample=s, prompt=p,
-                                   tokenizer=tokenizer, prefill_chunk=cfg["prefill_chunk"]))
+                                   lookahead=cfg.get("lookahead", 0), head_budgets=allocation,
+                                   seed=cfg["seed"] * 1000 + i, sample=s, prompt=p, tokenizer=tokenizer,
+                                   prefill_chunk=cfg["prefill_chunk"]))
         built.append(time.perf_counter() - t0)
     rows: list[dict | None] = [None] * len(samples)
     for group in batches(ids, caches, batch_size):
@@ -65,6 +69,7 @@ def run_cell_batched(model, tokenizer, cell: Cell, cfg: dict, samples, bar, *, b
             results = [(i, gen.text, gen.kv_bytes, gen.seconds, caches[i], 0)]
         else:
             results = _generate_batch(model, tokenizer, group, ids, caches[group[0]], cfg["prefill_chunk"], max_new)
+        group_budget = budget_nbytes(caches[group[0]]) // len(group)        # per row
         for i, text, kv_bytes, seconds, cache, row in results:
             sample = samples[i]
             kept = needle_kept(cache, answer_occurrences(sample, prompts[i], tokenizer), row=row) \
@@ -72,19 +77,12 @@ def run_cell_batched(model, tokenizer, cell: Cell, cfg: dict, samples, bar, *, b
             rows[i] = dict(asdict(cell), index=i, depth=sample.depth, prompt_tokens=int(ids[i].shape[1]),
                            answers=sample.answers, prediction=text,
                            score=score(text, sample.answers, TASK_METRIC[cell.task]),
-                           kv_bytes=kv_bytes, seconds=round(built[i] + seconds, 3), needle_heads=kept)
+                           kv_bytes=kv_bytes, budget_kv_bytes=group_budget, seconds=round(built[i] + seconds, 3),
+                           needle_heads=kept)
             bar.update(advance=1)
-    n = len(rows)
-    metrics = dict(asdict(cell), model=cfg["model"], n=n, seed=cfg["seed"],
-                   score=sum(r["score"] for r in rows) / max(n, 1), metric=TASK_METRIC[cell.task],
-                   kv_bytes=max((r["kv_bytes"] for r in rows), default=0),
-                   seconds=round(time.perf_counter() - t_cell, 2),
-                   mean_prompt_tokens=sum(r["prompt_tokens"] for r in rows) / max(n, 1))
-    heads = [r["needle_heads"] for r in rows if r["needle_heads"] is not None]
-    if heads:
-        metrics["needle_heads"] = sum(heads) / len(heads)
-    metrics["batch_size"] = batch_size            # how the cell ran (not part of its key)
-    return dict(settings=cfg, metrics=metrics, predictions=rows)
+    record = cell_record(cell, cfg, rows, t_cell)
+    record["metrics"]["batch_size"] = batch_size  # how the cell ran (not part of its key)
+    return record
 
 
 def batches(ids: list[torch.Tensor], caches: list, batch_size: int) -> list[list[int]]:

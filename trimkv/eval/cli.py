@@ -7,6 +7,8 @@
     trimkv plot fidelity results/my-fid                   # results/my-fid/fidelity_kl.png
     trimkv plot retention --gates checkpoints/smollm2 --out results/retention.png
     trimkv plot kept --gates checkpoints/smollm2 --budget 64 --policy trimkv --out results/kept.png
+    trimkv profile --gates checkpoints/smollm2 --policies trimkv,snapkv --out checkpoints/smollm2-lukv   # LU-KV
+    trimkv eval --gates checkpoints/smollm2 --head-budgets checkpoints/smollm2-lukv ...               # uses it
 
 A bare ``trimkv eval`` is a small smoke test (passkey at 2k tokens, M = 64 and 128, 10 samples per cell) written to a
 new folder ``runs/eval-<date>-<time>``; it says what it will run before it loads the model. Every argument is checked
@@ -169,10 +171,34 @@ def _resolve_eval_args(args: argparse.Namespace) -> None:
     if small and any(p != "full" for p in args.policies):
         raise UsageError(f"--budgets {','.join(map(str, small))} leave no room beside --sink {args.sink} and --window "
                          f"{args.window} (always kept): raise the budgets or lower --sink / --window")
+    check_head_budgets_arg(args, [p for p in args.policies if p != "full"])
     if args.out is None:
         args.out = str(_new_run_folder("fidelity" if args.fidelity else "eval"))
     elif Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a file: give a folder")
+
+
+def check_head_budgets_arg(args: argparse.Namespace, policies: list[str]) -> None:
+    """``--head-budgets``: 'uniform' (None), or an allocation file or folder read and checked here, before the model
+    loads: it must hold a table for every bounded policy, and the global pool takes none."""
+    if getattr(args, "head_budgets", None) in (None, "uniform"):
+        args.head_budgets = None
+        return
+    from trimkv.names import GLOBAL_SUFFIX
+    from trimkv.serve.budgets import load_allocation
+
+    if getattr(args, "fidelity", False):
+        raise UsageError("--head-budgets applies to the task grid; --fidelity runs uniform budgets only")
+
+    pooled = [p for p in policies if p.endswith(GLOBAL_SUFFIX)]
+    if pooled:
+        raise UsageError(f"--head-budgets does not apply to {','.join(pooled)} (the global pool sizes its heads at run "
+                         "time): evaluate those in a run without --head-budgets")
+    alloc = load_allocation(args.head_budgets)
+    missing = [p for p in policies if p not in alloc.tables]
+    if missing:
+        raise UsageError(f"--head-budgets {args.head_budgets} was profiled for {','.join(alloc.tables)}, not for "
+                         f"{','.join(missing)}: run `trimkv profile --policies {','.join(missing)}` or drop them")
 
 
 def _cost(args: argparse.Namespace) -> str:
@@ -207,6 +233,12 @@ def _eval(args: argparse.Namespace) -> int:
         check_budget_fits(model, args.budgets, "--budgets")
     common = dict(budgets=args.budgets, policies=args.policies, gates=args.gates, seed=args.seed, sink=args.sink,
                   window=args.window, prefill_chunk=args.prefill_chunk, out_dir=args.out, progress=not args.quiet)
+    if args.head_budgets is not None:
+        from trimkv.serve.budgets import load_allocation
+        from trimkv.serve.factory import model_shape
+
+        load_allocation(args.head_budgets).check_model(*model_shape(model))
+        common["head_budgets"] = args.head_budgets
     if args.fidelity:
         from trimkv.eval.fidelity import fidelity_table, run_fidelity
 
@@ -223,6 +255,70 @@ def _eval(args: argparse.Namespace) -> int:
     print(markdown_table(recs))
     print(f"results in {args.out}/ (metrics.json, predictions.jsonl, results.md)")
     return 0
+
+
+# --------------------------------------------------------------------------------------------- profile
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from trimkv.eval.harness import uses_gates
+
+    gated = [p for p in args.policies if uses_gates(p)]
+    if gated and not args.gates:
+        raise UsageError(f"--policies {','.join(gated)} read trained gates: give --gates CKPT")
+    floor = args.sink + args.window + 1
+    if any(r * args.length < floor for r in args.ratios):
+        raise UsageError(f"--ratios {min(args.ratios):g} x --length {args.length} is below the per-head floor "
+                         f"sink + window + 1 = {floor}: raise the ratios or the length")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file: give a folder")
+    _gate_config(args.gates)
+    print(f"trimkv profile: {len(args.policies)} policies x {args.docs} documents of {args.length} tokens x "
+          f"{args.questions} questions -> {args.out}", file=sys.stderr)
+    model, tok = load_for_gates(args)
+    if gated:
+        from trimkv.share import load_gates
+
+        load_gates(model, args.gates)
+    from trimkv.eval.profile import allocation_card, profile_allocation
+
+    alloc = profile_allocation(model, tok, policies=args.policies, n_docs=args.docs, questions=args.questions,
+                               length=args.length, seed=args.seed, grid=args.ratios, sink=args.sink,
+                               window=args.window, prefill_chunk=args.prefill_chunk, name=Path(args.out).name,
+                               gates=args.gates if gated else None, progress=not args.quiet)
+    print(alloc.save(args.out, card=allocation_card(alloc)))
+    print(allocation_card(alloc))
+    return 0
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        values = sorted(float(t) for t in csv(text))
+    except ValueError:
+        values = []
+    if not values or not all(0.0 < v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated global keep ratios in (0, 1], got {text!r}")
+    return values
+
+
+def add_profile(sub) -> None:
+    """``trimkv profile``: LU-KV per-head budget allocation (trimkv.eval.profile)."""
+    p = add_command(sub, "profile", _profile, "LU-KV: profile per-head eviction loss and write a budget allocation",
+                    description="LU-KV (arXiv 2602.08585): per (layer, KV head) eviction-loss curves of each policy "
+                                "with full attention on builtin:qa-plain documents (nothing shared with the eval "
+                                "prompts), convexified, solved greedily; writes allocation.json and a README card "
+                                "to --out, for --head-budgets.")
+    add_model_args(p)
+    p.set_defaults(seed=23)
+    p.add_argument("--policies", type=names(POLICY_NAMES, "policy"), default=["trimkv"], metavar="POLICY[,POLICY...]",
+                   help="policies to profile (one table each)").names = POLICY_NAMES
+    p.add_argument("--docs", type=integer(1, 10**4), default=4, help="profiling documents")
+    p.add_argument("--questions", type=integer(1, 64), default=8, help="questions (queries) per document")
+    p.add_argument("--length", type=integer(256, MAX_TOKENS), default=2048, help="tokens per document")
+    p.add_argument("--ratios", type=_ratios, default=list(_names.LUKV_GRID), metavar="R[,R...]",
+                   help="global keep ratios (mean budget / prompt length) the solutions are averaged over")
+    p.add_argument("--out", required=True, help="output folder (allocation.json, README.md)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 # ------------------------------------------------------------------------------------------------ plot
@@ -337,8 +433,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=integer(1, 4096), default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def add_head_budgets_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--head-budgets", default="uniform", metavar="FILE|uniform",
+                   help="per-head budgets: an allocation folder or file from `trimkv profile` (LU-KV; the policy's "
+                        "shares scaled to each budget, the same total memory), or uniform")
+
+
 def add_commands(sub) -> None:
-    """Add ``eval`` and ``plot`` to the ``trimkv`` command's subparsers."""
+    """Add ``eval``, ``plot`` and ``profile`` to the ``trimkv`` command's subparsers."""
     e = add_command(sub, "eval", _eval, "accuracy (or --fidelity) of eviction policies over budgets, cached per cell",
                     description="Accuracy (or --fidelity) of eviction policies over budgets. A bare `trimkv eval` "
                                 "is a small smoke test written to a new folder runs/eval-<date>-<time>; it says what "
@@ -367,6 +469,7 @@ def add_commands(sub) -> None:
     e.add_argument("--lookahead", type=integer(0, MAX_TOKENS), default=0, metavar="N",
                    help="trimkv / trimkv-global: rank kept tokens by DBTrimKV's future utility over N steps "
                         "(0 = the plain retention score)")
+    add_head_budgets_arg(e)
     e.add_argument("--out", default=None,
                    help="output folder; finished cells in it are reused (default: a new folder runs/eval-<date>-<time>)")
     e.add_argument("--fidelity", action="store_true", help="long-text KL / top-1 / ppl ratio instead of tasks")
@@ -391,6 +494,7 @@ def add_commands(sub) -> None:
     p.add_argument("--beta", action="store_true", help="retention: mean beta instead of mean log beta")
     p.add_argument("--budget", type=integer(1, MAX_TOKENS), default=64, help="kept: tokens per KV head")
     p.add_argument("--policy", default="trimkv", choices=EVAL_POLICY_NAMES, metavar="POLICY", help="kept: eviction policy")
+    add_profile(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,10 @@ Every policy runs in a cache made by :func:`trimkv.serve.make_cache` (same ``bud
 :func:`trimkv.serve.generate`), so only the scoring rule differs; ``"full"`` is transformers' DynamicCache (no
 eviction, budget ignored). ``"<policy>-global"`` (e.g. ``"trimkv-global"``) is that policy in one pool of
 ``budget * layers * KV heads`` slots (the same total memory; sink and window per head, a floor of 1 per head), as
-DBTrimKV gates are served. ``lookahead`` > 0 ranks the kept tokens of the TRIM-KV policies by DBTrimKV's future
+DBTrimKV gates are served. ``head_budgets`` (an allocation folder or file of ``trimkv profile``, LU-KV) gives every
+bounded per-head policy its own budget per (layer, KV head), the policy's shares scaled to each cell's budget (the
+same total memory); such cells are separate cells (their key names the allocation) and their records carry
+``head_budgets`` (the allocation's name). ``lookahead`` > 0 ranks the kept tokens of the TRIM-KV policies by DBTrimKV's future
 utility over that many steps. Policies that read the gates need trained gates; which model a cell runs (gated or
 frozen, LoRA adapters on or off) is the cache's business (:func:`trimkv.serve.gates_for`). ``"oracle"``
 (:mod:`trimkv.eval.oracle`) is a diagnostic that is told where the needle is.
@@ -45,6 +48,8 @@ from trimkv.base_model import input_device
 from trimkv.names import EVAL_POLICY_NAMES, check_names
 from trimkv.progress import Progress
 from trimkv.serve import FULL, BoundedCache, generate, make_cache
+from trimkv.serve.budgets import allocation_path, load_allocation
+from trimkv.serve.factory import budget_nbytes
 from trimkv.serve.policies import POLICIES, parse_policy
 
 GLOBAL = "trimkv-global"   # the trained gates in one pool for all layers and heads (scope "global")
@@ -104,11 +109,13 @@ def prepared_gates(model, gates=None, *, need_trained: bool = False) -> Iterator
     yield handle
 
 
-def policy_cache(model, spec: str, budget: int | None, *, sink: int, window: int, lookahead: int = 0, **context):
+def policy_cache(model, spec: str, budget: int | None, *, sink: int, window: int, lookahead: int = 0,
+                 head_budgets=None, **context):
     """A fresh cache for one prompt: ``spec`` is a policy name, ``"<name>-global"`` or ``"full"``; ``context`` is what
     the policy may read of the prompt (``seed``, ``sample``, ``prompt``, ``tokenizer``: the oracle's needle;
     ``prefill_chunk``). The policy's ``for_prompt`` also gets the model and the cache's ``budget``, ``sink`` and
-    ``window`` (LAQ runs its pseudo lookahead decoding with them)."""
+    ``window`` (LAQ runs its pseudo lookahead decoding with them). ``head_budgets``: see
+    :func:`trimkv.serve.make_cache`."""
     if spec == FULL:
         return make_cache(model, FULL)
     if budget is None:
@@ -118,7 +125,19 @@ def policy_cache(model, spec: str, budget: int | None, *, sink: int, window: int
         raise ValueError(f"lookahead={lookahead} applies to the TRIM-KV policies, not {spec!r}")
     policy = EVAL_POLICIES[name].for_prompt(lookahead=lookahead, model=model, budget=budget, sink=sink, window=window,
                                             **context)
-    return make_cache(model, policy, budget, scope=scope, sink=sink, window=window)
+    return make_cache(model, policy, budget, scope=scope, sink=sink, window=window, head_budgets=head_budgets)
+
+
+def allocation_id(path) -> str:
+    """What identifies an allocation in a cell's settings: its path and a digest of its contents."""
+    data = allocation_path(path).read_bytes()
+    return f"{path}#{hashlib.sha1(data).hexdigest()[:8]}"
+
+
+def cell_allocation(cfg: dict):
+    """The :class:`~trimkv.serve.budgets.HeadAllocation` a cell's settings name (None: uniform budgets)."""
+    ident = cfg.get("head_budgets")
+    return None if not ident else load_allocation(ident.rsplit("#", 1)[0])
 
 
 def answer_occurrences(sample, prompt: str, tokenizer) -> list[list[list[int]]]:
@@ -154,7 +173,7 @@ def needle_kept(cache, occurrences: list[list[list[int]]], row: int = 0) -> int 
 def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: int, out_dir, gates=None,
              seed: int = 0, sink: int = 4, window: int = 16, prefill_chunk: int = 256,
              max_new_tokens: int | None = None, haystack: str = "filler", chat: bool = False,
-             depths: tuple[float, float] = DEPTHS, lookahead: int = 0, progress: bool = True,
+             depths: tuple[float, float] = DEPTHS, lookahead: int = 0, head_budgets=None, progress: bool = True,
              run_cell=None) -> list[dict]:
     """Evaluate every cell (see module docstring); returns the metrics records (also written to ``out_dir``).
 
@@ -183,6 +202,8 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
                         depths=[lo, hi])
         if lookahead:   # settings added later enter the cell key only when set: earlier cells stay valid
             settings["lookahead"] = lookahead
+        if head_budgets is not None and head_budgets != "uniform":
+            settings["head_budgets"] = allocation_id(head_budgets)
         gate_id = gate_fingerprint(handle) if gated else None
         todo, done = [], {}
         for cell in cells:
@@ -214,13 +235,14 @@ def _run_cell(model, tokenizer, cell: Cell, cfg: dict, samples, bar) -> dict:
     max_new = cfg["max_new_tokens"] or MAX_NEW_TOKENS.get(cell.task, 32)
     rows, t_cell = [], time.perf_counter()
     bar.update(label=cell.slug)
+    allocation = cell_allocation(cfg)
     for i, sample in enumerate(samples):
         prompt = render_prompt(sample, tokenizer)
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
         t_policy = time.perf_counter()      # a sample's seconds include building its policy (LAQ decodes for it)
         cache = policy_cache(model, cell.policy, cell.budget, sink=cfg["sink"], window=cfg["window"],
-                             lookahead=cfg.get("lookahead", 0), seed=cfg["seed"] * 1000 + i, sample=sample,
-                             prompt=prompt, tokenizer=tokenizer, prefill_chunk=cfg["prefill_chunk"])
+                             lookahead=cfg.get("lookahead", 0), head_budgets=allocation, seed=cfg["seed"] * 1000 + i,
+                             sample=sample, prompt=prompt, tokenizer=tokenizer, prefill_chunk=cfg["prefill_chunk"])
         t_policy = time.perf_counter() - t_policy
         gen = generate(model, tokenizer, ids, cache=cache, prefill_chunk=cfg["prefill_chunk"],
                        max_new_tokens=max_new)
@@ -228,17 +250,30 @@ def _run_cell(model, tokenizer, cell: Cell, cfg: dict, samples, bar) -> dict:
         rows.append(dict(asdict(cell), index=i, depth=sample.depth, prompt_tokens=int(ids.shape[1]),
                          answers=sample.answers, prediction=gen.text,
                          score=score(gen.text, sample.answers, TASK_METRIC[cell.task]),
-                         kv_bytes=gen.kv_bytes, seconds=round(t_policy + gen.seconds, 3), needle_heads=kept))
+                         kv_bytes=gen.kv_bytes, budget_kv_bytes=budget_nbytes(cache),
+                         seconds=round(t_policy + gen.seconds, 3), needle_heads=kept))
         bar.update(advance=1)
+    return cell_record(cell, cfg, rows, t_cell)
+
+
+def cell_record(cell: Cell, cfg: dict, rows: list[dict], t_cell: float) -> dict:
+    """A finished cell: its settings, metrics (mean score, bytes, seconds, the needle diagnostic) and predictions."""
+    allocation = cell_allocation(cfg)
+    if allocation is not None:
+        for r in rows:
+            r["head_budgets"] = allocation.name
     n = len(rows)
     metrics = dict(asdict(cell), model=cfg["model"], n=n, seed=cfg["seed"],
                    score=sum(r["score"] for r in rows) / max(n, 1), metric=TASK_METRIC[cell.task],
                    kv_bytes=max((r["kv_bytes"] for r in rows), default=0),
+                   budget_kv_bytes=max((r.get("budget_kv_bytes", r["kv_bytes"]) for r in rows), default=0),
                    seconds=round(time.perf_counter() - t_cell, 2),
                    mean_prompt_tokens=sum(r["prompt_tokens"] for r in rows) / max(n, 1))
     heads = [r["needle_heads"] for r in rows if r["needle_heads"] is not None]
     if heads:   # the "needle kept" diagnostic: (layer, KV head) caches holding the whole answer at the end
         metrics["needle_heads"] = sum(heads) / len(heads)
+    if allocation is not None:
+        metrics["head_budgets"] = allocation.name
     return dict(settings=cfg, metrics=metrics, predictions=rows)
 
 
@@ -246,6 +281,8 @@ def _cell_settings(cell: Cell, settings: dict, gate_id: str | None) -> dict:
     cfg = dict(settings, **asdict(cell))
     if cell.budget is None:                 # the full cache ignores the eviction settings
         cfg.update(sink=None, window=None)
+    if cell.budget is None:
+        cfg.pop("head_budgets", None)       # per-head budgets apply to bounded caches only
     gated = uses_gates(cell.policy)
     cfg["gates"] = gate_id if gated else None
     if not gated:
@@ -286,7 +323,7 @@ def _safe(name: str) -> str:
 
 
 def _cell_key(row: dict) -> tuple:
-    return tuple(row.get(k) for k in ("task", "length", "budget", "policy"))
+    return tuple(row.get(k) for k in ("task", "length", "budget", "policy", "head_budgets"))
 
 
 def _write_outputs(out: Path, records: list[dict], predictions: list[dict]) -> None:
@@ -321,7 +358,8 @@ def markdown_table(records: list[dict]) -> str:
     lines = [head, "|" + "---|" * (3 + len(budgets))]
     groups: dict[tuple, dict] = {}
     for r in records:
-        groups.setdefault((r["task"], r["length"], r["policy"]), {})[r["budget"]] = r["score"]
+        policy = r["policy"] + (f" ({r['head_budgets']})" if r.get("head_budgets") else "")
+        groups.setdefault((r["task"], r["length"], policy), {})[r["budget"]] = r["score"]
     for (task, length, policy), by_budget in groups.items():
         if policy == FULL:
             vals = [by_budget[None]] * len(budgets)

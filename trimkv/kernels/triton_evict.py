@@ -1,7 +1,8 @@
 """Fused decode-time append+evict in one Triton kernel (the GPU fast path of :func:`trimkv.serve.policies.retention.append_evict_`).
 
 One program per (batch row, KV head): it reads the slot metadata (pos int64, logb fp32; 12 bytes per slot),
-scores every slot ``(t - pos) * logb`` (sink / window -> +inf, empty -> -inf), takes the argmin (the first one on
+scores every slot ``(t - pos) * logb`` (sink / window -> +inf, empty -> -inf, disabled (pos -2, a slot its head
+does not own under per-head budgets) -> +inf), takes the argmin (the first one on
 ties, like ``torch.argmin``) and writes the newcomer's key, value, position and log beta into that slot in place.
 Same contract and result as the PyTorch reference; tested against it under ``TRITON_INTERPRET=1``.
 """
@@ -28,6 +29,7 @@ def _append_evict_kernel(KEYS, VALUES, POS, LOGB, KNEW, VNEW, POSNEW, LOGBNEW, T
     score = tl.where(pos < SINK, float("inf"), score)
     score = tl.where((WINDOW > 0) & (pos > t - WINDOW), float("inf"), score)
     score = tl.where(pos < 0, float("-inf"), score)
+    score = tl.where(pos < -1, float("inf"), score)    # disabled slot: never the victim
     score = tl.where(c_ok, score, float("inf"))       # padding lanes are never chosen
     # argmin, first index on ties (also when every slot is +inf): smallest index among the minima
     smin = tl.min(score, 0)

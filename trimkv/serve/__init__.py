@@ -8,6 +8,7 @@
 * :mod:`.policies`    - one scoring rule per file: TRIM-KV retention (and its fused Triton decode step), StreamingLLM,
   H2O, SnapKV, TOVA, K-norm, KeyDiff, random.
 * :mod:`.pool`        - one pool of slots for all layers and heads (DBTrimKV's global budget).
+* :mod:`.budgets`     - per-head budgets: LU-KV's allocation math (PAVA, greedy) and the allocation file.
 * :mod:`.soft`        - the full cache with soft-gated attention (the training form at inference).
 * :mod:`.generation`  - the one chunked ``prefill`` and ``generate`` (eager, around ``model.generate``).
 * :mod:`.decode`      - the compiled fixed-memory decode step (CUDA graphs on GPU): ``CompiledDecoder``.

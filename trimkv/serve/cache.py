@@ -3,8 +3,15 @@
 Every layer allocates its buffers once, on its first forward, where that layer runs, and reuses them in place:
 
     keys, values  [B, Hkv, C, D]      model dtype
-    pos           [B, Hkv, C] int64   token position, -1 = empty slot
+    pos           [B, Hkv, C] int64   token position, -1 = empty slot, -2 = disabled slot
     state         [B, Hkv, C] fp32    the policy's per-token value (log beta for TRIM-KV)
+
+**Per-head budgets** (``head_budgets`` [L, Hkv], e.g. an LU-KV allocation, :mod:`trimkv.serve.budgets`): head ``h`` of
+layer ``l`` keeps ``b[l, h]`` tokens. Layer ``l`` allocates ``C = max_h b[l, h]`` slots per head and disables the
+slots ``b[l, h] .. C-1`` of head ``h`` (position -2: never filled, never a victim, ignored by attention), so every
+buffer keeps a static shape (batches, the compiled decoder) and a prefill chunk keeps each head's best ``b[l, h]``.
+The budgeted KV memory (:meth:`RetentionCache.budget_nbytes`) is that of the uniform cache at the same mean budget;
+the allocated buffers (:meth:`RetentionCache.nbytes`) add the disabled slots (padding).
 
 A forward reaches a layer through one call (the :class:`~trimkv.attach.CacheLayer` protocol; the attention
 implementation ``"trimkv"`` makes it): ``attend(q, k, v)`` = :meth:`BoundedLayer.insert` (the new tokens enter) ->
@@ -23,7 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..attach import CacheLayer, LayerInputs
 from ..errors import CacheError
-from .eviction import Candidates, keep_topk_, protect
+from .eviction import DISABLED, EMPTY, Candidates, keep_topk_, protect
 from .policies import EvictionPolicy, NewTokens, RetentionPolicy
 
 
@@ -99,8 +106,12 @@ class BoundedLayer(CacheLayerMixin, CacheLayer):
         """After the attention: cut what :meth:`insert` left above the budget back to it."""
 
     def kept_positions(self) -> torch.Tensor:
-        """[B, Hkv, S] positions of the tokens this layer keeps (-1 = empty slot)."""
+        """[B, Hkv, S] positions of the tokens this layer keeps (negative = no token: empty or disabled slot)."""
         raise NotImplementedError
+
+    def budget_nbytes(self) -> int:
+        """Bytes of the slots this layer's budget pays for (without padding); the buffers' bytes by default."""
+        return self.nbytes()
 
     def reset(self) -> None:
         if self.tokens_seen is not None:
@@ -118,22 +129,34 @@ class BoundedLayer(CacheLayerMixin, CacheLayer):
 
 
 class RetentionLayer(BoundedLayer):
-    """One decoder layer's bounded cache: ``budget`` slots per (row, KV head) (see the module docstring)."""
+    """One decoder layer's bounded cache: ``budget`` slots per (row, KV head), or ``head_budgets[h]`` tokens for KV
+    head ``h`` in ``max(head_budgets)`` slots (see the module docstring)."""
 
     def __init__(self, budget: int, *, sink: int = 0, window: int = 0, policy: EvictionPolicy | None = None,
-                 layer_idx: int = 0):
+                 layer_idx: int = 0, head_budgets: list[int] | None = None):
         super().__init__(policy or RetentionPolicy(), layer_idx)
-        self.budget, self.sink, self.window = budget, sink, window
+        self.head_budgets = None if head_budgets is None else [int(b) for b in head_budgets]
+        self.budget = budget if self.head_budgets is None else max(self.head_budgets)   # slots per head (C)
+        self.sink, self.window = sink, window
         self._pending: Candidates | None = None   # a chunk's [slots + chunk] candidates, compacted after attention
         self.pos: torch.Tensor | None = None
         self.state: torch.Tensor | None = None
+        self.disabled: torch.Tensor | None = None  # [Hkv, C] bool, the slots a head does not own (None: uniform)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
+        if self.head_budgets is not None:
+            if len(self.head_budgets) != H:
+                raise CacheError(f"layer {self.layer_idx}: head_budgets has {len(self.head_budgets)} KV heads, the "
+                                 f"model has {H}: an allocation made for another model?")
+            hb = torch.tensor(self.head_budgets, device=self.device)
+            self.disabled = torch.arange(self.budget, device=self.device) >= hb[:, None]          # [H, C]
         self.keys = torch.zeros(B, H, self.budget, D, dtype=self.dtype, device=self.device)
         self.values = torch.zeros(B, H, self.budget, value_states.shape[-1], dtype=self.dtype, device=self.device)
-        self.pos = torch.full((B, H, self.budget), -1, dtype=torch.long, device=self.device)
+        self.pos = torch.full((B, H, self.budget), EMPTY, dtype=torch.long, device=self.device)
+        if self.disabled is not None:
+            self.pos.masked_fill_(self.disabled, DISABLED)
         self.state = torch.zeros(B, H, self.budget, dtype=torch.float32, device=self.device)
         self.t_now = torch.full((B,), -1, dtype=torch.long, device=self.device)   # latest position seen per row
         self.is_initialized = True
@@ -169,7 +192,7 @@ class RetentionLayer(BoundedLayer):
         if cands is None:
             return
         score = protect(self.policy.scores(cands), cands.pos, cands.t_now, sink=self.sink, window=self.window)
-        keep_topk_(self.slots, cands, score)
+        keep_topk_(self.slots, cands, score, self.disabled)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.budget + query_length, 0
@@ -182,16 +205,27 @@ class RetentionLayer(BoundedLayer):
         return (self.pos >= 0).sum(-1) if self.pos is not None else torch.zeros(0)
 
     def nbytes(self) -> int:
+        """Bytes of the allocated buffers (K, V, pos, state), disabled slots included."""
         if not self.is_initialized:
             return 0
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.pos, self.state))
+
+    def budget_nbytes(self) -> int:
+        """Bytes of the slots the heads own: ``B * sum_h b_h`` slots of K, V, pos and state (= nbytes when
+        uniform)."""
+        if not self.is_initialized or self.head_budgets is None:
+            return self.nbytes()
+        B, H, C = self.pos.shape
+        return self.nbytes() * sum(self.head_budgets) // (H * C)
 
     def reset(self) -> None:
         """Forget every token: the next forward starts a new sequence of the same batch size, in the same buffers
         (their addresses stay, so a compiled decode step still fits; for another batch size, make a new cache)."""
         super().reset()
         if self.is_initialized:
-            self.keys.zero_(), self.values.zero_(), self.pos.fill_(-1), self.state.zero_(), self.t_now.fill_(-1)
+            self.keys.zero_(), self.values.zero_(), self.pos.fill_(EMPTY), self.state.zero_(), self.t_now.fill_(-1)
+            if self.disabled is not None:
+                self.pos.masked_fill_(self.disabled, DISABLED)
         self._pending = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -253,8 +287,13 @@ class BoundedCache(Cache):
         return self.policy.uses_gates
 
     def nbytes(self) -> int:
-        """Bytes of K, V and slot metadata the cache holds."""
+        """Bytes of K, V and slot metadata the cache has allocated (padding of per-head budgets included)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def budget_nbytes(self) -> int:
+        """Bytes of K, V and slot metadata the budget pays for: equal for every allocation of the same mean budget
+        (per-head budgets leave their padding out)."""
+        return sum(layer.budget_nbytes() for layer in self.layers)
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError(f"a {type(self).__name__} cannot be cropped (evicted tokens are gone)")
@@ -263,10 +302,13 @@ class BoundedCache(Cache):
 class RetentionCache(BoundedCache):
     """Memory-bounded cache: ``budget`` tokens per (layer, batch row, KV head), the policy choosing the victims
     (default: TRIM-KV retention). ``sink`` first tokens and the ``window`` most recent tokens are always kept and
-    count toward the budget. One policy object is shared by all layers."""
+    count toward the budget. One policy object is shared by all layers.
+
+    ``head_budgets`` [L][Hkv] ints: a budget per (layer, KV head) instead, summing to ``budget * L * Hkv`` (the
+    same total as the uniform cache), each above ``sink + window``; see the module docstring."""
 
     def __init__(self, budget: int, num_layers: int, *, sink: int = 0, window: int = 0,
-                 policy: EvictionPolicy | None = None):
+                 policy: EvictionPolicy | None = None, head_budgets=None):
         check_tokens("budget", budget, 1)
         check_tokens("num_layers", num_layers, 1)
         check_tokens("sink", sink)
@@ -277,7 +319,36 @@ class RetentionCache(BoundedCache):
                 "raise the budget or shrink the sink/window"
             )
         self.policy = policy or RetentionPolicy()
-        layers = [RetentionLayer(budget, sink=sink, window=window, policy=self.policy, layer_idx=i)
-                  for i in range(num_layers)]
+        rows = None if head_budgets is None else check_head_budgets(head_budgets, budget, num_layers, sink, window)
+        layers = [RetentionLayer(budget, sink=sink, window=window, policy=self.policy, layer_idx=i,
+                                 head_budgets=None if rows is None else rows[i]) for i in range(num_layers)]
         super().__init__(layers=layers)
         self.budget, self.sink, self.window = budget, sink, window
+        self.head_budgets = rows      # [L][Hkv] ints, or None (uniform)
+
+
+def check_head_budgets(head_budgets, budget: int, num_layers: int, sink: int, window: int) -> list[list[int]]:
+    """``head_budgets`` (a [L, Hkv] tensor or nested lists of ints) as lists, or a CacheError naming the problem:
+    the shape, a non-integer, a head at or below ``sink + window`` (no room to evict), a total other than
+    ``budget * L * Hkv``."""
+    rows = head_budgets.tolist() if torch.is_tensor(head_budgets) else head_budgets
+    try:
+        rows = [list(r) for r in rows]
+    except TypeError:
+        raise CacheError(f"head_budgets must be [layers][KV heads] token counts, got {head_budgets!r:.80}") from None
+    if len(rows) != num_layers or not rows[0] or any(len(r) != len(rows[0]) for r in rows):
+        raise CacheError(f"head_budgets must have one row of KV-head budgets per layer ({num_layers}), all of one "
+                         f"length; got {len(rows)} rows of lengths {sorted({len(r) for r in rows})}")
+    for layer, r in enumerate(rows):
+        for head, b in enumerate(r):
+            if isinstance(b, bool) or not isinstance(b, int):
+                raise CacheError(f"head_budgets[{layer}][{head}] = {b!r} is not an integer token count")
+            if b <= sink + window:
+                raise CacheError(f"head_budgets[{layer}][{head}] = {b} leaves no room for eviction beside sink + window "
+                                 f"= {sink} + {window}: every head needs at least {sink + window + 1} (scale an "
+                                 "allocation with trimkv.serve.budgets.scale_shares, which keeps that floor)")
+    total, uniform = sum(map(sum, rows)), budget * num_layers * len(rows[0])
+    if total != uniform:
+        raise CacheError(f"head_budgets sum to {total} tokens, the uniform cache of budget {budget} holds {uniform} "
+                         f"({num_layers} layers x {len(rows[0])} KV heads x {budget}): an allocation must keep the total")
+    return rows

@@ -21,7 +21,8 @@ What runs where:
 
 Outputs are token-identical to eager greedy decoding with the same cache (``model.generate(..., do_sample=False)``
 without logits processors, with the same prefill chunk): the tests check it. Refused, with the reason: the global
-pool (``GlobalRetentionCache``, whose slot tables have data-dependent shapes). Each (model, batch size, budget,
+pool (``GlobalRetentionCache``, whose slot tables have data-dependent shapes). Per-head budgets (``head_budgets``)
+keep static shapes (disabled slots), so they compile like the uniform cache. Each (model, batch size, budget,
 policy) gets its own graph; torch's
 ``recompile_limit`` (8 graphs per function) caps how many one process holds at once.
 """

@@ -1,14 +1,17 @@
 """The mechanics of eviction, shared by every policy: protection, writing a victim's slot, keeping the top-k.
 
 Each (batch row, KV head) of a layer owns ``C`` slots; a slot holds one token's key/value, its position ``pos``
-(int64, -1 = empty) and one fp32 ``state`` value of the policy (log beta for TRIM-KV). A policy scores the tokens
-(:mod:`trimkv.serve.policies`); here the scores become decisions:
+(int64, -1 = empty, -2 = disabled) and one fp32 ``state`` value of the policy (log beta for TRIM-KV). A policy scores
+the tokens (:mod:`trimkv.serve.policies`); here the scores become decisions:
 
 * **protection**: sink tokens (``pos < sink``) and the recent window (``pos > t - window``) score +inf (always
-  kept); empty slots score -inf (filled first);
+  kept); empty slots score -inf (filled first); disabled slots score +inf (never a victim, never filled: with
+  per-head budgets a head of budget ``b < C`` owns only its slots ``0 .. b-1``, the rest are disabled, so every
+  buffer keeps one static shape);
 * **decode** (one new token): the newcomer always enters and overwrites the lowest-scoring slot, in place (slot
   order does not matter for attention: RoPE is already applied to the stored keys);
-* **prefill chunk**: of [kept slots + chunk], the best ``C`` are written back into the slots.
+* **prefill chunk**: of [kept slots + chunk], the best ``C`` are written back into the slots (with per-head
+  budgets: the best ``b`` of each head, in score order, into its enabled slots ``0 .. b-1``).
 
 Everything is vectorised over batch x heads; there is no Python loop over heads or layers.
 """
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 import torch
 
 NEG_INF = float("-inf")
+EMPTY = -1        # pos of a slot that holds no token yet (filled first, attention ignores it)
+DISABLED = -2     # pos of a slot its head does not own (per-head budgets): never filled, never a victim
 
 
 @dataclass
@@ -39,13 +44,14 @@ def per_row(t_now: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def protect(score: torch.Tensor, pos: torch.Tensor, t_now: torch.Tensor, *, sink: int = 0,
             window: int = 0) -> torch.Tensor:
-    """Apply sink / window protection (+inf) and empty slots (-inf) to any policy's raw scores [B, ...]."""
+    """Apply sink / window protection (+inf), empty slots (-inf) and disabled slots (+inf: a decode step never picks
+    one as its victim) to any policy's raw scores [B, ...]."""
     t = per_row(t_now, pos)
     if sink > 0:
         score = score.masked_fill(pos < sink, float("inf"))
     if window > 0:
         score = score.masked_fill(pos > t - window, float("inf"))
-    return score.masked_fill(pos < 0, NEG_INF)
+    return score.masked_fill(pos < 0, NEG_INF).masked_fill(pos <= DISABLED, float("inf"))
 
 
 def write_slots_(slots: Candidates, victim: torch.Tensor, new: Candidates) -> None:
@@ -62,11 +68,19 @@ def write_slots_(slots: Candidates, victim: torch.Tensor, new: Candidates) -> No
     slots.state.view(-1).index_copy_(0, flat, new.state.reshape(-1).to(slots.state.dtype))
 
 
-def keep_topk_(slots: Candidates, cands: Candidates, score: torch.Tensor) -> None:
-    """Keep the best C of N candidates by ``score`` [B, H, N] (already protected) in the slot buffers."""
+def keep_topk_(slots: Candidates, cands: Candidates, score: torch.Tensor,
+               disabled: torch.Tensor | None = None) -> None:
+    """Keep the best C of N candidates by ``score`` [B, H, N] (already protected) in the slot buffers.
+
+    ``disabled`` [H, C] bool (per-head budgets; slot ``c`` of head ``h`` disabled iff ``c >= b_h``): the candidates
+    are ranked (disabled ones last) and head ``h`` keeps its best ``b_h`` in slots ``0 .. b_h-1``; its other slots
+    stay disabled."""
     C, D = slots.keys.shape[2], slots.keys.shape[3]
-    top_score, top = score.topk(C, dim=-1, sorted=False)                            # [B, H, C]
+    if disabled is not None:
+        score = score.masked_fill(cands.pos <= DISABLED, NEG_INF)
+    top_score, top = score.topk(C, dim=-1, sorted=disabled is not None)            # [B, H, C]
     slots.keys.copy_(cands.keys.gather(2, top[..., None].expand(-1, -1, -1, D)))
     slots.values.copy_(cands.values.gather(2, top[..., None].expand(-1, -1, -1, slots.values.shape[3])))
-    slots.pos.copy_(cands.pos.gather(2, top).masked_fill(top_score == NEG_INF, -1))
+    pos = cands.pos.gather(2, top).masked_fill(top_score == NEG_INF, EMPTY)
+    slots.pos.copy_(pos if disabled is None else pos.masked_fill(disabled, DISABLED))
     slots.state.copy_(cands.state.gather(2, top))

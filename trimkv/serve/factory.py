@@ -3,6 +3,7 @@
     cache = make_cache(model, "trimkv", budget=64)                    # 64 tokens per (layer, KV head), TRIM-KV
     cache = make_cache(model, "snapkv", budget=64)                    # a heuristic: no gates needed
     cache = make_cache(model, "trimkv", budget=64, scope="global")    # one pool of 64 x layers x KV heads slots
+    cache = make_cache(model, "snapkv", 64, head_budgets="checkpoints/smollm2-135m-lukv")   # LU-KV per-head budgets
     cache = make_cache(model, "full")                                 # transformers' DynamicCache, no eviction
 
 ``budget`` always means tokens per (layer, KV head), on average for the global pool, so caches with the same budget
@@ -19,6 +20,7 @@ from transformers import Cache, DynamicCache
 
 from ..attach import install_hooks
 from ..errors import CacheError
+from .budgets import resolve_head_budgets
 from .cache import BoundedCache, RetentionCache, check_tokens
 from .policies import SCOPES, EvictionPolicy, get_policy, parse_policy
 from .pool import GlobalRetentionCache
@@ -33,7 +35,8 @@ def model_shape(model) -> tuple[int, int]:
 
 
 def make_cache(model, policy: str | EvictionPolicy | None = "trimkv", budget: int | None = None, *,
-               scope: str = "head", sink: int = 4, window: int = 16, floor: int = 1, lookahead: int = 0) -> Cache:
+               scope: str = "head", sink: int = 4, window: int = 16, floor: int = 1, lookahead: int = 0,
+               head_budgets=None) -> Cache:
     """A fresh cache for one batch of sequences of ``model``.
 
     ``policy``: a name (``trimkv``, ``streaming``, ``h2o``, ... of :data:`trimkv.serve.policies.POLICIES`;
@@ -42,6 +45,9 @@ def make_cache(model, policy: str | EvictionPolicy | None = "trimkv", budget: in
     ``"head"`` (every head keeps ``budget`` tokens) or ``"global"`` (one pool of ``budget * layers * KV heads``
     slots, every head keeping at least ``floor``). ``sink`` first and ``window`` most recent tokens are always kept
     and count toward the budget. ``lookahead``: DBTrimKV's look-ahead score for the TRIM-KV policy.
+    ``head_budgets`` (scope ``"head"`` only): ``"uniform"`` / None, an allocation (``trimkv profile``'s folder or
+    file, or a :class:`~trimkv.serve.budgets.HeadAllocation`: the policy's shares scaled to ``budget``, every head
+    above ``sink + window``), or integer budgets [layers, KV heads] summing to ``budget * layers * KV heads``.
     """
     if policy is None or policy == FULL:
         if budget is not None:
@@ -62,11 +68,23 @@ def make_cache(model, policy: str | EvictionPolicy | None = "trimkv", budget: in
         raise CacheError(f"policy {policy!r} needs a budget (tokens per KV head); use policy='full' for no eviction")
     check_tokens("budget", budget, 1)
     num_layers, num_kv_heads = model_shape(model)
+    if scope == "global" and head_budgets is not None and not (isinstance(head_budgets, str) and
+                                                               head_budgets == "uniform"):
+        raise CacheError("the global pool (scope='global') sizes each head at run time from the scores: it takes no "
+                         "head_budgets; use scope='head' (a budget per head) or drop head_budgets")
+    rows = resolve_head_budgets(head_budgets, num_layers=num_layers, num_kv_heads=num_kv_heads, budget=budget,
+                                floor=sink + window + 1, policy=policy.name) if scope == "head" else None
     install_hooks(model)
     if scope == "global":
         return GlobalRetentionCache(budget * num_layers * num_kv_heads, num_layers, num_kv_heads, floor=floor,
                                     sink=sink, window=window, policy=policy)
-    return RetentionCache(budget, num_layers, sink=sink, window=window, policy=policy)
+    return RetentionCache(budget, num_layers, sink=sink, window=window, policy=policy, head_budgets=rows)
+
+
+def budget_nbytes(cache: Cache) -> int:
+    """Bytes of K/V (and slot metadata) a cache's budget pays for: per-head budgets without their padding slots
+    (equal to the uniform cache of the same mean budget); every other cache as :func:`kv_nbytes`."""
+    return cache.budget_nbytes() if isinstance(cache, BoundedCache) else kv_nbytes(cache)
 
 
 def kv_nbytes(cache: Cache) -> int:
@@ -93,4 +111,4 @@ def gates_for(model, cache: Cache | None) -> Iterator[None]:
         yield
 
 
-__all__ = ["FULL", "make_cache", "kv_nbytes", "gates_for", "model_shape"]
+__all__ = ["FULL", "make_cache", "kv_nbytes", "budget_nbytes", "gates_for", "model_shape"]

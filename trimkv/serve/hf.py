@@ -12,7 +12,7 @@ tuple of names and ``generate`` builds the cache for those names in ``_prepare_c
 way to use any other cache is to pass the object (``generate(..., cache=make_cache(...))``, which keeps working);
 :func:`register_with_transformers` adds the name ``"trimkv"`` to that tuple and, for that name only, builds the cache
 with :func:`trimkv.serve.make_cache` from ``cache_config`` (the keyword arguments of ``make_cache``: ``policy``,
-``budget``, ``scope``, ``sink``, ``window``, ``floor``, ``lookahead``; ``budget`` defaults to the attached gates'
+``budget``, ``scope``, ``sink``, ``window``, ``floor``, ``lookahead``, ``head_budgets``; ``budget`` defaults to the attached gates'
 training budget). Every other name goes to transformers unchanged. Checked on transformers 5.6 and 5.24.
 
 The pipeline (``"trimkv-text-generation"``, a ``transformers.Pipeline``) wraps :func:`trimkv.serve.answer`: the chat
@@ -91,9 +91,11 @@ class TrimKVTextGenerationPipeline(Pipeline):
     ``pipe(context, question="...")`` -> ``{"answer", "context_tokens", "kv_bytes", "seconds"}``;
     ``pipe(context, questions=[...])`` -> the same with ``"answers"``; no question: a plain continuation. Options
     (per call or at construction): ``budget`` (tokens per KV head; None = the full cache), ``policy``, ``sink``,
-    ``window``, ``prefill_chunk``, ``max_new_tokens``, ``chat``, ``answer_prefix``."""
+    ``window``, ``prefill_chunk``, ``max_new_tokens``, ``chat``, ``answer_prefix``, ``head_budgets`` (an allocation
+    of ``trimkv profile``)."""
 
-    _OPTIONS = ("budget", "policy", "sink", "window", "prefill_chunk", "max_new_tokens", "chat", "answer_prefix")
+    _OPTIONS = ("budget", "policy", "sink", "window", "prefill_chunk", "max_new_tokens", "chat", "answer_prefix",
+                "head_budgets")
     _load_processor = _load_image_processor = _load_feature_extractor = False
     _load_tokenizer = True
 

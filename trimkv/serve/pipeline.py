@@ -67,11 +67,12 @@ def clone_cache(cache: Cache) -> Cache:
 def answer(model, tokenizer, context: str, questions: str | list[str] | None = None, *, budget: int | None = None,
            sink: int = 4, window: int = 16, policy: str | EvictionPolicy | None = None, prefill_chunk: int = 256,
            max_new_tokens: int = 64, chat: bool = True, answer_prefix: str = "", template_kwargs: dict | None = None,
-           **gen_kwargs) -> Answers:
+           head_budgets=None, **gen_kwargs) -> Answers:
     """Answer ``questions`` (one string, a list, or None for a plain continuation) about ``context``.
 
     ``budget`` tokens per KV head with ``policy`` (default: TRIM-KV retention, the attached gates); ``None`` = the
-    full cache of the frozen model. Greedy decoding unless ``gen_kwargs`` say otherwise (they go to ``generate``)."""
+    full cache of the frozen model; ``head_budgets``: per-head budgets (an allocation of ``trimkv profile``, see
+    :func:`~trimkv.serve.make_cache`). Greedy decoding unless ``gen_kwargs`` say otherwise (they go to ``generate``)."""
     questions = [questions] if isinstance(questions, str) else list(questions or [""])
     if not all(isinstance(q, str) for q in questions):
         raise DataError(f"questions must be a string or a list of strings, got {questions!r:.80}")
@@ -83,7 +84,8 @@ def answer(model, tokenizer, context: str, questions: str | list[str] | None = N
     encode = lambda text: tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)  # noqa: E731
     ctx = encode(context_text)
     t0 = time.perf_counter()
-    cache = make_cache(model, policy or ("full" if budget is None else "trimkv"), budget, sink=sink, window=window)
+    cache = make_cache(model, policy or ("full" if budget is None else "trimkv"), budget, sink=sink, window=window,
+                       **({} if head_budgets is None else {"head_budgets": head_budgets}))
     # all but the context's last token: each question starts with it, so generate always has a token to feed
     prefill(model, ctx[:, :-1], cache, chunk=prefill_chunk)
     out = Answers([], int(ctx.shape[1]), [], kv_nbytes(cache))

@@ -256,6 +256,10 @@ class GlobalRetentionCache(BoundedCache):
         """Bytes of the pool (K, V and 20 bytes of metadata per slot), whatever the context length."""
         return self.pool.nbytes()
 
+    def budget_nbytes(self) -> int:
+        """The pool is all budget: :meth:`nbytes`."""
+        return self.nbytes()
+
     def num_kept(self) -> torch.Tensor:
         """[B, L, Hkv] tokens held by every (layer, head)."""
         return self.pool.count.view(-1, self.pool.L, self.pool.Hkv).clone()
