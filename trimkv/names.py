@@ -3,7 +3,7 @@ tasks, weight dtypes. Their implementations live in :mod:`trimkv.serve.policies`
 :mod:`trimkv.base_model`, which build their tables from these tuples and refuse, at import, to disagree with them."""
 from __future__ import annotations
 
-POLICY_NAMES = ("trimkv", "streaming", "h2o", "snapkv", "tova", "knorm", "keydiff", "random")
+POLICY_NAMES = ("trimkv", "streaming", "h2o", "snapkv", "tova", "knorm", "keydiff", "random", "kvp")
 GLOBAL_SUFFIX = "-global"   # "<policy>-global": that policy in the global pool (scope "global")
 EVAL_POLICY_NAMES = ("full", *POLICY_NAMES, "trimkv" + GLOBAL_SUFFIX, "oracle")   # the full cache and the needle oracle too
 TASK_NAMES = ("passkey", "multikey_needle", "multivalue_needle", "kv_retrieval", "variable_tracking", "frequent_words")

@@ -41,7 +41,8 @@ def run_eval_batched(model, tokenizer, *, batch_size: int, **kwargs) -> list[dic
     return run_eval(model, tokenizer, run_cell=functools.partial(run_cell_batched, batch_size=batch_size), **kwargs)
 
 
-def run_cell_batched(model, tokenizer, cell: Cell, cfg: dict, samples, bar, *, batch_size: int) -> dict:
+def run_cell_batched(model, tokenizer, cell: Cell, cfg: dict, samples, bar, *, batch_size: int,
+                     context: dict | None = None) -> dict:
     """One cell's record (settings, metrics, per-sample predictions), as the harness's one-prompt path makes it."""
     device = input_device(model)
     max_new = cfg["max_new_tokens"] or MAX_NEW_TOKENS.get(cell.task, 32)
@@ -51,7 +52,7 @@ def run_cell_batched(model, tokenizer, cell: Cell, cfg: dict, samples, bar, *, b
     ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"] for p in prompts]
     caches = [policy_cache(model, cell.policy, cell.budget, sink=cfg["sink"], window=cfg["window"],
                            lookahead=cfg.get("lookahead", 0), seed=cfg["seed"] * 1000 + i, sample=s, prompt=p,
-                           tokenizer=tokenizer) for i, (s, p) in enumerate(zip(samples, prompts))]
+                           tokenizer=tokenizer, **(context or {})) for i, (s, p) in enumerate(zip(samples, prompts))]
     rows: list[dict | None] = [None] * len(samples)
     for group in batches(ids, caches, batch_size):
         if len(group) == 1:                       # what the harness does for one prompt

@@ -9,6 +9,7 @@ from .base import AttentionPolicy, EvictionPolicy, NewTokens
 from .h2o import H2OPolicy
 from .keydiff import KeyDiffPolicy
 from .knorm import KNormPolicy
+from .kvp import KVPPolicy
 from .random_policy import RandomPolicy
 from .retention import RecencyPolicy, RetentionPolicy
 from .snapkv import SnapKVPolicy
@@ -24,6 +25,7 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
     "knorm": KNormPolicy,
     "keydiff": KeyDiffPolicy,
     "random": RandomPolicy,
+    "kvp": KVPPolicy,
 }
 check_names("trimkv.serve.policies.POLICIES", POLICIES, POLICY_NAMES)
 SCOPES = ("head", "global")   # a budget per (layer, KV head), or one pool for all of them
@@ -44,5 +46,5 @@ def parse_policy(spec: str) -> tuple[str, str]:
 
 
 __all__ = ["EvictionPolicy", "AttentionPolicy", "NewTokens", "RetentionPolicy", "RecencyPolicy", "H2OPolicy",
-           "KeyDiffPolicy", "KNormPolicy", "RandomPolicy", "SnapKVPolicy", "StreamingPolicy", "TOVAPolicy",
+           "KeyDiffPolicy", "KNormPolicy", "KVPPolicy", "RandomPolicy", "SnapKVPolicy", "StreamingPolicy", "TOVAPolicy",
            "POLICIES", "SCOPES", "get_policy", "parse_policy"]
