@@ -2,8 +2,8 @@
 one small MLP per (layer, KV head) scoring a cached token from what the cache holds of it, its key, its value and
 its position, ``f(x_i) = MLP_lh(k_i, v_i, pos_i)``; a higher score is a token to keep.
 
-All heads of all layers live in one module with per-head weights (an einsum over heads), so one layer's scores are
-a handful of kernels whatever the number of heads::
+All heads of all layers live in one module with per-head weights (a batched matmul over heads), so one layer's
+scores are a handful of kernels whatever the number of heads::
 
     w1  [L, H, 2D + 1, E]   first linear map of [k, v, phi(pos)] (the last row reads the position feature)
     b1  [L, H, E]
@@ -99,8 +99,11 @@ class KVPRankers(nn.Module):
 
     def score_features(self, layer: int | slice, x: torch.Tensor) -> torch.Tensor:
         """Scores [B, H, T] from ready features x [B, H, T, 2D + 1] (training passes standardised ones)."""
-        h = torch.einsum("bhtd,hde->bhte", x, self.w1[layer]) + self.b1[layer][:, None, :]
-        return torch.einsum("bhte,he->bht", F.silu(h), self.w2[layer]) + self.b2[layer][:, None]
+        B, H, T, Din = x.shape
+        x = x.transpose(0, 1).reshape(H, B * T, Din)                          # a view when B = 1 (decode)
+        h = torch.baddbmm(self.b1[layer][:, None, :], x, self.w1[layer])       # [H, B*T, E]: one batched matmul
+        s = torch.baddbmm(self.b2[layer][:, None, None], F.silu(h), self.w2[layer][..., None])   # [H, B*T, 1]
+        return s.view(H, B, T).transpose(0, 1)
 
     @torch.no_grad()
     def fold_inputs_(self, layer: int, shift: torch.Tensor, scale: torch.Tensor) -> None:
