@@ -1,4 +1,5 @@
-"""``trimkv`` command line: train / push / convert / generate / demo (and eval / plot from :mod:`trimkv.eval.cli`).
+"""``trimkv`` command line: train / push / convert / generate / demo (and eval / plot from :mod:`trimkv.eval.cli`,
+recipes / export from :mod:`trimkv.cli_package`, trace from :mod:`trimkv.cli_trace`).
 
     trimkv train recipes/smollm2-135m-qa-m64.yaml --set train.steps=50
     trimkv generate prompts.jsonl --gates checkpoints/smollm2-135m-qa-m64
@@ -20,6 +21,7 @@ from typing import Callable
 
 from . import __version__
 from .cli_package import add_commands as add_package_commands
+from .cli_trace import add_trace
 from .command import Names, Parser, add_command, common_options, deepspeed_in_use, integer, quiet_loading, run
 from .errors import DataError, UsageError
 from .eval.cli import (add_commands as add_eval_commands, add_device_args, add_kvp_arg, add_model_args,
@@ -372,7 +374,7 @@ def add_demo(sub) -> None:
 # ----------------------------------------------------------------------------------------------- parser
 
 COMMANDS: list[Callable] = [add_train, add_push, add_convert, add_generate, add_demo, add_eval_commands,
-                            add_package_commands, add_kvp]
+                            add_package_commands, add_trace, add_kvp]
 
 
 def build_parser() -> argparse.ArgumentParser:
