@@ -254,9 +254,11 @@ class FakeStore:
     """What train_from_store reads of a trace store: layer(l), num_layers, manifest; ``stop_at`` interrupts once."""
 
     def __init__(self, stop_at=None):
-        self.num_layers, self.manifest, self.stop_at = 2, {"base_model": "tiny-llama"}, stop_at
+        self.num_layers, self.stop_at = 2, stop_at
+        self.manifest = {"model": {"name": "tiny-llama"}, "seq_len": 48,
+                         "shapes": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8}}
 
-    def layer(self, l):
+    def layer(self, l, rows=None):
         if l == self.stop_at:
             self.stop_at = None
             raise KeyboardInterrupt
@@ -278,6 +280,35 @@ def test_train_from_store_resumes_after_a_stop(tmp_path):
     assert torch.equal(r.w1[0], first) and not partial.exists()
     assert r.config.base_model == "tiny-llama" and r.config.pos_scale == 48
     assert "mean_val_cost_kvp" in r.config.extra
+
+
+def test_store_folder_to_rankers_to_generate(tmp_path):
+    """The end-to-end path: a real (tiny) trace store written from a model -> `trimkv kvp train` -> the kvp policy."""
+    from _tinyrun import make_model_dir
+    from trimkv.base_model import load_model
+    from trimkv.data import DataConfig
+    from trimkv.trace import TraceSettings
+    from trimkv.trace.collect import write_traces
+
+    folder = make_model_dir(tmp_path / "model")
+    rows = [{"prompt": f"the quick brown fox {i} jumps over the lazy dog", "completion": f" in the sun {i}"}
+            for i in range(6)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model, tok = load_model(str(folder), dtype="float32")
+    cfg = DataConfig(source=str(tmp_path / "qa.jsonl"), seq_len=48, pack=False, cache_dir=str(tmp_path / "cache"))
+    write_traces(model, tok, cfg, tmp_path / "store", TraceSettings(rows=6, shard_rows=4), model_name="tiny",
+                 progress=False, say=lambda *_: None)
+    res = run_cli("kvp", "train", "--store", tmp_path / "store", "--out", tmp_path / "ckpt", "--steps", "5",
+                  "--rows", "2", "--tokens", "16", "--hidden", "8", "--sink", "1", "--window", "2", "--quiet")
+    assert res.returncode == 0, res.stderr
+    r = load_rankers(tmp_path / "ckpt", model)
+    assert r.config.base_model == "tiny" and r.config.pos_scale == 48 and r.config.extra["store"] == "store"
+    cache = make_cache(model, KVPPolicy(r), 8, sink=1, window=2)
+    ids = tok("the quick brown fox jumps over the lazy dog and the cat", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), max_new_tokens=4,
+                             do_sample=False, pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + 4 and all((layer.num_kept() == 8).all() for layer in cache.layers)
 
 
 # --------------------------------------------------------------------------------------- command line

@@ -48,6 +48,9 @@ def train_from_store(store, out: str | os.PathLike, *, hidden: int = 64, target:
     config = store_config(store, hidden=hidden, target=target, objective=objective)
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
     rankers, done = _resume(partial, config) if resume else (None, [])
+    if getattr(store, "complete", True) is False and progress:
+        print(f"trimkv kvp: the trace store holds {store.num_rows} of {store.manifest['rows']} rows (still being "
+              "written?): training on those", flush=True)
     if not resume and partial.exists():
         raise ResumeError(f"{partial} holds an unfinished run: pass --resume to continue it, or delete it")
     rankers = rankers or KVPRankers(config, seed=seed)
@@ -75,14 +78,27 @@ def train_from_store(store, out: str | os.PathLike, *, hidden: int = 64, target:
 
 
 def store_config(store, *, hidden: int, target: str, objective: str) -> KVPConfig:
-    """The rankers' shape from the store's first layer and manifest (base model, longest row)."""
-    first = store.layer(0)
-    R, H, T, D = first.keys.shape
+    """The rankers' shape from the store's manifest (layers, KV heads, head dim, the model it traced, the row length)."""
     manifest = getattr(store, "manifest", {}) or {}
-    return KVPConfig(num_layers=int(getattr(store, "num_layers", None) or manifest["num_layers"]), num_kv_heads=H,
-                     head_dim=D, hidden=hidden, pos_scale=int(first.pos.max()) + 1, target=target, objective=objective,
-                     base_model=manifest.get("base_model") or manifest.get("model"),
-                     base_revision=manifest.get("base_revision"))
+    shapes = manifest.get("shapes", {})
+    first = store.layer(0, rows=[0]) if not shapes else None
+    num_layers = int(getattr(store, "num_layers", None) or shapes.get("num_layers"))
+    stored = list(getattr(store, "layers", None) or range(num_layers))
+    if sorted(stored) != list(range(num_layers)):
+        missing = sorted(set(range(num_layers)) - set(stored))
+        raise DataError(f"the trace store holds layers {stored}, not layers {missing}: KVP ranks every layer's "
+                        "tokens; trace all layers (trimkv trace without --layers)")
+    targets = getattr(store, "targets", None)
+    if targets is not None and target not in targets:
+        raise DataError(f"the trace store holds the targets {list(targets)}, not {target!r}: pick one with --target")
+    model = manifest.get("model")
+    name = model.get("name") or model.get("name_or_path") if isinstance(model, dict) else (model or
+                                                                                            manifest.get("base_model"))
+    return KVPConfig(num_layers=num_layers,
+                     num_kv_heads=int(shapes.get("num_kv_heads") or first.num_kv_heads),
+                     head_dim=int(shapes.get("head_dim") or first.keys.shape[-1]), hidden=hidden,
+                     pos_scale=int(manifest.get("seq_len") or first.pos.shape[-1]), target=target, objective=objective,
+                     base_model=name, base_revision=manifest.get("base_revision"))
 
 
 def _public_store(store) -> str | None:
