@@ -326,7 +326,8 @@ def add_kvp(sub) -> None:
     t.add_argument("--store", required=True, help="trace store folder (issue 21)")
     t.add_argument("--out", required=True, help="checkpoint folder to write (config.json, model.safetensors, README)")
     t.add_argument("--hidden", type=integer(1, 1 << 16), default=64, help="hidden units per head's MLP (paper: 256)")
-    t.add_argument("--target", default="future", help="the store's utility target to rank by")
+    t.add_argument("--target", default="auto",
+                   help="the store's utility target to rank by (auto: answer when the store holds it, else future)")
     t.add_argument("--objective", default="expected", choices=["expected", "rloo"],
                    help="expected: the RL objective in closed form; rloo: the paper's sampled REINFORCE estimator")
     t.add_argument("--steps", type=integer(1, 10**7), default=300, help="steps per layer")

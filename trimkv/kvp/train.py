@@ -17,7 +17,8 @@ tokens compete, not what they are worth.
 
 k, v and the position feature are standardised per (head, feature) from the layer's data, and the affine map is
 folded into the first linear map when the layer is done, so the saved rankers read raw keys and values. Each layer
-gets an equal share of what is left of ``time_limit`` (seconds); a layer stops at its step count or its share.
+gets an equal share of what is left of ``time_limit`` (seconds); a layer stops at its step count or its share (but
+not before 20 steps).
 ``on_layer`` (layer index, rankers, metrics) runs after each layer: the command line saves a resumable checkpoint
 there.
 """
@@ -71,14 +72,18 @@ def standardizer(trace: LayerTrace, pos_scale: int, sample: int = 4096,
     R, T = trace.valid.shape
     flat = trace.valid.reshape(-1).nonzero().squeeze(1)
     pick = flat[torch.randperm(flat.numel(), generator=generator)[:sample]]
-    x = features(trace, pick // T, (pick % T)[:, None], pos_scale).squeeze(2)        # [n, H, Din]
+    r, t = pick // T, pick % T
+    p = position_feature(trace.pos[r, t], pos_scale)[:, None, None].expand(-1, trace.num_kv_heads, 1)
+    x = torch.cat([trace.keys[r, :, t].float(), trace.values[r, :, t].float(), p], -1)   # [n, H, Din]
     return x.mean(0), x.std(0).clamp_min(1e-4)
 
 
 def train_layer(trace: LayerTrace, config: KVPConfig, *, steps: int, rows: int, tokens: int, lr: float, sink: int,
                 window: int, min_cache: int, objective: str, samples: int, seconds: float | None, seed: int,
-                val_rows: torch.Tensor, train_rows: torch.Tensor, bar: Progress | None = None) -> tuple[KVPRankers, dict]:
-    """One layer's rankers (a one-layer :class:`KVPRankers`, inputs folded) and its metrics."""
+                val_rows: torch.Tensor, train_rows: torch.Tensor, bar: Progress | None = None,
+                min_steps: int = 20) -> tuple[KVPRankers, dict]:
+    """One layer's rankers (a one-layer :class:`KVPRankers`, inputs folded) and its metrics; at least ``min_steps``
+    steps (or ``steps``, if fewer) whatever the time share says, so no layer is left untrained."""
     g = torch.Generator().manual_seed(seed)
     one = KVPRankers(replace(config, num_layers=1), seed=seed)
     shift, scale = standardizer(trace, config.pos_scale, generator=g)
@@ -87,7 +92,7 @@ def train_layer(trace: LayerTrace, config: KVPConfig, *, steps: int, rows: int, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1))))
     t0, done, loss = time.perf_counter(), 0, float("nan")
     for step in range(steps):
-        if seconds is not None and time.perf_counter() - t0 > seconds:
+        if seconds is not None and step >= min_steps and time.perf_counter() - t0 > seconds:
             break
         rb = train_rows[torch.randint(len(train_rows), (min(rows, len(train_rows)),), generator=g)]
         idx, mask = candidates(trace, rb, tokens=tokens, sink=sink, window=window, min_cache=min_cache, generator=g)
