@@ -127,6 +127,13 @@ def _read_config(folder: pathlib.Path) -> KVPConfig:
         value = data.get(name)
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
             raise CorruptCheckpointError(f"{file}: {name} must be an integer in [1, {top}], got {value!r:.80}")
+    for name in ("base_model", "base_revision"):
+        value = data.get(name)
+        if value is not None and not (isinstance(value, str) and value.isprintable() and "`" not in value):
+            raise CorruptCheckpointError(f"{file}: {name} must be a printable string (a Hub id or a folder name), "
+                                         f"got {value!r:.80}")
+    if not isinstance(data.get("target", ""), str) or not isinstance(data.get("extra", {}), dict):
+        raise CorruptCheckpointError(f"{file}: target must be a string and extra a mapping: re-save the rankers")
     return KVPConfig.from_dict(data)
 
 
@@ -138,7 +145,7 @@ def model_card(config: KVPConfig, metadata: dict, *, name: str | None) -> str:
         lines.append(f"base_model: {config.base_model}")
     lines += ["---", "", f"# KVP rankers{f' ({name})' if name else ''}", "",
               "Per-head KV-cache eviction rankers (KV Policy, Moschella et al., arXiv 2602.10238) for the bounded "
-              "caches of [trimkv](https://github.com/): one 2-layer MLP per (layer, KV head) scores each token from "
+              "caches of trimkv: one 2-layer MLP per (layer, KV head) scores each token from "
               "its key, value and position when it enters the cache; the lowest-scoring token is evicted.", "",
               f"- base model: `{config.base_model}`" + (f" @ `{config.base_revision}`" if config.base_revision else ""),
               f"- shape: {config.num_layers} layers x {config.num_kv_heads} KV heads, head dim {config.head_dim}, "

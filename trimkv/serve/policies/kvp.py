@@ -14,6 +14,8 @@ per-head cache only (no global pool).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ...errors import CacheError
@@ -42,7 +44,8 @@ class KVPPolicy(EvictionPolicy):
         """The rankers on ``device`` (a model split over devices scores each layer where it runs)."""
         r = self._copies.get(device)
         if r is None:
-            r = self._copies[device] = self.rankers.to(device) if self.rankers.w1.device != device else self.rankers
+            r = self._copies[device] = self.rankers if self.rankers.w1.device == device else \
+                copy.deepcopy(self.rankers).to(device)       # Module.to moves in place: copy first
         return r
 
     def new_state(self, new: NewTokens) -> torch.Tensor:
