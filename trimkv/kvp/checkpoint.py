@@ -152,8 +152,13 @@ def model_card(config: KVPConfig, metadata: dict, *, name: str | None) -> str:
               f"hidden {config.hidden} ({params:,} parameters)",
               f"- trained on the trace target `{config.target}` with the `{config.objective}` objective", ""]
     record = {**config.extra, **metadata}
+    tables = {k: v for k, v in record.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)}
     if record:
-        lines += ["## Training", ""] + [f"- {k}: {v}" for k, v in record.items()] + [""]
+        lines += ["## Training", ""] + [f"- {k}: {v}" for k, v in record.items() if k not in tables] + [""]
+    for name, rows in tables.items():      # e.g. per_layer: held-out all-budget cost, 1 = the best order
+        cols = list(rows[0])
+        lines += [f"### {name}", "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+        lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows] + [""]
     lines += ["## Usage", "", "```bash",
               f"trimkv eval --tasks passkey --lengths 2048 --budgets 64 --policies kvp --kvp {name or 'PATH'}",
               f"trimkv generate prompts.jsonl --policy kvp --budget 64 --kvp {name or 'PATH'}", "```", ""]
