@@ -105,9 +105,12 @@ BASELINES := h2o,snapkv,tova,knorm,keydiff,random
 POLICIES  := trimkv,streaming,$(BASELINES)
 N         ?= 20
 EVAL      := $(PY) -m trimkv.cli eval --gates $(GATES) --threads 1 --n $(N)
+KVP       ?= checkpoints/smollm2-135m-qa-kvp
+KVP_EVAL  := $(PY) -m trimkv.cli eval --kvp $(KVP) --threads 1 --n $(N)
 eval: venv model
 	$(EVAL) --tasks passkey --lengths 2048 --budgets 32,64,128 --policies full,oracle,$(POLICIES) --out results/passkey
 	$(EVAL) --tasks passkey --lengths 4096 --budgets 32,64,128 --policies full,oracle,trimkv --out results/passkey-4k
+	$(KVP_EVAL) --tasks passkey --lengths 2048 --budgets 32,64,128 --policies kvp --out results/passkey
 	$(EVAL) --tasks passkey --lengths 2048 --budgets 64 --policies trimkv --lookahead 256 --out results/lookahead
 	$(EVAL) --tasks multikey_needle,variable_tracking --lengths 2048 --budgets 128 --policies full,trimkv,snapkv \
 	    --out results/tasks

@@ -16,6 +16,7 @@ if ROOT not in sys.path:  # bench/ is a top-level folder beside the package, not
 BENCHES = {
     "decode": ["--steps", "2", "--methods", "eager", "full"],   # every column: the test below
     "evict": ["--steps", "2"],
+    "kvp": ["--steps", "2"],
     "attention": ["--lengths", "48"],
     "train_step": [],
 }

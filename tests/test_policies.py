@@ -184,8 +184,8 @@ def test_unknown_policy_names_the_choices():
 # --------------------------------------------------------------------------------------- inside a real model
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
-def test_every_policy_generates_within_budget(name):
+@pytest.mark.parametrize("name", sorted(n for n, p in POLICIES.items() if not getattr(p, "uses_rankers", False)))
+def test_every_policy_generates_within_budget(name):   # kvp needs trained rankers: tests/test_kvp.py runs it
     model = build_tiny_model(initializer_range=0.2)
     handle = attach_gates(model, gate_hidden=16)
     ids = torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,5 @@
-"""``trimkv`` command line: train / push / convert / generate / demo (and eval / plot from :mod:`trimkv.eval.cli`).
+"""``trimkv`` command line: train / push / convert / generate / demo (and eval / plot from :mod:`trimkv.eval.cli`,
+recipes / export from :mod:`trimkv.cli_package`, trace from :mod:`trimkv.cli_trace`).
 
     trimkv train recipes/smollm2-135m-qa-m64.yaml --set train.steps=50
     trimkv generate prompts.jsonl --gates checkpoints/smollm2-135m-qa-m64
@@ -20,10 +21,12 @@ from typing import Callable
 
 from . import __version__
 from .cli_package import add_commands as add_package_commands
+from .cli_trace import add_trace
 from .command import Names, Parser, add_command, common_options, deepspeed_in_use, integer, quiet_loading, run
 from .errors import DataError, UsageError
-from .eval.cli import (add_commands as add_eval_commands, add_device_args, add_head_budgets_arg, add_model_args,
-                       check_budget_fits, check_device, check_head_budgets_arg, read_records)
+from .eval.cli import (add_commands as add_eval_commands, add_device_args, add_head_budgets_arg, add_kvp_arg,
+                       add_model_args, check_budget_fits, check_device, check_head_budgets_arg, check_kvp_args,
+                       read_records)
 from .limits import MAX_TOKENS
 from .names import GLOBAL_SUFFIX, POLICY_NAMES
 
@@ -131,6 +134,12 @@ def _generate(args: argparse.Namespace) -> int:
         from .serve.factory import model_shape
 
         load_allocation(args.head_budgets).check_model(*model_shape(model))
+    if args.kvp:
+        from .base_model import input_device
+        from .kvp import load_rankers
+        from .serve.policies import KVPPolicy
+
+        policy = KVPPolicy(load_rankers(args.kvp, model, device=input_device(model)))
     from .serve import answer
 
     out = open(out_path, "w", encoding="utf-8") if out_path else sys.stdout
@@ -183,6 +192,7 @@ def _generate_cache(args: argparse.Namespace) -> tuple[str | None, int | None]:
                          "(e.g. --policy snapkv)")
     if budget is None and args.policy:
         raise UsageError(f"--policy {args.policy} evicts to a budget: give --budget (tokens per KV head)")
+    check_kvp_args(args.kvp, [args.policy] if args.policy else [], "--policy")
     if budget is not None and not args.policy and not args.gates:
         raise UsageError("--budget with trimkv's retention needs --gates CKPT (or pick a heuristic --policy, "
                          "e.g. --policy snapkv)")
@@ -281,6 +291,7 @@ def add_generate(sub) -> None:
     g = add_command(sub, "generate", _generate, "answer the prompts of a file with a bounded cache (JSON lines out)")
     g.add_argument("prompts", help=".txt (one prompt) or .jsonl ({prompt} or {context, question(s)} per line)")
     add_model_args(g)
+    add_kvp_arg(g)
     g.add_argument("--budget", type=integer(1, MAX_TOKENS, "tokens per KV head"), default=None,
                    help="tokens per KV head (default: with --gates the budget they were trained for; without, "
                         "the full cache)")
@@ -291,6 +302,62 @@ def add_generate(sub) -> None:
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the tokenizer's chat template")
     g.add_argument("--out", default=None, help="JSONL output file (default: stdout)")
+
+
+# --------------------------------------------------------------------------------------------------- kvp
+
+
+def _kvp_train(args: argparse.Namespace) -> int:
+    if not Path(args.store).is_dir():
+        raise UsageError(f"--store {args.store} is not a folder: give a trace store (issue 21's `trimkv trace` output)")
+    from .kvp.run import train_from_store
+
+    minutes = args.time_limit
+    out = train_from_store(args.store, args.out, hidden=args.hidden, target=args.target, objective=args.objective,
+                           steps=args.steps, rows=args.rows, tokens=args.tokens, lr=args.lr, sink=args.sink,
+                           window=args.window, time_limit=None if minutes is None else 60.0 * minutes,
+                           seed=args.seed, resume=args.resume, progress=not args.quiet)
+    print(f"KVP rankers: {out}")
+    return 0
+
+
+def _kvp_push(args: argparse.Namespace) -> int:
+    from .kvp import push_rankers
+
+    print(push_rankers(args.checkpoint, args.repo_id, private=args.private, revision=args.revision))
+    return 0
+
+
+def add_kvp(sub) -> None:
+    k = sub.add_parser("kvp", help="KVP rankers (KV Policy, arXiv 2602.10238): train from a trace store, push",
+                       description="KVP: per-head eviction rankers learned from key/value traces; the kvp policy "
+                                   "of `trimkv eval` / `trimkv generate` reads them with --kvp CKPT.")
+    common_options(k)
+    ksub = k.add_subparsers(dest="kvp_command", required=True, metavar="COMMAND")
+    t = add_command(ksub, "train", _kvp_train, "train rankers on a trace store (layer by layer, resumable)")
+    t.add_argument("--store", required=True, help="trace store folder (issue 21)")
+    t.add_argument("--out", required=True, help="checkpoint folder to write (config.json, model.safetensors, README)")
+    t.add_argument("--hidden", type=integer(1, 1 << 16), default=64, help="hidden units per head's MLP (paper: 256)")
+    t.add_argument("--target", default="auto",
+                   help="the store's utility target to rank by (auto: answer when the store holds it, else future)")
+    t.add_argument("--objective", default="expected", choices=["expected", "rloo"],
+                   help="expected: the RL objective in closed form; rloo: the paper's sampled REINFORCE estimator")
+    t.add_argument("--steps", type=integer(1, 10**7), default=300, help="steps per layer")
+    t.add_argument("--rows", type=integer(1, 1 << 16), default=8, help="trace rows per step")
+    t.add_argument("--tokens", type=integer(2, MAX_TOKENS), default=256, help="candidate tokens per row and step")
+    t.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (cosine decay to 5%%)")
+    t.add_argument("--sink", type=integer(0, MAX_TOKENS), default=4, help="first positions never ranked (kept)")
+    t.add_argument("--window", type=integer(0, MAX_TOKENS), default=16, help="last tokens never ranked (kept)")
+    t.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                   help="stop after this many minutes (shared equally by the layers left)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the draws and the initial weights")
+    t.add_argument("--resume", action="store_true", help="continue the run left in <out>.partial")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = add_command(ksub, "push", _kvp_push, "check a ranker checkpoint, then upload it to the Hugging Face Hub")
+    p.add_argument("checkpoint", help="checkpoint folder")
+    p.add_argument("repo_id", help="user/name")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", default=None, help="branch to push to")
 
 
 # ------------------------------------------------------------------------------------------------- demo
@@ -320,7 +387,7 @@ def add_demo(sub) -> None:
 # ----------------------------------------------------------------------------------------------- parser
 
 COMMANDS: list[Callable] = [add_train, add_push, add_convert, add_generate, add_demo, add_eval_commands,
-                            add_package_commands]
+                            add_package_commands, add_trace, add_kvp]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,22 @@ class DataError(TrimKVError, ValueError):
     """Bad training data or data config; the message says what to change."""
 
 
+class TraceStoreError(DataError):
+    """A trace store (:mod:`trimkv.trace`) is missing, corrupt, or not the one asked for; the message names the file."""
+
+
+class MissingTraceError(TraceStoreError, FileNotFoundError):
+    """No trace store at the path, or a shard its manifest lists is gone."""
+
+
+class CorruptTraceError(TraceStoreError):
+    """A manifest or shard exists but cannot be read, or its tensors do not have the shapes the manifest says."""
+
+
+class TraceMismatchError(TraceStoreError):
+    """The store was written for another model, data source or trace settings than the ones given (resume)."""
+
+
 class ModelLoadError(TrimKVError, OSError):
     """The base model (a local folder or a Hub id) cannot be loaded."""
 

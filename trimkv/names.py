@@ -3,7 +3,8 @@ tasks, weight dtypes. Their implementations live in :mod:`trimkv.serve.policies`
 :mod:`trimkv.base_model`, which build their tables from these tuples and refuse, at import, to disagree with them."""
 from __future__ import annotations
 
-POLICY_NAMES = ("trimkv", "streaming", "h2o", "snapkv", "tova", "knorm", "keydiff", "random", "caote", "obcache", "laq")
+POLICY_NAMES = ("trimkv", "streaming", "h2o", "snapkv", "tova", "knorm", "keydiff", "random", "caote", "obcache", "laq",
+                "kvp")
 GLOBAL_SUFFIX = "-global"   # "<policy>-global": that policy in the global pool (scope "global")
 EVAL_POLICY_NAMES = ("full", *POLICY_NAMES, "trimkv" + GLOBAL_SUFFIX, "oracle")   # the full cache and the needle oracle too
 TASK_NAMES = ("passkey", "multikey_needle", "multivalue_needle", "kv_retrieval", "variable_tracking", "frequent_words")
@@ -19,3 +20,4 @@ def check_names(owner: str, table, names: tuple[str, ...]) -> None:
 # LU-KV profiling (trimkv.eval.profile, `trimkv profile --ratios`): the global keep ratios (mean budget / prompt
 # length) whose greedy solutions are averaged into one allocation; M ~ 30 .. 330 tokens per head at 2k.
 LUKV_GRID = (0.015, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.16)
+TRACE_TARGETS = ("future", "answer", "recon")   # trace store targets (trimkv.trace.targets); "future@<h>" per horizon

@@ -1,6 +1,6 @@
 """Training recipes: YAML files in ``recipes/`` parsed into dataclasses and validated once, up front.
 
-A recipe has seven sections (``lora`` is optional); every field is documented on its dataclass below. An unknown or mistyped field
+A recipe has nine sections (``lora`` and ``trace`` are optional); every field is documented on its dataclass below. An unknown or mistyped field
 raises :class:`RecipeError` naming it (and the close matches), so a typo never silently falls back to a default.
 
     model:   which frozen base model to load
@@ -11,6 +11,7 @@ raises :class:`RecipeError` naming it (and the close matches), so a typo never s
     train:   optimiser, schedule, steps
     output:  where runs, logs and the exported gate checkpoint go (and the Hub repo it is pushed to)
     logging: wandb mode / project, TensorBoard (metrics.jsonl always)
+    trace:   what `trimkv trace` records from the frozen model (trimkv.trace.TraceSettings fields, plus out)
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from .errors import RecipeError
 from .gate import ACTIVATIONS, GATE_TYPES
 from .limits import MAX_GATE_HIDDEN, MAX_TOKENS
 from .lora import DEFAULT_TARGETS
+from .trace.settings import TraceSettings
 from .losses import CAPACITY_FORMS, CAPACITY_SCOPES
 
 ENGINES = ("auto", "plain", "ddp", "deepspeed")   # train.engine: the one list of engine names (trimkv.train.engines)
@@ -129,6 +131,15 @@ class LoggingSection:
 
 
 @dataclass
+class TraceSection(TraceSettings):
+    """``trimkv trace``'s inputs beside the model and data sections: the fields of
+    :class:`~trimkv.trace.settings.TraceSettings` (rows, layers, hidden_layers, targets, horizons, dtype, shard_rows,
+    query_chunk, recon_prompt), and ``out``, the store's folder (``--out`` overrides it)."""
+
+    out: str | None = None
+
+
+@dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     gates: GatesSection = field(default_factory=GatesSection)
@@ -138,6 +149,7 @@ class Recipe:
     train: TrainSection = field(default_factory=TrainSection)
     output: OutputSection = field(default_factory=OutputSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    trace: TraceSection = field(default_factory=TraceSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -217,9 +229,14 @@ def _coerce(section: str, key: str, val: Any, typ: Any) -> Any:
         if not isinstance(val, str):
             raise RecipeError(f"{name} must be a string, got {type(val).__name__} {val!r}")
     elif typing.get_origin(base) is tuple and typing.get_args(base)[-1] is Ellipsis:   # names, any number of them
-        if not isinstance(val, (list, tuple)) or not all(isinstance(v, str) for v in val):
+        if typing.get_args(base)[0] is int:                                             # or integers
+            if not isinstance(val, (list, tuple)):
+                raise RecipeError(f"{name} must be a list of integers, got {val!r}")
+            val = tuple(_number(name, v, integer=True) for v in val)
+        elif not isinstance(val, (list, tuple)) or not all(isinstance(v, str) for v in val):
             raise RecipeError(f"{name} must be a list of names, got {val!r}")
-        val = tuple(val)
+        else:
+            val = tuple(val)
     elif typing.get_origin(base) is tuple:
         if not isinstance(val, (list, tuple)) or len(val) != len(typing.get_args(base)):
             raise RecipeError(f"{name} must be a list of {len(typing.get_args(base))} numbers, got {val!r}")
@@ -269,7 +286,7 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
     if "data" not in raw:
         raise RecipeError("recipe has no 'data' section; set at least data.source (e.g. 'builtin:prose')")
     classes = dict(model=ModelSection, gates=GatesSection, data=DataConfig, loss=LossSection, lora=LoraSection,
-                   train=TrainSection, output=OutputSection, logging=LoggingSection)
+                   train=TrainSection, output=OutputSection, logging=LoggingSection, trace=TraceSection)
     recipe = Recipe(**{name: _section(cls, raw.get(name), name) for name, cls in classes.items()})
     _check_across_fields(recipe)
     return recipe
@@ -366,7 +383,7 @@ RESUMABLE_CHANGES = {("train", "steps"), ("train", "log_every"), ("train", "save
                      ("train", "resume"), ("train", "device"), ("output", "checkpoint"), ("logging", "wandb"),
                      ("logging", "project"), ("logging", "run_name"), ("logging", "tensorboard"),
                      ("output", "push_to_hub"), ("output", "push_checkpoints"), ("output", "hub_private"),
-                     ("output", "license")}
+                     ("output", "license")} | {("trace", f.name) for f in dataclasses.fields(TraceSection)}
 
 
 def recipe_changes(old: Recipe, new: Recipe) -> list[str]:

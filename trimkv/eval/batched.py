@@ -43,7 +43,8 @@ def run_eval_batched(model, tokenizer, *, batch_size: int, **kwargs) -> list[dic
     return run_eval(model, tokenizer, run_cell=functools.partial(run_cell_batched, batch_size=batch_size), **kwargs)
 
 
-def run_cell_batched(model, tokenizer, cell: Cell, cfg: dict, samples, bar, *, batch_size: int) -> dict:
+def run_cell_batched(model, tokenizer, cell: Cell, cfg: dict, samples, bar, *, batch_size: int,
+                     context: dict | None = None) -> dict:
     """One cell's record (settings, metrics, per-sample predictions), as the harness's one-prompt path makes it."""
     device = input_device(model)
     max_new = cfg["max_new_tokens"] or MAX_NEW_TOKENS.get(cell.task, 32)
@@ -58,7 +59,7 @@ def run_cell_batched(model, tokenizer, cell: Cell, cfg: dict, samples, bar, *, b
         caches.append(policy_cache(model, cell.policy, cell.budget, sink=cfg["sink"], window=cfg["window"],
                                    lookahead=cfg.get("lookahead", 0), head_budgets=allocation,
                                    seed=cfg["seed"] * 1000 + i, sample=s, prompt=p, tokenizer=tokenizer,
-                                   prefill_chunk=cfg["prefill_chunk"]))
+                                   prefill_chunk=cfg["prefill_chunk"], **(context or {})))
         built.append(time.perf_counter() - t0)
     rows: list[dict | None] = [None] * len(samples)
     for group in batches(ids, caches, batch_size):

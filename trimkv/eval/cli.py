@@ -161,6 +161,10 @@ def _resolve_eval_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--policies {','.join(gated)} read trained gates: give --gates CKPT, or drop "
                          f"{','.join(gated)}")
     _gate_config(args.gates)
+    check_kvp_args(args.kvp, args.policies, "--policies")
+    ranked = [p for p in args.policies if _uses_rankers(p)]
+    if ranked and args.fidelity:
+        raise UsageError(f"--fidelity does not run {','.join(ranked)} yet: evaluate it on tasks (drop --fidelity)")
     if args.depths is None:
         from trimkv.eval.harness import DEPTHS
 
@@ -199,6 +203,31 @@ def check_head_budgets_arg(args: argparse.Namespace, policies: list[str]) -> Non
     if missing:
         raise UsageError(f"--head-budgets {args.head_budgets} was profiled for {','.join(alloc.tables)}, not for "
                          f"{','.join(missing)}: run `trimkv profile --policies {','.join(missing)}` or drop them")
+def _uses_rankers(spec: str) -> bool:
+    from trimkv.eval.harness import uses_rankers
+
+    return uses_rankers(spec)
+
+
+def check_kvp_args(kvp: str | None, policies: list[str], flag: str) -> None:
+    """--kvp and the policies that read KVP rankers come together; the checkpoint's config is read here, before the
+    model loads (a missing or corrupt one fails now)."""
+    ranked = [p for p in policies if _uses_rankers(p)]
+    if ranked and not kvp:
+        raise UsageError(f"{flag} {','.join(ranked)} reads trained KVP rankers: give --kvp CKPT (train them with "
+                         "`trimkv kvp train --store TRACES --out CKPT`)")
+    if kvp and not ranked:
+        raise UsageError(f"--kvp {kvp} is given but no policy of {flag} {','.join(policies)} reads KVP rankers: "
+                         "add kvp, or drop --kvp")
+    if kvp:
+        from trimkv.kvp import load_kvp_config
+
+        load_kvp_config(kvp)
+
+
+def add_kvp_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kvp", default=None, metavar="CKPT",
+                   help="KVP ranker checkpoint (folder or Hub id) read by the kvp policy (`trimkv kvp train` makes one)")
 
 
 def _cost(args: argparse.Namespace) -> str:
@@ -250,7 +279,7 @@ def _eval(args: argparse.Namespace) -> int:
     from trimkv.eval.harness import markdown_table, run_eval
 
     recs = run_eval(model, tok, tasks=args.tasks, lengths=args.lengths, n_samples=args.n, haystack=args.haystack,
-                    chat=args.chat, depths=args.depths, lookahead=args.lookahead,
+                    chat=args.chat, depths=args.depths, lookahead=args.lookahead, kvp=args.kvp,
                     max_new_tokens=args.max_new_tokens, **common)
     print(markdown_table(recs))
     print(f"results in {args.out}/ (metrics.json, predictions.jsonl, results.md)")
@@ -446,6 +475,7 @@ def add_commands(sub) -> None:
                                 "is a small smoke test written to a new folder runs/eval-<date>-<time>; it says what "
                                 "it will run before loading the model.")
     add_model_args(e)
+    add_kvp_arg(e)
     e.add_argument("--tasks", type=names(TASK_NAMES, "task"), default=["passkey"], metavar="TASK[,TASK...]",
                    help="comma-separated tasks").names = TASK_NAMES
     e.add_argument("--lengths", type=integers(64, MAX_TOKENS, "prompt tokens"), default=[2048],

@@ -29,6 +29,7 @@ Outputs in ``out_dir``:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -81,6 +82,29 @@ def policy_names() -> list[str]:
 def uses_gates(spec: str) -> bool:
     """Whether policy ``spec`` (a name, ``"<name>-global"`` or ``"full"``) reads trained gates."""
     return spec != FULL and EVAL_POLICIES[parse_policy(spec)[0]].uses_gates
+
+
+def uses_rankers(spec: str) -> bool:
+    """Whether policy ``spec`` reads trained KVP rankers (``kvp``)."""
+    return spec != FULL and getattr(EVAL_POLICIES[parse_policy(spec)[0]], "uses_rankers", False)
+
+
+def prepared_rankers(model, kvp=None, *, need: bool = False):
+    """The KVP rankers the cells read: ``kvp`` (a checkpoint folder / Hub id, loaded and checked against ``model``,
+    or :class:`~trimkv.kvp.KVPRankers`) on the model's input device; None when no policy needs them."""
+    if not need:
+        return None
+    if kvp is None:
+        from trimkv.serve.policies.kvp import MISSING
+
+        raise ValueError(MISSING)
+    from trimkv.kvp import KVPRankers, load_rankers
+    from trimkv.kvp.checkpoint import check_model
+
+    if isinstance(kvp, KVPRankers):
+        check_model(kvp.config, model)
+        return kvp.to(input_device(model))
+    return load_rankers(kvp, model, device=input_device(model))
 
 
 # ----------------------------------------------------------------------------------------- gates and caches
@@ -174,11 +198,12 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
              seed: int = 0, sink: int = 4, window: int = 16, prefill_chunk: int = 256,
              max_new_tokens: int | None = None, haystack: str = "filler", chat: bool = False,
              depths: tuple[float, float] = DEPTHS, lookahead: int = 0, head_budgets=None, progress: bool = True,
-             run_cell=None) -> list[dict]:
+             run_cell=None, kvp=None) -> list[dict]:
     """Evaluate every cell (see module docstring); returns the metrics records (also written to ``out_dir``).
 
     Sample i of a cell puts its needle at depth ``lo + (hi - lo) * i / (n - 1)`` for ``depths = (lo, hi)``.
-    ``run_cell`` runs one unfinished cell (default: one prompt at a time; :mod:`trimkv.eval.batched` runs many)."""
+    ``run_cell`` runs one unfinished cell (default: one prompt at a time; :mod:`trimkv.eval.batched` runs many).
+    ``kvp``: the KVP rankers (checkpoint folder or :class:`~trimkv.kvp.KVPRankers`) the ``kvp`` policy reads."""
     run_cell = run_cell or _run_cell
     lo, hi = map(float, depths)
     if not 0.0 <= lo <= hi <= 1.0:
@@ -196,6 +221,9 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
     records: list[dict] = []
     predictions: list[dict] = []
     gated = any(uses_gates(p) for p in policies)
+    rankers = prepared_rankers(model, kvp, need=any(uses_rankers(p) for p in policies))
+    if rankers is not None:   # the cells' policies read them (handed over in the call, not stashed on the model)
+        run_cell = functools.partial(run_cell, context={"kvp": rankers})
     with prepared_gates(model, gates, need_trained=gated) as handle:
         settings = dict(model=model_name, n=n_samples, seed=seed, sink=sink, window=window,
                         prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, haystack=haystack, chat=chat,
@@ -205,9 +233,12 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
         if head_budgets is not None and head_budgets != "uniform":
             settings["head_budgets"] = allocation_id(head_budgets)
         gate_id = gate_fingerprint(handle) if gated else None
+        kvp_id = rankers.fingerprint() if rankers is not None else None
         todo, done = [], {}
         for cell in cells:
             cfg = _cell_settings(cell, settings, gate_id)
+            if uses_rankers(cell.policy):   # a kvp cell names its rankers (others keep their earlier keys)
+                cfg["kvp"] = kvp_id
             path = out / "cells" / _safe(model_name) / f"{cell.slug}-n{n_samples}-s{seed}-{_digest(cfg)}.json"
             if path.is_file():
                 done[cell] = json.loads(path.read_text())
@@ -230,7 +261,7 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
     return records
 
 
-def _run_cell(model, tokenizer, cell: Cell, cfg: dict, samples, bar) -> dict:
+def _run_cell(model, tokenizer, cell: Cell, cfg: dict, samples, bar, context: dict | None = None) -> dict:
     device = input_device(model)
     max_new = cfg["max_new_tokens"] or MAX_NEW_TOKENS.get(cell.task, 32)
     rows, t_cell = [], time.perf_counter()
@@ -242,7 +273,8 @@ def _run_cell(model, tokenizer, cell: Cell, cfg: dict, samples, bar) -> dict:
         t_policy = time.perf_counter()      # a sample's seconds include building its policy (LAQ decodes for it)
         cache = policy_cache(model, cell.policy, cell.budget, sink=cfg["sink"], window=cfg["window"],
                              lookahead=cfg.get("lookahead", 0), head_budgets=allocation, seed=cfg["seed"] * 1000 + i,
-                             sample=sample, prompt=prompt, tokenizer=tokenizer, prefill_chunk=cfg["prefill_chunk"])
+                             sample=sample, prompt=prompt, tokenizer=tokenizer, prefill_chunk=cfg["prefill_chunk"],
+                             **(context or {}))
         t_policy = time.perf_counter() - t_policy
         gen = generate(model, tokenizer, ids, cache=cache, prefill_chunk=cfg["prefill_chunk"],
                        max_new_tokens=max_new)

@@ -10,6 +10,7 @@ from .caote import CAOTEPolicy
 from .h2o import H2OPolicy
 from .keydiff import KeyDiffPolicy
 from .knorm import KNormPolicy
+from .kvp import KVPPolicy
 from .laq import LAQPolicy
 from .obcache import OBCachePolicy
 from .random_policy import RandomPolicy
@@ -30,6 +31,7 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
     "caote": CAOTEPolicy,
     "obcache": OBCachePolicy,
     "laq": LAQPolicy,
+    "kvp": KVPPolicy,
 }
 check_names("trimkv.serve.policies.POLICIES", POLICIES, POLICY_NAMES)
 SCOPES = ("head", "global")   # a budget per (layer, KV head), or one pool for all of them
@@ -50,6 +52,6 @@ def parse_policy(spec: str) -> tuple[str, str]:
 
 
 __all__ = ["EvictionPolicy", "AttentionPolicy", "NewTokens", "RetentionPolicy", "RecencyPolicy", "H2OPolicy",
-           "KeyDiffPolicy", "KNormPolicy", "RandomPolicy", "SnapKVPolicy", "StreamingPolicy", "TOVAPolicy",
+           "KeyDiffPolicy", "KNormPolicy", "KVPPolicy", "RandomPolicy", "SnapKVPolicy", "StreamingPolicy", "TOVAPolicy",
            "CAOTEPolicy", "OBCachePolicy", "LAQPolicy",
            "POLICIES", "SCOPES", "get_policy", "parse_policy"]

@@ -1,0 +1,165 @@
+"""``trimkv trace``: record what the frozen model's attention says about each token into a trace store
+(:mod:`trimkv.trace`).
+
+    trimkv trace --data builtin:qa-plain --rows 64 --seq-len 1024 --out runs/traces/qa-1k
+    trimkv trace recipes/smollm2-135m-qa-m64.yaml --out runs/traces/qa --rows 32     # the recipe's model and data
+
+Options on the command line override the recipe's ``trace:`` section, which overrides the defaults
+(:class:`trimkv.trace.TraceSettings`). A folder that holds a store written with the same inputs is continued.
+Building the parser imports no torch.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+
+from .command import Names, add_command, integer, integers, names, quiet_loading
+from .errors import UsageError
+from .limits import MAX_LAYERS, MAX_TOKENS
+from .names import DTYPE_CHOICES, TRACE_TARGETS
+
+DEFAULT_DATA = "builtin:qa-plain"
+DEFAULT_SEQ_LEN = 1024
+STORE_DTYPES = ("float16", "bfloat16")
+
+
+def layer_list(text: str):
+    """``all`` or comma-separated layer indices."""
+    if text.strip() == "all":
+        return "all"
+    return integers(0, MAX_LAYERS - 1, "a layer index")(text)
+
+
+layer_list.__name__ = "layers"
+
+
+def _settings(args: argparse.Namespace, base):
+    """The trace settings: ``base`` (the recipe's trace section or the defaults) with the command line's options."""
+    import dataclasses
+
+    from .trace.settings import TraceSettings
+
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(TraceSettings)}
+    given = {"rows": args.rows, "layers": args.layers, "targets": args.targets, "horizons": args.horizons,
+             "hidden_layers": args.hidden, "shard_rows": args.shard_rows, "dtype": args.store_dtype,
+             "query_chunk": args.query_chunk}
+    fields.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items() if v is not None})
+    return fields
+
+
+def _data_config(args: argparse.Namespace, recipe, rows: int):
+    import dataclasses
+
+    from .data import DataConfig
+
+    if recipe is not None and args.data is None:
+        cfg = recipe.data
+        return dataclasses.replace(cfg, seq_len=args.seq_len) if args.seq_len else cfg
+    source = args.data or DEFAULT_DATA
+    qa = source.startswith("builtin:qa")
+    return DataConfig(source=source, seq_len=args.seq_len or DEFAULT_SEQ_LEN, pack=not qa,
+                      max_samples=rows if qa else None, seed=args.seed)
+
+
+def _trace(args: argparse.Namespace) -> int:
+    recipe = None
+    if args.recipe:
+        from .recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, args.set)
+    elif args.set:
+        raise UsageError("--set changes a recipe field: give the recipe too (trimkv trace RECIPE --set ...)")
+    from .recipe import TraceSection
+
+    base = recipe.trace if recipe is not None else TraceSection()
+    out = args.out or base.out
+    if not out:
+        raise UsageError("give --out FOLDER (where the trace store goes), or set trace.out in the recipe")
+    fields = _settings(args, base)
+    hidden_all = fields["hidden_layers"] == "all"
+    layers_all = fields["layers"] == "all"
+    if hidden_all:
+        fields["hidden_layers"] = ()
+    if layers_all:
+        fields["layers"] = ()
+    from .trace.settings import TraceSettings
+
+    settings = TraceSettings(**fields)
+    data_cfg = _data_config(args, recipe, settings.rows)
+
+    import torch
+
+    from .base_model import load_model
+    from .eval.cli import check_device
+    from .trace.collect import write_traces
+
+    check_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quiet_loading(args.verbose)
+    if recipe is not None and args.model is None:
+        m = recipe.model
+        name = m.name
+        model, tok = load_model(m.name, dtype=args.dtype if args.dtype != "auto" else m.dtype, revision=m.revision,
+                                gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code, device=args.device)
+    else:
+        name = args.model or "smollm2"
+        model, tok = load_model(name, dtype=args.dtype, device=args.device)
+    if hidden_all:
+        settings.hidden_layers = tuple(range(model.config.num_hidden_layers))
+    recipe_hash = None
+    if recipe is not None:
+        recipe_hash = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+    store = write_traces(model, tok, data_cfg, out, settings, model_name=name, recipe_hash=recipe_hash,
+                         overwrite=args.overwrite, progress=not args.quiet)
+    cost = store.manifest["cost"]
+    print(f"trimkv trace: {store!r}; {cost['tokens']:,} tokens in {cost['seconds']:.0f} s this far")
+    return 0
+
+
+def add_trace(sub) -> None:
+    t = add_command(sub, "trace", _trace,
+                    "record the frozen model's keys, values and future-utility targets into a trace store",
+                    description="Record what the frozen model's attention says about each token (post-RoPE keys and "
+                    "values, future-utility targets, optionally the attention input) into a trace store. Rows come "
+                    "from a recipe's data section or from --data; a size estimate comes first, and the store is "
+                    "resumable (run the same command again to continue).")
+    t.add_argument("recipe", nargs="?", default=None,
+                   help="a recipe: its model, data and trace: sections (default: --data and the embedded model)")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a recipe field (repeatable), e.g. --set trace.rows=16")
+    t.add_argument("--data", default=None,
+                   help=f"data source instead of the recipe's (default without a recipe: {DEFAULT_DATA}; the "
+                        "builtin QA sources are traced one document per row)")
+    t.add_argument("--rows", type=integer(1, 1 << 24, "rows"), default=None, help="rows to trace (default: 64)")
+    t.add_argument("--seq-len", type=integer(2, MAX_TOKENS, "tokens per row"), default=None,
+                   help=f"tokens per row (default: the recipe's data.seq_len, else {DEFAULT_SEQ_LEN})")
+    t.add_argument("--seed", type=int, default=0, help="data seed (with --data)")
+    t.add_argument("--model", default=None, help="base model: smollm2, a Hub id or a folder (default: the recipe's, "
+                                                 "else smollm2)")
+    t.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N | mps")
+    t.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="weights dtype (auto: the recipe's, else the checkpoint's own)")
+    t.add_argument("--out", default=None, help="the store's folder (default: the recipe's trace.out)")
+    t.add_argument("--layers", type=layer_list, default=None, metavar="all|L[,L...]",
+                   help="decoder layers to trace (default: all)")
+    t.add_argument("--targets", type=names(Names(lambda: TRACE_TARGETS), "target"), default=None,
+                   metavar="T[,T...]", help="targets besides future (default: future,answer; recon adds a second "
+                                            "forward, about 2-3x the cost)").names = TRACE_TARGETS
+    t.add_argument("--horizons", type=integers(1, MAX_TOKENS, "queries"), default=None,
+                   help="one future@<h> target per horizon h (default: 16,64,256)")
+    t.add_argument("--hidden", type=layer_list, default=None, metavar="all|L[,L...]",
+                   help="also keep the attention input x of these layers (large: T x hidden per row and layer; "
+                        "default: none)")
+    t.add_argument("--shard-rows", type=integer(1, 1 << 20, "rows"), default=None,
+                   help="rows per shard, the unit of resume (default: 8)")
+    t.add_argument("--store-dtype", choices=STORE_DTYPES, default=None,
+                   help="16-bit float of the stored tensors (default: float16)")
+    t.add_argument("--query-chunk", type=integer(1, MAX_TOKENS, "queries"), default=None,
+                   help="queries per attention block (memory O(chunk x T) per layer; default: 256)")
+    t.add_argument("--threads", type=integer(1, 4096), default=None, help="torch CPU threads")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a store written with other inputs in --out (without it: refused)")
+    t.add_argument("--quiet", action="store_true", help="no progress line")
+

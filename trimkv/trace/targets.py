@@ -1,0 +1,120 @@
+"""Future-utility targets: how much attention each key receives from the queries that come after it.
+
+One layer, one row, queries in chunks (memory O(chunk x keys), never the whole T x T for all heads at once). For
+query j and key i the attention weight is the frozen model's own softmax,
+
+    p[h, j, i] = softmax_i( q[h, j] . k[h // G, i] * scaling )    over the keys i that j sees (causal, same document)
+
+and a target is a max, over the query heads h of the key's KV group (GQA: G query heads share one KV head) and
+over a set of later queries j > i:
+
+    target[hk, i] = max_{h in group(hk)} max_{j in J(i)} p[h, j, i]
+
+The max (not a sum) is the form KVzip uses for its reconstruction score (Kim et al., 2025, arXiv 2505.23416: max over
+the repeating queries and over the group's heads); a token that one later query needs badly is worth keeping, however
+many others ignore it. The sets J(i) are :class:`Read` s:
+
+==========================  =================================================================================
+``Read()``                  every later query, ``j > i``                           -> target ``future``
+``Read(horizon=h)``         the next h queries only, ``i < j <= i + h``            -> ``future@<h>``
+``Read(queries=mask)``      later queries where ``mask[j]`` is set (answers; the repeated context of KVzip)
+==========================  =================================================================================
+
+:func:`received_attention` also returns the attention output ``p @ v``, so the frozen model runs on exactly the
+weights the targets were read from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..names import TRACE_TARGETS, check_names
+
+# the targets a trace store can hold (``future@<h>`` for each horizon h besides ``future``), what each one reads
+TARGETS = {
+    "future": "attention received from every later query (max over the queries and the KV group's query heads)",
+    "answer": "attention received from the queries that produce the answer tokens of a QA row (the token before each "
+              "answer token: j with loss_mask[j + 1]); 0 for rows without an answer",
+    "recon": "KVzip-style: attention received from the model's second reading of the row (after a repeat prompt), "
+             "with the first reading's keys as its past",
+}
+check_names("trimkv.trace.targets.TARGETS", TARGETS, TRACE_TARGETS)
+
+
+def horizon_name(h: int) -> str:
+    return f"future@{h}"
+
+
+def target_names(targets, horizons) -> list[str]:
+    """The stored target names: ``future``, one ``future@<h>`` per horizon, then the other ``targets`` in the order of
+    :data:`TARGETS`."""
+    names = ["future", *(horizon_name(h) for h in horizons)]
+    return names + [t for t in TARGETS if t in targets and t != "future"]
+
+
+@dataclass(frozen=True)
+class Read:
+    """Which later queries a target reads: ``horizon`` (only ``j <= i + horizon``; None = every later query) and
+    ``queries`` ([Tq] bool over the chunked queries; None = all of them)."""
+
+    horizon: int | None = None
+    queries: torch.Tensor | None = None
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float, q_idx: torch.Tensor,
+                       seg: torch.Tensor | None = None, reads: dict[str, Read] | None = None,
+                       chunk: int = 256) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Causal attention of one row, and the attention each key receives (see the module docstring).
+
+    q [H, Tq, D]; k, v [Hkv, S, D] (post-RoPE); ``q_idx`` [Tq]: the key index of each query (it sees keys
+    ``<= q_idx``); ``seg`` [S] document ids of packed rows (a query sees its own document only; None = one document).
+    Returns ``out`` [H, Tq, D] (q's dtype) and ``{name: [Hkv, S] fp32}`` for each of ``reads``. Computed in fp32, in
+    chunks of ``chunk`` queries.
+    """
+    reads = reads or {}
+    H, Tq, D = q.shape
+    Hkv, S = k.shape[:2]
+    if H % Hkv:
+        raise ValueError(f"{H} query heads do not split into groups over {Hkv} KV heads")
+    G = H // Hkv
+    qg = q.reshape(Hkv, G, Tq, D).float()
+    kf, vf = k.float(), v.float()
+    k_idx = torch.arange(S, device=k.device)
+    out = torch.empty(Hkv, G, Tq, D, device=q.device, dtype=torch.float32)
+    best = {name: torch.zeros(Hkv, S, device=k.device) for name in reads}
+    for c0 in range(0, Tq, chunk):
+        c1 = min(c0 + chunk, Tq)
+        j = q_idx[c0:c1]
+        delta = j[:, None] - k_idx[None, :]                                   # [c, S] query index - key index
+        visible = delta >= 0
+        if seg is not None:
+            visible = visible & (seg[j][:, None] == seg[None, :])
+        logits = torch.einsum("hgcd,hsd->hgcs", qg[:, :, c0:c1], kf) * scaling
+        p = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)   # [Hkv, G, c, S]
+        out[:, :, c0:c1] = torch.einsum("hgcs,hsd->hgcd", p, vf)
+        if not reads:
+            continue
+        pm = p.amax(dim=1)                                                    # [Hkv, c, S] max over the group
+        later = delta > 0
+        for name, read in reads.items():
+            m = later
+            if read.horizon is not None:
+                m = m & (delta <= read.horizon)
+            if read.queries is not None:
+                sel = read.queries[c0:c1]
+                if not bool(sel.any()):
+                    continue
+                m = m & sel[:, None]
+            best[name] = torch.maximum(best[name], pm.masked_fill(~m, 0.0).amax(dim=1))
+    return out.reshape(H, Tq, D).to(q.dtype), best
+
+
+def future_reads(horizons, answer_queries: torch.Tensor | None = None) -> dict[str, Read]:
+    """The reads of the first pass: ``future``, ``future@<h>`` per horizon, ``answer`` when ``answer_queries`` [T]
+    bool is given."""
+    reads = {"future": Read()}
+    reads.update({horizon_name(h): Read(horizon=h) for h in horizons})
+    if answer_queries is not None:
+        reads["answer"] = Read(queries=answer_queries)
+    return reads
