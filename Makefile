@@ -21,7 +21,7 @@ OLDEST_LOCK := constraints-oldest.txt
 COMPAT_VENV := .venv-oldest
 LATEST_VENV := .venv-latest
 
-.PHONY: venv model demo test test-compat test-latest lock gpu-stage gpu-verify gpu-stage-part gpu-train train eval eval-full clean
+.PHONY: venv model demo test test-compat test-latest lock gpu-stage gpu-verify gpu-stage-part gpu-train train eval eval-n40 eval-full clean
 
 venv: $(VENV)/.installed
 
@@ -120,6 +120,18 @@ eval: venv model
 	$(PY) -m trimkv.cli plot fidelity results/fidelity
 	$(PY) -m trimkv.cli plot kept --gates $(GATES) --threads 1 --task passkey --tokens 512 --depth 0.3 --budget 64 \
 	    --out results/kept_tokens_passkey.png
+
+# The n = 40 headline cells of issues 22 and 23 (passkey at 2k; ~20 s a sample on one core, ~13 core-minutes a cell,
+# LAQ about twice that): KVP beside the full cache, the field's newer heuristics, uniform vs LU-KV head budgets.
+LUKV      ?= checkpoints/smollm2-135m-lukv
+EVAL40    := $(PY) -m trimkv.cli eval --threads 1 --n 40 --tasks passkey --lengths 2048
+eval-n40: venv model
+	$(EVAL40) --kvp $(KVP) --budgets 64,128 --policies kvp,full --out results/kvp/passkey-2k
+	$(EVAL40) --budgets 128 --policies caote,obcache,laq --out results/field-policies
+	$(EVAL40) --gates $(GATES) --budgets 64,128 --policies trimkv --out results/lukv-passkey-2k
+	$(EVAL40) --gates $(GATES) --budgets 64,128 --policies trimkv --head-budgets $(LUKV) --out results/lukv-passkey-2k
+	$(EVAL40) --gates $(GATES) --budgets 128 --policies keydiff,snapkv --head-budgets $(LUKV) --out results/lukv-passkey-2k
+	$(EVAL40) --gates $(GATES) --budgets 128 --policies keydiff,snapkv --out results/lukv-passkey-2k
 
 eval-full: eval
 	$(EVAL) --tasks passkey --lengths 4096 --budgets 32,64,128 --policies full,oracle,$(POLICIES) --out results/passkey-4k
