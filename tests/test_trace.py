@@ -336,3 +336,22 @@ def test_command_line_writes_and_continues_a_store(setup, tmp_path):
     res = run_cli(*args)                                             # again: complete, nothing rewritten
     assert res.returncode == 0 and "complete" in res.stdout
     assert_fails(run_cli(*args[:-3], "--horizons", "5", "--out", tmp_path / "s"), 4, "other inputs")
+
+
+def test_fit_trace_command_writes_gates_that_load(setup, tmp_path):
+    """`trimkv fit-trace` on a store of the tiny model writes a gate checkpoint trimkv loads onto that model."""
+    from trimkv.share import load_gate_checkpoint
+
+    store = write(setup, "forfit", settings={"hidden_layers": (0, 1), "targets": ("future", "answer")})
+    res = run_cli("fit-trace", store.path, "--out", tmp_path / "gates", "--gate-hidden", "8", "--steps", "3",
+                  "--utility", "answer=1,future@2=0.5", "--budget", "8", "--eval-rows", "2", "--quiet")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert 0 <= summary["kept"] <= 1 and 0 <= summary["kept_recency"] <= 1
+    gates = load_gate_checkpoint(tmp_path / "gates")
+    gates.attach(setup[1])
+    setup[1].trimkv.detach()
+    assert gates.config.train_budget == 8 and gates.config.extra["trace_fit"]["settings"]["utility"]["answer"] == 1
+    assert_fails(run_cli("fit-trace", store.path, "--out", tmp_path / "gates"), 2, "exists")
+    assert_fails(run_cli("fit-trace", store.path, "--out", tmp_path / "g2", "--utility", "recon"), 4, "recon")
+    assert_fails(run_cli("fit-trace", tmp_path / "none", "--out", tmp_path / "g3"), 4, "no trace store")
