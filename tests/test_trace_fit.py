@@ -42,6 +42,11 @@ def test_kept_utility_ends():
     assert kept_utility(oracle, u, pos, valid, M) == pytest.approx(1.0)
     # recency at t = 5, 21, 37, 53 (every 16th past M): keeps 1-4 (all there is: 1.0), then only newer tokens (0)
     assert kept_utility(torch.full_like(u, -1.0), u, pos, valid, M) == pytest.approx(0.25)
+    # 2 sink tokens, kept by every method and left out (however much they weigh): 2 slots choose among 2..t-1.
+    # t = 5: nothing useful among 2-4 (the step counts for no one); t = 21, 37, 53: recency keeps none of 5, 9, 13
+    u[0, 0, :2] = 9.0
+    assert kept_utility(oracle, u, pos, valid, M, sink=2) == pytest.approx(1.0)
+    assert kept_utility(torch.full_like(u, -1.0), u, pos, valid, M, sink=2) == pytest.approx(0.0)
 
 
 class PlantedStore:

@@ -234,19 +234,24 @@ def save_fitted(gates: RetentionGates, path, store, settings: FitSettings, metri
 
 @torch.no_grad()
 def kept_utility(logb: torch.Tensor, utility: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, budget: int,
-                 steps: torch.Tensor | None = None) -> float:
+                 steps: torch.Tensor | None = None, sink: int = 0) -> float:
     """The mean, over rows, heads and steps t, of the utility of the M tokens with the highest scores
     ``(t - i) log beta_i`` among i < t, over the utility of the best M (the oracle); t = every 16th valid token past
-    M (or ``steps`` [R, m]). Ties among scores are broken toward recent tokens. 1.0 = the oracle."""
+    M (or ``steps`` [R, m]). Ties among scores are broken toward recent tokens. 1.0 = the oracle. ``sink``: the first
+    tokens of each document are kept by every method (as the caches' ``sink`` does) and left out of both sides, which
+    then choose ``M - sink`` tokens (the attention sink would otherwise dominate the utility)."""
     R, H, T = logb.shape
     idx = torch.arange(T)
     ratios = []
+    if not 0 <= sink < budget:
+        raise ValueError(f"sink={sink} must leave room in the budget M={budget}")
+    budget -= sink
     for r in range(R):
         L = int(valid[r].sum())
-        ts = steps[r].tolist() if steps is not None else list(range(budget + 1, L, 16))
+        ts = steps[r].tolist() if steps is not None else list(range(budget + sink + 1, L, 16))
         for t in ts:
             seg0 = int(t - pos[r, t])
-            before = (idx >= seg0) & (idx < t)
+            before = (idx >= seg0 + sink) & (idx < t)
             if int(before.sum()) <= budget:
                 continue
             age = (pos[r, t] - pos[r]).float()
