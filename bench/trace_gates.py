@@ -71,7 +71,8 @@ def main(argv=None) -> dict:
             for M in budgets:
                 if M >= T:
                     continue
-                sums.setdefault((name, M, "all steps"), []).append(kept_utility(logb, u, lt.pos, lt.valid, M, sink=args.sink))
+                sums.setdefault((name, M, "all steps"), []).append(
+                    kept_utility(logb, u, lt.pos, lt.valid, M, sink=args.sink))
                 if steps is not None:
                     sums.setdefault((name, M, "at answer"), []).append(
                         kept_utility(logb, u, lt.pos, lt.valid, M, steps=steps, sink=args.sink))

@@ -114,7 +114,8 @@ def _trace(args: argparse.Namespace) -> int:
     store = write_traces(model, tok, data_cfg, out, settings, model_name=name, recipe_hash=recipe_hash,
                          overwrite=args.overwrite, progress=not args.quiet)
     cost = store.manifest["cost"]
-    print(f"trimkv trace: {store!r}; {cost['tokens']:,} tokens in {cost['seconds']:.0f} s this far")
+    print(f"trimkv trace: {store!r}; {cost['tokens']:,} tokens in {cost['seconds']:.0f} s "
+          f"({cost['cpu_seconds']:.0f} CPU s) this far")
     return 0
 
 
@@ -213,7 +214,8 @@ def _fit(args: argparse.Namespace) -> int:
     path = save_fitted(gates, out, store, settings, metrics)
     kept = [m["kept"] for m in metrics.values() if "kept" in m]
     base = [m["kept_recency"] for m in metrics.values() if "kept_recency" in m]
-    summary = {"gates": str(path), "seconds": round(sum(m["seconds"] for m in metrics.values()), 1)}
+    summary = {"gates": str(path), "seconds": round(sum(m["seconds"] for m in metrics.values()), 1),
+               "cpu_seconds": round(sum(m["cpu_seconds"] for m in metrics.values()), 1)}
     if kept:
         summary.update(kept=round(sum(kept) / len(kept), 4), kept_recency=round(sum(base) / len(base), 4))
     print(json.dumps(summary))

@@ -164,7 +164,7 @@ def fit_gates(store, gates: RetentionGates, settings: FitSettings | None = None,
     g = torch.Generator().manual_seed(settings.seed)
     metrics = {}
     for layer in (layers if layers is not None else store.layers):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         lt = store.layer(layer, hidden=not cfg.reads_kv)
         x, u = gate_input(lt, cfg), utility_of(lt, settings.utility)
         gate = gates[layer]
@@ -186,6 +186,7 @@ def fit_gates(store, gates: RetentionGates, settings: FitSettings | None = None,
             m["kept_recency"] = round(kept_utility(torch.full_like(logb, -1.0), u[rows], lt.pos[rows],
                                                    lt.valid[rows], settings.budget), 4)
         m["seconds"] = round(time.perf_counter() - t0, 2)
+        m["cpu_seconds"] = round(time.process_time() - cpu0, 2)
         metrics[layer] = m
         if progress:
             progress(f"fit layer {layer}: " + ", ".join(f"{k} {v}" for k, v in m.items()))
