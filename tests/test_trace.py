@@ -355,3 +355,35 @@ def test_fit_trace_command_writes_gates_that_load(setup, tmp_path):
     assert_fails(run_cli("fit-trace", store.path, "--out", tmp_path / "gates"), 2, "exists")
     assert_fails(run_cli("fit-trace", store.path, "--out", tmp_path / "g2", "--utility", "recon"), 4, "recon")
     assert_fails(run_cli("fit-trace", tmp_path / "none", "--out", tmp_path / "g3"), 4, "no trace store")
+
+
+def test_recipe_trace_section(setup, tmp_path):
+    """A recipe's trace: section is validated like every section, and `trimkv trace RECIPE` follows it (the command
+    line's options win)."""
+    import yaml
+
+    from trimkv.errors import RecipeError
+    from trimkv.recipe import parse_recipe, recipe_changes
+
+    root = setup[0]
+    raw = {"model": {"name": str(root / "model"), "dtype": "float32"},
+           "data": {"source": str(root / "qa.jsonl"), "seq_len": 64, "pack": False,
+                    "cache_dir": str(root / "cache")},
+           "trace": {"rows": 3, "layers": [1], "targets": ["future", "answer"], "horizons": [4], "shard_rows": 2,
+                     "out": str(tmp_path / "from-recipe")}}
+    recipe = parse_recipe(raw)
+    assert (recipe.trace.layers, recipe.trace.horizons, recipe.trace.rows) == ((1,), (4,), 3)
+    assert parse_recipe({"data": raw["data"]}).trace.targets == ("future", "answer")       # optional, defaults
+    assert recipe_changes(recipe, parse_recipe({**raw, "trace": {"rows": 5}})) == []        # not a training field
+    for bad, match in [({"rows": 0}, "rows"), ({"targets": ["futur"]}, "futur"), ({"layers": ["a"]}, "layers"),
+                       ({"horizon": [4]}, "horizons")]:
+        with pytest.raises(RecipeError, match=match):
+            parse_recipe({**raw, "trace": bad})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = run_cli("trace", path, "--set", "trace.horizons=[2,3]", "--rows", "2", "--quiet")
+    assert res.returncode == 0, res.stderr
+    store = TraceStore(tmp_path / "from-recipe")
+    assert store.num_rows == 2 and store.layers == (1,) and store.targets == ("future", "future@2", "future@3",
+                                                                              "answer")
+    assert store.manifest["recipe_hash"] and store.manifest["model"]["name"] == str(root / "model")
