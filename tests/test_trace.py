@@ -48,7 +48,7 @@ def test_targets_equal_eager_attention(family):
     ids = torch.randint(3, 128, (T,), generator=torch.Generator().manual_seed(1))
     loss_mask = torch.zeros(T, dtype=torch.bool)
     loss_mask[[17, 18, 22]] = True                       # answer tokens: queries 16, 17, 21 produce them
-    plan = TracePlan(layers=(0, 1), horizons=(1, 5), answer=True, query_chunk=7)
+    plan = TracePlan(layers=(0, 1), horizons=(1, 5), later=True, answer=True, query_chunk=7)
     got = trace_row(build_tiny_model(family), ids, torch.arange(T), loss_mask, plan)
     att = eager_attention(build_tiny_model(family), ids)
     for layer in (0, 1):
@@ -56,8 +56,10 @@ def test_targets_equal_eager_attention(family):
         torch.testing.assert_close(t["future"], by_hand(att[layer], lambda j, i: True), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(t["future@1"], by_hand(att[layer], lambda j, i: j == i + 1), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(t["future@5"], by_hand(att[layer], lambda j, i: j <= i + 5), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(t["later@5"], by_hand(att[layer], lambda j, i: j > i + 5), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(t["answer"], by_hand(att[layer], lambda j, i: j in (16, 17, 21)),
                                    atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(torch.maximum(t["future@5"], t["later@5"]), t["future"])
         assert float(t["future"][:, -1].abs().max()) == 0.0     # the last token has no later query
         assert float(t["answer"][:, 21:].abs().max()) == 0.0    # nothing after the last answer query reads it
         assert bool((t["future"] >= t["future@5"]).all()) and bool((t["future@5"] >= t["future@1"]).all())
@@ -156,7 +158,8 @@ def setup(tmp_path_factory):
     return root, model, tok, cfg
 
 
-SETTINGS = dict(rows=11, shard_rows=4, targets=("future", "answer", "recon"), horizons=(2, 8), hidden_layers=(1,))
+SETTINGS = dict(rows=11, shard_rows=4, targets=("future", "later", "answer", "recon"), horizons=(2, 8),
+                hidden_layers=(1,))
 
 
 def write(setup, out, **kw):
@@ -181,7 +184,7 @@ def test_store_round_trip(setup):
     store = write(setup, "full")
     root, model, tok, cfg = setup
     assert store.complete and store.num_rows == 11 and store.num_layers == 2 and store.layers == (0, 1)
-    assert store.targets == ("future", "future@2", "future@8", "answer", "recon")
+    assert store.targets == ("future", "future@2", "future@8", "later@2", "later@8", "answer", "recon")
     assert [s["rows"] for s in store.manifest["shards"]] == [[0, 4], [4, 8], [8, 11]]
     lt = store.layer(1)
     assert isinstance(lt, LayerTrace) and lt.keys.shape == (11, HKV, 64, 16) and lt.keys.dtype == torch.float16
@@ -195,7 +198,7 @@ def test_store_round_trip(setup):
         row = rows[r]
         L = row["input_ids"].numel()
         direct = trace_row(model, row["input_ids"].long(), row["position_ids"].long(), row["loss_mask"],
-                           TracePlan(layers=(0, 1), horizons=(2, 8), answer=True),
+                           TracePlan(layers=(0, 1), horizons=(2, 8), later=True, answer=True),
                            recon_ids=torch.tensor(tok(store.manifest["recon_prompt"],
                                                       add_special_tokens=False)["input_ids"]))
         assert bool(lt.valid[r, :L].all()) and not bool(lt.valid[r, L:].any())
@@ -313,6 +316,7 @@ def test_command_line_parses():
                                       "--out", "x"])
     assert (args.layers, args.targets, args.horizons, args.hidden, args.rows) == \
         ([0, 3], ["future", "recon"], [16, 64], "all", 8)
+    assert build_parser().parse_args(["trace", "--targets", "later,answer", "--out", "x"]).targets == ["later", "answer"]
     assert build_parser().parse_args(["trace", "--out", "x"]).targets is None
 
 

@@ -15,4 +15,5 @@ def check_names(owner: str, table, names: tuple[str, ...]) -> None:
     if tuple(table) != tuple(names):
         raise RuntimeError(f"{owner} defines {tuple(table)} but trimkv.names lists {tuple(names)}: add the new name "
                            "to trimkv/names.py too")
-TRACE_TARGETS = ("future", "answer", "recon")   # trace store targets (trimkv.trace.targets); "future@<h>" per horizon
+TRACE_TARGETS = ("future", "later", "answer", "recon")   # trace store targets (trimkv.trace.targets); future@<h>,
+                                                          # later@<h> per horizon

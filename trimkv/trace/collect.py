@@ -158,6 +158,7 @@ def write_traces(model, tokenizer, data_cfg, out: str | Path, settings: TraceSet
     device = input_device(model)
     plan = TracePlan(layers=tuple(manifest["layers"]), hidden_layers=tuple(manifest["hidden_layers"]),
                      horizons=tuple(manifest["horizons"]), answer="answer" in manifest["targets"],
+                     later=any(t.startswith("later@") for t in manifest["targets"]),
                      query_chunk=settings.query_chunk)
     recon_ids = None
     if manifest["recon_prompt"] is not None:
