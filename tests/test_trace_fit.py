@@ -130,3 +130,52 @@ def test_fitted_gates_warm_start_distillation(tmp_path, tiny_model):
     from trimkv.errors import RecipeError
     with pytest.raises(RecipeError, match="gate_hidden"):
         initial_gates(model, bad)
+
+
+def test_ranking_by_age_reads_the_utility_left_at_that_age():
+    """t = 10; token 0 (age 10) and token 7 (age 3), edges [5]: token 0 reads later@5 (0: nothing left for it),
+    token 7 reads future (1.0), so token 7 must score higher: loss = softplus(-(s_7 - s_0))."""
+    T = 11
+    logb = torch.full((1, 1, T), -0.5)
+    logb[0, 0, 0], logb[0, 0, 7] = -0.01, -0.2
+    future, later = torch.zeros(1, 1, T), torch.zeros(1, 1, T)
+    future[0, 0, [0, 7]] = 1.0
+    later[0, 0, 7] = 0.5
+    stack, edges = torch.stack([future, later]), torch.tensor([5])
+    pos = torch.arange(T)[None]
+    # only tokens 0 and 7 carry utility at their ages: pairs with the others weigh their own gaps; isolate the pair
+    u_pair = stack.clone()
+    got = ranking_loss(logb[..., [0, 7, 10]], u_pair[..., [0, 7, 10]], torch.tensor([[0, 7, 10]]),
+                       torch.tensor([[2]]), pairs=4000, generator=torch.Generator().manual_seed(0), edges=edges)
+    s0, s7 = 10 * -0.01, 3 * -0.2
+    torch.testing.assert_close(got, F.softplus(torch.tensor(-(s7 - s0))))
+
+
+def test_fitting_by_age_keeps_long_lived_tokens_longer():
+    """Half the tokens are used only by the next few queries (future high, later@8 = 0), half far ahead too; x says
+    which. By age, the gates give the long-lived ones the higher retention; without it they cannot tell them apart."""
+    store = PlantedStore(rows=16, T=96)
+    long_lived = (store.x @ store.w) > 0                                   # [R, T]
+    future = torch.full((16, 2, 96), 0.8)
+    later = (long_lived[:, None].float() * 0.6).expand(16, 2, 96).clone()
+    store.u = future
+    base_layer = store.layer
+
+    def layer(*a, **k):
+        lt = base_layer(*a, **k)
+        lt.utility = {"future": future, "later@8": later}
+        return lt
+
+    store.layer = layer
+    gates = gates_for_store(store, gate_type="rg", gate_hidden=32, bias_init=4.0)
+    fit_gates(store, gates, FitSettings(steps=150, lr=1e-2, budget=8, eval_rows=0, capacity_weight=0.1, pairs=128,
+                                        samples=8, min_step=8, by_age=True), progress=None)
+    with torch.no_grad():
+        logb = gates[0](store.x)                                           # [R, 2, T]
+    for h in range(2):                                                     # AUC: long-lived above short-lived
+        a, b = logb[:, h][long_lived], logb[:, h][~long_lived]
+        auc = (a[:, None] > b[None, :]).float().mean()
+        assert float(auc) > 0.95, float(auc)
+    with pytest.raises(DataError, match="later"):
+        fit_gates(PlantedStore(), gates_for_store(PlantedStore(), gate_type="rg", gate_hidden=8),
+                  FitSettings(by_age=True, steps=1), progress=None)

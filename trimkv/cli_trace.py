@@ -208,7 +208,7 @@ def _fit(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     settings = FitSettings(utility=args.utility, steps=args.steps, lr=args.lr, rows_per_step=args.rows_per_step,
                            budget=args.budget, capacity_weight=args.capacity_weight, eval_rows=args.eval_rows,
-                           seed=args.seed)
+                           seed=args.seed, by_age=args.by_age)
     print(f"trimkv fit-trace: {gates.config.gate_type} gates (width {gates.config.gate_hidden}) on {store!r}, "
           f"utility {settings.utility}, {settings.steps} steps per layer")
     metrics = fit_gates(store, gates, settings, layers=args.layers, progress=None if args.quiet else print)
@@ -236,6 +236,9 @@ def add_fit(sub) -> None:
     f.add_argument("--bias-init", type=float, default=8.0, help="initial per-head bias (beta0 = sigmoid of it)")
     f.add_argument("--utility", type=utility_weights, default={"future": 1.0}, metavar="T[=W][,T[=W]...]",
                    help="the store targets to rank by, weighted (e.g. answer=1,future@16=0.25)")
+    f.add_argument("--by-age", action="store_true",
+                   help="rank by the utility left from step t on (future replaced by later@<h> at each age; the "
+                        "store needs the later target)")
     f.add_argument("--budget", type=integer(1, MAX_TOKENS), default=64, help="M of the capacity term")
     f.add_argument("--capacity-weight", type=float, default=1.0, help="weight of the capacity term")
     f.add_argument("--steps", type=integer(1, 10**7), default=200, help="optimiser steps per layer")

@@ -13,7 +13,8 @@ objective, per layer and over sampled steps t:
   under the budget M, so distillation can start from these gates in the regime it trains in.
 
 ``loss = rank + capacity_weight * cap``. The utility is a weighted sum of the store's targets (``{"answer": 1.0,
-"future@16": 0.25}``). Gates read what they read in the model: the attention input x (``rg``: the store must hold
+"future@16": 0.25}``), the same at every step t, or - ``by_age`` - what is left of it from step t on
+(:func:`utility_by_age`: ``future`` read as ``later@<h>`` for the largest horizon h below the token's age). Gates read what they read in the model: the attention input x (``rg``: the store must hold
 ``hidden``), or the post-RoPE ``[k; v]`` (``rg2`` / ``rg2-all`` / ``rg3``). Layers are independent (one gate each), so
 they are fitted one after another, each from its own slice of the store (memory: one layer's rows).
 
@@ -43,9 +44,11 @@ class FitSettings:
     ``utility``: target name -> weight (a weighted sum of the store's targets). ``steps``: optimiser steps per layer,
     each over ``rows_per_step`` random rows, ``samples`` steps t per row and ``pairs`` token pairs per t and head.
     ``min_step``: the smallest t sampled (earlier steps fit any budget). ``budget``: M of the capacity term.
-    ``eval_rows``: the last rows of the store, held out for :func:`kept_utility` (0 = none)."""
+    ``eval_rows``: the last rows of the store, held out for :func:`kept_utility` (0 = none). ``by_age``: the utility
+    from step t on (:func:`utility_by_age`; needs a store traced with the ``later`` target)."""
 
     utility: dict = field(default_factory=lambda: {"future": 1.0})
+    by_age: bool = False
     steps: int = 200
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -69,6 +72,24 @@ def utility_of(lt: LayerTrace, weights: dict) -> torch.Tensor:
                         "or trace again with them")
     u = sum(float(w) * lt.target(name) for name, w in weights.items())
     return u * lt.valid[:, None, :]
+
+
+def utility_by_age(lt: LayerTrace, weights: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The utility of a token *from step t on*, by its age a = t - i: ``(U [K + 1, R, Hkv, T], edges [K])`` where
+    ``U[k]`` is :func:`utility_of` with ``future`` replaced by ``later@<edges[k-1]>`` (``U[0]``: as given), and a token
+    of age a reads ``U[number of edges below a]``: the attention it gets from queries more than h later, for the
+    largest stored horizon h < a, bounds what it gets from step t on (queries at ages >= a)."""
+    ages = sorted(int(name.split("@", 1)[1]) for name in lt.utility if name.startswith("later@"))
+    if not ages:
+        raise DataError("fitting by age reads the later@<h> targets, which this trace store does not hold: trace again "
+                        "with --targets later,... (or fit without by_age)")
+    if "future" not in weights:
+        raise DataError(f"fitting by age replaces the 'future' target by later@<h>: give it a weight (got {weights})")
+    stack = [utility_of(lt, weights)]
+    for h in ages:
+        w = {(f"later@{h}" if name == "future" else name): v for name, v in weights.items()}
+        stack.append(utility_of(lt, w))
+    return torch.stack(stack), torch.tensor(ages)
 
 
 def gate_input(lt: LayerTrace, config: GateConfig) -> torch.Tensor:
@@ -99,9 +120,11 @@ def sample_steps(pos: torch.Tensor, valid: torch.Tensor, samples: int, min_step:
 
 
 def ranking_loss(logb: torch.Tensor, utility: torch.Tensor, pos: torch.Tensor, steps: torch.Tensor, *,
-                 pairs: int, generator: torch.Generator, temperature: float = 1.0) -> torch.Tensor:
-    """The pairwise ranking term (module docstring). logb / utility [R, Hkv, T]; pos [R, T]; steps [R, m] indices t.
-    Pairs i, k are drawn uniformly among the tokens of t's document before t."""
+                 pairs: int, generator: torch.Generator, temperature: float = 1.0,
+                 edges: torch.Tensor | None = None) -> torch.Tensor:
+    """The pairwise ranking term (module docstring). logb [R, Hkv, T]; utility [R, Hkv, T], or [K + 1, R, Hkv, T] by
+    age with ``edges`` [K] (:func:`utility_by_age`); pos [R, T]; steps [R, m] indices t. Pairs i, k are drawn
+    uniformly among the tokens of t's document before t."""
     R, H, T = logb.shape
     m = steps.shape[1]
     start = _starts(pos).gather(1, steps)                                    # [R, m]
@@ -111,8 +134,14 @@ def ranking_loss(logb: torch.Tensor, utility: torch.Tensor, pos: torch.Tensor, s
     idx = torch.minimum(idx, (steps - 1).clamp_min(0)[..., None, None])
     flat = idx.reshape(R, 1, -1).expand(R, H, -1)                            # [R, H, m * P * 2]
     lb = logb.gather(2, flat).reshape(R, H, m, pairs, 2)
-    u = utility.gather(2, flat).reshape(R, H, m, pairs, 2)
     age = (pos.gather(1, steps)[..., None, None] - pos.gather(1, idx.reshape(R, -1)).reshape(R, m, pairs, 2)).float()
+    if utility.dim() == 4:                                                   # by age: U[k] for k edges below the age
+        K1 = utility.shape[0]
+        u_all = utility.gather(3, flat[None].expand(K1, -1, -1, -1)).reshape(K1, R, H, m, pairs, 2)
+        bucket = (age[..., None] > edges.to(age.device).float()).sum(-1)     # [R, m, P, 2]
+        u = u_all.gather(0, bucket[None, :, None].expand(1, R, H, m, pairs, 2))[0]
+    else:
+        u = utility.gather(2, flat).reshape(R, H, m, pairs, 2)
     s = age[:, None] * lb                                                    # [R, H, m, P, 2] scores at step t
     gap = u[..., 0] - u[..., 1]
     w = gap.abs()
@@ -121,12 +150,14 @@ def ranking_loss(logb: torch.Tensor, utility: torch.Tensor, pos: torch.Tensor, s
 
 
 def layer_loss(gate: RetentionGate, x: torch.Tensor, utility: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
-               settings: FitSettings, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """``{"loss", "rank", "cap"}`` of one layer's gate on a batch of rows (x: :func:`gate_input` of those rows)."""
+               settings: FitSettings, generator: torch.Generator,
+               edges: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``{"loss", "rank", "cap"}`` of one layer's gate on a batch of rows (x: :func:`gate_input` of those rows;
+    utility [R, Hkv, T], or by age [K + 1, R, Hkv, T] with ``edges``)."""
     logb = gate(x)                                                           # [R, Hkv, T]
     steps = sample_steps(pos, valid, settings.samples, settings.min_step, generator)
     rank = ranking_loss(logb, utility, pos, steps, pairs=settings.pairs, generator=generator,
-                        temperature=settings.temperature)
+                        temperature=settings.temperature, edges=edges)
     cap = torch.zeros((), device=logb.device)
     if settings.capacity_weight:
         S = capacity_sums(logb.masked_fill(~valid[:, None, :], 0.0), pos, seg=_segments(pos), valid=valid)
@@ -167,13 +198,15 @@ def fit_gates(store, gates: RetentionGates, settings: FitSettings | None = None,
         t0, cpu0 = time.perf_counter(), time.process_time()
         lt = store.layer(layer, hidden=not cfg.reads_kv)
         x, u = gate_input(lt, cfg), utility_of(lt, settings.utility)
+        ut, edges = utility_by_age(lt, settings.utility) if settings.by_age else (u, None)
         gate = gates[layer]
         device = next(gate.parameters()).device
         opt = torch.optim.AdamW(gate.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         for step in range(settings.steps):
             pick = torch.tensor(train_rows)[torch.randint(len(train_rows), (settings.rows_per_step,), generator=g)]
-            out = layer_loss(gate, x[pick].to(device), u[pick].to(device), lt.pos[pick].to(device),
-                             lt.valid[pick].to(device), settings, g)
+            up = ut[:, pick] if settings.by_age else ut[pick]
+            out = layer_loss(gate, x[pick].to(device), up.to(device), lt.pos[pick].to(device),
+                             lt.valid[pick].to(device), settings, g, edges)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             opt.step()
@@ -190,7 +223,7 @@ def fit_gates(store, gates: RetentionGates, settings: FitSettings | None = None,
         metrics[layer] = m
         if progress:
             progress(f"fit layer {layer}: " + ", ".join(f"{k} {v}" for k, v in m.items()))
-        del x, u, lt
+        del x, u, ut, lt
     return metrics
 
 
