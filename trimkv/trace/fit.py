@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -254,7 +255,7 @@ def save_fitted(gates: RetentionGates, path, store, settings: FitSettings, metri
     gates.config.loss_weights = {"trace_rank": 1.0, "capacity": settings.capacity_weight,
                                  "capacity_form": settings.capacity_form}
     gates.config.extra = {**gates.config.extra, "trace_fit": {
-        "store": str(store.path), "store_fingerprint": store.manifest["fingerprint"],
+        "store": Path(str(store.path)).name, "store_fingerprint": store.manifest["fingerprint"],
         "settings": dataclasses.asdict(settings)}}
     meta = {"objective": "trace-fitted (trimkv.trace.fit): pairwise ranking of (t - i) log beta by "
                          f"{settings.utility} + capacity", "trace_store": store.manifest.get("data_description"),
