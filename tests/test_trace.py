@@ -48,7 +48,7 @@ def test_targets_equal_eager_attention(family):
     ids = torch.randint(3, 128, (T,), generator=torch.Generator().manual_seed(1))
     loss_mask = torch.zeros(T, dtype=torch.bool)
     loss_mask[[17, 18, 22]] = True                       # answer tokens: queries 16, 17, 21 produce them
-    plan = TracePlan(layers=(0, 1), horizons=(1, 5), answer=True, query_chunk=7)
+    plan = TracePlan(layers=(0, 1), horizons=(1, 5), later=True, answer=True, query_chunk=7)
     got = trace_row(build_tiny_model(family), ids, torch.arange(T), loss_mask, plan)
     att = eager_attention(build_tiny_model(family), ids)
     for layer in (0, 1):
@@ -56,8 +56,10 @@ def test_targets_equal_eager_attention(family):
         torch.testing.assert_close(t["future"], by_hand(att[layer], lambda j, i: True), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(t["future@1"], by_hand(att[layer], lambda j, i: j == i + 1), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(t["future@5"], by_hand(att[layer], lambda j, i: j <= i + 5), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(t["later@5"], by_hand(att[layer], lambda j, i: j > i + 5), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(t["answer"], by_hand(att[layer], lambda j, i: j in (16, 17, 21)),
                                    atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(torch.maximum(t["future@5"], t["later@5"]), t["future"])
         assert float(t["future"][:, -1].abs().max()) == 0.0     # the last token has no later query
         assert float(t["answer"][:, 21:].abs().max()) == 0.0    # nothing after the last answer query reads it
         assert bool((t["future"] >= t["future@5"]).all()) and bool((t["future@5"] >= t["future@1"]).all())
@@ -156,7 +158,8 @@ def setup(tmp_path_factory):
     return root, model, tok, cfg
 
 
-SETTINGS = dict(rows=11, shard_rows=4, targets=("future", "answer", "recon"), horizons=(2, 8), hidden_layers=(1,))
+SETTINGS = dict(rows=11, shard_rows=4, targets=("future", "later", "answer", "recon"), horizons=(2, 8),
+                hidden_layers=(1,))
 
 
 def write(setup, out, **kw):
@@ -181,7 +184,7 @@ def test_store_round_trip(setup):
     store = write(setup, "full")
     root, model, tok, cfg = setup
     assert store.complete and store.num_rows == 11 and store.num_layers == 2 and store.layers == (0, 1)
-    assert store.targets == ("future", "future@2", "future@8", "answer", "recon")
+    assert store.targets == ("future", "future@2", "future@8", "later@2", "later@8", "answer", "recon")
     assert [s["rows"] for s in store.manifest["shards"]] == [[0, 4], [4, 8], [8, 11]]
     lt = store.layer(1)
     assert isinstance(lt, LayerTrace) and lt.keys.shape == (11, HKV, 64, 16) and lt.keys.dtype == torch.float16
@@ -195,7 +198,7 @@ def test_store_round_trip(setup):
         row = rows[r]
         L = row["input_ids"].numel()
         direct = trace_row(model, row["input_ids"].long(), row["position_ids"].long(), row["loss_mask"],
-                           TracePlan(layers=(0, 1), horizons=(2, 8), answer=True),
+                           TracePlan(layers=(0, 1), horizons=(2, 8), later=True, answer=True),
                            recon_ids=torch.tensor(tok(store.manifest["recon_prompt"],
                                                       add_special_tokens=False)["input_ids"]))
         assert bool(lt.valid[r, :L].all()) and not bool(lt.valid[r, L:].any())
@@ -313,6 +316,7 @@ def test_command_line_parses():
                                       "--out", "x"])
     assert (args.layers, args.targets, args.horizons, args.hidden, args.rows) == \
         ([0, 3], ["future", "recon"], [16, 64], "all", 8)
+    assert build_parser().parse_args(["trace", "--targets", "later,answer", "--out", "x"]).targets == ["later", "answer"]
     assert build_parser().parse_args(["trace", "--out", "x"]).targets is None
 
 
@@ -336,3 +340,54 @@ def test_command_line_writes_and_continues_a_store(setup, tmp_path):
     res = run_cli(*args)                                             # again: complete, nothing rewritten
     assert res.returncode == 0 and "complete" in res.stdout
     assert_fails(run_cli(*args[:-3], "--horizons", "5", "--out", tmp_path / "s"), 4, "other inputs")
+
+
+def test_fit_trace_command_writes_gates_that_load(setup, tmp_path):
+    """`trimkv fit-trace` on a store of the tiny model writes a gate checkpoint trimkv loads onto that model."""
+    from trimkv.share import load_gate_checkpoint
+
+    store = write(setup, "forfit", settings={"hidden_layers": (0, 1), "targets": ("future", "answer")})
+    res = run_cli("fit-trace", store.path, "--out", tmp_path / "gates", "--gate-hidden", "8", "--steps", "3",
+                  "--utility", "answer=1,future@2=0.5", "--budget", "8", "--eval-rows", "2", "--quiet")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert 0 <= summary["kept"] <= 1 and 0 <= summary["kept_recency"] <= 1
+    gates = load_gate_checkpoint(tmp_path / "gates")
+    gates.attach(setup[1])
+    setup[1].trimkv.detach()
+    assert gates.config.train_budget == 8 and gates.config.extra["trace_fit"]["settings"]["utility"]["answer"] == 1
+    assert_fails(run_cli("fit-trace", store.path, "--out", tmp_path / "gates"), 2, "exists")
+    assert_fails(run_cli("fit-trace", store.path, "--out", tmp_path / "g2", "--utility", "recon"), 4, "recon")
+    assert_fails(run_cli("fit-trace", tmp_path / "none", "--out", tmp_path / "g3"), 4, "no trace store")
+
+
+def test_recipe_trace_section(setup, tmp_path):
+    """A recipe's trace: section is validated like every section, and `trimkv trace RECIPE` follows it (the command
+    line's options win)."""
+    import yaml
+
+    from trimkv.errors import RecipeError
+    from trimkv.recipe import parse_recipe, recipe_changes
+
+    root = setup[0]
+    raw = {"model": {"name": str(root / "model"), "dtype": "float32"},
+           "data": {"source": str(root / "qa.jsonl"), "seq_len": 64, "pack": False,
+                    "cache_dir": str(root / "cache")},
+           "trace": {"rows": 3, "layers": [1], "targets": ["future", "answer"], "horizons": [4], "shard_rows": 2,
+                     "out": str(tmp_path / "from-recipe")}}
+    recipe = parse_recipe(raw)
+    assert (recipe.trace.layers, recipe.trace.horizons, recipe.trace.rows) == ((1,), (4,), 3)
+    assert parse_recipe({"data": raw["data"]}).trace.targets == ("future", "answer")       # optional, defaults
+    assert recipe_changes(recipe, parse_recipe({**raw, "trace": {"rows": 5}})) == []        # not a training field
+    for bad, match in [({"rows": 0}, "rows"), ({"targets": ["futur"]}, "futur"), ({"layers": ["a"]}, "layers"),
+                       ({"horizon": [4]}, "horizons")]:
+        with pytest.raises(RecipeError, match=match):
+            parse_recipe({**raw, "trace": bad})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = run_cli("trace", path, "--set", "trace.horizons=[2,3]", "--rows", "2", "--quiet")
+    assert res.returncode == 0, res.stderr
+    store = TraceStore(tmp_path / "from-recipe")
+    assert store.num_rows == 2 and store.layers == (1,) and store.targets == ("future", "future@2", "future@3",
+                                                                              "answer")
+    assert store.manifest["recipe_hash"] and store.manifest["model"]["name"] == str(root / "model")

@@ -21,7 +21,7 @@ from typing import Callable
 
 from . import __version__
 from .cli_package import add_commands as add_package_commands
-from .cli_trace import add_trace
+from .cli_trace import add_fit, add_trace
 from .command import Names, Parser, add_command, common_options, deepspeed_in_use, integer, quiet_loading, run
 from .errors import DataError, UsageError
 from .eval.cli import (add_commands as add_eval_commands, add_device_args, add_head_budgets_arg, add_kvp_arg,
@@ -387,7 +387,7 @@ def add_demo(sub) -> None:
 # ----------------------------------------------------------------------------------------------- parser
 
 COMMANDS: list[Callable] = [add_train, add_push, add_convert, add_generate, add_demo, add_eval_commands,
-                            add_package_commands, add_trace, add_kvp]
+                            add_package_commands, add_trace, add_fit, add_kvp]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -114,7 +114,8 @@ def _trace(args: argparse.Namespace) -> int:
     store = write_traces(model, tok, data_cfg, out, settings, model_name=name, recipe_hash=recipe_hash,
                          overwrite=args.overwrite, progress=not args.quiet)
     cost = store.manifest["cost"]
-    print(f"trimkv trace: {store!r}; {cost['tokens']:,} tokens in {cost['seconds']:.0f} s this far")
+    print(f"trimkv trace: {store!r}; {cost['tokens']:,} tokens in {cost['seconds']:.0f} s "
+          f"({cost['cpu_seconds']:.0f} CPU s) this far")
     return 0
 
 
@@ -145,8 +146,9 @@ def add_trace(sub) -> None:
     t.add_argument("--layers", type=layer_list, default=None, metavar="all|L[,L...]",
                    help="decoder layers to trace (default: all)")
     t.add_argument("--targets", type=names(Names(lambda: TRACE_TARGETS), "target"), default=None,
-                   metavar="T[,T...]", help="targets besides future (default: future,answer; recon adds a second "
-                                            "forward, about 2-3x the cost)").names = TRACE_TARGETS
+                   metavar="T[,T...]", help="targets besides future (default: future,answer; later adds later@<h> "
+                                            "per horizon; recon adds a second forward, about 3.5x the cost)"
+                   ).names = TRACE_TARGETS
     t.add_argument("--horizons", type=integers(1, MAX_TOKENS, "queries"), default=None,
                    help="one future@<h> target per horizon h (default: 16,64,256)")
     t.add_argument("--hidden", type=layer_list, default=None, metavar="all|L[,L...]",
@@ -163,3 +165,89 @@ def add_trace(sub) -> None:
                    help="replace a store written with other inputs in --out (without it: refused)")
     t.add_argument("--quiet", action="store_true", help="no progress line")
 
+
+
+# ------------------------------------------------------------------------------------------------- fit-trace
+
+
+def utility_weights(text: str) -> dict[str, float]:
+    """``answer=1,future@16=0.25`` (a name alone weighs 1) -> {name: weight}."""
+    out = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        name, _, weight = item.partition("=")
+        try:
+            out[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: write TARGET=WEIGHT, e.g. answer=1") from None
+    if not out:
+        raise argparse.ArgumentTypeError("name at least one target, e.g. future or answer=1,future@16=0.25")
+    return out
+
+
+utility_weights.__name__ = "utility"
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--out {out} exists: give a new folder, or --overwrite to replace it")
+    import torch
+
+    from .trace import TraceStore
+    from .trace.fit import FitSettings, fit_gates, gates_for_store, save_fitted
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    store = TraceStore(args.store)
+    try:
+        gates = gates_for_store(store, gate_type=args.gate_type, gate_hidden=args.gate_hidden,
+                                bias_init=args.bias_init)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    settings = FitSettings(utility=args.utility, steps=args.steps, lr=args.lr, rows_per_step=args.rows_per_step,
+                           budget=args.budget, capacity_weight=args.capacity_weight, eval_rows=args.eval_rows,
+                           seed=args.seed, by_age=args.by_age)
+    print(f"trimkv fit-trace: {gates.config.gate_type} gates (width {gates.config.gate_hidden}) on {store!r}, "
+          f"utility {settings.utility}, {settings.steps} steps per layer")
+    metrics = fit_gates(store, gates, settings, layers=args.layers, progress=None if args.quiet else print)
+    path = save_fitted(gates, out, store, settings, metrics)
+    kept = [m["kept"] for m in metrics.values() if "kept" in m]
+    base = [m["kept_recency"] for m in metrics.values() if "kept_recency" in m]
+    summary = {"gates": str(path), "seconds": round(sum(m["seconds"] for m in metrics.values()), 1),
+               "cpu_seconds": round(sum(m["cpu_seconds"] for m in metrics.values()), 1)}
+    if kept:
+        summary.update(kept=round(sum(kept) / len(kept), 4), kept_recency=round(sum(base) / len(base), 4))
+    print(json.dumps(summary))
+    return 0
+
+
+def add_fit(sub) -> None:
+    f = add_command(sub, "fit-trace", _fit, "fit TRIM-KV gates on a trace store, without running the model",
+                    description="Fit TRIM-KV gates on a trace store (trimkv.trace.fit): (t - i) log beta is trained "
+                    "to order tokens by their utility in the store over sampled steps t, plus the capacity term. "
+                    "The gates are written as a checkpoint; a distillation recipe continues from it with "
+                    "gates.init_from.")
+    f.add_argument("store", help="a trace store folder (trimkv trace --out)")
+    f.add_argument("--out", required=True, help="the gate checkpoint folder to write")
+    f.add_argument("--gate-type", default="rg", help="rg (reads x: the store needs --hidden) | rg2 | rg2-all | rg3")
+    f.add_argument("--gate-hidden", type=integer(1, 1 << 16), default=256, help="gate MLP width")
+    f.add_argument("--bias-init", type=float, default=8.0, help="initial per-head bias (beta0 = sigmoid of it)")
+    f.add_argument("--utility", type=utility_weights, default={"future": 1.0}, metavar="T[=W][,T[=W]...]",
+                   help="the store targets to rank by, weighted (e.g. answer=1,future@16=0.25)")
+    f.add_argument("--by-age", action="store_true",
+                   help="rank by the utility left from step t on (future replaced by later@<h> at each age; the "
+                        "store needs the later target)")
+    f.add_argument("--budget", type=integer(1, MAX_TOKENS), default=64, help="M of the capacity term")
+    f.add_argument("--capacity-weight", type=float, default=1.0, help="weight of the capacity term")
+    f.add_argument("--steps", type=integer(1, 10**7), default=200, help="optimiser steps per layer")
+    f.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    f.add_argument("--rows-per-step", type=integer(1, 1 << 16), default=4, help="store rows per step")
+    f.add_argument("--eval-rows", type=integer(0, 1 << 20), default=8,
+                   help="last rows of the store held out to measure the kept utility")
+    f.add_argument("--layers", type=integers(0, MAX_LAYERS - 1), default=None, help="fit only these layers")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--threads", type=integer(1, 4096), default=None, help="torch CPU threads")
+    f.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    f.add_argument("--quiet", action="store_true", help="no line per layer")

@@ -38,11 +38,13 @@ class RowPlan:
 
 @dataclass
 class TracePlan:
-    """Which layers are traced, which keep x (``hidden``), the horizons, whether ``answer`` is read, chunk size."""
+    """Which layers are traced, which keep x (``hidden``), the horizons, whether ``later@<h>`` and ``answer`` are
+    read, chunk size."""
 
     layers: tuple[int, ...]
     hidden_layers: tuple[int, ...] = ()
     horizons: tuple[int, ...] = ()
+    later: bool = False
     answer: bool = False
     query_chunk: int = 256
 
@@ -72,7 +74,8 @@ class TraceLayer(DynamicLayer, CacheLayer):
         past = S - Tq
         q_idx = torch.arange(past, S, device=q.device)
         if past == 0:                                         # the row itself
-            reads = future_reads(self.plan.horizons, self.row.answer_queries if self.plan.answer else None)
+            reads = future_reads(self.plan.horizons, self.row.answer_queries if self.plan.answer else None,
+                                 later=self.plan.later)
             seg = self.row.seg
         else:                                                 # the second reading (recon)
             reads = {"recon": Read(queries=self.row.repeat_queries)}

@@ -158,13 +158,14 @@ def write_traces(model, tokenizer, data_cfg, out: str | Path, settings: TraceSet
     device = input_device(model)
     plan = TracePlan(layers=tuple(manifest["layers"]), hidden_layers=tuple(manifest["hidden_layers"]),
                      horizons=tuple(manifest["horizons"]), answer="answer" in manifest["targets"],
+                     later=any(t.startswith("later@") for t in manifest["targets"]),
                      query_chunk=settings.query_chunk)
     recon_ids = None
     if manifest["recon_prompt"] is not None:
         recon_ids = torch.tensor(tokenizer(manifest["recon_prompt"], add_special_tokens=False)["input_ids"],
                                  device=device)
     dtype = STORE_DTYPES[manifest["dtype"]]
-    t0, tokens, written = time.perf_counter(), 0, 0
+    t0, cpu0, tokens, written = time.perf_counter(), time.process_time(), 0, 0
     with Progress("trace", total=total, done=done, enabled=progress) as bar:
         while done < total and (max_shards is None or written < max_shards):
             index = len(manifest["shards"])
@@ -182,17 +183,20 @@ def write_traces(model, tokenizer, data_cfg, out: str | Path, settings: TraceSet
             manifest["shards"].append(write_shard(out, index, tensors, (done, end)))
             done = manifest["rows_done"] = end
             written += 1
-            _record_cost(manifest, time.perf_counter() - t0, tokens, device, final=False)
+            _record_cost(manifest, time.perf_counter() - t0, time.process_time() - cpu0, tokens, device,
+                         final=False)
             write_manifest(out, manifest)
-    _record_cost(manifest, time.perf_counter() - t0, tokens, device, final=True)
+    _record_cost(manifest, time.perf_counter() - t0, time.process_time() - cpu0, tokens, device, final=True)
     write_manifest(out, manifest)
     return TraceStore(out)
 
 
-def _record_cost(manifest: dict, seconds: float, tokens: int, device, *, final: bool) -> None:
-    """Cost of this call in ``cost.runs[-1]`` (updated after each shard), and the totals over all calls."""
+def _record_cost(manifest: dict, seconds: float, cpu_seconds: float, tokens: int, device, *, final: bool) -> None:
+    """Cost of this call in ``cost.runs[-1]`` (updated after each shard), and the totals over all calls: wall
+    seconds, CPU seconds of the process (all threads; on a shared machine the wall time says little), tokens."""
     runs = manifest["cost"]["runs"]
-    entry = {"seconds": round(seconds, 2), "tokens": tokens, "device": str(device),
+    entry = {"seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2), "tokens": tokens,
+             "device": str(device),
              "machine": f"{platform.machine()} {torch.get_num_threads()} thread(s)" if device.type == "cpu"
              else (torch.cuda.get_device_name(device) if device.type == "cuda" else device.type),
              "torch": torch.__version__, "python": sys.version.split()[0]}
@@ -202,6 +206,7 @@ def _record_cost(manifest: dict, seconds: float, tokens: int, device, *, final: 
         runs.append(entry)
     runs[-1]["open"] = not final
     manifest["cost"]["seconds"] = round(sum(r["seconds"] for r in runs), 2)
+    manifest["cost"]["cpu_seconds"] = round(sum(r.get("cpu_seconds", 0.0) for r in runs), 2)
     manifest["cost"]["tokens"] = sum(r["tokens"] for r in runs)
 
 

@@ -12,8 +12,10 @@ group; 0 where ``valid`` is False):
 ``future``          the attention token i receives from every later query j > i of its row (max over j and over
                     the group's query heads): the default target
 ``future@<h>``      the same over the next h queries only (i < j <= i + h), for a few horizons h
-``answer``          the attention received from the answer tokens of a QA row only (0 for rows without an answer)
+``answer``          the attention received from the answer tokens of a QA row only (0 for rows without an answer):
+                    from the queries that produce them, j with ``loss_mask[j + 1]`` (:mod:`trimkv.trace.targets`)
 ``recon``           a KVzip-style score: attention received while the model reads the context a second time
+                    (optional: a second forward, about 3.5x the cost of the first on the 2-core CPU)
 ==================  ================================================================================================
 
 Which targets a store holds is in its manifest; ``future`` is always there.

@@ -91,6 +91,9 @@ def _atomic(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)          # a normal file (safetensors writes 0600)
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)

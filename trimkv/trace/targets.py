@@ -17,6 +17,7 @@ many others ignore it. The sets J(i) are :class:`Read` s:
 ==========================  =================================================================================
 ``Read()``                  every later query, ``j > i``                           -> target ``future``
 ``Read(horizon=h)``         the next h queries only, ``i < j <= i + h``            -> ``future@<h>``
+``Read(min_age=h)``         the queries more than h later, ``j > i + h``           -> ``later@<h>``
 ``Read(queries=mask)``      later queries where ``mask[j]`` is set (answers; the repeated context of KVzip)
 ==========================  =================================================================================
 
@@ -34,6 +35,8 @@ from ..names import TRACE_TARGETS, check_names
 # the targets a trace store can hold (``future@<h>`` for each horizon h besides ``future``), what each one reads
 TARGETS = {
     "future": "attention received from every later query (max over the queries and the KV group's query heads)",
+    "later": "attention received from the queries more than h tokens later (j > i + h), one later@<h> per horizon: "
+             "what is left of a token's use once it is h tokens old (an upper bound of its use from step i + h + 1 on)",
     "answer": "attention received from the queries that produce the answer tokens of a QA row (the token before each "
               "answer token: j with loss_mask[j + 1]); 0 for rows without an answer",
     "recon": "KVzip-style: attention received from the model's second reading of the row (after a repeat prompt), "
@@ -46,19 +49,26 @@ def horizon_name(h: int) -> str:
     return f"future@{h}"
 
 
+def later_name(h: int) -> str:
+    return f"later@{h}"
+
+
 def target_names(targets, horizons) -> list[str]:
-    """The stored target names: ``future``, one ``future@<h>`` per horizon, then the other ``targets`` in the order of
-    :data:`TARGETS`."""
+    """The stored target names: ``future``, one ``future@<h>`` per horizon, one ``later@<h>`` per horizon when
+    ``later`` is asked for, then the other ``targets`` in the order of :data:`TARGETS`."""
     names = ["future", *(horizon_name(h) for h in horizons)]
-    return names + [t for t in TARGETS if t in targets and t != "future"]
+    if "later" in targets:
+        names += [later_name(h) for h in horizons]
+    return names + [t for t in TARGETS if t in targets and t not in ("future", "later")]
 
 
 @dataclass(frozen=True)
 class Read:
-    """Which later queries a target reads: ``horizon`` (only ``j <= i + horizon``; None = every later query) and
-    ``queries`` ([Tq] bool over the chunked queries; None = all of them)."""
+    """Which later queries a target reads: ``horizon`` (only ``j <= i + horizon``; None = every later query),
+    ``min_age`` (only ``j > i + min_age``) and ``queries`` ([Tq] bool over the chunked queries; None = all of them)."""
 
     horizon: int | None = None
+    min_age: int = 0
     queries: torch.Tensor | None = None
 
 
@@ -101,6 +111,8 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
             m = later
             if read.horizon is not None:
                 m = m & (delta <= read.horizon)
+            if read.min_age:
+                m = m & (delta > read.min_age)
             if read.queries is not None:
                 sel = read.queries[c0:c1]
                 if not bool(sel.any()):
@@ -110,11 +122,13 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
     return out.reshape(H, Tq, D).to(q.dtype), best
 
 
-def future_reads(horizons, answer_queries: torch.Tensor | None = None) -> dict[str, Read]:
-    """The reads of the first pass: ``future``, ``future@<h>`` per horizon, ``answer`` when ``answer_queries`` [T]
-    bool is given."""
+def future_reads(horizons, answer_queries: torch.Tensor | None = None, later: bool = False) -> dict[str, Read]:
+    """The reads of the first pass: ``future``, ``future@<h>`` per horizon (and ``later@<h>`` when ``later``),
+    ``answer`` when ``answer_queries`` [T] bool is given."""
     reads = {"future": Read()}
     reads.update({horizon_name(h): Read(horizon=h) for h in horizons})
+    if later:
+        reads.update({later_name(h): Read(min_age=h) for h in horizons})
     if answer_queries is not None:
         reads["answer"] = Read(queries=answer_queries)
     return reads
