@@ -16,6 +16,7 @@ from trimkv.compat import cache_kwargs
 from trimkv.errors import CacheError
 from trimkv.serve import CompiledDecoder, RetentionLayer, make_cache
 from trimkv.serve.eviction import Candidates
+from trimkv.serve.laq_lookahead import LookaheadLAQ
 from trimkv.serve.policies import CAOTEPolicy, LAQPolicy, OBCachePolicy, get_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -228,7 +229,7 @@ def test_laq_lookahead_records_the_pseudo_decoded_tokens_queries():
 
     model = build_tiny_model(initializer_range=0.2)
     ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(2))
-    pol = LAQPolicy.lookahead(model, ids, budget=12, sink=2, window=3, chunk=16, n=3)
+    pol = LookaheadLAQ.lookahead(model, ids, budget=12, sink=2, window=3, chunk=16, n=3)
     L, Hq, D = 2, 4, 16
     assert pol.queries.shape == (L, 1, Hq, 3, D) and pol.query_pos.tolist() == [[40, 41, 42]]
     # the pseudo tokens are greedy decoding with LAQ's stage 1 (SnapKV, window 32, same budget)
@@ -249,7 +250,7 @@ def test_laq_lookahead_records_the_pseudo_decoded_tokens_queries():
 # ---------------------------------------------------------------------------------------- inside a model
 def policy_for(name, model, ids, budget, sink, window, chunk):
     if name == "laq":
-        return LAQPolicy.lookahead(model, ids, budget=budget, sink=sink, window=window, chunk=chunk)
+        return LookaheadLAQ.lookahead(model, ids, budget=budget, sink=sink, window=window, chunk=chunk)
     return get_policy(name)
 
 
@@ -306,7 +307,7 @@ def test_the_harness_builds_laq_with_this_prompts_lookahead(tokenizer):
     cache = policy_cache(model, "laq", 24, sink=2, window=4, prompt=prompt, tokenizer=tokenizer, sample=sample,
                          prefill_chunk=64, seed=0)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    expect = LAQPolicy.lookahead(model, ids, budget=24, sink=2, window=4, chunk=64)
+    expect = LookaheadLAQ.lookahead(model, ids, budget=24, sink=2, window=4, chunk=64)
     assert torch.equal(cache.policy.queries, expect.queries)
     assert cache.policy.query_pos.tolist() == [list(range(ids.shape[1], ids.shape[1] + 8))]
     assert policy_cache(model, "laq", 24, sink=2, window=4, seed=0).policy.queries is None   # no prompt: stage 1

@@ -51,11 +51,12 @@ from trimkv.progress import Progress
 from trimkv.serve import FULL, BoundedCache, generate, make_cache
 from trimkv.serve.budgets import allocation_path, load_allocation
 from trimkv.serve.factory import budget_nbytes
+from trimkv.serve.laq_lookahead import LookaheadLAQ
 from trimkv.serve.policies import POLICIES, parse_policy
 
 GLOBAL = "trimkv-global"   # the trained gates in one pool for all layers and heads (scope "global")
 ORACLE = "oracle"     # keeps the needle sentences, then the most recent tokens: an upper bound (eval/oracle.py)
-EVAL_POLICIES = {**POLICIES, ORACLE: NeedleOraclePolicy}
+EVAL_POLICIES = {**POLICIES, "laq": LookaheadLAQ, ORACLE: NeedleOraclePolicy}   # LAQ: its lookahead per prompt
 check_names("trimkv.eval.harness (full, policies, global, oracle)", [FULL, *POLICIES, GLOBAL, ORACLE], EVAL_POLICY_NAMES)
 DEPTHS = (0.1, 0.9)   # needle depths are spread evenly over this range (the "depths 10%-90%")
 # Enough new tokens for each task's answer plus a little wording around it.

@@ -16,10 +16,11 @@ The paper's recipe (and its released code, whose default settings are used here)
    keep the top tokens, drop the pseudo tokens and decode for real from the prompt. ``local_window=0`` is plain LAQ.
 
 In this cache (at most ``budget + chunk`` tokens per head, never the whole prompt) that is two passes:
-:meth:`LAQPolicy.lookahead` runs stages 1-2 (a chunked prefill into a SnapKV cache of the same budget, then ``n``
-greedy steps that record each layer's query) and returns the policy that holds ``Q_la`` [L, B, Hq, n, D] and their
-positions; the real prefill then compacts every chunk by the stage-3 score over [kept + chunk]. The evaluation harness
-builds it per prompt (:meth:`for_prompt` gets the model, the prompt and the cache settings). Decoding leaves the
+:func:`trimkv.serve.laq_lookahead.LookaheadLAQ.lookahead` runs stages 1-2 (a chunked prefill into a SnapKV cache of the
+same budget, then ``n`` greedy steps that record each layer's query; it drives the model, so it lives above the
+policies) and returns the policy that holds ``Q_la`` [L, B, Hq, n, D] and their positions; the real prefill then
+compacts every chunk by the stage-3 score over [kept + chunk]. The evaluation harness builds it per prompt
+(``LookaheadLAQ.for_prompt`` gets the model, the prompt and the cache settings). Decoding leaves the
 scores as the prompt left them (LAQ, like SnapKV, selects the prompt once): generated tokens score 0, so once they
 leave the recent window they go first.
 
@@ -61,55 +62,6 @@ class LAQPolicy(SnapKVPolicy):
         self.local_window = local_window
         self._layer = 0                                         # the layer being prefilled (set by new_state)
 
-    @classmethod
-    def for_prompt(cls, *, model=None, prompt: str | None = None, tokenizer=None, budget: int | None = None,
-                   sink: int = 4, window: int = 16, prefill_chunk: int = 256, **context) -> "LAQPolicy":
-        """With the model, the prompt and the cache's budget (the evaluation harness passes them): the full method
-        (pseudo lookahead queries of this prompt); without: stage 1 alone (see the module docstring)."""
-        if model is None or prompt is None or tokenizer is None or budget is None:
-            return cls()
-        from ...base_model import input_device
-
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(input_device(model))
-        return cls.lookahead(model, ids, budget=budget, sink=sink, window=window, chunk=prefill_chunk)
-
-    @classmethod
-    @torch.no_grad()
-    def lookahead(cls, model, ids: torch.Tensor, *, budget: int, sink: int = 4, window: int = 16, chunk: int = 256,
-                  attention_mask: torch.Tensor | None = None, n: int = 8, local_window: int = 8,
-                  stage1_window: int = 32, kernel: int = 7, pooling: str = "max") -> "LAQPolicy":
-        """Stages 1-2 for the prompts ids [B, T]: prefill them into a SnapKV cache of ``budget`` tokens per KV head
-        (``sink`` / ``window`` protected, ``chunk`` tokens per forward), decode ``n`` tokens greedily and return the
-        policy holding every layer's queries of those tokens. Use it in a fresh cache of the same budget for the
-        same rows."""
-        from ...compat import cache_kwargs
-        from ..factory import gates_for, make_cache
-        from ..generation import prefill
-
-        if n < 1:
-            raise ValueError(f"LAQ needs n >= 1 pseudo decoded tokens, got {n}")
-        recorder = _QueryRecorder(obs_window=stage1_window, kernel=kernel, pooling=pooling)
-        cache = make_cache(model, recorder, budget, sink=sink, window=window)
-        logits, pos = prefill(model, ids, cache, attention_mask=attention_mask, chunk=chunk)
-        if logits is None:
-            raise ValueError("LAQ needs a prompt of at least one token")
-        token, step_pos = logits.argmax(-1, keepdim=True), pos[:, -1:] + 1                 # [B, 1] each
-        mask = None if attention_mask is None else attention_mask.to(ids.device)
-        kwargs = cache_kwargs(model, cache)
-        recorder.recording = True
-        with gates_for(model, cache):
-            for _ in range(n):
-                if mask is not None:
-                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-                logits = model(input_ids=token, attention_mask=mask, position_ids=step_pos, use_cache=True,
-                               **kwargs).logits[:, -1]
-                token, step_pos = logits.argmax(-1, keepdim=True), step_pos + 1
-        layers = sorted(recorder.seen)
-        queries = torch.stack([torch.cat(recorder.seen[i], dim=2) for i in layers])         # [L, B, Hq, n, D]
-        query_pos = torch.cat(recorder.seen_pos, dim=1)[:, :n]                             # [B, n] (layer 0's)
-        return cls(queries, query_pos, local_window=local_window, stage1_window=stage1_window, kernel=kernel,
-                   pooling=pooling)
-
     def new_state(self, new: NewTokens) -> torch.Tensor:
         if new.pos.shape[-1] > 1:            # a prefill chunk (static shape: no side effect in a decode step)
             self._layer = new.layer_idx
@@ -121,15 +73,15 @@ class LAQPolicy(SnapKVPolicy):
             return EvictionPolicy.attend(self, q, c, q_pos=q_pos, scaling=scaling)
         if self.queries is None:             # no lookahead queries: LAQ's stage 1 (SnapKV), said once per process
             warnings.warn("LAQ without lookahead queries runs its stage 1 only (SnapKV with a 32-query window): "
-                          "build the policy with LAQPolicy.lookahead(model, ids, budget=...) or LAQPolicy.for_prompt("
-                          "model=..., prompt=..., tokenizer=..., budget=...) (trimkv eval does)", stacklevel=2)
+                          "build it with trimkv.serve.laq_lookahead.LookaheadLAQ.lookahead(model, ids, budget=...) "
+                          "(trimkv eval does)", stacklevel=2)
             return super().attend(q, c, q_pos=q_pos, scaling=scaling)
         out, weights = slot_attention(q, c.keys, c.values, q_pos=q_pos, k_pos=c.pos, k_valid=c.pos >= 0,
                                       scaling=scaling, return_weights=True)
         if self.queries.shape[1] != q.shape[0]:
             raise CacheError(f"these LAQ lookahead queries were made for {self.queries.shape[1]} prompt(s), the batch "
-                             f"has {q.shape[0]} rows: build the policy with LAQPolicy.lookahead(model, ids, ...) for "
-                             "the same prompts")
+                             f"has {q.shape[0]} rows: build the policy with LookaheadLAQ.lookahead(model, ids, ...) "
+                             "for the same prompts")
         la = self.queries[self._layer].to(q.device, q.dtype)                                # [B, Hq, n, D]
         _, la_w = slot_attention(la, c.keys, c.values, q_pos=self.query_pos.to(q.device), k_pos=c.pos,
                                  k_valid=c.pos >= 0, scaling=scaling, return_weights=True)  # [B, Hkv, G*n, S]
@@ -146,7 +98,7 @@ class LAQPolicy(SnapKVPolicy):
                 f"stage1_window={self.obs_window})")
 
 
-class _QueryRecorder(SnapKVPolicy):
+class QueryRecorder(SnapKVPolicy):
     """LAQ's stage-1 policy (SnapKV) that, once ``recording``, keeps every layer's queries of the decode steps."""
 
     def __init__(self, **kwargs):
