@@ -132,6 +132,10 @@ eval-n40: venv model
 	$(EVAL40) --gates $(GATES) --budgets 64,128 --policies trimkv --head-budgets $(LUKV) --out results/lukv-passkey-2k
 	$(EVAL40) --gates $(GATES) --budgets 128 --policies keydiff,snapkv --head-budgets $(LUKV) --out results/lukv-passkey-2k
 	$(EVAL40) --gates $(GATES) --budgets 128 --policies keydiff,snapkv --out results/lukv-passkey-2k
+	$(EVAL40) --gates $(GATES) --budgets 64,128 --policies trimkv-global --out results/lukv-passkey-2k
+	$(EVAL) --tasks multikey_needle,variable_tracking --lengths 2048 --budgets 128 --policies trimkv \
+	    --head-budgets $(LUKV) --out results/tasks
+	$(KVP_EVAL) --tasks multikey_needle,variable_tracking --lengths 2048 --budgets 128 --policies kvp --out results/tasks
 
 eval-full: eval
 	$(EVAL) --tasks passkey --lengths 4096 --budgets 32,64,128 --policies full,oracle,$(POLICIES) --out results/passkey-4k
