@@ -25,6 +25,17 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_decode_args(p: argparse.ArgumentParser) -> None:
+    """--budget / --steps of the decode-step benchmarks."""
+    p.add_argument("--budget", type=int, default=None, help="M tokens per KV head (default 512; 32 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="timed repetitions (default 32)")
+
+
+def decode_sizes(args) -> tuple[int, int]:
+    """(M, timed steps) from :func:`add_decode_args`' options and --quick."""
+    return args.budget or (32 if args.quick else 512), args.steps or (5 if args.quick else 32)
+
+
 def setup(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -54,13 +54,11 @@ def score_seconds(rankers: KVPRankers, n_layers: int, hkv: int, d: int, dtype, d
 
 def main(argv=None) -> dict:
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--budget", type=int, default=None, help="M tokens per KV head (default 512; 32 with --quick)")
-    p.add_argument("--steps", type=int, default=None, help="timed repetitions (default 32)")
+    common.add_decode_args(p)
     p.add_argument("--kvp", default=None, help="a trained ranker checkpoint (default: random rankers, hidden 64)")
     args = p.parse_args(argv)
     common.setup(args)
-    M = args.budget or (32 if args.quick else 512)
-    steps = args.steps or (5 if args.quick else 32)
+    M, steps = common.decode_sizes(args)
     model, cfg = common.load(args)
     dtype = next(model.parameters()).dtype
     n, hkv, d = kv_shape(cfg)
