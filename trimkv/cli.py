@@ -23,7 +23,7 @@ from . import __version__
 from .cli_package import add_commands as add_package_commands
 from .cli_trace import add_fit, add_trace
 from .command import Names, Parser, add_command, common_options, deepspeed_in_use, integer, quiet_loading, run
-from .errors import DataError, UsageError
+from .errors import DataError, UsageError, decode_utf8
 from .eval.cli import (add_commands as add_eval_commands, add_device_args, add_head_budgets_arg, add_kvp_arg,
                        add_model_args, check_budget_fits, check_device, check_head_budgets_arg, check_kvp_args,
                        read_records)
@@ -225,12 +225,7 @@ def read_requests(path: Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"prompt file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[:err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}): save the "
-                        "file as UTF-8") from None
+    text = decode_utf8(raw, path, DataError, "save the file as UTF-8")
     if path.suffix == ".json":
         raise DataError(f"{path}: a prompt file is .txt (one prompt) or .jsonl (one JSON request per line): rename it "
                         "to .jsonl with one request per line")

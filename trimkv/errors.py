@@ -100,3 +100,13 @@ class MissingDependencyError(TrimKVError, ImportError):
 class AllocationError(DataError):
     """A per-head budget allocation file (``trimkv profile``'s output) is missing, unreadable, or made for another
     model or policy."""
+
+
+def decode_utf8(raw: bytes, where, error: type[TrimKVError], fix: str) -> str:
+    """``raw`` decoded as UTF-8, else ``error`` naming ``where``, the line and the byte, and ``fix``."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise error(f"{where}:{line}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}): {fix}") \
+            from None

@@ -29,7 +29,7 @@ import yaml
 from .attention import IMPLS
 from .base_model import DTYPE_CHOICES
 from .data import DataConfig
-from .errors import RecipeError
+from .errors import RecipeError, decode_utf8
 from .gate import ACTIVATIONS, GATE_TYPES
 from .limits import MAX_GATE_HIDDEN, MAX_TOKENS
 from .lora import DEFAULT_TARGETS
@@ -314,12 +314,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     raw_bytes = path.read_bytes()
     if len(raw_bytes) > MAX_RECIPE_BYTES:
         raise RecipeError(f"{path} holds {len(raw_bytes):,} bytes; a recipe is a few kilobytes of YAML: wrong file?")
-    try:
-        text = raw_bytes.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw_bytes[:err.start].count(b"\n") + 1
-        raise RecipeError(f"{path}:{line}: not UTF-8 text (byte {raw_bytes[err.start]:#04x} at offset {err.start}): "
-                          "save the recipe as UTF-8") from None
+    text = decode_utf8(raw_bytes, path, RecipeError, "save the recipe as UTF-8")
     raw = _yaml(text, where=str(path)) or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping with sections "
