@@ -130,8 +130,8 @@ eval-n40: venv model
 	$(EVAL40) --budgets 128 --policies caote,obcache,laq --out results/field-policies
 	$(EVAL40) --gates $(GATES) --budgets 64,128 --policies trimkv --out results/lukv-passkey-2k
 	$(EVAL40) --gates $(GATES) --budgets 64,128 --policies trimkv --head-budgets $(LUKV) --out results/lukv-passkey-2k
-	$(EVAL40) --gates $(GATES) --budgets 128 --policies keydiff,snapkv --head-budgets $(LUKV) --out results/lukv-passkey-2k
-	$(EVAL40) --gates $(GATES) --budgets 128 --policies keydiff,snapkv --out results/lukv-passkey-2k
+	$(EVAL40) --budgets 128 --policies keydiff,snapkv --head-budgets $(LUKV) --out results/lukv-passkey-2k
+	$(EVAL40) --budgets 128 --policies keydiff,snapkv --out results/lukv-passkey-2k
 	$(EVAL40) --gates $(GATES) --budgets 64,128 --policies trimkv-global --out results/lukv-passkey-2k
 	$(EVAL) --tasks multikey_needle,variable_tracking --lengths 2048 --budgets 128 --policies trimkv \
 	    --head-budgets $(LUKV) --out results/tasks
