@@ -153,6 +153,25 @@ def test_accuracy_and_fidelity_plots(tmp_path):
     assert is_png(plot_fidelity(fid, tmp_path / "kl.png"))
 
 
+def test_the_accuracy_plot_draws_head_budgets_as_their_own_line(tmp_path, monkeypatch):
+    """A policy run with uniform and with LU-KV budgets is two lines, not one zig-zag through both."""
+    from trimkv.eval import plots
+
+    recs = [dict(task="passkey", length=2048, policy="trimkv", budget=b, score=s) for b, s in ((64, 0.15), (128, 0.4))]
+    recs += [dict(task="passkey", length=2048, policy="trimkv", budget=b, score=s, head_budgets="lukv")
+             for b, s in ((64, 0.45), (128, 0.4))]
+    drawn = []
+    real_save = plots._save
+
+    def record_lines(fig, path):
+        drawn.extend((line.get_label(), list(line.get_ydata())) for ax in fig.axes for line in ax.get_lines())
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", record_lines)
+    assert is_png(plots.plot_accuracy_vs_budget(recs, tmp_path / "acc.png"))
+    assert ("trimkv", [15.0, 40.0]) in drawn and ("trimkv (lukv)", [45.0, 40.0]) in drawn
+
+
 def test_retention_heatmap_and_kept_tokens(tmp_path):
     from trimkv.eval.plots import kept_positions, plot_kept_tokens, plot_retention_heatmap, retention_by_head
 

@@ -47,6 +47,11 @@ def _budget_axis(ax, budgets) -> None:
     ax.minorticks_off()
 
 
+def series_name(record: dict) -> str:
+    """The line a record belongs to: its policy, and the head-budget allocation it ran with (LU-KV) if any."""
+    return record["policy"] + (f" ({record['head_budgets']})" if record.get("head_budgets") else "")
+
+
 def plot_accuracy_vs_budget(records: list[dict], path) -> Path:
     """One panel per (task, length): score (%) vs budget (log2 axis), a line per policy, full cache dashed."""
     plt = _pyplot()
@@ -55,6 +60,7 @@ def plot_accuracy_vs_budget(records: list[dict], path) -> Path:
         raise ValueError("no records to plot (run the harness first: its metrics.json)")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     palette = [f"C{i}" for i in range(10) if i != 7]          # C7 (gray) is the oracle's
+    records = [{**r, "policy": series_name(r)} for r in records]   # a policy with head budgets is its own line
     others = sorted({r["policy"] for r in records} - {FULL, "oracle"}, key=lambda p: (p != "trimkv", p))
     color = {p: palette[i % len(palette)] for i, p in enumerate(others)}   # one colour per policy in every panel
     for ax, (task, length) in zip(axes[0], panels):
@@ -63,8 +69,8 @@ def plot_accuracy_vs_budget(records: list[dict], path) -> Path:
             pts = sorted((r["budget"], 100 * r["score"]) for r in rows if r["policy"] == policy)
             style = (dict(ls=":", color="gray", label="oracle (keeps the needle)") if policy == "oracle"
                      else dict(color=color[policy]))
-            if policy == "trimkv":
-                style.update(lw=2.6, zorder=5)
+            if policy.startswith("trimkv"):
+                style.update(lw=2.6 if policy == "trimkv" else 1.8, zorder=5)
             ax.plot(*zip(*pts), marker="o", **{"label": policy, "lw": 1.2, **style})
         for r in rows:
             if r["policy"] == FULL:
