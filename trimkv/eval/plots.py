@@ -60,6 +60,7 @@ def plot_accuracy_vs_budget(records: list[dict], path) -> Path:
         raise ValueError("no records to plot (run the harness first: its metrics.json)")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     palette = [f"C{i}" for i in range(10) if i != 7]          # C7 (gray) is the oracle's
+    palette += ["#17becf80", "#8c564b80", "#e377c280", "#bcbd2280", "#9467bd80", "#ff7f0e80"]   # lighter, past 9 lines
     records = [{**r, "policy": series_name(r)} for r in records]   # a policy with head budgets is its own line
     others = sorted({r["policy"] for r in records} - {FULL, "oracle"}, key=lambda p: (p != "trimkv", p))
     color = {p: palette[i % len(palette)] for i, p in enumerate(others)}   # one colour per policy in every panel
@@ -69,6 +70,8 @@ def plot_accuracy_vs_budget(records: list[dict], path) -> Path:
             pts = sorted((r["budget"], 100 * r["score"]) for r in rows if r["policy"] == policy)
             style = (dict(ls=":", color="gray", label="oracle (keeps the needle)") if policy == "oracle"
                      else dict(color=color[policy]))
+            if "(" in policy:                                  # the same policy with head budgets: dashed
+                style.update(ls="--")
             if policy.startswith("trimkv"):
                 style.update(lw=2.6 if policy == "trimkv" else 1.8, zorder=5)
             ax.plot(*zip(*pts), marker="o", **{"label": policy, "lw": 1.2, **style})
