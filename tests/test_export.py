@@ -59,6 +59,24 @@ def test_exported_gates_compute_the_same_log_beta_in_the_authors_maths(tmp_path,
     assert back.config.gate_type == gate_type and back.fingerprint() == gates.fingerprint()
 
 
+def test_exported_folders_get_normal_permissions(tmp_path):
+    """An export, a gate checkpoint and a KVP checkpoint are all written through one staged folder: the umask's
+    permissions, not mkdtemp's 0700 (the export once kept 0700)."""
+    import os
+    import stat
+
+    from trimkv.kvp import KVPConfig, KVPRankers, save_rankers
+
+    mask = os.umask(0)
+    os.umask(mask)
+    src = save_gates(trained("rg"), tmp_path / "mine")
+    out = export_checkpoint(src, tmp_path / "theirs", base_config=tiny_config("llama"))
+    cfg = KVPConfig(num_layers=2, num_kv_heads=2, head_dim=16, hidden=8, base_model="tiny/llama")
+    ranked = save_rankers(KVPRankers(cfg, seed=0), tmp_path / "kvp")
+    for folder in (src, out, ranked):
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o777 & ~mask, folder
+
+
 def test_export_refuses_what_the_authors_package_cannot_hold(tmp_path):
     base = tiny_config("llama")
     for gate_type in ("rg2", "rg10"):

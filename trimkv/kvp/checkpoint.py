@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 
 import torch
 from safetensors import SafetensorError
@@ -25,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import CorruptCheckpointError, GateCheckpointError, GateMismatchError, NonFiniteError
 from ..limits import MAX_GATE_HIDDEN, MAX_HEADS, MAX_LAYERS, MAX_TOKENS, MAX_WIDTH, load_json
 from ..share.card import public_name, public_value
-from ..share.folder import _swap_into_place, _umask, check_writable
+from ..share.folder import check_writable, staged_folder
 from ..share.hub import resolve_folder
 from ..share.layout import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, trimkv_version
 from .ranker import FORMAT_KIND, KVPConfig, KVPRankers
@@ -48,18 +46,12 @@ def save_rankers(rankers: KVPRankers, path: str | os.PathLike, *, metadata: dict
     check_writable(path)
     config = rankers.config.to_dict()
     config.update(base_model=public_name(config["base_model"]), extra=public_value(config["extra"]))
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        tmp.chmod(0o777 & ~_umask())
+    with staged_folder(path) as tmp:
         data = dict(kind=FORMAT_KIND, **config, trimkv_version=trimkv_version(), format_version=FORMAT_VERSION)
         (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CARD_NAME).write_text(model_card(KVPConfig.from_dict(config), public_value(metadata or {}),
                                                 name=public_name(str(path))), encoding="utf-8")
-        _swap_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

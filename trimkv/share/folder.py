@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import contextlib
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 from safetensors.torch import save_file
 
@@ -64,18 +65,12 @@ def save_gates(gates: RetentionGates, path: str | os.PathLike, *, metadata: dict
     check_writable(path)
     config = public_config(gates.config)       # Hub ids or folder names, never local paths
     metadata = public_value(metadata)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        tmp.chmod(0o777 & ~_umask())           # mkdtemp makes it 0700; the checkpoint is a normal folder
+    with staged_folder(path) as tmp:
         _write_config(tmp / CONFIG_NAME, config)
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if adapters is not None:
             save_lora(adapters, tmp / LORA_DIR, adapter_state)
         write_model_card(tmp / CARD_NAME, config, metadata, source=public_name(str(path)), version=trimkv_version())
-        _swap_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -83,6 +78,21 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def staged_folder(path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A temp folder beside ``path`` to write a checkpoint into: renamed into place when the block ends, deleted if
+    it raises, so a crash leaves the old folder or the new one, never a mix. It gets normal permissions (the umask;
+    ``mkdtemp`` makes 0700)."""
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        tmp.chmod(0o777 & ~_umask())
+        yield tmp
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _write_config(file: pathlib.Path, config: GateConfig) -> None:
@@ -259,8 +269,7 @@ def export_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, form
     path = pathlib.Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     check_writable(path, layouts=(CONFIG_NAME, OFFICIAL_WEIGHTS))
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with staged_folder(path) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
         torch.save(weights, tmp / OFFICIAL_WEIGHTS)
         metadata = {"layout": "the TRIM-KV authors' (config.json + trimkv_weights.pth), written by trimkv export",
@@ -269,10 +278,6 @@ def export_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, form
             metadata["their loader"] = (f"TrimKV*ForCausalLM.from_pretrained(folder, gguf_file="
                                         f"{config.extra['base_gguf_file']!r}): the base model is a GGUF")
         write_model_card(tmp / CARD_NAME, config, metadata, source=public_name(str(path)), version=trimkv_version())
-        _swap_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
