@@ -74,11 +74,13 @@ def static_cache(cfg, L: int, room: int, dtype, device, batch: int = 1) -> Stati
     return cache
 
 
-def bounded_cache(model, cfg, L: int, M: int, dtype, device, *, sink=4, window=16, batch: int = 1) -> RetentionCache:
-    """A RetentionCache as after L tokens: M kept tokens per head (the first ``sink``, the last ``window``,
-    the rest at random positions), filled through the layer interface (one chunk, then compaction)."""
+def bounded_cache(model, cfg, L: int, M: int, dtype, device, *, sink=4, window=16, batch: int = 1,
+                  policy="trimkv") -> RetentionCache:
+    """A RetentionCache of ``policy`` (a name or a policy object) as after L tokens: M kept tokens per head (the first
+    ``sink``, the last ``window``, the rest at random positions), filled through the layer interface (one chunk,
+    then compaction; TRIM-KV reads the staged random log beta, other policies score the keys themselves)."""
     n, hkv, d = kv_shape(cfg)
-    cache = make_cache(model, "trimkv", M, sink=sink, window=window)
+    cache = make_cache(model, policy, M, sink=sink, window=window)
     m = min(M, L)
     middle = torch.randperm(L - sink - window)[: m - sink - window] + sink
     pos = torch.cat([torch.arange(sink), middle.sort().values, torch.arange(L - window, L)])[None].to(device)

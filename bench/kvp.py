@@ -15,32 +15,15 @@ from __future__ import annotations
 
 import torch
 
-from trimkv.attach import LayerInputs
 from trimkv.kvp import KVPConfig, KVPRankers, load_rankers
-from trimkv.serve import make_cache
 from trimkv.serve.policies import KVPPolicy
 
 try:
     from . import common
-    from .decode import decode_seconds, kv_shape
+    from .decode import bounded_cache, decode_seconds, kv_shape
 except ImportError:  # python bench/kvp.py
     import common
-    from decode import decode_seconds, kv_shape
-
-
-def filled_cache(model, policy, L: int, M: int, dtype, device, *, sink=4, window=16):
-    """A bounded cache of ``policy`` as after L tokens (M kept per head), filled through the layer interface."""
-    n, hkv, d = kv_shape(model.config)
-    cache = make_cache(model, policy, M, sink=sink, window=window)
-    middle = torch.randperm(L - sink - window)[: M - sink - window] + sink
-    pos = torch.cat([torch.arange(sink), middle.sort().values, torch.arange(L - window, L)])[None].to(device)
-    for layer in cache.layers:
-        layer.stage(LayerInputs(pos=pos, valid=torch.ones(1, M, dtype=torch.bool, device=device)))
-        k = torch.randn(1, hkv, M, d, dtype=dtype, device=device)
-        layer.update(k, k)
-        layer.insert(k, torch.randn_like(k))
-        layer.compact()
-    return cache
+    from decode import bounded_cache, decode_seconds, kv_shape
 
 
 @torch.no_grad()
@@ -64,10 +47,11 @@ def main(argv=None) -> dict:
     n, hkv, d = kv_shape(cfg)
     rankers = load_rankers(args.kvp, model) if args.kvp else KVPRankers(KVPConfig.for_model(cfg), seed=0)
     rankers = rankers.to(args.device)
-    t_kvp = decode_seconds(model, filled_cache(model, KVPPolicy(rankers), 2 * M, M, dtype, args.device), 2 * M,
-                           steps, args.device)
-    t_base = decode_seconds(model, filled_cache(model, "streaming", 2 * M, M, dtype, args.device), 2 * M, steps,
-                            args.device)
+    def step_seconds(policy) -> float:
+        cache = bounded_cache(model, cfg, 2 * M, M, dtype, args.device, policy=policy)
+        return decode_seconds(model, cache, 2 * M, steps, args.device)
+
+    t_kvp, t_base = step_seconds(KVPPolicy(rankers)), step_seconds("streaming")
     t_score = score_seconds(rankers, n, hkv, d, dtype, args.device, steps)
     rows = [{"budget_M": M, "layers": n, "kv_heads": hkv, "hidden": rankers.config.hidden,
              "decode_kvp_ms": 1e3 * t_kvp, "decode_base_ms": 1e3 * t_base, "score_ms": 1e3 * t_score,
