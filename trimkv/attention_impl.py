@@ -81,14 +81,26 @@ def _positions(pos: torch.Tensor, mask2d: torch.Tensor | None, T: int, S: int, p
         if packed is None:
             packed = bool((pos[:, 1:] != pos[:, :-1] + 1).any())
         if packed:
-            restart = torch.ones_like(pos, dtype=torch.bool)
-            restart[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-            seg = restart.long().cumsum(-1)                               # [B, T]
+            seg = document_ids(pos)                                       # [B, T]
     else:
         k_pos = torch.arange(S, device=device).expand(B, S)
         q_pos = k_pos[:, S - T:]
     k_valid = None if mask2d is None else mask2d[:, -S:].to(device=device, dtype=torch.bool)
     return q_pos, k_pos, seg, k_valid
+
+
+def document_ids(pos: torch.Tensor) -> torch.Tensor:
+    """[..., T] ids (1, 2, ...) of the packed documents of rows of positions ``pos`` [..., T]: a new document starts
+    wherever the positions do not increase by one."""
+    restart = torch.ones_like(pos, dtype=torch.bool)
+    restart[..., 1:] = pos[..., 1:] != pos[..., :-1] + 1
+    return restart.long().cumsum(-1)
+
+
+def packed_documents(pos: torch.Tensor) -> torch.Tensor | None:
+    """:func:`document_ids` of ``pos``, or None when every row holds one document (one host sync)."""
+    seg = document_ids(pos)
+    return seg if bool((seg[..., -1] > 1).any()) else None
 
 
 def _plain_attention(q, k, v, q_pos, k_pos, seg, k_valid, scaling):

@@ -21,6 +21,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..attach import CacheLayer, LayerInputs, attention_modules, install_hooks
+from ..attention_impl import packed_documents
 from ..compat import cache_kwargs
 from ..errors import DataError
 from .targets import Read, future_reads, received_attention
@@ -105,15 +106,6 @@ class RowTrace:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def segments(pos: torch.Tensor) -> torch.Tensor | None:
-    """[T] document ids of a row whose positions restart at 0 for each packed document; None for one document."""
-    restart = torch.zeros_like(pos, dtype=torch.bool)
-    restart[1:] = pos[1:] != pos[:-1] + 1
-    if not bool(restart.any()):
-        return None
-    return restart.long().cumsum(0)
-
-
 def answer_queries(loss_mask: torch.Tensor) -> torch.Tensor | None:
     """[T] bool: the queries that produce an answer token (j with ``loss_mask[j + 1]``); None when the row has no
     targets."""
@@ -133,7 +125,7 @@ def trace_row(model, input_ids: torch.Tensor, position_ids: torch.Tensor, loss_m
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     device = input_ids.device
     L = input_ids.shape[0]
-    row = RowPlan(seg=segments(position_ids),
+    row = RowPlan(seg=packed_documents(position_ids),
                   answer_queries=answer_queries(loss_mask) if plan.answer else None)
     num_layers = len(attention_modules(model))
     cache = TraceCache(num_layers, plan, row)

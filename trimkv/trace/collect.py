@@ -22,10 +22,11 @@ import torch
 
 from .._version import __version__
 from ..attach import attention_modules
+from ..attention_impl import packed_documents
 from ..base_model import input_device
 from ..errors import DataError, NonFiniteError, TraceMismatchError, TraceStoreError
 from ..progress import Progress
-from .capture import TracePlan, segments, trace_row
+from .capture import TracePlan, trace_row
 from .store import (FORMAT, MANIFEST, STORE_DTYPES, VERSION, TraceStore, fingerprint, read_manifest, row_bytes,
                     shard_name, stale_files, tensor_name, write_manifest, write_shard)
 from .settings import TraceSettings
@@ -151,7 +152,7 @@ def write_traces(model, tokenizer, data_cfg, out: str | Path, settings: TraceSet
         return TraceStore(out)
     rows = source_rows(data_cfg, tokenizer, total)
     if manifest["recon_prompt"] is not None:
-        packed = [r for r in range(done, total) if segments(rows[r]["position_ids"]) is not None]
+        packed = [r for r in range(done, total) if packed_documents(rows[r]["position_ids"]) is not None]
         if packed:
             raise DataError(f"the 'recon' target reads one document per row, but {len(packed)} of the rows pack "
                             f"several (row {packed[0]} first): trace with data.pack: false, or leave 'recon' out")

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import capacity_sums
+from ..attention_impl import packed_documents
 from ..errors import DataError
 from ..gate import GateConfig, RetentionGate, RetentionGates
 from ..losses import capacity_loss
@@ -161,17 +162,9 @@ def layer_loss(gate: RetentionGate, x: torch.Tensor, utility: torch.Tensor, pos:
                         temperature=settings.temperature, edges=edges)
     cap = torch.zeros((), device=logb.device)
     if settings.capacity_weight:
-        S = capacity_sums(logb.masked_fill(~valid[:, None, :], 0.0), pos, seg=_segments(pos), valid=valid)
+        S = capacity_sums(logb.masked_fill(~valid[:, None, :], 0.0), pos, seg=packed_documents(pos), valid=valid)
         cap = capacity_loss(S, pos, settings.budget, form=settings.capacity_form, valid=valid)
     return {"loss": rank + settings.capacity_weight * cap, "rank": rank.detach(), "cap": cap.detach()}
-
-
-def _segments(pos: torch.Tensor) -> torch.Tensor | None:
-    restart = torch.ones_like(pos, dtype=torch.bool)
-    restart[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    if not bool(restart[:, 1:].any()):
-        return None
-    return restart.long().cumsum(-1)
 
 
 def fit_gates(store, gates: RetentionGates, settings: FitSettings | None = None, *, layers=None,
