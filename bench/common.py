@@ -36,6 +36,14 @@ def decode_sizes(args) -> tuple[int, int]:
     return args.budget or (32 if args.quick else 512), args.steps or (5 if args.quick else 32)
 
 
+def decode_setup(args):
+    """What a decode-step benchmark starts from: (M, timed steps, model, config, weight dtype)."""
+    setup(args)
+    M, steps = decode_sizes(args)
+    model, cfg = load(args)
+    return M, steps, model, cfg, next(model.parameters()).dtype
+
+
 def setup(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -46,10 +46,7 @@ def main(argv=None) -> dict:
     p = common.parser(__doc__.splitlines()[0])
     common.add_decode_args(p)
     args = p.parse_args(argv)
-    common.setup(args)
-    M, steps = common.decode_sizes(args)
-    model, cfg = common.load(args)
-    dtype = next(model.parameters()).dtype
+    M, steps, model, cfg, dtype = common.decode_setup(args)
     n, hkv, d = kv_shape(cfg)
     handle = attach_gates(model)
     cache = bounded_cache(model, cfg, 2 * M, M, dtype, args.device)

@@ -40,10 +40,7 @@ def main(argv=None) -> dict:
     common.add_decode_args(p)
     p.add_argument("--kvp", default=None, help="a trained ranker checkpoint (default: random rankers, hidden 64)")
     args = p.parse_args(argv)
-    common.setup(args)
-    M, steps = common.decode_sizes(args)
-    model, cfg = common.load(args)
-    dtype = next(model.parameters()).dtype
+    M, steps, model, cfg, dtype = common.decode_setup(args)
     n, hkv, d = kv_shape(cfg)
     rankers = load_rankers(args.kvp, model) if args.kvp else KVPRankers(KVPConfig.for_model(cfg), seed=0)
     rankers = rankers.to(args.device)
