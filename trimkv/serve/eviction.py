@@ -47,11 +47,10 @@ def protect(score: torch.Tensor, pos: torch.Tensor, t_now: torch.Tensor, *, sink
     """Apply sink / window protection (+inf), empty slots (-inf) and disabled slots (+inf: a decode step never picks
     one as its victim) to any policy's raw scores [B, ...]."""
     t = per_row(t_now, pos)
-    if sink > 0:
-        score = score.masked_fill(pos < sink, float("inf"))
+    score = score.masked_fill(pos < sink, float("inf"))        # sink tokens, and every slot without a token (pos < 0)
     if window > 0:
         score = score.masked_fill(pos > t - window, float("inf"))
-    return score.masked_fill(pos < 0, NEG_INF).masked_fill(pos <= DISABLED, float("inf"))
+    return score.masked_fill(pos == EMPTY, NEG_INF)            # empty slots go first; disabled ones stay +inf
 
 
 def write_slots_(slots: Candidates, victim: torch.Tensor, new: Candidates) -> None:
