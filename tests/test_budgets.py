@@ -250,7 +250,7 @@ def _run(argv) -> int:
 @pytest.mark.parametrize("argv, code, named", [
     (["eval", "--policies", "snapkv", "--head-budgets", "{missing}"], 4, "no such file"),
     (["eval", "--policies", "snapkv,h2o", "--head-budgets", "{alloc}"], 2, "not for h2o"),
-    (["eval", "--policies", "snapkv", "--head-budgets", "{alloc}", "--fidelity"], 2, "task grid"),
+    (["eval", "--policies", "snapkv,h2o", "--head-budgets", "{alloc}", "--fidelity"], 2, "not for h2o"),
     (["generate", "{p}", "--head-budgets", "{alloc}"], 2, "give --budget"),
     (["generate", "{p}", "--policy", "h2o", "--budget", "64", "--head-budgets", "{alloc}"], 2, "not for h2o"),
     (["profile", "--out", "{tmp}/x", "--ratios", "0,0.5"], 2, "keep ratios"),
@@ -295,6 +295,22 @@ def test_eval_cells_with_head_budgets_are_their_own_cells_at_the_same_memory(tok
     assert len(list((tmp_path / "r" / "cells").rglob("*.json"))) == 2
 
 
+def test_fidelity_with_head_budgets_names_the_allocation_and_drifts_differently(tokenizer, tmp_path):
+    from trimkv.eval.fidelity import fidelity_table, run_fidelity
+
+    model = build_tiny_model(vocab_size=400, initializer_range=0.2)
+    kw = dict(n_texts=1, prefix_tokens=96, continuation_tokens=24, sink=1, window=2, prefill_chunk=32,
+              progress=False, policies=["snapkv"])
+    folder = allocation(tmp_path)
+    uniform = run_fidelity(model, tokenizer, budgets=[12], **kw)
+    split = run_fidelity(model, tokenizer, budgets=[12, 400], head_budgets=folder, out_dir=tmp_path / "f", **kw)
+    assert "head_budgets" not in uniform[0] and {r["head_budgets"] for r in split} == {"tiny-lukv"}
+    by = {r["budget"]: r for r in split}
+    assert by[400]["kl"] == pytest.approx(0.0, abs=1e-5)                  # nothing evicted: exact
+    assert by[12]["kl"] > 1e-4 and by[12]["kl"] != pytest.approx(uniform[0]["kl"], rel=1e-6)
+    assert "| snapkv (tiny-lukv) | 12 |" in fidelity_table(split)
+
+
 def test_profiling_a_tiny_model_writes_an_allocation_make_cache_takes(tokenizer, tmp_path):
     from trimkv.eval.profile import allocation_card, profile_allocation, profiling_set
 
@@ -317,3 +333,57 @@ def test_profiling_a_tiny_model_writes_an_allocation_make_cache_takes(tokenizer,
     assert again.tables == json.loads(json.dumps(alloc.tables)) and again.cost["seconds"] > 0
     cache = make_cache(model, "keydiff", 16, sink=1, window=2, head_budgets=folder)
     assert sum(map(sum, cache.head_budgets)) == 64
+
+
+# ------------------------------------------------------------------------------------------- per-layer budgets
+
+
+def test_the_per_layer_solver_hands_tokens_to_whole_layers_by_hand():
+    from trimkv.eval.profile import layer_allocations
+
+    # heads (0, 0), (0, 1), (1, 0), (1, 1); a layer's gain is the sum of its heads': layer 0 [9, 7, 1], layer 1
+    # [11, 3, 2]. Floor 3; 20 head tokens = 10 layer tokens, the 4 beyond the floors go to the gains 11 (layer 1),
+    # 9, 7 (layer 0), 3 (layer 1)
+    gains = torch.tensor([[5., 3, 1], [4, 4, 0], [9, 1, 0], [2, 2, 2]])
+    assert layer_allocations(gains, [20], 3, 2, 2).tolist() == [[5, 5, 5, 5]]
+    assert layer_allocations(gains, [14], 3, 2, 2).tolist() == [[3, 3, 4, 4]]     # one token each: layer 1 (11)
+    with pytest.raises(ValueError, match="multiples"):
+        layer_allocations(gains, [13], 3, 2, 2)
+
+
+def test_a_per_layer_allocation_has_no_padding_and_keeps_the_total(tmp_path):
+    shares = [[0.5, 0.5], [1.5, 1.5]]
+    folder = allocation(tmp_path, granularity="layer",
+                        tables={"snapkv": {"shares": shares, "ratios": [[[0.1] * 2] * 2] * 2}})
+    alloc = load_allocation(folder)
+    assert alloc.granularity == "layer" and alloc.to_json()["granularity"] == "layer"
+    assert alloc.budgets("snapkv", 11, 4).tolist() == [[6, 6], [16, 16]]       # 2 layers x 2 heads x 11 = 44
+    model = build_tiny_model()
+    cache = make_cache(model, "snapkv", 11, sink=1, window=2, head_budgets=folder)
+    prefill(model, PROMPT, cache, chunk=9)
+    uniform = make_cache(model, "snapkv", 11, sink=1, window=2)
+    prefill(model, PROMPT, uniform, chunk=9)
+    assert cache.nbytes() == cache.budget_nbytes() == uniform.nbytes()       # allocated = budgeted = uniform
+    assert "granularity" not in HeadAllocation("m", (2, 2), [0.1], {}).to_json()   # per head: the old format
+
+
+def test_a_per_layer_allocation_whose_heads_differ_is_refused(tmp_path):
+    with pytest.raises(AllocationError, match="differ between the KV heads of a layer"):
+        load_allocation(allocation(tmp_path, granularity="layer"))
+    with pytest.raises(AllocationError, match="granularity must be one of head, layer"):
+        load_allocation(allocation(tmp_path, granularity="token"))
+
+
+def test_profiling_per_layer_gives_every_head_of_a_layer_the_same_share(tokenizer, tmp_path):
+    from trimkv.eval.profile import allocation_card, profile_allocation
+
+    model = build_tiny_model(vocab_size=400, initializer_range=0.2)
+    alloc = profile_allocation(model, tokenizer, policies=["snapkv"], n_docs=1, questions=2, length=640, seed=5,
+                               grid=[0.1, 0.2], sink=1, window=2, prefill_chunk=64, name="t", per="layer",
+                               progress=False)
+    shares = torch.tensor(alloc.tables["snapkv"]["shares"])
+    assert alloc.granularity == "layer" and float(shares.mean()) == pytest.approx(1.0)
+    assert torch.allclose(shares, shares[:, :1].expand_as(shares))
+    alloc.save(tmp_path / "t", card=allocation_card(alloc))
+    assert "per-layer" in (tmp_path / "t" / "README.md").read_text()
+    assert load_allocation(tmp_path / "t").granularity == "layer"

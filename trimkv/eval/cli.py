@@ -191,9 +191,6 @@ def check_head_budgets_arg(args: argparse.Namespace, policies: list[str]) -> Non
     from trimkv.names import GLOBAL_SUFFIX
     from trimkv.serve.budgets import load_allocation
 
-    if getattr(args, "fidelity", False):
-        raise UsageError("--head-budgets applies to the task grid; --fidelity runs uniform budgets only")
-
     pooled = [p for p in policies if p.endswith(GLOBAL_SUFFIX)]
     if pooled:
         raise UsageError(f"--head-budgets does not apply to {','.join(pooled)} (the global pool sizes its heads at run "
@@ -314,7 +311,7 @@ def _profile(args: argparse.Namespace) -> int:
     alloc = profile_allocation(model, tok, policies=args.policies, n_docs=args.docs, questions=args.questions,
                                length=args.length, seed=args.seed, grid=args.ratios, sink=args.sink,
                                window=args.window, prefill_chunk=args.prefill_chunk, name=Path(args.out).name,
-                               gates=args.gates if gated else None, progress=not args.quiet)
+                               gates=args.gates if gated else None, per=args.per, progress=not args.quiet)
     print(alloc.save(args.out, card=allocation_card(alloc)))
     print(allocation_card(alloc))
     return 0
@@ -346,6 +343,9 @@ def add_profile(sub) -> None:
     p.add_argument("--length", type=integer(256, MAX_TOKENS), default=2048, help="tokens per document")
     p.add_argument("--ratios", type=_ratios, default=list(_names.LUKV_GRID), metavar="R[,R...]",
                    help="global keep ratios (mean budget / prompt length) the solutions are averaged over")
+    p.add_argument("--per", choices=_names.LUKV_GRANULARITIES, default="head",
+                   help="a budget per KV head (LU-KV; the cache pads each layer to its largest head) or per layer (all "
+                        "KV heads of a layer alike: the allocated bytes equal the uniform cache's)")
     p.add_argument("--out", required=True, help="output folder (allocation.json, README.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -77,10 +77,17 @@ def compare(ref: torch.Tensor, test: torch.Tensor, targets: torch.Tensor) -> dic
 
 def run_fidelity(model, tokenizer, *, budgets, policies, gates=None, n_texts: int = 2, prefix_tokens: int = 1024,
                  continuation_tokens: int = 256, step: int = 1, seed: int = 0, sink: int = 4, window: int = 16,
-                 prefill_chunk: int = 256, out_dir=None, progress: bool = True) -> list[dict]:
+                 prefill_chunk: int = 256, head_budgets=None, out_dir=None, progress: bool = True) -> list[dict]:
     """One record per (policy, budget): mean kl / top1 over all continuation tokens of all texts, and the
-    perplexity ratio. Writes ``fidelity.json`` and ``fidelity.md`` into ``out_dir`` when given."""
+    perplexity ratio. ``head_budgets``: an allocation (file or folder of ``trimkv profile``) whose table of each
+    policy splits its budget over the heads (the records name it), or None / "uniform". Writes ``fidelity.json``
+    and ``fidelity.md`` into ``out_dir`` when given."""
     policies = [p for p in policies if p != FULL]
+    allocation = None
+    if head_budgets is not None and head_budgets != "uniform":
+        from trimkv.serve.budgets import load_allocation
+
+        allocation = load_allocation(head_budgets)
     budgets = sorted({int(b) for b in budgets})
     device = input_device(model)
     texts = [t.to(device) for t in eval_texts(tokenizer, n_texts=n_texts, n_tokens=prefix_tokens +
@@ -94,7 +101,8 @@ def run_fidelity(model, tokenizer, *, budgets, policies, gates=None, n_texts: in
                 for budget in budgets:
                     bar.update(label=f"fidelity {policy} M={budget}")
                     for i, (ids, ref) in enumerate(zip(texts, refs)):
-                        cache = policy_cache(model, policy, budget, sink=sink, window=window, seed=seed * 1000 + i)
+                        cache = policy_cache(model, policy, budget, sink=sink, window=window, seed=seed * 1000 + i,
+                                             head_budgets=allocation)
                         test = bounded_logprobs(model, ids, cache, prefix=prefix_tokens,
                                                 prefill_chunk=prefill_chunk, step=step)
                         m = compare(ref, test, ids[0, prefix_tokens:])
@@ -106,6 +114,9 @@ def run_fidelity(model, tokenizer, *, budgets, policies, gates=None, n_texts: in
                     ppl_full=math.exp(v["nll_full"]), ppl_ratio=math.exp(v["nll"] - v["nll_full"]),
                     n_texts=n_texts, prefix_tokens=prefix_tokens, continuation_tokens=continuation_tokens, step=step,
                     sink=sink, window=window, gates=gate_id if uses_gates(p) else None) for (p, b), v in sums.items()]
+    if allocation is not None:
+        for r in records:
+            r["head_budgets"] = allocation.name
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +128,7 @@ def run_fidelity(model, tokenizer, *, budgets, policies, gates=None, n_texts: in
 def fidelity_table(records: list[dict]) -> str:
     lines = ["| policy | M | KL(full‖bounded) | top-1 agree | ppl ratio |", "|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['policy']} | {r['budget']} | {r['kl']:.4f} | {100 * r['top1']:.1f}% | "
+        policy = r["policy"] + (f" ({r['head_budgets']})" if r.get("head_budgets") else "")
+        lines.append(f"| {policy} | {r['budget']} | {r['kl']:.4f} | {100 * r['top1']:.1f}% | "
                      f"{r['ppl_ratio']:.3f} |")
     return "\n".join(lines) + "\n"

@@ -46,7 +46,7 @@ from trimkv.errors import DataError
 from trimkv.names import LUKV_GRID
 from trimkv.progress import Progress
 from trimkv.serve import make_cache
-from trimkv.serve.budgets import HeadAllocation, allocations_over_grid, pava_nonincreasing
+from trimkv.serve.budgets import GRANULARITIES, HeadAllocation, allocations_over_grid, pava_nonincreasing
 from trimkv.serve.eviction import protect
 from trimkv.serve.factory import model_shape
 from trimkv.serve.generation import prefill
@@ -155,9 +155,10 @@ def query_gains(cache, recorder: _QueryRecorder, scores: list[torch.Tensor], n: 
 
 @torch.no_grad()
 def profile_policy(model, tokenizer, policy: str, docs, *, grid, sink: int, window: int, prefill_chunk: int,
-                   bar: Progress | None = None) -> dict:
+                   per: str = "head", bar: Progress | None = None) -> dict:
     """Per-query greedy solutions of one policy over ``docs`` (:func:`profiling_set`) -> {"shares" [L][H],
-    "ratios" [R][L][H], "loss_uniform" [R], "loss_lukv" [R], "queries"}."""
+    "ratios" [R][L][H], "loss_uniform" [R], "loss_lukv" [R], "queries"}. ``per="layer"``: the solver hands tokens
+    to whole layers (:func:`layer_allocations`), so the heads of a layer share one budget."""
     L, H = model_shape(model)
     device = input_device(model)
     floor = sink + window + 1
@@ -186,8 +187,12 @@ def profile_policy(model, tokenizer, policy: str, docs, *, grid, sink: int, wind
             if answer.shape[1] > 1:
                 prefill(model, answer[:, :-1], cache, chunk=prefill_chunk)         # the answer, teacher-forced
             raw, convex = query_gains(cache, rec, scores, n, floor, grams)
-            totals = [min(max(round(r * n * L * H), floor * L * H), n * L * H) for r in grid]
-            alloc = allocations_over_grid(convex, totals, floor).double()          # [R, N]
+            if per == "layer":
+                totals = [min(max(round(r * n * L), floor * L), n * L) * H for r in grid]
+                alloc = layer_allocations(convex, totals, floor, L, H).double()    # [R, N]
+            else:
+                totals = [min(max(round(r * n * L * H), floor * L * H), n * L * H) for r in grid]
+                alloc = allocations_over_grid(convex, totals, floor).double()      # [R, N]
             ratios += alloc / n
             shares += (alloc / (torch.tensor(totals, dtype=torch.float64)[:, None] / (L * H))).mean(0)
             kept = raw.cumsum(1)                                                   # oracle importance kept at b
@@ -203,6 +208,16 @@ def profile_policy(model, tokenizer, policy: str, docs, *, grid, sink: int, wind
             "loss_uniform": _rounded(loss_u / count), "loss_lukv": _rounded(loss_a / count), "queries": count}
 
 
+def layer_allocations(convex: torch.Tensor, totals: list[int], floor: int, L: int, H: int) -> torch.Tensor:
+    """Per-layer greedy solutions [R, L*H] from per-head convexified gains ``convex`` [L*H, n]: a layer's gain for
+    one more token in each of its H heads is the sum of their gains (non-increasing, since each is), the solver runs
+    over the L layers with totals ``totals / H``, and each head gets its layer's budget."""
+    if any(t % H for t in totals):
+        raise ValueError(f"per-layer totals must be multiples of the {H} KV heads, got {totals}")
+    gains = convex.view(L, H, -1).sum(1)                                           # [L, n]
+    return allocations_over_grid(gains, [t // H for t in totals], floor).repeat_interleave(H, dim=1)
+
+
 def _rounded(t: torch.Tensor, digits: int = 6) -> list:
     """Nested lists of ``t``'s values rounded to ``digits`` decimals (a small file; shares keep mean 1 to 1e-6)."""
     return torch.round(t.double(), decimals=digits).tolist()
@@ -211,9 +226,11 @@ def _rounded(t: torch.Tensor, digits: int = 6) -> list:
 def profile_allocation(model, tokenizer, *, policies: list[str], n_docs: int = 4, questions: int = 8,
                        length: int = 2048, seed: int = 23, grid=DEFAULT_GRID, sink: int = 4, window: int = 16,
                        prefill_chunk: int = 256, name: str = "allocation", gates: str | None = None,
-                       progress: bool = True) -> HeadAllocation:
+                       per: str = "head", progress: bool = True) -> HeadAllocation:
     """Profile ``policies`` on :func:`profiling_set` and return the allocation (gates, when a policy reads them, must
-    be attached to ``model`` already)."""
+    be attached to ``model`` already); ``per``: "head" (a budget per KV head) or "layer" (one per layer)."""
+    if per not in GRANULARITIES:
+        raise ValueError(f"per must be one of {', '.join(GRANULARITIES)}, got {per!r}")
     t0 = time.perf_counter()
     docs = profiling_set(tokenizer, n_docs=n_docs, questions=questions, length=length, seed=seed)
     n_queries = sum(len(q) for _, q in docs)
@@ -222,7 +239,7 @@ def profile_allocation(model, tokenizer, *, policies: list[str], n_docs: int = 4
         for policy in policies:
             t = time.perf_counter()
             tables[policy] = profile_policy(model, tokenizer, policy, docs, grid=list(grid), sink=sink, window=window,
-                                            prefill_chunk=prefill_chunk, bar=bar)
+                                            prefill_chunk=prefill_chunk, per=per, bar=bar)
             per_policy_s[policy] = round(time.perf_counter() - t, 1)
     L, H = model_shape(model)
     tokens = sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c, _ in docs)
@@ -234,14 +251,17 @@ def profile_allocation(model, tokenizer, *, policies: list[str], n_docs: int = 4
                 threads=torch.get_num_threads())
     model_name = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
     return HeadAllocation(base_model=model_name, shape=(L, H), grid=[float(g) for g in grid], tables=tables,
-                          settings=settings, cost=cost, name=name)
+                          settings=settings, cost=cost, name=name, granularity=per)
 
 
 def allocation_card(alloc: HeadAllocation) -> str:
     """A README for the allocation folder: what was profiled, how, what it cost, and what the profile predicts."""
     s, c = alloc.settings, alloc.cost
-    lines = [f"# {alloc.name}: LU-KV per-head budgets for {alloc.base_model}", "",
-             f"Per (layer, KV head) budget shares ({alloc.shape[0]} layers x {alloc.shape[1]} KV heads) from LU-KV "
+    per_layer = alloc.granularity == "layer"
+    lines = [f"# {alloc.name}: LU-KV per-{alloc.granularity} budgets for {alloc.base_model}", "",
+             ("Per-layer budget shares (every KV head of a layer gets its layer's budget: no padding, the allocated "
+              "bytes equal the uniform cache's)" if per_layer else "Per (layer, KV head) budget shares") +
+             f" ({alloc.shape[0]} layers x {alloc.shape[1]} KV heads) from LU-KV "
              "profiling (arXiv 2602.08585): eviction-loss curves of each policy with full attention, convexified "
              "(PAVA), solved greedily, averaged over the profiling queries and the grid of global keep ratios.", "",
              "    trimkv eval --head-budgets <this folder> ...      # or make_cache(..., head_budgets=<this folder>)", "",
@@ -263,4 +283,5 @@ def allocation_card(alloc: HeadAllocation) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["profile_allocation", "profile_policy", "profiling_set", "allocation_card", "DEFAULT_GRID", "Query"]
+__all__ = ["profile_allocation", "profile_policy", "profiling_set", "allocation_card", "layer_allocations",
+           "DEFAULT_GRID", "Query"]

@@ -20,6 +20,13 @@ profiled policy, the shares [L, Hkv] and the solutions' ratios [R, L, Hkv] over 
 shape, the profile's settings and cost. ``make_cache(model, policy, budget, head_budgets=...)`` takes such a file
 (the table of that policy, scaled to ``budget``), a :class:`HeadAllocation`, ``"uniform"`` / None, or integer
 budgets [L, Hkv] as they are.
+
+**Granularity.** A per-head allocation stores every (layer, KV head)'s budget in a slot buffer as wide as the
+layer's largest head budget (the disabled slots of the smaller heads are padding: see
+:mod:`trimkv.serve.cache`), so its *allocated* bytes exceed the uniform cache's. A **per-layer** allocation
+(``granularity="layer"``, ``trimkv profile --per layer``) gives all KV heads of a layer the same budget: the greedy
+solver hands tokens to whole layers (one token to each of its heads, the layer's gain being the sum of its heads'
+convexified gains), and the allocated bytes equal the uniform cache's exactly.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AllocationError, CacheError
+from ..names import LUKV_GRANULARITIES as GRANULARITIES
 
 FORMAT = "trimkv-head-allocation"
 VERSION = 1
@@ -138,6 +146,7 @@ class HeadAllocation:
     settings: dict = field(default_factory=dict)
     cost: dict = field(default_factory=dict)
     name: str = "allocation"
+    granularity: str = "head"                # "layer": one budget for all KV heads of a layer (no padding)
 
     @property
     def policies(self) -> list[str]:
@@ -151,13 +160,20 @@ class HeadAllocation:
         return torch.tensor(self.tables[policy]["shares"], dtype=torch.float64)
 
     def budgets(self, policy: str, budget: int, floor: int) -> torch.Tensor:
-        """Integer budgets [L, Hkv] of ``policy`` at mean ``budget`` (:func:`scale_shares`)."""
-        return scale_shares(self.shares(policy), budget, floor)
+        """Integer budgets [L, Hkv] of ``policy`` at mean ``budget`` (:func:`scale_shares`; per layer for a
+        per-layer allocation, so every head of a layer gets the same budget and the total stays exact)."""
+        shares = self.shares(policy)
+        if self.granularity == "layer":
+            return scale_shares(shares.mean(1, keepdim=True), budget, floor).expand(shares.shape).contiguous()
+        return scale_shares(shares, budget, floor)
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "name": self.name, "base_model": self.base_model,
-                "shape": list(self.shape), "grid": self.grid, "settings": self.settings, "cost": self.cost,
-                "tables": self.tables}
+        out = {"format": FORMAT, "version": VERSION, "name": self.name, "base_model": self.base_model,
+               "shape": list(self.shape), "grid": self.grid, "settings": self.settings, "cost": self.cost}
+        if self.granularity != "head":        # absent = per head (files written before the field existed)
+            out["granularity"] = self.granularity
+        out["tables"] = self.tables
+        return out
 
     def save(self, folder: str | Path, card: str | None = None) -> Path:
         """Write ``folder/allocation.json`` (and ``README.md`` when ``card`` is given); returns the JSON path."""
@@ -212,6 +228,9 @@ def from_json(data, where: str = "allocation") -> HeadAllocation:
     grid = data.get("grid")
     if not (isinstance(grid, list) and grid and all(isinstance(g, (int, float)) and 0 < g <= 1 for g in grid)):
         raise bad(f"grid must be a non-empty list of global keep ratios in (0, 1], got {grid!r:.80}")
+    granularity = data.get("granularity", "head")
+    if granularity not in GRANULARITIES:
+        raise bad(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     tables = data.get("tables")
     if not isinstance(tables, dict) or not tables:
         raise bad("no tables: the file holds no profiled policy")
@@ -223,13 +242,15 @@ def from_json(data, where: str = "allocation") -> HeadAllocation:
         if not math.isclose(float(shares.sum()), L * H, rel_tol=1e-4):
             raise bad(f"{policy}.shares sum to {float(shares.sum()):.6g}, not layers x KV heads = {L * H} (shares "
                       "have mean 1: an allocation keeps the uniform total)")
+        if granularity == "layer" and not torch.allclose(shares, shares.mean(1, keepdim=True), atol=1e-5):
+            raise bad(f"{policy}.shares differ between the KV heads of a layer in a per-layer allocation")
         ratios = _tensor(table.get("ratios"), (len(grid), L, H), f"{policy}.ratios", bad)
         if not torch.isfinite(ratios).all() or (ratios < 0).any() or (ratios > 1).any():
             raise bad(f"{policy}.ratios must lie in [0, 1]")
     name = data.get("name") if isinstance(data.get("name"), str) else Path(where).parent.name or "allocation"
     return HeadAllocation(base_model=str(data.get("base_model", "")), shape=(L, H), grid=[float(g) for g in grid],
                           tables=tables, settings=dict(data.get("settings") or {}), cost=dict(data.get("cost") or {}),
-                          name=name)
+                          name=name, granularity=granularity)
 
 
 def _tensor(value, shape: tuple[int, ...], what: str, bad) -> torch.Tensor:
@@ -266,4 +287,5 @@ def resolve_head_budgets(head_budgets, *, num_layers: int, num_kv_heads: int, bu
 
 
 __all__ = ["HeadAllocation", "load_allocation", "from_json", "resolve_head_budgets", "scale_shares",
-           "greedy_allocate", "allocations_over_grid", "pava_nonincreasing", "convex_gains", "UNIFORM", "FILE"]
+           "greedy_allocate", "allocations_over_grid", "pava_nonincreasing", "convex_gains", "UNIFORM", "FILE",
+           "GRANULARITIES"]
