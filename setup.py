@@ -10,7 +10,8 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
-SHIPPED = ("recipes", "checkpoints/smollm2-135m-qa-m64")   # = trimkv.shipped.SHIPPED (a test checks they agree)
+# = trimkv.shipped.SHIPPED (a test checks they agree)
+SHIPPED = ("recipes", "checkpoints/smollm2-135m-qa-m64", "checkpoints/smollm2-135m-lukv-layer")
 
 
 class BuildPyWithShipped(build_py):

@@ -10,6 +10,11 @@ tokens/s and model FLOPs utilisation (MFU) side by side.
   with gradients flowing through every frozen layer to the input embeddings (no weight gradients), i.e. the
   cheapest backward that still traverses the network like the gate gradients do.
 
+* trace (batch ``1`` only): :func:`trimkv.trace.capture.trace_row` on the same row with the default trace settings
+  (every layer, targets ``future`` + ``answer``, horizons 16/64/256): the forward-only pass that ``trimkv trace``
+  runs per row to learn from the model's own attention (issue: >= 2x the gate step's tokens/s), without the shard
+  write.
+
 Two batch settings per length: ``1`` row (the ratio the issue tracks) and ``max``: the most rows whose gate step fits
 ``--memory-fraction`` of the GPU's memory (:func:`trimkv.train.throughput.rows_for_memory`, two probe steps; capped
 at ``--max-rows``), the batch a GPU recipe should train with. MFU = model FLOPs (:mod:`trimkv.train.throughput`) /
@@ -104,6 +109,7 @@ def measure_length(model, cfg, T: int, args) -> list[dict]:
 
         frozen_s[setting] = _timed(frozen, args)
         del ids_dev
+    trace_s = _timed(lambda: trace_once(model, batches["1"], args.device), args)
     step = GateStep(model, T, args.attn_impl, args.device)
     out = []
     mfu = (lambda f, s: None if peak is None or s is None else f / s / peak)  # noqa: E731
@@ -122,8 +128,23 @@ def measure_length(model, cfg, T: int, args) -> list[dict]:
                     "gate_tok_s": tokens / t_gate, "frozen_tok_s": None if t_frozen is None else tokens / t_frozen,
                     "gate_mfu": mfu(gate_flops, t_gate), "frozen_mfu": mfu(frozen_flops, t_frozen),
                     "gate_TFLOP": gate_flops / 1e12})
+        if setting == "1":
+            out[-1].update(trace_s=trace_s, trace_tok_s=None if trace_s is None else tokens / trace_s,
+                           trace_speedup=None if trace_s is None else t_gate / trace_s)
     step.close()
     return out
+
+
+def trace_once(model, batch, device: str) -> None:
+    """One row through :func:`trimkv.trace.capture.trace_row`, with the default trace settings' plan."""
+    from trimkv.trace.capture import TracePlan, trace_row
+    from trimkv.trace.settings import TraceSettings
+
+    s = TraceSettings()
+    plan = TracePlan(layers=tuple(range(model.config.num_hidden_layers)), horizons=s.horizons,
+                     answer="answer" in s.targets, query_chunk=s.query_chunk)
+    trace_row(model, batch["input_ids"][0].to(device), batch["position_ids"][0].to(device),
+              batch["loss_mask"][0].to(device), plan)
 
 
 def _timed(fn, args) -> float | None:

@@ -119,7 +119,8 @@ def test_the_makefile_and_the_library_use_one_cache_folder(tmp_path):
 
 
 def test_the_wheel_carries_the_recipes_and_the_demo_gates(tmp_path):
-    """`pip wheel .` (what `pip install .` installs): the recipes and the default gates are package data."""
+    """`pip wheel .` (what `pip install .` installs): the recipes, the default gates and their allocation are
+    package data."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                     str(tmp_path), str(ROOT)], check=True, capture_output=True, cwd=tmp_path)
     wheel = next(tmp_path.glob("trimkv_gates-*.whl"))
@@ -129,5 +130,7 @@ def test_the_wheel_carries_the_recipes_and_the_demo_gates(tmp_path):
     assert recipes == {p.name for p in (ROOT / "recipes").glob("*.yaml")}
     gates = {Path(n).name for n in names if n.startswith(f"trimkv/_shipped/{shipped.DEFAULT_GATES}/")}
     assert gates == {"config.json", "model.safetensors", "README.md"}
+    allocation = {Path(n).name for n in names if n.startswith(f"trimkv/_shipped/{shipped.DEFAULT_ALLOCATION}/")}
+    assert allocation == {"allocation.json", "README.md"}
     assert not any(n.startswith(("tests/", "checkpoints/", "recipes/")) for n in names)
     assert wheel.stat().st_size < 30 * 2**20

@@ -1,6 +1,7 @@
-"""``make demo``: a fact hidden in ~2k tokens, asked for at the end, answered by the embedded SmolLM2-135M-Instruct
-three ways: with the full cache, with the shipped TRIM-KV gates keeping M tokens per KV head, and with StreamingLLM
-(sink + recent window) at the same memory. Prints each answer and the KV bytes it needed, then how far bounded
+"""``make demo``: a pass key hidden in ~2k tokens of filler at several depths, asked for at the end, answered by the
+embedded SmolLM2-135M-Instruct with the full cache, with the shipped TRIM-KV gates keeping M tokens per KV head
+(uniform, and split over the layers by the shipped LU-KV allocation), and with StreamingLLM (sink + recent window) at
+the same memory. Prints every answer, then the rate per method and the KV bytes it needed, then how far bounded
 decoding drifts from the full cache on real prose (learned retention vs StreamingLLM).
 
 Uses the gate checkpoint shipped with trimkv (``checkpoints/`` of a clone, package data of an installed wheel:
@@ -10,11 +11,12 @@ Uses the gate checkpoint shipped with trimkv (``checkpoints/`` of a clone, packa
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .shipped import default_gates, recipe_path
+from .shipped import default_allocation, default_gates, recipe_path
 
 RECIPE = recipe_path("smollm2-135m-qa-m64")
 # A retrain in the demo: the recipe shortened to what 2 CPU cores do in ~10 minutes.
@@ -44,37 +46,94 @@ def _mb(nbytes: int) -> str:
     return f"{nbytes / 2**20:.2f} MiB"
 
 
-def run_demo(*, retrain: bool = False, steps: int | None = None, context: int = 2048, budget: int | None = None,
-             seed: int = 3, depth: float = 0.25, device: str | None = None, dtype: str = "auto") -> dict:
-    from .share import load_gates
+DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)       # where the pass key sits in the haystack, one prompt each
+
+
+@dataclass
+class Method:
+    """One way of answering: a name, and the cache it answers with (None: the full cache)."""
+
+    name: str
+    policy: str | None = None             # None: the full cache
+    head_budgets: str | Path | None = None
+
+
+def demo_methods(budget: int, allocation: Path | None) -> list[Method]:
+    """Full cache, the gates at ``budget`` tokens per KV head (uniform, and split by the shipped per-layer LU-KV
+    allocation when there is one), StreamingLLM at the same memory."""
+    methods = [Method("full cache (DynamicCache)"), Method(f"TRIM-KV gates, M={budget}/head", "trimkv")]
+    if allocation is not None:
+        methods.append(Method(f"TRIM-KV gates + LU-KV layers, M={budget}", "trimkv", allocation))
+    return methods + [Method(f"StreamingLLM, M={budget}/head", "streaming")]
+
+
+def ask_at_depths(model, tok, methods: list[Method], *, budget: int, context: int, depths=DEPTHS, seed: int = 3,
+                  sink: int = 4, window: int = 16, max_new_tokens: int = 16, show=print) -> dict[str, list[dict]]:
+    """The passkey task at each depth of ``depths`` (one prompt each, its own key), answered by every method:
+    {method name: [{"depth", "answer", "text", "correct", "kv_bytes", "seconds"}, ...]}. ``show`` prints a line per
+    answer as it comes."""
     from .eval.tasks import make_samples, render_prompt, score
+    from .serve import generate, make_cache
+
+    samples = make_samples("passkey", tok, context_length=context, n=len(depths), seed=seed, depths=list(depths),
+                           chat=False)
+    out: dict[str, list[dict]] = {m.name: [] for m in methods}
+    for depth, sample in zip(depths, samples):
+        prompt = render_prompt(sample, tok)
+        for m in methods:
+            cache = None if m.policy is None else make_cache(model, m.policy, budget, sink=sink, window=window,
+                                                            head_budgets=m.head_budgets)
+            g = generate(model, tok, prompt, budget=None, cache=cache, max_new_tokens=max_new_tokens)
+            ok = score(g.text, sample.answers, "all") == 1.0
+            out[m.name].append(dict(depth=depth, answer=sample.answers[0], text=g.text, correct=ok,
+                                    kv_bytes=g.kv_bytes, seconds=g.seconds))
+            show(f"  depth {depth:4.0%}  {m.name:34s} [{'correct' if ok else 'wrong':7s}]  {g.text.strip()[:40]!r}")
+    return out
+
+
+def rate_table(results: dict[str, list[dict]]) -> str:
+    """One line per method: a mark per depth, the rate, the KV bytes at the end and the mean seconds a prompt."""
+    first = next(iter(results.values()))
+    head = f"{'method':34s} " + " ".join(f"{r['depth']:>4.0%}" for r in first) + "   rate     KV bytes   s/prompt"
+    lines = [head, "-" * len(head)]
+    for name, rows in results.items():
+        marks = " ".join(f"{'ok' if r['correct'] else '--':>4s}" for r in rows)
+        rate = sum(r["correct"] for r in rows) / len(rows)
+        kv = max(r["kv_bytes"] for r in rows)
+        secs = sum(r["seconds"] for r in rows) / len(rows)
+        lines.append(f"{name:34s} {marks}   {rate:4.0%}   {_mb(kv):>10s}   {secs:6.1f}")
+    return "\n".join(lines)
+
+
+def run_demo(*, retrain: bool = False, steps: int | None = None, context: int = 2048, budget: int | None = None,
+             seed: int = 3, depths=DEPTHS, device: str | None = None, dtype: str = "auto") -> dict:
+    from .share import load_gates
     from .base_model import load_model
-    from .serve import generate
 
     ckpt = _checkpoint_dir()
-    if retrain or not (ckpt / "config.json").is_file():
+    trained_here = retrain or not (ckpt / "config.json").is_file()
+    if trained_here:
         ckpt = _train(steps or DEMO_STEPS)
     torch.manual_seed(0)
     model, tok = load_model(device=device, dtype=dtype)
     handle = load_gates(model, ckpt)
     M = budget or handle.gates.config.train_budget or 64
-    sample = make_samples("passkey", tok, context_length=context, n=1, seed=seed, depths=[depth], chat=False)[0]
-    prompt = render_prompt(sample, tok)
-    print(f"\nprompt: {len(tok(prompt, add_special_tokens=False)['input_ids'])} tokens, a pass key hidden at "
-          f"{depth:.0%} depth in filler; question: {sample.question!r}; expected answer: {sample.answers[0]}")
-    full = generate(model, tok, prompt, budget=None, max_new_tokens=16)
-    bounded = generate(model, tok, prompt, budget=M, policy="trimkv", sink=4, window=16, max_new_tokens=16)
-    streaming = generate(model, tok, prompt, budget=M, policy="streaming", sink=4, window=16, max_new_tokens=16)
-    rows = [("full cache (DynamicCache)", full), (f"TRIM-KV gates, M={M}/head", bounded),
-            (f"StreamingLLM, M={M}/head", streaming)]
+    # the shipped allocation was profiled with the shipped gates: new gates get uniform budgets only
+    allocation = None if trained_here else default_allocation()
+    methods = demo_methods(M, allocation if allocation is not None and allocation.is_dir() else None)
+    print(f"\nthe passkey task at {len(depths)} depths ({', '.join(f'{d:.0%}' for d in depths)}): a ~{context}-token "
+          f"haystack of filler with a 5-digit pass key hidden at that depth, asked for at the end; {len(methods)} "
+          f"ways of answering, the bounded ones at the same KV memory")
+    results = ask_at_depths(model, tok, methods, budget=M, context=context, depths=depths, seed=seed)
     print()
-    for name, g in rows:
-        ok = "correct" if score(g.text, sample.answers, "all") == 1.0 else "wrong"
-        print(f"{name:28s} KV {_mb(g.kv_bytes):>10s}  {g.seconds:5.1f} s  [{ok:7s}]  answer: {g.text!r}")
-    print(f"\nKV memory bounded / full: {bounded.kv_bytes / max(full.kv_bytes, 1):.3f} (the same for both policies)")
+    print(rate_table(results))
+    full = results[methods[0].name][0]["kv_bytes"]
+    bounded = results[methods[1].name][0]["kv_bytes"]
+    print(f"\nKV memory bounded / full: {bounded / max(full, 1):.3f} (every bounded method holds "
+          f"{M} x layers x KV heads tokens; the LU-KV layers split the same total)\n"
+          f"{len(depths)} prompts are a demo, not a measurement: the rates at n = 40 are in results/README.md")
     fidelity = _fidelity(model, tok, M)   # the gates attached above
-    return {"full": full, "bounded": bounded, "streaming": streaming, "answer": sample.answers[0],
-            "fidelity": fidelity}
+    return {"methods": [m.name for m in methods], "results": results, "fidelity": fidelity}
 
 
 def _fidelity(model, tok, M: int) -> list[dict]:

@@ -5,8 +5,9 @@ folders; an installed wheel carries copies under ``trimkv/_shipped/`` (``setup.p
 :func:`shipped_root` finds them, so ``trimkv recipes list`` / ``trimkv recipes copy NAME`` and the demo work from
 both (as torchtune's ``tune ls`` / ``tune cp`` list and copy its recipes).
 
-Only the gates the demo needs ship in the wheel (:data:`DEFAULT_GATES`, ~18 MB of fp32 weights); the other
-checkpoints under ``checkpoints/`` are in the repository only.
+Only what the demo needs ships in the wheel: the gates (:data:`DEFAULT_GATES`, ~18 MB of fp32 weights) and their
+per-layer LU-KV budget allocation (:data:`DEFAULT_ALLOCATION`, a few kB of JSON); the other checkpoints under
+``checkpoints/`` are in the repository only.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 WHEEL_DATA = "_shipped"                                   # trimkv/_shipped/ in an installed wheel
 RECIPES = "recipes"
 DEFAULT_GATES = "checkpoints/smollm2-135m-qa-m64"         # the demo's gates (recipes/smollm2-135m-qa-m64.yaml)
-SHIPPED = (RECIPES, DEFAULT_GATES)                        # what setup.py copies into the wheel
+DEFAULT_ALLOCATION = "checkpoints/smollm2-135m-lukv-layer"  # their budgets per layer (trimkv profile --per layer)
+SHIPPED = (RECIPES, DEFAULT_GATES, DEFAULT_ALLOCATION)    # what setup.py copies into the wheel
 
 
 def shipped_root() -> Path:
@@ -31,6 +33,11 @@ def shipped_root() -> Path:
 def default_gates() -> Path:
     """The gate checkpoint the demo loads (the shipped SmolLM2 QA gates, M = 64)."""
     return shipped_root() / DEFAULT_GATES
+
+
+def default_allocation() -> Path:
+    """The per-layer LU-KV allocation profiled for the default gates (``--head-budgets`` of the demo's LU-KV row)."""
+    return shipped_root() / DEFAULT_ALLOCATION
 
 
 def recipes_dir() -> Path:
