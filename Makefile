@@ -124,7 +124,10 @@ eval: venv model
 # The n = 40 headline cells of issues 22 and 23 (passkey at 2k; ~20 s a sample on one core, ~13 core-minutes a cell,
 # LAQ about twice that): KVP beside the full cache, the field's newer heuristics, uniform vs LU-KV head budgets.
 LUKV      ?= checkpoints/smollm2-135m-lukv
+LUKV_LAYER ?= checkpoints/smollm2-135m-lukv-layer
+LUKV_FIELD ?= checkpoints/smollm2-135m-lukv-field
 EVAL40    := $(PY) -m trimkv.cli eval --threads 1 --n 40 --tasks passkey --lengths 2048
+EVAL40_4K := $(PY) -m trimkv.cli eval --threads 1 --n 40 --tasks passkey --lengths 4096
 eval-n40: venv model
 	$(EVAL40) --kvp $(KVP) --budgets 64,128 --policies kvp,full --out results/kvp/passkey-2k
 	$(EVAL40) --budgets 128 --policies caote,obcache,laq --out results/field-policies
@@ -133,6 +136,13 @@ eval-n40: venv model
 	$(EVAL40) --budgets 128 --policies keydiff,snapkv --head-budgets $(LUKV) --out results/lukv-passkey-2k
 	$(EVAL40) --budgets 128 --policies keydiff,snapkv --out results/lukv-passkey-2k
 	$(EVAL40) --gates $(GATES) --budgets 64,128 --policies trimkv-global --out results/lukv-passkey-2k
+	$(EVAL40) --gates $(GATES) --budgets 64,128 --policies trimkv --head-budgets $(LUKV_LAYER) --out results/lukv-passkey-2k
+	$(EVAL40) --budgets 128 --policies tova,h2o,knorm,caote,obcache --head-budgets $(LUKV_FIELD) \
+	    --out results/lukv-passkey-2k
+	$(EVAL40_4K) --budgets 128 --policies full --out results/lukv-passkey-4k
+	$(EVAL40_4K) --gates $(GATES) --budgets 128 --policies trimkv --head-budgets $(LUKV) --out results/lukv-passkey-4k
+	$(EVAL40_4K) --gates $(GATES) --budgets 128 --policies trimkv --head-budgets $(LUKV_LAYER) \
+	    --out results/lukv-passkey-4k
 	$(EVAL) --tasks multikey_needle,variable_tracking --lengths 2048 --budgets 128 --policies trimkv \
 	    --head-budgets $(LUKV) --out results/tasks
 	$(KVP_EVAL) --tasks multikey_needle,variable_tracking --lengths 2048 --budgets 128 --policies kvp --out results/tasks

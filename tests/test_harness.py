@@ -133,6 +133,8 @@ def test_markdown_table_repeats_the_full_cache_under_every_budget():
     table = markdown_table(recs)
     assert "| passkey | 2048 | full | 100.0 | 100.0 |" in table
     assert "| passkey | 2048 | h2o | 25.0 | 50.0 |" in table
+    alone = markdown_table(recs[:1])                       # the full cache alone: its own column
+    assert "| task | length | policy | full |" in alone and "| passkey | 2048 | full | 100.0 |" in alone
 
 
 # --------------------------------------------------------------------------------------- pictures

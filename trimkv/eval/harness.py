@@ -385,17 +385,19 @@ def _write_outputs(out: Path, records: list[dict], predictions: list[dict]) -> N
 
 
 def markdown_table(records: list[dict]) -> str:
-    """Rows (task, length, policy), columns budgets; the full cache fills every column with its one score."""
+    """Rows (task, length, policy), columns budgets; the full cache fills every column with its one score (its own
+    column "full" when no record has a budget)."""
     budgets = sorted({r["budget"] for r in records if r["budget"] is not None})
-    head = "| task | length | policy | " + " | ".join(f"M={b}" for b in budgets) + " |"
-    lines = [head, "|" + "---|" * (3 + len(budgets))]
+    columns = [f"M={b}" for b in budgets] or ["full"]
+    head = "| task | length | policy | " + " | ".join(columns) + " |"
+    lines = [head, "|" + "---|" * (3 + len(columns))]
     groups: dict[tuple, dict] = {}
     for r in records:
         policy = r["policy"] + (f" ({r['head_budgets']})" if r.get("head_budgets") else "")
         groups.setdefault((r["task"], r["length"], policy), {})[r["budget"]] = r["score"]
     for (task, length, policy), by_budget in groups.items():
         if policy == FULL:
-            vals = [by_budget[None]] * len(budgets)
+            vals = [by_budget[None]] * len(columns)
         else:
             vals = [by_budget.get(b) for b in budgets]
         cells = " | ".join("" if v is None else f"{100 * v:.1f}" for v in vals)

@@ -1,0 +1,43 @@
+"""The Makefile's result targets run commands that hold together: every `trimkv eval` line of `make eval`,
+`make eval-n40` and `make eval-full` parses, and passes the checks that run before a model loads (the gate, KVP and
+allocation folders it names exist and fit its policies), so a results table never points at a command that fails."""
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from trimkv.cli import build_parser
+from trimkv.eval.cli import _resolve_eval_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_commands(target: str) -> list[list[str]]:
+    """The `trimkv.cli` argument lists of ``make -n TARGET`` (continued lines joined, a `test -f ... ||` guard and a
+    trailing comment dropped)."""
+    out = subprocess.run(["make", "-n", "-s", "--no-print-directory", target], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    commands = []
+    for line in out.replace("\\\n", " ").splitlines():
+        if "-m trimkv.cli" not in line:
+            continue
+        line = line.split("||")[-1].split(" #", 1)[0]
+        argv = shlex.split(line)
+        commands.append(argv[argv.index("trimkv.cli") + 1:])
+    return commands
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("target", ["eval", "eval-n40", "eval-full"])
+def test_every_eval_command_of_a_results_target_passes_the_checks_before_the_model(target):
+    commands = [c for c in make_commands(target) if c[0] == "eval"]
+    assert commands, f"make -n {target} printed no trimkv eval command"
+    for argv in commands:
+        args = build_parser().parse_args(argv)
+        _resolve_eval_args(args)                  # raises UsageError / AllocationError / ... naming the problem
+        assert args.out and not re.search(r"runs/eval-", args.out), argv     # results go to a named folder
