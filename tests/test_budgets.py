@@ -387,3 +387,24 @@ def test_profiling_per_layer_gives_every_head_of_a_layer_the_same_share(tokenize
     alloc.save(tmp_path / "t", card=allocation_card(alloc))
     assert "per-layer" in (tmp_path / "t" / "README.md").read_text()
     assert load_allocation(tmp_path / "t").granularity == "layer"
+
+
+def test_the_matched_budget_allocates_no_more_than_the_uniform_cache(tmp_path):
+    alloc = load_allocation(allocation(tmp_path))                  # shares [[0.5, 1.5], [1.25, 0.75]]
+    assert alloc.budgets("snapkv", 16, 4).tolist() == [[8, 24], [20, 12]]
+    assert alloc.allocated_slots("snapkv", 16, 4) == 2 * (24 + 20)             # each layer: 2 x its largest
+    m = alloc.matched_budget("snapkv", 16, 4)
+    assert alloc.allocated_slots("snapkv", m, 4) <= 16 * 4
+    assert all(alloc.allocated_slots("snapkv", k, 4) > 16 * 4 for k in range(m + 1, 17))
+    assert m == 11                                                 # [[6, 16], [14, 8]]: 2 x (16 + 14) = 60 slots
+    with pytest.raises(CacheError, match="raise the budget"):
+        alloc.matched_budget("snapkv", 3, 4)
+    model = build_tiny_model()
+    cache = make_cache(model, "snapkv", m, sink=1, window=2, head_budgets=alloc)
+    prefill(model, PROMPT, cache, chunk=9)
+    uniform = make_cache(model, "snapkv", 16, sink=1, window=2)
+    prefill(model, PROMPT, uniform, chunk=9)
+    assert cache.nbytes() <= uniform.nbytes()
+    layers = HeadAllocation("tiny", (2, 2), [0.1], {"snapkv": {"shares": [[0.5, 0.5], [1.5, 1.5]],
+                                                               "ratios": [[[0.1] * 2] * 2]}}, granularity="layer")
+    assert layers.matched_budget("snapkv", 16, 4) == 16            # per layer: nothing to pad

@@ -42,7 +42,7 @@ from trimkv.attach import attention_modules
 from trimkv.data.corpus import prose_documents
 from trimkv.data.synthqa import qa_documents
 from trimkv.base_model import input_device
-from trimkv.errors import DataError
+from trimkv.errors import CacheError, DataError
 from trimkv.names import LUKV_GRID
 from trimkv.progress import Progress
 from trimkv.serve import make_cache
@@ -55,6 +55,7 @@ from trimkv.serve.policies import get_policy
 from trimkv.serve.slot_attention import slot_attention
 
 DEFAULT_GRID = LUKV_GRID   # global keep ratios (M ~ 30 .. 330 tokens per head at 2k)
+MATCHED_BUDGETS = (32, 64, 128, 256, 512)   # the card's equal-allocated-memory table
 
 
 @dataclass
@@ -280,6 +281,21 @@ def allocation_card(alloc: HeadAllocation) -> str:
         sh = torch.tensor(t["shares"])
         cells = " | ".join(f"{u:.3f} -> {a:.3f}" for u, a in zip(t.get("loss_uniform", []), t.get("loss_lukv", [])))
         lines.append(f"| {policy} | {cells} | {float(sh.min()):.2f} / {float(sh.max()):.2f} |")
+    floor = s.get("floor")
+    if not per_layer and isinstance(floor, int):
+        budgets = [b for b in MATCHED_BUDGETS if b >= floor]
+        lines += ["", "The cache allocates each layer's largest head budget for all its KV heads, so these budgets "
+                  "allocate more slots than the uniform cache at the same mean budget M. The mean budget whose "
+                  "allocated slots fit the uniform cache's at M (equal allocated memory):", "",
+                  "| policy | " + " | ".join(f"M={b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+        for policy in alloc.tables:
+            cells = []
+            for b in budgets:
+                try:
+                    cells.append(str(alloc.matched_budget(policy, b, floor)))
+                except CacheError:
+                    cells.append("-")
+            lines.append(f"| {policy} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

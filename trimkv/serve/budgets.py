@@ -167,6 +167,27 @@ class HeadAllocation:
             return scale_shares(shares.mean(1, keepdim=True), budget, floor).expand(shares.shape).contiguous()
         return scale_shares(shares, budget, floor)
 
+    def allocated_slots(self, policy: str, budget: int, floor: int) -> int:
+        """Slots the cache allocates for ``policy``'s budgets at mean ``budget``: each layer holds its largest head
+        budget for every KV head (the budgeted tokens are always ``budget x L x Hkv``)."""
+        b = self.budgets(policy, budget, floor)
+        return int(b.max(1).values.sum()) * b.shape[1]
+
+    def matched_budget(self, policy: str, budget: int, floor: int) -> int:
+        """The largest mean budget whose *allocated* slots fit those of the uniform cache at ``budget`` (equal
+        allocated memory rather than equal budgeted tokens; ``budget`` itself for a per-layer allocation);
+        CacheError when ``budget`` is below the floor (every head at the floor always fits)."""
+        L, H = self.shape
+        limit = budget * L * H
+        best = None
+        for m in range(floor, budget + 1):                 # allocated slots grow with m, but not strictly
+            if self.allocated_slots(policy, m, floor) <= limit:
+                best = m
+        if best is None:
+            raise CacheError(f"budget {budget} is below the per-head floor {floor} (sink + window + 1): raise the "
+                             "budget")
+        return best
+
     def to_json(self) -> dict:
         out = {"format": FORMAT, "version": VERSION, "name": self.name, "base_model": self.base_model,
                "shape": list(self.shape), "grid": self.grid, "settings": self.settings, "cost": self.cost}
