@@ -122,12 +122,16 @@ eval: venv model
 	    --out results/kept_tokens_passkey.png
 
 # The n = 40 headline cells of issues 22 and 23 (passkey at 2k; ~20 s a sample on one core, ~13 core-minutes a cell,
-# LAQ about twice that): KVP beside the full cache, the field's newer heuristics, uniform vs LU-KV head budgets.
-LUKV      ?= checkpoints/smollm2-135m-lukv
+# LAQ about twice that, a 4k cell ~22): KVP beside the full cache, the field's newer heuristics, uniform vs LU-KV
+# budgets (per head at the same mean budget and at the matched budget of the same allocated bytes, per layer), then
+# the tasks and the fidelity of the same allocations.
+LUKV       ?= checkpoints/smollm2-135m-lukv
 LUKV_LAYER ?= checkpoints/smollm2-135m-lukv-layer
 LUKV_FIELD ?= checkpoints/smollm2-135m-lukv-field
 EVAL40    := $(PY) -m trimkv.cli eval --threads 1 --n 40 --tasks passkey --lengths 2048
 EVAL40_4K := $(PY) -m trimkv.cli eval --threads 1 --n 40 --tasks passkey --lengths 4096
+# Fidelity runs are not cached: each rewrites its folder's fidelity.json (~30 s per policy and budget).
+FID       := $(PY) -m trimkv.cli eval --threads 1 --fidelity --n 2 --prefix 512 --continuation 96
 eval-n40: venv model
 	$(EVAL40) --kvp $(KVP) --budgets 64,128 --policies kvp,full --out results/kvp/passkey-2k
 	$(EVAL40) --budgets 128 --policies caote,obcache,laq --out results/field-policies
@@ -139,13 +143,23 @@ eval-n40: venv model
 	$(EVAL40) --gates $(GATES) --budgets 64,128 --policies trimkv --head-budgets $(LUKV_LAYER) --out results/lukv-passkey-2k
 	$(EVAL40) --budgets 128 --policies tova,h2o,knorm,caote,obcache --head-budgets $(LUKV_FIELD) \
 	    --out results/lukv-passkey-2k
+	$(EVAL40) --gates $(GATES) --budgets 45,88 --policies trimkv --head-budgets $(LUKV) --out results/lukv-passkey-2k
 	$(EVAL40_4K) --budgets 128 --policies full --out results/lukv-passkey-4k
-	$(EVAL40_4K) --gates $(GATES) --budgets 128 --policies trimkv --head-budgets $(LUKV) --out results/lukv-passkey-4k
+	$(EVAL40_4K) --gates $(GATES) --budgets 88,128 --policies trimkv --head-budgets $(LUKV) --out results/lukv-passkey-4k
 	$(EVAL40_4K) --gates $(GATES) --budgets 128 --policies trimkv --head-budgets $(LUKV_LAYER) \
 	    --out results/lukv-passkey-4k
 	$(EVAL) --tasks multikey_needle,variable_tracking --lengths 2048 --budgets 128 --policies trimkv \
 	    --head-budgets $(LUKV) --out results/tasks
 	$(KVP_EVAL) --tasks multikey_needle,variable_tracking --lengths 2048 --budgets 128 --policies kvp --out results/tasks
+	$(PY) -m trimkv.cli eval --threads 1 --n $(N) --tasks multikey_needle,variable_tracking --lengths 2048 --budgets 128 \
+	    --policies caote --out results/tasks
+	$(FID) --gates $(GATES) --budgets 45,64,88,128 --policies trimkv --head-budgets $(LUKV) \
+	    --out results/fidelity-lukv/heads
+	$(FID) --budgets 64,128 --policies snapkv,keydiff --head-budgets $(LUKV) --out results/fidelity-lukv/heads-heuristics
+	$(FID) --gates $(GATES) --budgets 64,128 --policies trimkv --head-budgets $(LUKV_LAYER) \
+	    --out results/fidelity-lukv/layers
+	$(FID) --budgets 64,128 --policies tova,h2o,knorm,caote,obcache --head-budgets $(LUKV_FIELD) \
+	    --out results/fidelity-lukv/field
 
 eval-full: eval
 	$(EVAL) --tasks passkey --lengths 4096 --budgets 32,64,128 --policies full,oracle,$(POLICIES) --out results/passkey-4k
