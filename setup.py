@@ -11,7 +11,7 @@ from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
 # = trimkv.shipped.SHIPPED (a test checks they agree)
-SHIPPED = ("recipes", "checkpoints/smollm2-135m-qa-m64", "checkpoints/smollm2-135m-lukv-layer")
+SHIPPED = ("recipes", "checkpoints/smollm2-135m-qa-m64", "checkpoints/smollm2-135m-lukv")
 
 
 class BuildPyWithShipped(build_py):
@@ -19,8 +19,10 @@ class BuildPyWithShipped(build_py):
         super().run()
         if self.editable_mode:
             return
+        shipped = Path(self.build_lib) / "trimkv" / "_shipped"
+        shutil.rmtree(shipped, ignore_errors=True)        # a reused build/ keeps what an earlier SHIPPED named
         for rel in SHIPPED:
-            src, dst = HERE / rel, Path(self.build_lib) / "trimkv" / "_shipped" / rel
+            src, dst = HERE / rel, shipped / rel
             if not src.is_dir():
                 raise FileNotFoundError(f"{src} is missing: build the wheel from a full clone (or its sdist)")
             shutil.rmtree(dst, ignore_errors=True)

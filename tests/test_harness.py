@@ -274,26 +274,27 @@ def test_demo_takes_device_and_dtype(monkeypatch):
     assert main(["demo"]) == 0 and (seen["device"], seen["dtype"]) == ("auto", "auto")
 
 
-def test_the_demo_asks_at_every_depth_with_every_method_at_the_same_memory(tokenizer, tmp_path):
+def test_the_demo_asks_at_every_depth_with_every_method_in_the_same_memory(tokenizer, tmp_path):
     from trimkv.demo import ask_at_depths, demo_methods, rate_table
     from trimkv.serve.budgets import HeadAllocation
 
     model = tiny()
     attach_gates(model, gate_hidden=8, bias_init=3.0)
-    alloc = HeadAllocation("tiny", (2, 2), [0.1], {"trimkv": {"shares": [[0.5, 0.5], [1.5, 1.5]],
-                                                              "ratios": [[[0.1] * 2] * 2]}}, granularity="layer")
-    alloc.save(tmp_path / "layers")
-    methods = demo_methods(16, tmp_path / "layers")
+    alloc = HeadAllocation("tiny", (2, 2), [0.1], {"trimkv": {"shares": [[0.5, 1.5], [1.25, 0.75]],
+                                                              "ratios": [[[0.1] * 2] * 2]}})
+    alloc.save(tmp_path / "heads")
+    methods = demo_methods(16, tmp_path / "heads", sink=2, window=4)
     assert [m.policy for m in methods] == [None, "trimkv", "trimkv", "streaming"]
+    assert methods[2].budget == alloc.matched_budget("trimkv", 16, 7) < 16  # the mean budget of the same buffers
     assert demo_methods(16, None)[2].policy == "streaming"                 # no allocation: no LU-KV row
     shown = []
-    got = ask_at_depths(model, tokenizer, methods, budget=16, context=256, depths=(0.2, 0.8), sink=2, window=4,
+    got = ask_at_depths(model, tokenizer, methods, context=256, depths=(0.2, 0.8), sink=2, window=4,
                         max_new_tokens=3, show=shown.append)
     assert list(got) == [m.name for m in methods] and len(shown) == 2 * len(methods)
     assert all([r["depth"] for r in rows] == [0.2, 0.8] for rows in got.values())
     keys = {rows[0]["answer"] for rows in got.values()} | {rows[1]["answer"] for rows in got.values()}
     assert len(keys) == 2                                                  # each depth its own key, the same for all
-    full, uniform, layers, streaming = (rows[0]["kv_bytes"] for rows in got.values())
-    assert uniform == layers == streaming < full                           # per-layer budgets: no padding
+    full, uniform, heads, streaming = (rows[0]["kv_bytes"] for rows in got.values())
+    assert heads <= uniform == streaming < full                            # LU-KV within the uniform cache's buffers
     table = rate_table(got)
     assert table.count("\n") == 1 + len(methods) and " 20%" in table.splitlines()[0] and "%" in table

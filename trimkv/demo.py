@@ -1,7 +1,7 @@
 """``make demo``: a pass key hidden in ~2k tokens of filler at several depths, asked for at the end, answered by the
 embedded SmolLM2-135M-Instruct with the full cache, with the shipped TRIM-KV gates keeping M tokens per KV head
-(uniform, and split over the layers by the shipped LU-KV allocation), and with StreamingLLM (sink + recent window) at
-the same memory. Prints every answer, then the rate per method and the KV bytes it needed, then how far bounded
+(uniform, and split over the heads by the shipped LU-KV allocation in the same allocated memory), and with
+StreamingLLM (sink + recent window) at the same memory. Prints every answer, then the rate per method and the KV bytes it needed, then how far bounded
 decoding drifts from the full cache on real prose (learned retention vs StreamingLLM).
 
 Uses the gate checkpoint shipped with trimkv (``checkpoints/`` of a clone, package data of an installed wheel:
@@ -51,24 +51,29 @@ DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)       # where the pass key sits in the haysta
 
 @dataclass
 class Method:
-    """One way of answering: a name, and the cache it answers with (None: the full cache)."""
+    """One way of answering: a name, and the cache it answers with (no policy: the full cache)."""
 
     name: str
     policy: str | None = None             # None: the full cache
+    budget: int | None = None             # mean tokens per KV head
     head_budgets: str | Path | None = None
 
 
-def demo_methods(budget: int, allocation: Path | None) -> list[Method]:
-    """Full cache, the gates at ``budget`` tokens per KV head (uniform, and split by the shipped per-layer LU-KV
-    allocation when there is one), StreamingLLM at the same memory."""
-    methods = [Method("full cache (DynamicCache)"), Method(f"TRIM-KV gates, M={budget}/head", "trimkv")]
+def demo_methods(budget: int, allocation: Path | None, *, sink: int = 4, window: int = 16) -> list[Method]:
+    """Full cache, the gates at ``budget`` tokens per KV head (uniform, and split over the heads by the shipped
+    LU-KV allocation when there is one, at the mean budget that allocates no more memory), StreamingLLM at the same
+    memory."""
+    methods = [Method("full cache (DynamicCache)"), Method(f"TRIM-KV gates, M={budget}/head", "trimkv", budget)]
     if allocation is not None:
-        methods.append(Method(f"TRIM-KV gates + LU-KV layers, M={budget}", "trimkv", allocation))
-    return methods + [Method(f"StreamingLLM, M={budget}/head", "streaming")]
+        from .serve.budgets import load_allocation
+
+        matched = load_allocation(allocation).matched_budget("trimkv", budget, sink + window + 1)
+        methods.append(Method(f"TRIM-KV + LU-KV heads, mean M={matched}", "trimkv", matched, allocation))
+    return methods + [Method(f"StreamingLLM, M={budget}/head", "streaming", budget)]
 
 
-def ask_at_depths(model, tok, methods: list[Method], *, budget: int, context: int, depths=DEPTHS, seed: int = 3,
-                  sink: int = 4, window: int = 16, max_new_tokens: int = 16, show=print) -> dict[str, list[dict]]:
+def ask_at_depths(model, tok, methods: list[Method], *, context: int, depths=DEPTHS, seed: int = 3, sink: int = 4,
+                  window: int = 16, max_new_tokens: int = 16, show=print) -> dict[str, list[dict]]:
     """The passkey task at each depth of ``depths`` (one prompt each, its own key), answered by every method:
     {method name: [{"depth", "answer", "text", "correct", "kv_bytes", "seconds"}, ...]}. ``show`` prints a line per
     answer as it comes."""
@@ -81,7 +86,7 @@ def ask_at_depths(model, tok, methods: list[Method], *, budget: int, context: in
     for depth, sample in zip(depths, samples):
         prompt = render_prompt(sample, tok)
         for m in methods:
-            cache = None if m.policy is None else make_cache(model, m.policy, budget, sink=sink, window=window,
+            cache = None if m.policy is None else make_cache(model, m.policy, m.budget, sink=sink, window=window,
                                                             head_budgets=m.head_budgets)
             g = generate(model, tok, prompt, budget=None, cache=cache, max_new_tokens=max_new_tokens)
             ok = score(g.text, sample.answers, "all") == 1.0
@@ -123,14 +128,15 @@ def run_demo(*, retrain: bool = False, steps: int | None = None, context: int = 
     methods = demo_methods(M, allocation if allocation is not None and allocation.is_dir() else None)
     print(f"\nthe passkey task at {len(depths)} depths ({', '.join(f'{d:.0%}' for d in depths)}): a ~{context}-token "
           f"haystack of filler with a 5-digit pass key hidden at that depth, asked for at the end; {len(methods)} "
-          f"ways of answering, the bounded ones at the same KV memory")
-    results = ask_at_depths(model, tok, methods, budget=M, context=context, depths=depths, seed=seed)
+          f"ways of answering, the bounded ones in the KV memory of M = {M} tokens per KV head")
+    results = ask_at_depths(model, tok, methods, context=context, depths=depths, seed=seed)
     print()
     print(rate_table(results))
     full = results[methods[0].name][0]["kv_bytes"]
     bounded = results[methods[1].name][0]["kv_bytes"]
-    print(f"\nKV memory bounded / full: {bounded / max(full, 1):.3f} (every bounded method holds "
-          f"{M} x layers x KV heads tokens; the LU-KV layers split the same total)\n"
+    print(f"\nKV memory bounded / full: {bounded / max(full, 1):.3f}. LU-KV gives each (layer, KV head) its own "
+          "budget; the cache pads each layer to its largest one, so its mean budget is the largest whose buffers "
+          f"fit those of M = {M} (HeadAllocation.matched_budget).\n"
           f"{len(depths)} prompts are a demo, not a measurement: the rates at n = 40 are in results/README.md")
     fidelity = _fidelity(model, tok, M)   # the gates attached above
     return {"methods": [m.name for m in methods], "results": results, "fidelity": fidelity}

@@ -6,7 +6,7 @@ folders; an installed wheel carries copies under ``trimkv/_shipped/`` (``setup.p
 both (as torchtune's ``tune ls`` / ``tune cp`` list and copy its recipes).
 
 Only what the demo needs ships in the wheel: the gates (:data:`DEFAULT_GATES`, ~18 MB of fp32 weights) and their
-per-layer LU-KV budget allocation (:data:`DEFAULT_ALLOCATION`, a few kB of JSON); the other checkpoints under
+LU-KV per-head budget allocation (:data:`DEFAULT_ALLOCATION`, a few kB of JSON); the other checkpoints under
 ``checkpoints/`` are in the repository only.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 WHEEL_DATA = "_shipped"                                   # trimkv/_shipped/ in an installed wheel
 RECIPES = "recipes"
 DEFAULT_GATES = "checkpoints/smollm2-135m-qa-m64"         # the demo's gates (recipes/smollm2-135m-qa-m64.yaml)
-DEFAULT_ALLOCATION = "checkpoints/smollm2-135m-lukv-layer"  # their budgets per layer (trimkv profile --per layer)
+DEFAULT_ALLOCATION = "checkpoints/smollm2-135m-lukv"      # LU-KV head budgets for them (trimkv profile)
 SHIPPED = (RECIPES, DEFAULT_GATES, DEFAULT_ALLOCATION)    # what setup.py copies into the wheel
 
 
@@ -36,7 +36,7 @@ def default_gates() -> Path:
 
 
 def default_allocation() -> Path:
-    """The per-layer LU-KV allocation profiled for the default gates (``--head-budgets`` of the demo's LU-KV row)."""
+    """The LU-KV allocation profiled for the default gates (``--head-budgets`` of the demo's LU-KV row)."""
     return shipped_root() / DEFAULT_ALLOCATION
 
 
