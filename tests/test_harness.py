@@ -162,16 +162,24 @@ def test_the_accuracy_plot_draws_head_budgets_as_their_own_line(tmp_path, monkey
     recs = [dict(task="passkey", length=2048, policy="trimkv", budget=b, score=s) for b, s in ((64, 0.15), (128, 0.4))]
     recs += [dict(task="passkey", length=2048, policy="trimkv", budget=b, score=s, head_budgets="lukv")
              for b, s in ((64, 0.45), (128, 0.4))]
-    drawn = []
+    drawn, xs = [], {}
     real_save = plots._save
 
     def record_lines(fig, path):
         drawn.extend((line.get_label(), list(line.get_ydata())) for ax in fig.axes for line in ax.get_lines())
+        xs.update({line.get_label(): list(line.get_xdata()) for ax in fig.axes for line in ax.get_lines()})
         return real_save(fig, path)
 
     monkeypatch.setattr(plots, "_save", record_lines)
     assert is_png(plots.plot_accuracy_vs_budget(recs, tmp_path / "acc.png"))
     assert ("trimkv", [15.0, 40.0]) in drawn and ("trimkv (lukv)", [45.0, 40.0]) in drawn
+    drawn.clear()                                   # vs allocated memory: the padded LU-KV caches sit further right
+    for r, mb in zip(recs, (3, 6, 4.5, 9)):
+        r["kv_bytes"] = int(mb * 2**20)
+    assert is_png(plots.plot_accuracy_vs_budget(recs, tmp_path / "mem.png", x="memory"))
+    assert ("trimkv (lukv)", [45.0, 40.0]) in drawn and xs["trimkv (lukv)"] == [4.5, 9.0]
+    with pytest.raises(ValueError, match="'budget' or 'memory'"):
+        plots.plot_accuracy_vs_budget(recs, tmp_path / "x.png", x="bytes")
 
 
 def test_retention_heatmap_and_kept_tokens(tmp_path):

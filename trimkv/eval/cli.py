@@ -409,7 +409,8 @@ def _plot_records(args: argparse.Namespace) -> int:
         raise UsageError(f"no {name} in {', '.join(missing)}: run `trimkv eval` with that --out first")
     recs = [r for f in folders for r in read_records(f / name)]
     if args.what == "accuracy":
-        out = plots.plot_accuracy_vs_budget(recs, args.out or folders[0] / "accuracy_vs_budget.png")
+        default = "accuracy_vs_budget.png" if args.x == "budget" else "accuracy_vs_memory.png"
+        out = plots.plot_accuracy_vs_budget(recs, args.out or folders[0] / default, x=args.x)
     else:
         out = plots.plot_fidelity(recs, args.out or folders[0] / f"fidelity_{args.metric}.png", metric=args.metric)
     print(out)
@@ -515,6 +516,8 @@ def add_commands(sub) -> None:
                    help="accuracy/fidelity: eval --out folder(s), their records drawn together (default: .)")
     p.add_argument("--out", default=None, help="PNG path (default: in the first results folder, or ./<what>.png)")
     p.add_argument("--metric", default="kl", choices=["kl", "top1", "ppl_ratio"], help="fidelity: the y axis")
+    p.add_argument("--x", default="budget", choices=["budget", "memory"],
+                   help="accuracy: the x axis, the budget M or the KV bytes each cache allocated")
     add_model_args(p)
     p.add_argument("--text", default=None, help="retention/kept: text to run (default: eval-split prose)")
     p.add_argument("--task", default=None, choices=TASK_NAMES, metavar="TASK",

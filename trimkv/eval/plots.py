@@ -52,8 +52,12 @@ def series_name(record: dict) -> str:
     return record["policy"] + (f" ({record['head_budgets']})" if record.get("head_budgets") else "")
 
 
-def plot_accuracy_vs_budget(records: list[dict], path) -> Path:
-    """One panel per (task, length): score (%) vs budget (log2 axis), a line per policy, full cache dashed."""
+def plot_accuracy_vs_budget(records: list[dict], path, x: str = "budget") -> Path:
+    """One panel per (task, length): score (%) vs budget (log2 axis), a line per policy, full cache dashed.
+    ``x="memory"``: vs the KV bytes each cache allocated (``kv_bytes``, MiB, log axis), so that allocations that pad
+    their buffers (per-head budgets) sit where their memory puts them."""
+    if x not in ("budget", "memory"):
+        raise ValueError(f"x must be 'budget' or 'memory', got {x!r}")
     plt = _pyplot()
     panels = sorted({(r["task"], r["length"]) for r in records})
     if not panels:
@@ -67,7 +71,8 @@ def plot_accuracy_vs_budget(records: list[dict], path) -> Path:
     for ax, (task, length) in zip(axes[0], panels):
         rows = [r for r in records if r["task"] == task and r["length"] == length]
         for policy in sorted({r["policy"] for r in rows} - {FULL}):
-            pts = sorted((r["budget"], 100 * r["score"]) for r in rows if r["policy"] == policy)
+            pts = sorted((r["budget"] if x == "budget" else r["kv_bytes"] / 2**20, 100 * r["score"])
+                         for r in rows if r["policy"] == policy)
             style = (dict(ls=":", color="gray", label="oracle (keeps the needle)") if policy == "oracle"
                      else dict(color=color[policy]))
             if "(" in policy:                                  # the same policy with head budgets: dashed
@@ -78,9 +83,13 @@ def plot_accuracy_vs_budget(records: list[dict], path) -> Path:
         for r in rows:
             if r["policy"] == FULL:
                 ax.axhline(100 * r["score"], color="black", ls="--", lw=1, label="full cache")
-        _budget_axis(ax, [r["budget"] for r in rows if r["budget"] is not None])
+        if x == "budget":
+            _budget_axis(ax, [r["budget"] for r in rows if r["budget"] is not None])
+            ax.set_xlabel("budget M (tokens per KV head)")
+        else:
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("allocated KV memory (MiB)")
         ax.set_title(f"{task} @ {length} tokens")
-        ax.set_xlabel("budget M (tokens per KV head)")
         ax.set_ylabel("score (%)")
         ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
