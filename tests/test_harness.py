@@ -292,9 +292,9 @@ def test_the_demo_asks_at_every_depth_with_every_method_in_the_same_memory(token
                                                               "ratios": [[[0.1] * 2] * 2]}})
     alloc.save(tmp_path / "heads")
     methods = demo_methods(16, tmp_path / "heads", sink=2, window=4)
-    assert [m.policy for m in methods] == [None, "trimkv", "trimkv", "streaming"]
-    assert methods[2].budget == alloc.matched_budget("trimkv", 16, 7) < 16  # the mean budget of the same buffers
-    assert demo_methods(16, None)[2].policy == "streaming"                 # no allocation: no LU-KV row
+    assert [m.policy for m in methods] == [None, "trimkv", "trimkv-global", "trimkv", "streaming"]
+    assert methods[3].budget == alloc.matched_budget("trimkv", 16, 7) < 16  # the mean budget of the same buffers
+    assert demo_methods(16, None)[3].policy == "streaming"                 # no allocation: no LU-KV row
     shown = []
     got = ask_at_depths(model, tokenizer, methods, context=256, depths=(0.2, 0.8), sink=2, window=4,
                         max_new_tokens=3, show=shown.append)
@@ -302,7 +302,8 @@ def test_the_demo_asks_at_every_depth_with_every_method_in_the_same_memory(token
     assert all([r["depth"] for r in rows] == [0.2, 0.8] for rows in got.values())
     keys = {rows[0]["answer"] for rows in got.values()} | {rows[1]["answer"] for rows in got.values()}
     assert len(keys) == 2                                                  # each depth its own key, the same for all
-    full, uniform, heads, streaming = (rows[0]["kv_bytes"] for rows in got.values())
+    full, uniform, pool, heads, streaming = (rows[0]["kv_bytes"] for rows in got.values())
     assert heads <= uniform == streaming < full                            # LU-KV within the uniform cache's buffers
+    assert uniform <= pool <= 1.1 * uniform                                # the pool: the same slots, + slot tables
     table = rate_table(got)
     assert table.count("\n") == 1 + len(methods) and " 20%" in table.splitlines()[0] and "%" in table

@@ -1,7 +1,7 @@
 """``make demo``: a pass key hidden in ~2k tokens of filler at several depths, asked for at the end, answered by the
 embedded SmolLM2-135M-Instruct with the full cache, with the shipped TRIM-KV gates keeping M tokens per KV head
-(uniform, and split over the heads by the shipped LU-KV allocation in the same allocated memory), and with
-StreamingLLM (sink + recent window) at the same memory. Prints every answer, then the rate per method and the KV bytes it needed, then how far bounded
+(uniform, in one pool shared by all heads, and split over the heads by the shipped LU-KV allocation in the same
+allocated memory), and with StreamingLLM (sink + recent window) at the same memory. Prints every answer, then the rate per method and the KV bytes it needed, then how far bounded
 decoding drifts from the full cache on real prose (learned retention vs StreamingLLM).
 
 Uses the gate checkpoint shipped with trimkv (``checkpoints/`` of a clone, package data of an installed wheel:
@@ -60,10 +60,11 @@ class Method:
 
 
 def demo_methods(budget: int, allocation: Path | None, *, sink: int = 4, window: int = 16) -> list[Method]:
-    """Full cache, the gates at ``budget`` tokens per KV head (uniform, and split over the heads by the shipped
-    LU-KV allocation when there is one, at the mean budget that allocates no more memory), StreamingLLM at the same
-    memory."""
-    methods = [Method("full cache (DynamicCache)"), Method(f"TRIM-KV gates, M={budget}/head", "trimkv", budget)]
+    """Full cache; the gates at ``budget`` tokens per KV head, in one pool of the same size for all heads
+    (DBTrimKV's cache), and split over the heads by the shipped LU-KV allocation when there is one (at the mean
+    budget that allocates no more memory); StreamingLLM at the same memory."""
+    methods = [Method("full cache (DynamicCache)"), Method(f"TRIM-KV gates, M={budget}/head", "trimkv", budget),
+               Method(f"TRIM-KV gates, one pool of M={budget}", "trimkv-global", budget)]
     if allocation is not None:
         from .serve.budgets import load_allocation
 
