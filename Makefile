@@ -130,6 +130,8 @@ LUKV_LAYER ?= checkpoints/smollm2-135m-lukv-layer
 LUKV_FIELD ?= checkpoints/smollm2-135m-lukv-field
 EVAL40    := $(PY) -m trimkv.cli eval --threads 1 --n 40 --tasks passkey --lengths 2048
 EVAL40_4K := $(PY) -m trimkv.cli eval --threads 1 --n 40 --tasks passkey --lengths 4096
+TASKS     := $(PY) -m trimkv.cli eval --threads 1 --n $(N) --tasks multikey_needle,variable_tracking --lengths 2048 \
+             --budgets 128
 # Fidelity runs are not cached: each rewrites its folder's fidelity.json (~30 s per policy and budget).
 FID       := $(PY) -m trimkv.cli eval --threads 1 --fidelity --n 2 --prefix 512 --continuation 96
 eval-n40: venv model
@@ -151,8 +153,11 @@ eval-n40: venv model
 	$(EVAL) --tasks multikey_needle,variable_tracking --lengths 2048 --budgets 128 --policies trimkv \
 	    --head-budgets $(LUKV) --out results/tasks
 	$(KVP_EVAL) --tasks multikey_needle,variable_tracking --lengths 2048 --budgets 128 --policies kvp --out results/tasks
-	$(PY) -m trimkv.cli eval --threads 1 --n $(N) --tasks multikey_needle,variable_tracking --lengths 2048 --budgets 128 \
-	    --policies caote --out results/tasks
+	$(TASKS) --policies caote --out results/tasks
+	$(TASKS) --gates $(GATES) --policies trimkv-global --out results/tasks
+	$(TASKS) --policies keydiff --out results/tasks
+	$(TASKS) --policies keydiff --head-budgets $(LUKV) --out results/tasks
+	$(TASKS) --policies tova,caote --head-budgets $(LUKV_FIELD) --out results/tasks
 	$(FID) --gates $(GATES) --budgets 45,64,88,128 --policies trimkv --head-budgets $(LUKV) \
 	    --out results/fidelity-lukv/heads
 	$(FID) --budgets 64,128 --policies snapkv,keydiff --head-budgets $(LUKV) --out results/fidelity-lukv/heads-heuristics
