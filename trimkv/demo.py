@@ -1,8 +1,9 @@
 """``make demo``: a pass key hidden in ~2k tokens of filler at several depths, asked for at the end, answered by the
 embedded SmolLM2-135M-Instruct with the full cache, with the shipped TRIM-KV gates keeping M tokens per KV head
 (uniform, in one pool shared by all heads, and split over the heads by the shipped LU-KV allocation in the same
-allocated memory), and with StreamingLLM (sink + recent window) at the same memory. Prints every answer, then the rate per method and the KV bytes it needed, then how far bounded
-decoding drifts from the full cache on real prose (learned retention vs StreamingLLM).
+allocated memory), and with StreamingLLM (sink + recent window) at the same memory. Prints every answer, then the
+rate per method and the KV bytes it needed, then how far bounded decoding drifts from the full cache on real prose
+(learned retention vs StreamingLLM).
 
 Uses the gate checkpoint shipped with trimkv (``checkpoints/`` of a clone, package data of an installed wheel:
 :mod:`trimkv.shipped`); ``--retrain`` trains new gates with a short CPU version of the same recipe first (~10 min on
