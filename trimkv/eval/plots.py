@@ -88,6 +88,11 @@ def plot_accuracy_vs_budget(records: list[dict], path, x: str = "budget") -> Pat
             ax.set_xlabel("budget M (tokens per KV head)")
         else:
             ax.set_xscale("log", base=2)
+            mib = [r["kv_bytes"] / 2**20 for r in rows if r["budget"] is not None]
+            ticks = [t for t in (0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+                     if mib and min(mib) / 1.2 <= t <= max(mib) * 1.2]
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
             ax.set_xlabel("allocated KV memory (MiB)")
         ax.set_title(f"{task} @ {length} tokens")
         ax.set_ylabel("score (%)")
