@@ -128,9 +128,9 @@ def measure_length(model, cfg, T: int, args) -> list[dict]:
                     "gate_tok_s": tokens / t_gate, "frozen_tok_s": None if t_frozen is None else tokens / t_frozen,
                     "gate_mfu": mfu(gate_flops, t_gate), "frozen_mfu": mfu(frozen_flops, t_frozen),
                     "gate_TFLOP": gate_flops / 1e12})
-        if setting == "1":
-            out[-1].update(trace_s=trace_s, trace_tok_s=None if trace_s is None else tokens / trace_s,
-                           trace_speedup=None if trace_s is None else t_gate / trace_s)
+        one = setting == "1" and trace_s is not None              # the trace pass: one row only
+        out[-1].update(trace_s=trace_s if one else None, trace_tok_s=tokens / trace_s if one else None,
+                       trace_speedup=t_gate / trace_s if one else None)
     step.close()
     return out
 
