@@ -145,11 +145,12 @@ def run_demo(*, retrain: bool = False, steps: int | None = None, context: int = 
 
 
 def _fidelity(model, tok, M: int) -> list[dict]:
-    """How far bounded decoding drifts from the full cache on real prose: learned retention vs StreamingLLM."""
+    """How far bounded decoding drifts from the full cache on real prose: learned retention (per head and in one
+    pool) vs StreamingLLM."""
     from .eval.fidelity import fidelity_table, run_fidelity
 
     print(f"\nlong-text fidelity vs the full cache (eval-split prose, 256-token prefix, 64 decoded tokens, M={M}):")
-    recs = run_fidelity(model, tok, budgets=[M], policies=["trimkv", "streaming"], gates=None, n_texts=1,
-                        prefix_tokens=256, continuation_tokens=64, progress=False)
+    recs = run_fidelity(model, tok, budgets=[M], policies=["trimkv", "trimkv-global", "streaming"], gates=None,
+                        n_texts=1, prefix_tokens=256, continuation_tokens=64, progress=False)
     print(fidelity_table(recs))
     return recs
