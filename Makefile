@@ -141,7 +141,7 @@ eval-n40: venv model
 	$(EVAL40) --gates $(GATES) --budgets 64,128 --policies trimkv --head-budgets $(LUKV) --out results/lukv-passkey-2k
 	$(EVAL40) --budgets 128 --policies keydiff,snapkv --head-budgets $(LUKV) --out results/lukv-passkey-2k
 	$(EVAL40) --budgets 128 --policies keydiff,snapkv --out results/lukv-passkey-2k
-	$(EVAL40) --gates $(GATES) --budgets 64,128 --policies trimkv-global --out results/lukv-passkey-2k
+	$(EVAL40) --gates $(GATES) --budgets 32,64,96,128 --policies trimkv-global --out results/lukv-passkey-2k
 	$(EVAL40) --gates $(GATES) --budgets 64,128 --policies trimkv --head-budgets $(LUKV_LAYER) --out results/lukv-passkey-2k
 	$(EVAL40) --budgets 128 --policies tova,h2o,knorm,caote,obcache --head-budgets $(LUKV_FIELD) \
 	    --out results/lukv-passkey-2k
