@@ -43,8 +43,18 @@ def _save(fig, path) -> Path:
 def _budget_axis(ax, budgets) -> None:
     ax.set_xscale("log", base=2)
     ticks = sorted(set(budgets))
-    ax.set_xticks(ticks, [str(b) for b in ticks])
+    ax.set_xticks(ticks, _spaced_labels(ticks))
     ax.minorticks_off()
+
+
+def _spaced_labels(ticks: list, gap: float = 1.15) -> list[str]:
+    """Tick labels on a log axis, blank where a tick sits within ``gap``x of the last labelled one (88 beside 96
+    would print as one number)."""
+    labels, last = [], None
+    for t in ticks:
+        labels.append(f"{t:g}" if last is None or t >= last * gap else "")
+        last = t if labels[-1] else last
+    return labels
 
 
 def series_name(record: dict) -> str:
@@ -63,10 +73,10 @@ def plot_accuracy_vs_budget(records: list[dict], path, x: str = "budget") -> Pat
     if not panels:
         raise ValueError("no records to plot (run the harness first: its metrics.json)")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    palette = [f"C{i}" for i in range(10) if i != 7]          # C7 (gray) is the oracle's
-    palette += ["#17becf80", "#8c564b80", "#e377c280", "#bcbd2280", "#9467bd80", "#ff7f0e80"]   # lighter, past 9 lines
+    tab20 = plt.get_cmap("tab20").colors                        # dark/light pairs; the gray pair (14, 15) is the oracle's
+    palette = [tab20[i] for i in range(0, 20, 2) if i != 14] + [tab20[i] for i in range(1, 20, 2) if i != 15]
     records = [{**r, "policy": series_name(r)} for r in records]   # a policy with head budgets is its own line
-    others = sorted({r["policy"] for r in records} - {FULL, "oracle"}, key=lambda p: (p != "trimkv", p))
+    others = sorted({r["policy"] for r in records} - {FULL, "oracle"}, key=lambda p: (not p.startswith("trimkv"), p))
     color = {p: palette[i % len(palette)] for i, p in enumerate(others)}   # one colour per policy in every panel
     for ax, (task, length) in zip(axes[0], panels):
         rows = [r for r in records if r["task"] == task and r["length"] == length]
@@ -91,7 +101,7 @@ def plot_accuracy_vs_budget(records: list[dict], path, x: str = "budget") -> Pat
             mib = [r["kv_bytes"] / 2**20 for r in rows if r["budget"] is not None]
             ticks = [t for t in (0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
                      if mib and min(mib) / 1.2 <= t <= max(mib) * 1.2]
-            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.set_xticks(ticks, _spaced_labels(ticks))
             ax.minorticks_off()
             ax.set_xlabel("allocated KV memory (MiB)")
         ax.set_title(f"{task} @ {length} tokens")
