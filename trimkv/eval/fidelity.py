@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from trimkv.data import corpus
 from trimkv.compat import cache_kwargs
-from trimkv.eval.harness import gate_fingerprint, policy_cache, prepared_gates, uses_gates
+from trimkv.eval.harness import gate_fingerprint, policy_cache, prepared_gates, series_name, uses_gates
 from trimkv.base_model import input_device
 from trimkv.progress import Progress
 from trimkv.serve import FULL, gates_for, prefill
@@ -83,11 +83,9 @@ def run_fidelity(model, tokenizer, *, budgets, policies, gates=None, n_texts: in
     policy splits its budget over the heads (the records name it), or None / "uniform". Writes ``fidelity.json``
     and ``fidelity.md`` into ``out_dir`` when given."""
     policies = [p for p in policies if p != FULL]
-    allocation = None
-    if head_budgets is not None and head_budgets != "uniform":
-        from trimkv.serve.budgets import load_allocation
+    from trimkv.serve.budgets import UNIFORM, load_allocation
 
-        allocation = load_allocation(head_budgets)
+    allocation = None if head_budgets in (None, UNIFORM) else load_allocation(head_budgets)
     budgets = sorted({int(b) for b in budgets})
     device = input_device(model)
     texts = [t.to(device) for t in eval_texts(tokenizer, n_texts=n_texts, n_tokens=prefix_tokens +
@@ -128,7 +126,6 @@ def run_fidelity(model, tokenizer, *, budgets, policies, gates=None, n_texts: in
 def fidelity_table(records: list[dict]) -> str:
     lines = ["| policy | M | KL(full‖bounded) | top-1 agree | ppl ratio |", "|---|---|---|---|---|"]
     for r in records:
-        policy = r["policy"] + (f" ({r['head_budgets']})" if r.get("head_budgets") else "")
-        lines.append(f"| {policy} | {r['budget']} | {r['kl']:.4f} | {100 * r['top1']:.1f}% | "
+        lines.append(f"| {series_name(r)} | {r['budget']} | {r['kl']:.4f} | {100 * r['top1']:.1f}% | "
                      f"{r['ppl_ratio']:.3f} |")
     return "\n".join(lines) + "\n"

@@ -384,6 +384,11 @@ def _write_outputs(out: Path, records: list[dict], predictions: list[dict]) -> N
     (out / "results.md").write_text(markdown_table(records))
 
 
+def series_name(record: dict) -> str:
+    """The row or line a record belongs to: its policy, and the head-budget allocation it ran with (LU-KV) if any."""
+    return record["policy"] + (f" ({record['head_budgets']})" if record.get("head_budgets") else "")
+
+
 def markdown_table(records: list[dict]) -> str:
     """Rows (task, length, policy), columns budgets; the full cache fills every column with its one score (its own
     column "full" when no record has a budget)."""
@@ -393,8 +398,7 @@ def markdown_table(records: list[dict]) -> str:
     lines = [head, "|" + "---|" * (3 + len(columns))]
     groups: dict[tuple, dict] = {}
     for r in records:
-        policy = r["policy"] + (f" ({r['head_budgets']})" if r.get("head_budgets") else "")
-        groups.setdefault((r["task"], r["length"], policy), {})[r["budget"]] = r["score"]
+        groups.setdefault((r["task"], r["length"], series_name(r)), {})[r["budget"]] = r["score"]
     for (task, length, policy), by_budget in groups.items():
         if policy == FULL:
             vals = [by_budget[None]] * len(columns)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trimkv.eval.harness import policy_cache
+from trimkv.eval.harness import policy_cache, series_name
 from trimkv.base_model import input_device
 from trimkv.extras import require
 from trimkv.serve import prefill
@@ -55,11 +55,6 @@ def _spaced_labels(ticks: list, gap: float = 1.15) -> list[str]:
         labels.append(f"{t:g}" if last is None or t >= last * gap else "")
         last = t if labels[-1] else last
     return labels
-
-
-def series_name(record: dict) -> str:
-    """The line a record belongs to: its policy, and the head-budget allocation it ran with (LU-KV) if any."""
-    return record["policy"] + (f" ({record['head_budgets']})" if record.get("head_budgets") else "")
 
 
 def plot_accuracy_vs_budget(records: list[dict], path, x: str = "budget") -> Path:
