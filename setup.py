@@ -25,7 +25,6 @@ class BuildPyWithShipped(build_py):
             src, dst = HERE / rel, shipped / rel
             if not src.is_dir():
                 raise FileNotFoundError(f"{src} is missing: build the wheel from a full clone (or its sdist)")
-            shutil.rmtree(dst, ignore_errors=True)
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.tmp-*", ".*"))
 
 

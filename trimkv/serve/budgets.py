@@ -178,15 +178,10 @@ class HeadAllocation:
         allocated memory rather than equal budgeted tokens; ``budget`` itself for a per-layer allocation);
         CacheError when ``budget`` is below the floor (every head at the floor always fits)."""
         L, H = self.shape
-        limit = budget * L * H
-        best = None
-        for m in range(floor, budget + 1):                 # allocated slots grow with m, but not strictly
-            if self.allocated_slots(policy, m, floor) <= limit:
-                best = m
-        if best is None:
-            raise CacheError(f"budget {budget} is below the per-head floor {floor} (sink + window + 1): raise the "
-                             "budget")
-        return best
+        for m in range(budget, floor - 1, -1):              # from the top: the first that fits is the largest
+            if self.allocated_slots(policy, m, floor) <= budget * L * H:
+                return m
+        raise CacheError(f"budget {budget} is below the per-head floor {floor} (sink + window + 1): raise the budget")
 
     def to_json(self) -> dict:
         out = {"format": FORMAT, "version": VERSION, "name": self.name, "base_model": self.base_model,
