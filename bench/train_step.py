@@ -136,13 +136,16 @@ def measure_length(model, cfg, T: int, args) -> list[dict]:
 
 
 def trace_once(model, batch, device: str) -> None:
-    """One row through :func:`trimkv.trace.capture.trace_row`, with the default trace settings' plan."""
-    from trimkv.trace.capture import TracePlan, trace_row
+    """One row through :func:`trimkv.trace.capture.trace_row`, with the plan ``trimkv trace`` makes from the default
+    trace settings (:func:`trimkv.trace.collect.trace_plan` of a store's manifest)."""
+    from trimkv.trace.capture import trace_row
+    from trimkv.trace.collect import plan_manifest, trace_plan
     from trimkv.trace.settings import TraceSettings
 
-    s = TraceSettings()
-    plan = TracePlan(layers=tuple(range(model.config.num_hidden_layers)), horizons=s.horizons,
-                     answer="answer" in s.targets, query_chunk=s.query_chunk)
+    settings = TraceSettings()
+    T = batch["input_ids"].shape[1]
+    data = parse_recipe({"data": {"source": "builtin:prose", "seq_len": T}}).data   # the plan reads no data
+    plan = trace_plan(plan_manifest(model, data, settings, model_name="bench"), settings)
     trace_row(model, batch["input_ids"][0].to(device), batch["position_ids"][0].to(device),
               batch["loss_mask"][0].to(device), plan)
 

@@ -135,6 +135,14 @@ def source_rows(data_cfg, tokenizer, rows: int) -> list[dict]:
     return got[:rows]
 
 
+def trace_plan(manifest: dict, settings: TraceSettings) -> TracePlan:
+    """What :func:`~trimkv.trace.capture.trace_row` captures for a store of this manifest."""
+    return TracePlan(layers=tuple(manifest["layers"]), hidden_layers=tuple(manifest["hidden_layers"]),
+                     horizons=tuple(manifest["horizons"]), answer="answer" in manifest["targets"],
+                     later=any(t.startswith("later@") for t in manifest["targets"]),
+                     query_chunk=settings.query_chunk)
+
+
 def write_traces(model, tokenizer, data_cfg, out: str | Path, settings: TraceSettings | None = None, *,
                  model_name: str = "", recipe_hash: str | None = None, overwrite: bool = False,
                  progress: bool = True, max_shards: int | None = None, say=print) -> TraceStore:
@@ -157,10 +165,7 @@ def write_traces(model, tokenizer, data_cfg, out: str | Path, settings: TraceSet
             raise DataError(f"the 'recon' target reads one document per row, but {len(packed)} of the rows pack "
                             f"several (row {packed[0]} first): trace with data.pack: false, or leave 'recon' out")
     device = input_device(model)
-    plan = TracePlan(layers=tuple(manifest["layers"]), hidden_layers=tuple(manifest["hidden_layers"]),
-                     horizons=tuple(manifest["horizons"]), answer="answer" in manifest["targets"],
-                     later=any(t.startswith("later@") for t in manifest["targets"]),
-                     query_chunk=settings.query_chunk)
+    plan = trace_plan(manifest, settings)
     recon_ids = None
     if manifest["recon_prompt"] is not None:
         recon_ids = torch.tensor(tokenizer(manifest["recon_prompt"], add_special_tokens=False)["input_ids"],
