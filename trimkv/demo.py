@@ -79,8 +79,9 @@ def ask_at_depths(model, tok, methods: list[Method], *, context: int, depths=DEP
     """The passkey task at each depth of ``depths`` (one prompt each, its own key), answered by every method:
     {method name: [{"depth", "answer", "text", "correct", "kv_bytes", "seconds"}, ...]}. ``show`` prints a line per
     answer as it comes."""
+    from .eval.harness import policy_cache
     from .eval.tasks import make_samples, render_prompt, score
-    from .serve import generate, make_cache
+    from .serve import FULL, generate
 
     samples = make_samples("passkey", tok, context_length=context, n=len(depths), seed=seed, depths=list(depths),
                            chat=False)
@@ -88,9 +89,9 @@ def ask_at_depths(model, tok, methods: list[Method], *, context: int, depths=DEP
     for depth, sample in zip(depths, samples):
         prompt = render_prompt(sample, tok)
         for m in methods:
-            cache = None if m.policy is None else make_cache(model, m.policy, m.budget, sink=sink, window=window,
-                                                            head_budgets=m.head_budgets)
-            g = generate(model, tok, prompt, budget=None, cache=cache, max_new_tokens=max_new_tokens)
+            cache = policy_cache(model, m.policy or FULL, m.budget, sink=sink, window=window,
+                                 head_budgets=m.head_budgets)          # the eval harness's caches
+            g = generate(model, tok, prompt, cache=cache, max_new_tokens=max_new_tokens)
             ok = score(g.text, sample.answers, "all") == 1.0
             out[m.name].append(dict(depth=depth, answer=sample.answers[0], text=g.text, correct=ok,
                                     kv_bytes=g.kv_bytes, seconds=g.seconds))
