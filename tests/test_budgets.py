@@ -255,6 +255,8 @@ def _run(argv) -> int:
     (["generate", "{p}", "--policy", "h2o", "--budget", "64", "--head-budgets", "{alloc}"], 2, "not for h2o"),
     (["profile", "--out", "{tmp}/x", "--ratios", "0,0.5"], 2, "keep ratios"),
     (["profile", "--out", "{tmp}/x", "--policies", "trimkv"], 2, "read trained gates"),
+    (["profile", "--out", "{tmp}/x", "--policies", "kvp"], 2, "give --kvp"),
+    (["profile", "--out", "{tmp}/x", "--policies", "snapkv", "--kvp", "{tmp}/r"], 2, "no policy of --policies"),
     (["profile", "--out", "{tmp}/x", "--policies", "snapkv", "--ratios", "0.001"], 2, "per-head floor"),
 ])
 def test_command_lines_are_checked_before_the_model_loads(argv, code, named, tmp_path, no_model, capsys):
@@ -333,6 +335,37 @@ def test_profiling_a_tiny_model_writes_an_allocation_make_cache_takes(tokenizer,
     assert again.tables == json.loads(json.dumps(alloc.tables)) and again.cost["seconds"] > 0
     cache = make_cache(model, "keydiff", 16, sink=1, window=2, head_budgets=folder)
     assert sum(map(sum, cache.head_budgets)) == 64
+
+
+def test_profiling_kvp_rankers_reads_them_and_records_which(tokenizer, tmp_path):
+    """``trimkv profile --policies kvp --kvp CKPT``: the rankers score the tokens (two different rankers give two
+    different tables), and the allocation names the checkpoint it profiled."""
+    from trimkv.eval.profile import profile_allocation
+    from trimkv.kvp import KVPConfig, KVPRankers, save_rankers
+
+    model = build_tiny_model(vocab_size=400, initializer_range=0.2)
+    cfg = model.config
+    tables = []
+    for seed in (0, 1):
+        rankers = KVPRankers(KVPConfig(num_layers=L, num_kv_heads=H, head_dim=cfg.hidden_size // cfg.num_attention_heads,
+                                       hidden=8, pos_scale=64, base_model="tiny-llama"), seed=seed)
+        with torch.no_grad():
+            rankers.b2.normal_(generator=torch.Generator().manual_seed(seed))
+        folder = save_rankers(rankers, tmp_path / f"kvp{seed}")
+        alloc = profile_allocation(model, tokenizer, policies=["kvp"], n_docs=1, questions=2, length=640, seed=5,
+                                   grid=[0.1, 0.2], sink=1, window=2, prefill_chunk=64, progress=False, kvp=folder)
+        assert alloc.settings["kvp"] == str(folder)
+        tables.append(alloc.tables["kvp"])
+    assert tables[0]["shares"] != tables[1]["shares"]
+    cache = make_cache(model, _kvp_policy(folder, model), 16, sink=1, window=2, head_budgets=alloc)
+    assert sum(map(sum, cache.head_budgets)) == 64
+
+
+def _kvp_policy(folder, model):
+    from trimkv.eval.harness import prepared_rankers
+    from trimkv.serve.policies import get_policy
+
+    return get_policy("kvp", rankers=prepared_rankers(model, folder, need=True))
 
 
 # ------------------------------------------------------------------------------------------- per-layer budgets

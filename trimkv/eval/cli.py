@@ -292,6 +292,7 @@ def _profile(args: argparse.Namespace) -> int:
     gated = [p for p in args.policies if uses_gates(p)]
     if gated and not args.gates:
         raise UsageError(f"--policies {','.join(gated)} read trained gates: give --gates CKPT")
+    check_kvp_args(args.kvp, args.policies, "--policies")
     floor = args.sink + args.window + 1
     if any(r * args.length < floor for r in args.ratios):
         raise UsageError(f"--ratios {min(args.ratios):g} x --length {args.length} is below the per-head floor "
@@ -311,7 +312,8 @@ def _profile(args: argparse.Namespace) -> int:
     alloc = profile_allocation(model, tok, policies=args.policies, n_docs=args.docs, questions=args.questions,
                                length=args.length, seed=args.seed, grid=args.ratios, sink=args.sink,
                                window=args.window, prefill_chunk=args.prefill_chunk, name=Path(args.out).name,
-                               gates=args.gates if gated else None, per=args.per, progress=not args.quiet)
+                               gates=args.gates if gated else None, per=args.per, progress=not args.quiet,
+                               kvp=args.kvp)
     print(alloc.save(args.out, card=allocation_card(alloc)))
     print(allocation_card(alloc))
     return 0
@@ -346,6 +348,7 @@ def add_profile(sub) -> None:
     p.add_argument("--per", choices=_names.LUKV_GRANULARITIES, default="head",
                    help="a budget per KV head (LU-KV; the cache pads each layer to its largest head) or per layer (all "
                         "KV heads of a layer alike: the allocated bytes equal the uniform cache's)")
+    add_kvp_arg(p)
     p.add_argument("--out", required=True, help="output folder (allocation.json, README.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

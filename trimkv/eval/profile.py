@@ -43,6 +43,7 @@ from trimkv.data.corpus import prose_documents
 from trimkv.data.synthqa import qa_documents
 from trimkv.base_model import input_device
 from trimkv.errors import CacheError, DataError
+from trimkv.eval.harness import prepared_rankers, uses_rankers
 from trimkv.names import LUKV_GRID
 from trimkv.progress import Progress
 from trimkv.serve import make_cache
@@ -156,10 +157,11 @@ def query_gains(cache, recorder: _QueryRecorder, scores: list[torch.Tensor], n: 
 
 @torch.no_grad()
 def profile_policy(model, tokenizer, policy: str, docs, *, grid, sink: int, window: int, prefill_chunk: int,
-                   per: str = "head", bar: Progress | None = None) -> dict:
+                   per: str = "head", bar: Progress | None = None, kvp=None) -> dict:
     """Per-query greedy solutions of one policy over ``docs`` (:func:`profiling_set`) -> {"shares" [L][H],
     "ratios" [R][L][H], "loss_uniform" [R], "loss_lukv" [R], "queries"}. ``per="layer"``: the solver hands tokens
-    to whole layers (:func:`layer_allocations`), so the heads of a layer share one budget."""
+    to whole layers (:func:`layer_allocations`), so the heads of a layer share one budget. ``kvp``: the KVP rankers
+    the ``kvp`` policy reads (:func:`trimkv.eval.harness.prepared_rankers`)."""
     L, H = model_shape(model)
     device = input_device(model)
     floor = sink + window + 1
@@ -173,7 +175,8 @@ def profile_policy(model, tokenizer, policy: str, docs, *, grid, sink: int, wind
         ctx = encode(context)
         tails, answers = [encode(q.tail) for q in queries], [encode(q.answer) for q in queries]
         room = ctx.shape[1] + max(t.shape[1] + a.shape[1] for t, a in zip(tails, answers)) + 1
-        base = make_cache(model, get_policy(policy), room, sink=sink, window=window)   # never evicts: full attention
+        scorer = get_policy(policy, rankers=kvp) if uses_rankers(policy) else get_policy(policy)
+        base = make_cache(model, scorer, room, sink=sink, window=window)              # never evicts: full attention
         prefill(model, ctx, base, chunk=prefill_chunk)
         for tail, answer in zip(tails, answers):
             cache = clone_cache(base)
@@ -227,26 +230,30 @@ def _rounded(t: torch.Tensor, digits: int = 6) -> list:
 def profile_allocation(model, tokenizer, *, policies: list[str], n_docs: int = 4, questions: int = 8,
                        length: int = 2048, seed: int = 23, grid=DEFAULT_GRID, sink: int = 4, window: int = 16,
                        prefill_chunk: int = 256, name: str = "allocation", gates: str | None = None,
-                       per: str = "head", progress: bool = True) -> HeadAllocation:
+                       per: str = "head", progress: bool = True, kvp=None) -> HeadAllocation:
     """Profile ``policies`` on :func:`profiling_set` and return the allocation (gates, when a policy reads them, must
-    be attached to ``model`` already); ``per``: "head" (a budget per KV head) or "layer" (one per layer)."""
+    be attached to ``model`` already); ``per``: "head" (a budget per KV head) or "layer" (one per layer); ``kvp``:
+    the KVP rankers (a checkpoint folder / Hub id or :class:`~trimkv.kvp.KVPRankers`) when ``policies`` has ``kvp``."""
     if per not in GRANULARITIES:
         raise ValueError(f"per must be one of {', '.join(GRANULARITIES)}, got {per!r}")
     t0 = time.perf_counter()
     docs = profiling_set(tokenizer, n_docs=n_docs, questions=questions, length=length, seed=seed)
     n_queries = sum(len(q) for _, q in docs)
     tables, per_policy_s = {}, {}
+    rankers = prepared_rankers(model, kvp, need=any(uses_rankers(p) for p in policies))
     with Progress("profile", total=n_queries * len(policies), enabled=progress) as bar:
         for policy in policies:
             t = time.perf_counter()
             tables[policy] = profile_policy(model, tokenizer, policy, docs, grid=list(grid), sink=sink, window=window,
-                                            prefill_chunk=prefill_chunk, per=per, bar=bar)
+                                            prefill_chunk=prefill_chunk, per=per, bar=bar, kvp=rankers)
             per_policy_s[policy] = round(time.perf_counter() - t, 1)
     L, H = model_shape(model)
     tokens = sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c, _ in docs)
     settings = dict(source="builtin:qa-plain (train-split prose; wording disjoint from trimkv.eval.tasks)",
                     n_docs=n_docs, questions=questions, length=length, seed=seed, queries=n_queries, sink=sink,
                     window=window, floor=sink + window + 1, prefill_chunk=prefill_chunk, gates=gates)
+    if rankers is not None:
+        settings["kvp"] = str(kvp) if not isinstance(kvp, torch.nn.Module) else rankers.fingerprint()
     cost = dict(seconds=round(time.perf_counter() - t0, 1), seconds_per_policy=per_policy_s,
                 context_tokens_per_policy=tokens, device=str(input_device(model)),
                 threads=torch.get_num_threads())
