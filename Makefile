@@ -128,6 +128,7 @@ eval: venv model
 LUKV       ?= checkpoints/smollm2-135m-lukv
 LUKV_LAYER ?= checkpoints/smollm2-135m-lukv-layer
 LUKV_FIELD ?= checkpoints/smollm2-135m-lukv-field
+LUKV_KVP   ?= checkpoints/smollm2-135m-lukv-kvp
 EVAL40    := $(PY) -m trimkv.cli eval --threads 1 --n 40 --tasks passkey --lengths 2048
 EVAL40_4K := $(PY) -m trimkv.cli eval --threads 1 --n 40 --tasks passkey --lengths 4096
 TASKS     := $(PY) -m trimkv.cli eval --threads 1 --n $(N) --tasks multikey_needle,variable_tracking --lengths 2048 \
@@ -136,6 +137,7 @@ TASKS     := $(PY) -m trimkv.cli eval --threads 1 --n $(N) --tasks multikey_need
 FID       := $(PY) -m trimkv.cli eval --threads 1 --fidelity --n 2 --prefix 512 --continuation 96
 eval-n40: venv model
 	$(EVAL40) --kvp $(KVP) --budgets 64,128 --policies kvp,full --out results/kvp/passkey-2k
+	$(EVAL40) --kvp $(KVP) --budgets 48,95 --policies kvp --head-budgets $(LUKV_KVP) --out results/kvp/passkey-2k
 	$(EVAL40) --budgets 128 --policies caote,obcache,laq --out results/field-policies
 	$(EVAL40) --gates $(GATES) --budgets 64,128 --policies trimkv --out results/lukv-passkey-2k
 	$(EVAL40) --gates $(GATES) --budgets 64,128 --policies trimkv --head-budgets $(LUKV) --out results/lukv-passkey-2k
