@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from trimkv.errors import DataError
 from trimkv.gate import GateConfig, RetentionGates
 from trimkv.trace import LayerTrace
-from trimkv.trace.fit import (FitSettings, fit_gates, gates_for_store, kept_utility, ranking_loss, save_fitted,
-                              utility_of)
+from trimkv.trace.fit import (FitSettings, draw_pairs, fit_gates, gates_for_store, kept_utility, ranking_loss,
+                              save_fitted, utility_of)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,6 +69,42 @@ class PlantedStore:
         return LayerTrace(layer=0, keys=torch.zeros(R, 2, T, 4), values=torch.zeros(R, 2, T, 4),
                           pos=torch.arange(T).expand(R, T), valid=torch.ones(R, T, dtype=torch.bool),
                           utility={"future": self.u}, hidden=self.x)
+
+
+def test_recent_pairs_draw_their_second_token_among_the_last_tokens_before_t():
+    """Two documents in a row (positions restart at 40); steps t = 30 and 70. Uniform draws span each document's past;
+    with ``recent`` = 1 every second token is one of the 8 before t (never before the document's start), and with
+    0.5 about half are."""
+    pos = torch.cat([torch.arange(40), torch.arange(60)])[None]
+    steps = torch.tensor([[30, 70]])
+    g = torch.Generator().manual_seed(0)
+    plain = draw_pairs(pos, steps, 2000, g)
+    assert plain.shape == (1, 2, 2000, 2)
+    assert plain[0, 0].min() == 0 and plain[0, 0].max() == 29 and plain[0, 1].min() == 40 and plain[0, 1].max() == 69
+    near = draw_pairs(pos, steps, 2000, g, recent=1.0, recent_span=8)
+    assert near[0, 0, :, 1].min() == 22 and near[0, 0, :, 1].max() == 29
+    assert near[0, 1, :, 1].min() == 62 and near[0, 1, :, 1].max() == 69
+    assert near[0, 0, :, 0].min() == 0                                   # the first token stays uniform
+    short = draw_pairs(pos, torch.tensor([[43, 70]]), 500, g, recent=1.0, recent_span=8)
+    assert short[0, 0, :, 1].min() == 40                                 # 3 tokens of its document before t = 43
+    half = draw_pairs(pos, steps, 4000, g, recent=0.5, recent_span=8)
+    share = float((half[0, 0, :, 1] >= 22).float().mean())               # uniform draws land there 8/30 of the time
+    assert abs(share - (0.5 + 0.5 * 8 / 30)) < 0.04, share
+
+
+def test_a_larger_temperature_keeps_rewarding_wider_margins():
+    """A pair ordered right by a margin of 8 has stopped counting at temperature 1 (gradient sigmoid(-8) = 3e-4) but not
+    at temperature 10 (sigmoid(-0.8) / 10 = 0.03)."""
+    u = torch.tensor([[[0.9, 0.2, 0.0]]])
+    pos = torch.arange(3)[None]
+    logb = torch.tensor([[[-0.5, -9.0, 0.0]]], requires_grad=True)         # scores -1.0 and -9.0 at t = 2
+    grads = []
+    for temperature in (1.0, 10.0):
+        logb.grad = None
+        ranking_loss(logb, u, pos, torch.tensor([[2]]), pairs=2000, generator=torch.Generator().manual_seed(0),
+                     temperature=temperature).backward()
+        grads.append(float(logb.grad.abs().sum()))
+    assert grads[1] > 20 * grads[0], grads
 
 
 def test_fitted_gates_recover_a_planted_order():

@@ -14,7 +14,7 @@ import argparse
 import hashlib
 import json
 
-from .command import Names, add_command, integer, integers, names, quiet_loading
+from .command import Names, add_command, integer, integers, names, quiet_loading, real
 from .errors import UsageError
 from .limits import MAX_LAYERS, MAX_TOKENS
 from .names import DTYPE_CHOICES, TRACE_TARGETS
@@ -208,7 +208,8 @@ def _fit(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     settings = FitSettings(utility=args.utility, steps=args.steps, lr=args.lr, rows_per_step=args.rows_per_step,
                            budget=args.budget, capacity_weight=args.capacity_weight, eval_rows=args.eval_rows,
-                           seed=args.seed, by_age=args.by_age)
+                           seed=args.seed, by_age=args.by_age, temperature=args.temperature,
+                           recent_pairs=args.recent_pairs)
     print(f"trimkv fit-trace: {gates.config.gate_type} gates (width {gates.config.gate_hidden}) on {store!r}, "
           f"utility {settings.utility}, {settings.steps} steps per layer")
     metrics = fit_gates(store, gates, settings, layers=args.layers, progress=None if args.quiet else print)
@@ -240,6 +241,11 @@ def add_fit(sub) -> None:
                    help="rank by the utility left from step t on (future replaced by later@<h> at each age; the "
                         "store needs the later target)")
     f.add_argument("--budget", type=integer(1, MAX_TOKENS), default=64, help="M of the capacity term")
+    f.add_argument("--temperature", type=real(0.0, open_lo=True), default=1.0,
+                   help="temperature of the pairwise ranking term (larger: larger score margins are asked for)")
+    f.add_argument("--recent-pairs", type=real(0.0, 1.0), default=0.0,
+                   help="share of the pairs whose second token is among the 2 x budget tokens before the step: the "
+                        "young tokens an old one competes with for a small budget")
     f.add_argument("--capacity-weight", type=float, default=1.0, help="weight of the capacity term")
     f.add_argument("--steps", type=integer(1, 10**7), default=200, help="optimiser steps per layer")
     f.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")

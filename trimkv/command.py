@@ -158,6 +158,25 @@ def integer(lo: int | None = None, hi: int | None = None, what: str = "") -> Cal
     return parse
 
 
+def real(lo: float | None = None, hi: float | None = None, *, open_lo: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``open_lo``; either end open when None)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if open_lo and lo is not None and value <= lo:
+            raise argparse.ArgumentTypeError(f"{value:g} must be above {lo:g}")
+        if lo is not None and value < lo or hi is not None and value > hi:
+            raise argparse.ArgumentTypeError(f"{value:g} is outside [{lo:g}, {hi:g}]" if hi is not None else
+                                             f"{value:g} is below {lo:g}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
 def integers(lo: int | None = None, hi: int | None = None, what: str = "") -> Callable[[str], list[int]]:
     """An argparse type: comma-separated integers, each in ``[lo, hi]``, at least one."""
     def parse(text: str) -> list[int]:

@@ -47,7 +47,9 @@ class FitSettings:
     each over ``rows_per_step`` random rows, ``samples`` steps t per row and ``pairs`` token pairs per t and head.
     ``min_step``: the smallest t sampled (earlier steps fit any budget). ``budget``: M of the capacity term.
     ``eval_rows``: the last rows of the store, held out for :func:`kept_utility` (0 = none). ``by_age``: the utility
-    from step t on (:func:`utility_by_age`; needs a store traced with the ``later`` target)."""
+    from step t on (:func:`utility_by_age`; needs a store traced with the ``later`` target). ``temperature``: of the
+    pairwise term (a larger one asks for larger score margins before a pair stops counting). ``recent_pairs``: the
+    share of pairs whose second token is one of the ``2 * budget`` before t (:func:`ranking_loss`)."""
 
     utility: dict = field(default_factory=lambda: {"future": 1.0})
     by_age: bool = False
@@ -59,6 +61,7 @@ class FitSettings:
     pairs: int = 256
     min_step: int = 16
     temperature: float = 1.0
+    recent_pairs: float = 0.0
     budget: int = 64
     capacity_weight: float = 1.0
     capacity_form: str = "paper"
@@ -121,19 +124,33 @@ def sample_steps(pos: torch.Tensor, valid: torch.Tensor, samples: int, min_step:
     return torch.multinomial(w.cpu(), samples, replacement=True, generator=generator).to(pos.device)
 
 
-def ranking_loss(logb: torch.Tensor, utility: torch.Tensor, pos: torch.Tensor, steps: torch.Tensor, *,
-                 pairs: int, generator: torch.Generator, temperature: float = 1.0,
-                 edges: torch.Tensor | None = None) -> torch.Tensor:
-    """The pairwise ranking term (module docstring). logb [R, Hkv, T]; utility [R, Hkv, T], or [K + 1, R, Hkv, T] by
-    age with ``edges`` [K] (:func:`utility_by_age`); pos [R, T]; steps [R, m] indices t. Pairs i, k are drawn
-    uniformly among the tokens of t's document before t."""
-    R, H, T = logb.shape
-    m = steps.shape[1]
+def draw_pairs(pos: torch.Tensor, steps: torch.Tensor, pairs: int, generator: torch.Generator, *,
+               recent: float = 0.0, recent_span: int = 128) -> torch.Tensor:
+    """[R, m, P, 2] token indices i, k < t of t's document for each step t of ``steps`` [R, m]: uniform, except that
+    a share ``recent`` of the k are drawn among the last ``recent_span`` tokens before t."""
+    R, m = steps.shape
     start = _starts(pos).gather(1, steps)                                    # [R, m]
     span = (steps - start).clamp_min(1).float()                              # tokens before t in its document
-    draw = torch.rand(R, m, pairs, 2, generator=generator).to(logb.device)
+    draw = torch.rand(R, m, pairs, 2, generator=generator).to(pos.device)
     idx = start[..., None, None] + (draw * span[..., None, None]).long()     # [R, m, P, 2]
-    idx = torch.minimum(idx, (steps - 1).clamp_min(0)[..., None, None])
+    if recent:
+        near = torch.rand(R, m, pairs, generator=generator).to(pos.device) < recent
+        width = torch.minimum(span, torch.full_like(span, float(recent_span)))
+        late = (steps[..., None] - 1 - (draw[..., 1] * width[..., None]).long()).clamp_min(start[..., None])
+        idx[..., 1] = torch.where(near, late, idx[..., 1])
+    return torch.minimum(idx, (steps - 1).clamp_min(0)[..., None, None])
+
+
+def ranking_loss(logb: torch.Tensor, utility: torch.Tensor, pos: torch.Tensor, steps: torch.Tensor, *,
+                 pairs: int, generator: torch.Generator, temperature: float = 1.0,
+                 edges: torch.Tensor | None = None, recent: float = 0.0, recent_span: int = 128) -> torch.Tensor:
+    """The pairwise ranking term (module docstring). logb [R, Hkv, T]; utility [R, Hkv, T], or [K + 1, R, Hkv, T] by
+    age with ``edges`` [K] (:func:`utility_by_age`); pos [R, T]; steps [R, m] indices t. Pairs i, k are drawn
+    uniformly among the tokens of t's document before t; with ``recent`` > 0 that share of the k are drawn among the
+    last ``recent_span`` tokens before t instead: the young tokens an old one competes with for a small budget."""
+    R, H, T = logb.shape
+    m = steps.shape[1]
+    idx = draw_pairs(pos, steps, pairs, generator, recent=recent, recent_span=recent_span)   # [R, m, P, 2]
     flat = idx.reshape(R, 1, -1).expand(R, H, -1)                            # [R, H, m * P * 2]
     lb = logb.gather(2, flat).reshape(R, H, m, pairs, 2)
     age = (pos.gather(1, steps)[..., None, None] - pos.gather(1, idx.reshape(R, -1)).reshape(R, m, pairs, 2)).float()
@@ -159,7 +176,8 @@ def layer_loss(gate: RetentionGate, x: torch.Tensor, utility: torch.Tensor, pos:
     logb = gate(x)                                                           # [R, Hkv, T]
     steps = sample_steps(pos, valid, settings.samples, settings.min_step, generator)
     rank = ranking_loss(logb, utility, pos, steps, pairs=settings.pairs, generator=generator,
-                        temperature=settings.temperature, edges=edges)
+                        temperature=settings.temperature, edges=edges, recent=settings.recent_pairs,
+                        recent_span=2 * settings.budget)
     cap = torch.zeros((), device=logb.device)
     if settings.capacity_weight:
         S = capacity_sums(logb.masked_fill(~valid[:, None, :], 0.0), pos, seg=packed_documents(pos), valid=valid)
