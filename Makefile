@@ -149,6 +149,8 @@ eval-n40: venv model
 	    --out results/lukv-passkey-2k
 	$(EVAL40) --gates $(GATES) --budgets 45,88 --policies trimkv --head-budgets $(LUKV) --out results/lukv-passkey-2k
 	$(EVAL40_4K) --budgets 128 --policies full --out results/lukv-passkey-4k
+	$(EVAL40_4K) --kvp $(KVP) --budgets 128 --policies kvp --out results/lukv-passkey-4k
+	$(EVAL40_4K) --kvp $(KVP) --budgets 95 --policies kvp --head-budgets $(LUKV_KVP) --out results/lukv-passkey-4k
 	$(EVAL40_4K) --gates $(GATES) --budgets 88,128 --policies trimkv --head-budgets $(LUKV) --out results/lukv-passkey-4k
 	$(EVAL40_4K) --gates $(GATES) --budgets 128 --policies trimkv --head-budgets $(LUKV_LAYER) \
 	    --out results/lukv-passkey-4k
