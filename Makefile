@@ -157,6 +157,8 @@ eval-n40: venv model
 	$(EVAL) --tasks multikey_needle,variable_tracking --lengths 2048 --budgets 128 --policies trimkv \
 	    --head-budgets $(LUKV) --out results/tasks
 	$(KVP_EVAL) --tasks multikey_needle,variable_tracking --lengths 2048 --budgets 128 --policies kvp --out results/tasks
+	$(KVP_EVAL) --tasks multikey_needle,variable_tracking --lengths 2048 --budgets 95 --policies kvp \
+	    --head-budgets $(LUKV_KVP) --out results/tasks
 	$(TASKS) --policies caote --out results/tasks
 	$(TASKS) --gates $(GATES) --policies trimkv-global --out results/tasks
 	$(TASKS) --policies keydiff --out results/tasks
