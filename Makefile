@@ -21,7 +21,7 @@ OLDEST_LOCK := constraints-oldest.txt
 COMPAT_VENV := .venv-oldest
 LATEST_VENV := .venv-latest
 
-.PHONY: venv model demo test test-compat test-latest lock gpu-stage gpu-verify gpu-stage-part gpu-train train eval eval-n40 eval-full clean
+.PHONY: venv model demo test test-compat test-latest lock gpu-stage gpu-verify gpu-stage-part gpu-train train trace-fit eval eval-n40 eval-full clean
 
 venv: $(VENV)/.installed
 
@@ -94,6 +94,19 @@ gpu-train:
 
 train: venv model
 	$(PY) -m trimkv.cli train $(or $(RECIPE),recipes/smollm2-135m-qa-m64.yaml)
+
+# Gates learned from the frozen model's own attention, no backward through it (issue 21): a trace store of 128 QA
+# rows of 1k tokens (~13 min on one thread, 7.3 GB), gates fitted on it (~35 min), their LU-KV head budgets (~1 min).
+# `checkpoints/smollm2-135m-qa-fitted` and `-lukv-fitted` were made by these commands. Rerunning resumes the store and
+# keeps finished folders.
+TRACE_STORE ?= runs/traces/qa-1k-s1-128
+FITTED      ?= runs/gates-fitted
+trace-fit: venv model
+	$(PY) -m trimkv.cli trace --data builtin:qa-plain --rows 128 --seq-len 1024 --seed 1 --targets future,answer,later \
+	    --hidden all --threads 1 --out $(TRACE_STORE)
+	test -d $(FITTED) || $(PY) -m trimkv.cli fit-trace $(TRACE_STORE) --utility answer --steps 400 --lr 1e-2 \
+	    --recent-pairs 0.5 --threads 1 --out $(FITTED)
+	test -d $(FITTED)-lukv || $(PY) -m trimkv.cli profile --gates $(FITTED) --threads 1 --out $(FITTED)-lukv
 
 # The README's Results: the shipped gates vs the baselines (and the needle oracle), n = $(N) samples a cell. Finished
 # cells in results/ are reused (keyed by model, gates, task, length, budget, policy, n, seed and every setting), and

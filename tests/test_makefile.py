@@ -41,3 +41,13 @@ def test_every_eval_command_of_a_results_target_passes_the_checks_before_the_mod
         args = build_parser().parse_args(argv)
         _resolve_eval_args(args)                  # raises UsageError / AllocationError / ... naming the problem
         assert args.out and not re.search(r"runs/eval-", args.out), argv     # results go to a named folder
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_the_trace_fit_target_runs_commands_that_parse():
+    """`make trace-fit`: trace store -> fitted gates -> their LU-KV budgets, each a command line trimkv accepts, the
+    fit reading the store the trace writes and the profile reading the gates the fit writes."""
+    commands = make_commands("trace-fit")
+    assert [c[0] for c in commands] == ["trace", "fit-trace", "profile"]
+    trace, fit, profile = (build_parser().parse_args(c) for c in commands)
+    assert fit.store == trace.out and profile.gates == fit.out and fit.recent_pairs == 0.5

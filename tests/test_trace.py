@@ -359,6 +359,16 @@ def test_fit_trace_command_writes_gates_that_load(setup, tmp_path):
     assert_fails(run_cli("fit-trace", store.path, "--out", tmp_path / "gates"), 2, "exists")
     assert_fails(run_cli("fit-trace", store.path, "--out", tmp_path / "g2", "--utility", "recon"), 4, "recon")
     assert_fails(run_cli("fit-trace", tmp_path / "none", "--out", tmp_path / "g3"), 4, "no trace store")
+    # --init continues from those gates (their width, not the flag's): a step of lr 1e-12 leaves them as they were
+    res = run_cli("fit-trace", store.path, "--out", tmp_path / "again", "--init", tmp_path / "gates", "--steps", "1",
+                  "--lr", "1e-12", "--gate-hidden", "64", "--eval-rows", "0", "--quiet")
+    assert res.returncode == 0, res.stderr
+    again = load_gate_checkpoint(tmp_path / "again")
+    assert again.config.gate_hidden == 8
+    for a, b in zip(gates.state_dict().values(), again.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert_fails(run_cli("fit-trace", store.path, "--out", tmp_path / "g4", "--init", tmp_path / "none"), 6,
+                 "no gate checkpoint")
 
 
 def test_recipe_trace_section(setup, tmp_path):

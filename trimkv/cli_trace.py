@@ -201,11 +201,16 @@ def _fit(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     store = TraceStore(args.store)
-    try:
-        gates = gates_for_store(store, gate_type=args.gate_type, gate_hidden=args.gate_hidden,
-                                bias_init=args.bias_init)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    if args.init:          # continue from gates fitted (or distilled) before: their type and width, not the flags'
+        from .share import load_gate_checkpoint
+
+        gates = load_gate_checkpoint(args.init)
+    else:
+        try:
+            gates = gates_for_store(store, gate_type=args.gate_type, gate_hidden=args.gate_hidden,
+                                    bias_init=args.bias_init)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     settings = FitSettings(utility=args.utility, steps=args.steps, lr=args.lr, rows_per_step=args.rows_per_step,
                            budget=args.budget, capacity_weight=args.capacity_weight, eval_rows=args.eval_rows,
                            seed=args.seed, by_age=args.by_age, temperature=args.temperature,
@@ -232,6 +237,10 @@ def add_fit(sub) -> None:
                     "gates.init_from.")
     f.add_argument("store", help="a trace store folder (trimkv trace --out)")
     f.add_argument("--out", required=True, help="the gate checkpoint folder to write")
+    f.add_argument("--init", default=None, metavar="CKPT",
+                   help="start from these gates (a checkpoint folder or Hub id: an earlier fit to continue, or "
+                        "distilled gates) instead of a fresh init; --gate-type, --gate-hidden and --bias-init are then "
+                        "theirs")
     f.add_argument("--gate-type", default="rg", help="rg (reads x: the store needs --hidden) | rg2 | rg2-all | rg3")
     f.add_argument("--gate-hidden", type=integer(1, 1 << 16), default=256, help="gate MLP width")
     f.add_argument("--bias-init", type=float, default=8.0, help="initial per-head bias (beta0 = sigmoid of it)")
