@@ -97,8 +97,8 @@ train: venv model
 
 # Gates learned from the frozen model's own attention, no backward through it (issue 21): a trace store of 128 QA
 # rows of 1k tokens (~13 min on one thread, 7.3 GB), gates fitted on it (~35 min), their LU-KV head budgets (~1 min).
-# `checkpoints/smollm2-135m-qa-fitted` and `-lukv-fitted` were made by these commands. Rerunning resumes the store and
-# keeps finished folders.
+# `checkpoints/smollm2-135m-qa-fitted` and `smollm2-135m-lukv-fitted` were made by these commands (their n = 40 cells:
+# `make eval-n40`). Rerunning resumes the store and keeps finished folders.
 TRACE_STORE ?= runs/traces/qa-1k-s1-128
 FITTED      ?= runs/gates-fitted
 trace-fit: venv model
@@ -142,6 +142,8 @@ LUKV       ?= checkpoints/smollm2-135m-lukv
 LUKV_LAYER ?= checkpoints/smollm2-135m-lukv-layer
 LUKV_FIELD ?= checkpoints/smollm2-135m-lukv-field
 LUKV_KVP   ?= checkpoints/smollm2-135m-lukv-kvp
+FITTED_CKPT ?= checkpoints/smollm2-135m-qa-fitted
+LUKV_FITTED ?= checkpoints/smollm2-135m-lukv-fitted
 EVAL40    := $(PY) -m trimkv.cli eval --threads 1 --n 40 --tasks passkey --lengths 2048
 EVAL40_4K := $(PY) -m trimkv.cli eval --threads 1 --n 40 --tasks passkey --lengths 4096
 TASKS     := $(PY) -m trimkv.cli eval --threads 1 --n $(N) --tasks multikey_needle,variable_tracking --lengths 2048 \
@@ -184,6 +186,10 @@ eval-n40: venv model
 	    --out results/fidelity-lukv/layers
 	$(FID) --budgets 64,128 --policies tova,h2o,knorm,caote,obcache --head-budgets $(LUKV_FIELD) \
 	    --out results/fidelity-lukv/field
+	$(EVAL40) --gates $(FITTED_CKPT) --budgets 64,128 --policies trimkv --out results/trace-fitted
+	$(EVAL40) --gates $(FITTED_CKPT) --budgets 64 --policies trimkv-global --out results/trace-fitted
+	$(EVAL40) --gates $(FITTED_CKPT) --budgets 48 --policies trimkv --head-budgets $(LUKV_FITTED) --out results/trace-fitted
+	$(FID) --gates $(FITTED_CKPT) --budgets 64,128 --policies trimkv --out results/trace-fitted/fidelity
 
 eval-full: eval
 	$(EVAL) --tasks passkey --lengths 4096 --budgets 32,64,128 --policies full,oracle,$(POLICIES) --out results/passkey-4k
