@@ -182,6 +182,36 @@ def test_the_accuracy_plot_draws_head_budgets_as_their_own_line(tmp_path, monkey
         plots.plot_accuracy_vs_budget(recs, tmp_path / "x.png", x="bytes")
 
 
+def test_two_gate_sets_are_two_lines_and_two_rows(tmp_path, monkeypatch):
+    """Records of two gate checkpoints under one policy name (results folders plotted together) are told apart by the
+    gates' fingerprint in the figure, the results table and the fidelity table; one gate set keeps the plain name."""
+    from trimkv.eval import plots
+    from trimkv.eval.fidelity import fidelity_table
+
+    recs = [dict(task="passkey", length=2048, policy="trimkv", budget=b, score=s, gates=g)
+            for g, scores in (("aaaaaa111111", (0.15, 0.4)), ("bbbbbb222222", (0.15, 0.2))) for b, s in
+            zip((64, 128), scores)]
+    drawn = []
+    real_save = plots._save
+
+    def record_lines(fig, path):
+        drawn.extend((line.get_label(), list(line.get_ydata())) for ax in fig.axes for line in ax.get_lines())
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", record_lines)
+    assert is_png(plots.plot_accuracy_vs_budget(recs, tmp_path / "acc.png"))
+    assert ("trimkv [gates aaaaaa]", [15.0, 40.0]) in drawn and ("trimkv [gates bbbbbb]", [15.0, 20.0]) in drawn
+    table = markdown_table(recs)
+    assert "| trimkv [gates aaaaaa] | 15.0 | 40.0 |" in table and "| trimkv [gates bbbbbb] | 15.0 | 20.0 |" in table
+    assert "| trimkv | 15.0 | 40.0 |" in markdown_table(recs[:2])
+    fid = [dict(policy="trimkv", budget=64, kl=k, top1=0.8, ppl_ratio=1.2, gates=g)
+           for g, k in (("aaaaaa111111", 0.17), ("bbbbbb222222", 0.31))]
+    assert "| trimkv [gates bbbbbb] | 64 | 0.3100 |" in fidelity_table(fid)
+    drawn.clear()
+    assert is_png(plots.plot_fidelity(fid + [dict(fid[0], budget=128, kl=0.08)], tmp_path / "kl.png"))
+    assert {label for label, _ in drawn} == {"trimkv [gates aaaaaa]", "trimkv [gates bbbbbb]"}
+
+
 def test_retention_heatmap_and_kept_tokens(tmp_path):
     from trimkv.eval.plots import kept_positions, plot_kept_tokens, plot_retention_heatmap, retention_by_head
 

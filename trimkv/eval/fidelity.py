@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from trimkv.data import corpus
 from trimkv.compat import cache_kwargs
-from trimkv.eval.harness import gate_fingerprint, policy_cache, prepared_gates, series_name, uses_gates
+from trimkv.eval.harness import (gate_fingerprint, mixes_gates, policy_cache, prepared_gates, series_name,
+                                 uses_gates)
 from trimkv.base_model import input_device
 from trimkv.progress import Progress
 from trimkv.serve import FULL, gates_for, prefill
@@ -125,7 +126,8 @@ def run_fidelity(model, tokenizer, *, budgets, policies, gates=None, n_texts: in
 
 def fidelity_table(records: list[dict]) -> str:
     lines = ["| policy | M | KL(full‖bounded) | top-1 agree | ppl ratio |", "|---|---|---|---|---|"]
+    tag = mixes_gates(records)
     for r in records:
-        lines.append(f"| {series_name(r)} | {r['budget']} | {r['kl']:.4f} | {100 * r['top1']:.1f}% | "
+        lines.append(f"| {series_name(r, gates=tag)} | {r['budget']} | {r['kl']:.4f} | {100 * r['top1']:.1f}% | "
                      f"{r['ppl_ratio']:.3f} |")
     return "\n".join(lines) + "\n"

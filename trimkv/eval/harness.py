@@ -384,9 +384,16 @@ def _write_outputs(out: Path, records: list[dict], predictions: list[dict]) -> N
     (out / "results.md").write_text(markdown_table(records))
 
 
-def series_name(record: dict) -> str:
-    """The row or line a record belongs to: its policy, and the head-budget allocation it ran with (LU-KV) if any."""
-    return record["policy"] + (f" ({record['head_budgets']})" if record.get("head_budgets") else "")
+def series_name(record: dict, *, gates: bool = False) -> str:
+    """The row or line a record belongs to: its policy, and the head-budget allocation it ran with (LU-KV) if any;
+    with ``gates``, also the fingerprint of the gates it served (records of two gate sets in one table or figure)."""
+    name = record["policy"] + (f" ({record['head_budgets']})" if record.get("head_budgets") else "")
+    return name + (f" [gates {record['gates'][:6]}]" if gates and record.get("gates") else "")
+
+
+def mixes_gates(records: list[dict]) -> bool:
+    """Whether ``records`` measured more than one set of gates (then :func:`series_name` tells them apart)."""
+    return len({r["gates"] for r in records if r.get("gates")}) > 1
 
 
 def markdown_table(records: list[dict]) -> str:
@@ -397,8 +404,9 @@ def markdown_table(records: list[dict]) -> str:
     head = "| task | length | policy | " + " | ".join(columns) + " |"
     lines = [head, "|" + "---|" * (3 + len(columns))]
     groups: dict[tuple, dict] = {}
+    tag = mixes_gates(records)
     for r in records:
-        groups.setdefault((r["task"], r["length"], series_name(r)), {})[r["budget"]] = r["score"]
+        groups.setdefault((r["task"], r["length"], series_name(r, gates=tag)), {})[r["budget"]] = r["score"]
     for (task, length, policy), by_budget in groups.items():
         if policy == FULL:
             vals = [by_budget[None]] * len(columns)

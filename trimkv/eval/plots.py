@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trimkv.eval.harness import policy_cache, series_name
+from trimkv.eval.harness import mixes_gates, policy_cache, series_name
 from trimkv.base_model import input_device
 from trimkv.extras import require
 from trimkv.serve import prefill
@@ -70,7 +70,8 @@ def plot_accuracy_vs_budget(records: list[dict], path, x: str = "budget") -> Pat
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     tab20 = plt.get_cmap("tab20").colors                        # dark/light pairs; the gray pair (14, 15) is the oracle's
     palette = [tab20[i] for i in range(0, 20, 2) if i != 14] + [tab20[i] for i in range(1, 20, 2) if i != 15]
-    records = [{**r, "policy": series_name(r)} for r in records]   # a policy with head budgets is its own line
+    tag = mixes_gates(records)                                   # two gate sets: each its own line
+    records = [{**r, "policy": series_name(r, gates=tag)} for r in records]   # so is a policy with head budgets
     others = sorted({r["policy"] for r in records} - {FULL, "oracle"}, key=lambda p: (not p.startswith("trimkv"), p))
     color = {p: palette[i % len(palette)] for i, p in enumerate(others)}   # one colour per policy in every panel
     for ax, (task, length) in zip(axes[0], panels):
@@ -112,12 +113,15 @@ def plot_accuracy_vs_budget(records: list[dict], path, x: str = "budget") -> Pat
 
 
 def plot_fidelity(records: list[dict], path, metric: str = "kl") -> Path:
-    """``metric`` (kl, top1 or ppl_ratio) vs budget, one line per policy."""
+    """``metric`` (kl, top1 or ppl_ratio) vs budget, one line per policy (and allocation, and gate set when the
+    records mix them)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
-    for policy in sorted({r["policy"] for r in records}):
-        pts = sorted((r["budget"], r[metric]) for r in records if r["policy"] == policy)
-        ax.plot(*zip(*pts), marker="o", label=policy, lw=2.2 if policy == "trimkv" else 1.2)
+    tag = mixes_gates(records)
+    records = [{**r, "series": series_name(r, gates=tag)} for r in records]   # one line per allocation and gate set
+    for series in sorted({r["series"] for r in records}):
+        pts = sorted((r["budget"], r[metric]) for r in records if r["series"] == series)
+        ax.plot(*zip(*pts), marker="o", label=series, lw=2.2 if series.startswith("trimkv") else 1.2)
     _budget_axis(ax, [r["budget"] for r in records])
     if metric == "kl":
         ax.set_yscale("log")
