@@ -359,6 +359,8 @@ def test_fit_trace_command_writes_gates_that_load(setup, tmp_path):
     assert_fails(run_cli("fit-trace", store.path, "--out", tmp_path / "gates"), 2, "exists")
     assert_fails(run_cli("fit-trace", store.path, "--out", tmp_path / "g2", "--utility", "recon"), 4, "recon")
     assert_fails(run_cli("fit-trace", tmp_path / "none", "--out", tmp_path / "g3"), 4, "no trace store")
+    assert_fails(run_cli("fit-trace", store.path, "--out", tmp_path / "g5", "--temperature", "0"), 2, "above 0")
+    assert_fails(run_cli("fit-trace", store.path, "--out", tmp_path / "g5", "--recent-pairs", "nan"), 2, "fraction")
     # --init continues from those gates (their width, not the flag's): a step of lr 1e-12 leaves them as they were
     res = run_cli("fit-trace", store.path, "--out", tmp_path / "again", "--init", tmp_path / "gates", "--steps", "1",
                   "--lr", "1e-12", "--gate-hidden", "64", "--eval-rows", "0", "--quiet")

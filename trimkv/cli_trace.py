@@ -14,7 +14,7 @@ import argparse
 import hashlib
 import json
 
-from .command import Names, add_command, integer, integers, names, quiet_loading, real
+from .command import Names, add_command, fraction, integer, integers, names, positive, quiet_loading
 from .errors import UsageError
 from .limits import MAX_LAYERS, MAX_TOKENS
 from .names import DTYPE_CHOICES, TRACE_TARGETS
@@ -250,9 +250,9 @@ def add_fit(sub) -> None:
                    help="rank by the utility left from step t on (future replaced by later@<h> at each age; the "
                         "store needs the later target)")
     f.add_argument("--budget", type=integer(1, MAX_TOKENS), default=64, help="M of the capacity term")
-    f.add_argument("--temperature", type=real(0.0, open_lo=True), default=1.0,
+    f.add_argument("--temperature", type=positive, default=1.0,
                    help="temperature of the pairwise ranking term (larger: larger score margins are asked for)")
-    f.add_argument("--recent-pairs", type=real(0.0, 1.0), default=0.0,
+    f.add_argument("--recent-pairs", type=fraction, default=0.0,
                    help="share of the pairs whose second token is among the 2 x budget tokens before the step: the "
                         "young tokens an old one competes with for a small budget")
     f.add_argument("--capacity-weight", type=float, default=1.0, help="weight of the capacity term")

@@ -158,23 +158,26 @@ def integer(lo: int | None = None, hi: int | None = None, what: str = "") -> Cal
     return parse
 
 
-def real(lo: float | None = None, hi: float | None = None, *, open_lo: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``open_lo``; either end open when None)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-        if open_lo and lo is not None and value <= lo:
-            raise argparse.ArgumentTypeError(f"{value:g} must be above {lo:g}")
-        if lo is not None and value < lo or hi is not None and value > hi:
-            raise argparse.ArgumentTypeError(f"{value:g} is outside [{lo:g}, {hi:g}]" if hi is not None else
-                                             f"{value:g} is below {lo:g}")
-        return value
-    parse.__name__ = "number"
-    return parse
+def fraction(text: str) -> float:
+    """An argparse type: a number between 0 and 1 (NaN refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
+    return value
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text!r}")
+    return value
 
 
 def integers(lo: int | None = None, hi: int | None = None, what: str = "") -> Callable[[str], list[int]]:

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from trimkv.command import Names, add_command, csv, integer, integers, names, quiet_loading, run
+from trimkv.command import Names, add_command, csv, fraction, integer, integers, names, quiet_loading, run
 from trimkv.errors import CacheError, UsageError
 from trimkv.limits import MAX_TOKENS
 from trimkv import names as _names
@@ -39,16 +39,6 @@ def _fractions(text: str) -> list[float]:
     if len(values) != 2 or not 0.0 <= values[0] <= values[1] <= 1.0:
         raise argparse.ArgumentTypeError(f"expected two comma-separated fractions 0 <= LO <= HI <= 1, got {text!r}")
     return values
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
-    return value
 
 
 def _tasks() -> tuple[str, ...]:
@@ -525,7 +515,7 @@ def add_commands(sub) -> None:
     p.add_argument("--text", default=None, help="retention/kept: text to run (default: eval-split prose)")
     p.add_argument("--task", default=None, choices=TASK_NAMES, metavar="TASK",
                    help="retention/kept: run one prompt of this eval task (e.g. passkey) instead of prose")
-    p.add_argument("--depth", type=_fraction, default=0.3, help="retention/kept with --task: where the needle sits (0-1)")
+    p.add_argument("--depth", type=fraction, default=0.3, help="retention/kept with --task: where the needle sits (0-1)")
     p.add_argument("--tokens", type=integer(16, MAX_TOKENS), default=512, help="retention/kept: tokens of text")
     p.add_argument("--beta", action="store_true", help="retention: mean beta instead of mean log beta")
     p.add_argument("--budget", type=integer(1, MAX_TOKENS), default=64, help="kept: tokens per KV head")

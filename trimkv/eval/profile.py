@@ -171,11 +171,11 @@ def profile_policy(model, tokenizer, policy: str, docs, *, grid, sink: int, wind
     shares = torch.zeros(L * H, dtype=torch.float64)
     loss_u, loss_a = torch.zeros(len(grid), dtype=torch.float64), torch.zeros(len(grid), dtype=torch.float64)
     count = 0
+    scorer = get_policy(policy, rankers=kvp) if uses_rankers(policy) else get_policy(policy)
     for context, queries in docs:
         ctx = encode(context)
         tails, answers = [encode(q.tail) for q in queries], [encode(q.answer) for q in queries]
         room = ctx.shape[1] + max(t.shape[1] + a.shape[1] for t, a in zip(tails, answers)) + 1
-        scorer = get_policy(policy, rankers=kvp) if uses_rankers(policy) else get_policy(policy)
         base = make_cache(model, scorer, room, sink=sink, window=window)              # never evicts: full attention
         prefill(model, ctx, base, chunk=prefill_chunk)
         for tail, answer in zip(tails, answers):

@@ -135,8 +135,8 @@ def draw_pairs(pos: torch.Tensor, steps: torch.Tensor, pairs: int, generator: to
     idx = start[..., None, None] + (draw * span[..., None, None]).long()     # [R, m, P, 2]
     if recent:
         near = torch.rand(R, m, pairs, generator=generator).to(pos.device) < recent
-        width = torch.minimum(span, torch.full_like(span, float(recent_span)))
-        late = (steps[..., None] - 1 - (draw[..., 1] * width[..., None]).long()).clamp_min(start[..., None])
+        late = (steps[..., None] - 1 - (draw[..., 1] * span.clamp_max(recent_span)[..., None]).long())
+        late = late.clamp_min(start[..., None])
         idx[..., 1] = torch.where(near, late, idx[..., 1])
     return torch.minimum(idx, (steps - 1).clamp_min(0)[..., None, None])
 
