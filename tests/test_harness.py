@@ -81,6 +81,35 @@ def test_runs_into_one_folder_add_up_and_a_rerun_cell_replaces_its_record(tokeni
         run_eval(model, tokenizer, budgets=[16], policies=["h2o"], out_dir=out, **KW)
 
 
+def test_two_gate_sets_run_into_one_folder_keep_both_records(tokenizer, tmp_path):
+    """The same cell measured with two gate checkpoints is two records (and two sets of predictions) in one folder,
+    told apart in results.md; rerunning one replaces only its own. Predictions written before they named their gates
+    take them from their cell's record instead of staying behind twice."""
+    out = tmp_path / "r"
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        handle = attach_gates(tiny(), gate_hidden=8, bias_init=2.0 + seed)
+        dirs.append(save_gates(handle.gates, tmp_path / f"gates{seed}"))
+    model = tiny()
+    for d in dirs + dirs[:1]:
+        run_eval(model, tokenizer, budgets=[16], policies=["trimkv"], gates=d, out_dir=out, **KW)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics) == 2 and len({r["gates"] for r in metrics}) == 2
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {r["gates"] for r in rows} == {r["gates"] for r in metrics}
+    assert (out / "results.md").read_text().count("| passkey | 256 | trimkv [gates ") == 2
+    # an older folder: the records of dirs[0] (the last run, so the last record), predictions without their gates
+    mine = metrics[-1]
+    (out / "predictions.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "gates"}) + "\n"
+                                                   for r in rows if r["gates"] == mine["gates"]))
+    (out / "metrics.json").write_text(json.dumps([mine]))
+    for d in (dirs[1], dirs[0]):            # a second set adds up; rerunning the first replaces its old predictions
+        run_eval(model, tokenizer, budgets=[16], policies=["trimkv"], gates=d, out_dir=out, **KW)
+        rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        assert len(rows) == 4 and all(r["gates"] for r in rows)
+
+
 def test_budget_that_evicts_nothing_matches_the_full_cache(tokenizer, tmp_path):
     recs = run_eval(tiny(), tokenizer, budgets=[300], policies=["full", "streaming", "tova"], out_dir=tmp_path, **KW)
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]

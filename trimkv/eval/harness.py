@@ -255,9 +255,12 @@ def run_eval(model, tokenizer, *, tasks, lengths, budgets, policies, n_samples: 
                 done[cell] = run_cell(model, tokenizer, cell, cfg, samples[key], bar)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(done[cell], indent=1))
-    for cell in cells:   # a trimkv record names the gates it measured (model cards keep only their own gates' results)
-        records.append({**done[cell]["metrics"], "gates": done[cell]["settings"].get("gates")})
-        predictions += done[cell]["predictions"]
+    for cell in cells:   # a record names the gates (or rankers) it measured: two sets add up in one folder, and
+        stamp = {"gates": done[cell]["settings"].get("gates")}         # model cards keep only their own gates' results
+        if done[cell]["settings"].get("kvp"):
+            stamp["kvp"] = done[cell]["settings"]["kvp"]
+        records.append({**done[cell]["metrics"], **stamp})
+        predictions += [{**row, **stamp} for row in done[cell]["predictions"]]
     _write_outputs(out, records, predictions)
     return records
 
@@ -355,8 +358,23 @@ def _safe(name: str) -> str:
 # ----------------------------------------------------------------------------------------- outputs
 
 
+CELL_FIELDS = ("task", "length", "budget", "policy", "head_budgets")
+
+
 def _cell_key(row: dict) -> tuple:
-    return tuple(row.get(k) for k in ("task", "length", "budget", "policy", "head_budgets"))
+    """What tells a folder's records (and predictions) apart: the cell, and the gates or rankers it measured."""
+    return tuple(row.get(k) for k in CELL_FIELDS + ("gates", "kvp"))
+
+
+def _stamp_old(predictions: list[dict], records: list[dict]) -> None:
+    """Predictions written before they named their gates take them from their cell's record (one per cell then)."""
+    names = {tuple(r.get(k) for k in CELL_FIELDS): r for r in records}
+    for row in predictions:
+        if "gates" not in row:
+            record = names.get(tuple(row.get(k) for k in CELL_FIELDS), {})
+            row["gates"] = record.get("gates")
+            if record.get("kvp"):
+                row["kvp"] = record["kvp"]
 
 
 def _write_outputs(out: Path, records: list[dict], predictions: list[dict]) -> None:
@@ -372,6 +390,7 @@ def _write_outputs(out: Path, records: list[dict], predictions: list[dict]) -> N
         except (OSError, ValueError) as err:
             raise DataError(f"{out}: cannot read the earlier results to add to them ({err}); move metrics.json "
                             "and predictions.jsonl away (the finished cells under cells/ are reused)") from err
+    _stamp_old(old_predictions, old_records)
     records = [r for r in old_records if _cell_key(r) not in new] + records
     predictions = [r for r in old_predictions if _cell_key(r) not in new] + predictions
     tmp = out / "metrics.json.tmp"
