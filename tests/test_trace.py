@@ -371,6 +371,23 @@ def test_fit_trace_command_writes_gates_that_load(setup, tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert_fails(run_cli("fit-trace", store.path, "--out", tmp_path / "g4", "--init", tmp_path / "none"), 6,
                  "no gate checkpoint")
+    # --steps 0 with --init and --pool-steps: those gates calibrated for the pool (the tiny model's 2 layers are all
+    # traced with x), only their per-head biases moved
+    res = run_cli("fit-trace", store.path, "--out", tmp_path / "pool", "--init", tmp_path / "gates", "--steps", "0",
+                  "--pool-steps", "5", "--pool-utility", "future", "--eval-rows", "2", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert "pool" in json.loads(res.stdout.strip().splitlines()[-1])
+    pooled = load_gate_checkpoint(tmp_path / "pool")
+    assert pooled.config.extra["pool_calibration"]["settings"]["utility"] == {"future": 1.0}
+    assert pooled.config.extra["trace_fit"] == gates.config.extra["trace_fit"]          # the fit it started from
+    for (name, a), b in zip(gates.state_dict().items(), pooled.state_dict().values()):
+        moved = name.endswith(".bias") and not name.endswith("w1.bias")
+        assert torch.equal(a, b) != moved, name
+    assert_fails(run_cli("fit-trace", store.path, "--out", tmp_path / "g6", "--pool-steps", "5", "--pool-utility",
+                         "recon"), 4, "does not hold")          # refused before the per-layer fit, not after it
+    assert_fails(run_cli("fit-trace", store.path, "--out", tmp_path / "g6", "--steps", "0"), 2, "--init")
+    assert_fails(run_cli("fit-trace", store.path, "--out", tmp_path / "g6", "--steps", "0", "--init",
+                         tmp_path / "gates"), 2, "nothing to fit")
 
 
 def test_recipe_trace_section(setup, tmp_path):

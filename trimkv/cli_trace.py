@@ -15,7 +15,7 @@ import hashlib
 import json
 
 from .command import Names, add_command, fraction, integer, integers, names, positive, quiet_loading
-from .errors import UsageError
+from .errors import DataError, UsageError
 from .limits import MAX_LAYERS, MAX_TOKENS
 from .names import DTYPE_CHOICES, TRACE_TARGETS
 
@@ -193,6 +193,11 @@ def _fit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UsageError(f"--out {out} exists: give a new folder, or --overwrite to replace it")
+    if not args.steps and not args.init:
+        raise UsageError("--steps 0 fits nothing on fresh gates: give --init CKPT (with --pool-steps, to calibrate "
+                         "those gates for the global pool only)")
+    if not args.steps and not args.pool_steps:
+        raise UsageError("--steps 0 and no --pool-steps: nothing to fit")
     import torch
 
     from .trace import TraceStore
@@ -201,6 +206,10 @@ def _fit(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     store = TraceStore(args.store)
+    missing = sorted(set(args.pool_utility or args.utility) - set(store.targets)) if args.pool_steps else []
+    if missing:        # said before the fit, not after it
+        raise DataError(f"the pool calibration ranks by {missing}, which the trace store does not hold (it holds "
+                        f"{list(store.targets)}): trace again with them, or choose --pool-utility among these")
     if args.init:          # continue from gates fitted (or distilled) before: their type and width, not the flags'
         from .share import load_gate_checkpoint
 
@@ -215,17 +224,29 @@ def _fit(args: argparse.Namespace) -> int:
                            budget=args.budget, capacity_weight=args.capacity_weight, eval_rows=args.eval_rows,
                            seed=args.seed, by_age=args.by_age, temperature=args.temperature,
                            recent_pairs=args.recent_pairs)
-    print(f"trimkv fit-trace: {gates.config.gate_type} gates (width {gates.config.gate_hidden}) on {store!r}, "
-          f"utility {settings.utility}, {settings.steps} steps per layer")
-    metrics = fit_gates(store, gates, settings, layers=args.layers, progress=None if args.quiet else print)
-    path = save_fitted(gates, out, store, settings, metrics)
-    kept = [m["kept"] for m in metrics.values() if "kept" in m]
-    base = [m["kept_recency"] for m in metrics.values() if "kept_recency" in m]
-    summary = {"gates": str(path), "seconds": round(sum(m["seconds"] for m in metrics.values()), 1),
-               "cpu_seconds": round(sum(m["cpu_seconds"] for m in metrics.values()), 1)}
-    if kept:
-        summary.update(kept=round(sum(kept) / len(kept), 4), kept_recency=round(sum(base) / len(base), 4))
-    print(json.dumps(summary))
+    summary, metrics, pool = {}, {}, None
+    if args.steps:
+        print(f"trimkv fit-trace: {gates.config.gate_type} gates (width {gates.config.gate_hidden}) on {store!r}, "
+              f"utility {settings.utility}, {settings.steps} steps per layer")
+        metrics = fit_gates(store, gates, settings, layers=args.layers, progress=None if args.quiet else print)
+        summary = {"seconds": round(sum(m["seconds"] for m in metrics.values()), 1),
+                   "cpu_seconds": round(sum(m["cpu_seconds"] for m in metrics.values()), 1)}
+        kept = [m["kept"] for m in metrics.values() if "kept" in m]
+        base = [m["kept_recency"] for m in metrics.values() if "kept_recency" in m]
+        if kept:
+            summary.update(kept=round(sum(kept) / len(kept), 4), kept_recency=round(sum(base) / len(base), 4))
+    if args.pool_steps:
+        from .trace.pool import PoolSettings, calibrate_pool
+
+        pool = PoolSettings(utility=args.pool_utility or args.utility, steps=args.pool_steps, budget=args.budget,
+                            eval_rows=args.eval_rows, seed=args.seed)
+        print(f"trimkv fit-trace: one bias shift per (layer, KV head) for the global pool, utility {pool.utility}, "
+              f"{pool.steps} steps")
+        result = calibrate_pool(store, gates, pool, progress=None if args.quiet else print)
+        summary["pool"] = result
+    path = save_fitted(gates, out, store, settings if args.steps else None, metrics, pool=pool,
+                       pool_metrics=summary.get("pool"))
+    print(json.dumps({"gates": str(path), **summary}))
     return 0
 
 
@@ -256,12 +277,20 @@ def add_fit(sub) -> None:
                    help="share of the pairs whose second token is among the 2 x budget tokens before the step: the "
                         "young tokens an old one competes with for a small budget")
     f.add_argument("--capacity-weight", type=float, default=1.0, help="weight of the capacity term")
-    f.add_argument("--steps", type=integer(1, 10**7), default=200, help="optimiser steps per layer")
+    f.add_argument("--steps", type=integer(0, 10**7), default=200,
+                   help="optimiser steps per layer (0: none, with --init and --pool-steps: calibrate those gates only)")
     f.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     f.add_argument("--rows-per-step", type=integer(1, 1 << 16), default=4, help="store rows per step")
     f.add_argument("--eval-rows", type=integer(0, 1 << 20), default=8,
                    help="last rows of the store held out to measure the kept utility")
     f.add_argument("--layers", type=integers(0, MAX_LAYERS - 1), default=None, help="fit only these layers")
+    f.add_argument("--pool-steps", type=integer(0, 10**7), default=0,
+                   help="then fit one bias shift per (layer, KV head) for this many steps, so that the scores compare "
+                        "across layers and heads: gates for the global pool (--policies trimkv-global; "
+                        "trimkv.trace.pool). 0 = no calibration")
+    f.add_argument("--pool-utility", type=utility_weights, default=None, metavar="T[=W][,T[=W]...]",
+                   help="the targets the pool calibration ranks by (default: --utility); one that compares across "
+                        "layers, e.g. recon (the store needs --targets recon)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--threads", type=integer(1, 4096), default=None, help="torch CPU threads")
     f.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

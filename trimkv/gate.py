@@ -178,6 +178,11 @@ class RetentionGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """rg / rg10: x [B, T, d]; rg2 / rg2-all / rg3: x = [k; v] [B, H_kv, T, 2*D]. Returns log beta [B, H_kv, T]."""
+        return F.logsigmoid(self.logits(x))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logit before the log-sigmoid, the per-head bias included: log beta = logsigmoid(logits) [B, H_kv, T]
+        (fp32; what :mod:`trimkv.trace.pool` shifts per head)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
             if self.gate_type in ("rg2-all", "rg3"):
@@ -186,10 +191,10 @@ class RetentionGate(nn.Module):
             if self.w3 is not None:
                 h = h * self.w3(x)                                  # SwiGLU
             if self.gate_type in SHARED_HEAD_TYPES:
-                return F.logsigmoid(self.shared(self.act(self.w2(h))).transpose(1, 2))   # [B, Hkv, T]
+                return self.shared(self.act(self.w2(h))).transpose(1, 2)   # [B, Hkv, T]
             h = self.w2(h)                                          # rg2: [B, Hkv, T, 1]; else [B, T, Hkv]
             logit = h.squeeze(-1) if self.gate_type == "rg2" else h.transpose(1, 2)
-            return F.logsigmoid(logit + self.bias[:, None])         # [B, Hkv, T]
+            return logit + self.bias[:, None]                       # [B, Hkv, T]
 
 
 class RetentionGates(nn.Module):

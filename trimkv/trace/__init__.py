@@ -6,7 +6,9 @@
     lt.target("future")                   # [R, Hkv, T] fp32
 
 :mod:`.layer` is the contract with the learners, :mod:`.targets` what the targets mean, :mod:`.capture` how they are
-read out of the model (trimkv's hooks), :mod:`.store` the files, :mod:`.collect` the writer.
+read out of the model (trimkv's hooks), :mod:`.store` the files, :mod:`.collect` the writer. The learners: :mod:`.fit`
+(gates fitted on a store, layer by layer), :mod:`.pool` (their scores calibrated across heads for the global pool),
+and the KVP rankers (:mod:`trimkv.kvp`).
 """
 from .layer import DEFAULT_TARGET, LayerTrace
 from .settings import TraceSettings

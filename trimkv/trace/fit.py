@@ -255,26 +255,34 @@ def gates_for_store(store, **fields) -> RetentionGates:
     return PretrainedGates(config)
 
 
-def save_fitted(gates: RetentionGates, path, store, settings: FitSettings, metrics: dict | None = None):
+def save_fitted(gates: RetentionGates, path, store, settings: FitSettings | None, metrics: dict | None = None, *,
+                pool=None, pool_metrics: dict | None = None):
     """Write trace-fitted gates as a gate checkpoint (``gates.init_from`` of a distillation recipe reads it); the
-    config records the budget and the objective, the card the store it was fitted on."""
+    config records the budget and the objective, the card the store it was fitted on. ``settings`` None: no per-layer
+    fit this time (gates given by ``--init``, only calibrated). ``pool``: the
+    :class:`~trimkv.trace.pool.PoolSettings` of a pool calibration, with its ``pool_metrics``."""
     import dataclasses
 
     from ..share import save_gates
 
-    gates.config.train_budget = settings.budget
-    gates.config.loss_weights = {"trace_rank": 1.0, "capacity": settings.capacity_weight,
-                                 "capacity_form": settings.capacity_form}
-    gates.config.extra = {**gates.config.extra, "trace_fit": {
-        "store": Path(str(store.path)).name, "store_fingerprint": store.manifest["fingerprint"],
-        "settings": dataclasses.asdict(settings)}}
-    meta = {"objective": "trace-fitted (trimkv.trace.fit): pairwise ranking of (t - i) log beta by "
-                         f"{settings.utility} + capacity", "trace_store": store.manifest.get("data_description"),
-            "rows": store.num_rows}
-    if metrics:
-        kept = [m["kept"] for m in metrics.values() if "kept" in m]
+    stamp = {"store": Path(str(store.path)).name, "store_fingerprint": store.manifest["fingerprint"]}
+    extra = dict(gates.config.extra)
+    meta = {"trace_store": store.manifest.get("data_description"), "rows": store.num_rows}
+    if settings is not None:
+        gates.config.train_budget = settings.budget
+        gates.config.loss_weights = {"trace_rank": 1.0, "capacity": settings.capacity_weight,
+                                     "capacity_form": settings.capacity_form}
+        extra["trace_fit"] = {**stamp, "settings": dataclasses.asdict(settings)}
+        meta["objective"] = ("trace-fitted (trimkv.trace.fit): pairwise ranking of (t - i) log beta by "
+                             f"{settings.utility} + capacity")
+        kept = [m["kept"] for m in (metrics or {}).values() if "kept" in m]
         if kept:
             meta["held_out_kept_utility"] = round(sum(kept) / len(kept), 4)
+    if pool is not None:
+        extra["pool_calibration"] = {**stamp, "settings": dataclasses.asdict(pool), "metrics": pool_metrics or {}}
+        meta["pool_calibration"] = (f"per-(layer, KV head) bias shifts for the global pool (trimkv.trace.pool), by "
+                                    f"{pool.utility}")
+    gates.config.extra = extra
     return save_gates(gates, path, metadata=meta)
 
 
