@@ -1,10 +1,11 @@
-"""``trimkv recipes list|copy`` and ``trimkv export``: the commands about what ships with the package and where gates
-go (registered on the main parser by :func:`add_commands`; the logic lives in :mod:`trimkv.shipped` and
-:func:`trimkv.share.export_checkpoint`).
+"""``trimkv recipes list|copy``, ``trimkv export`` and ``trimkv splice``: the commands about what ships with the package
+and where gates go (registered on the main parser by :func:`add_commands`; the logic lives in :mod:`trimkv.shipped`,
+:func:`trimkv.share.export_checkpoint` and :mod:`trimkv.share.splice`).
 
     trimkv recipes list                                   # the shipped recipes, one line each
     trimkv recipes copy smollm2-135m-qa-m64 my.yaml       # a copy to edit (torchtune's `tune cp`)
     trimkv export checkpoints/G out/G --format authors    # the authors' layout, for their inference package
+    trimkv splice checkpoints/A checkpoints/B --layers 15-29 --out runs/AB   # A's gates, layers 15-29 from B
 """
 from __future__ import annotations
 
@@ -48,8 +49,42 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def layer_ranges(text: str) -> list[int]:
+    """``15-29`` or ``0,3,5-7`` -> the layer indices."""
+    out = []
+    for part in (t.strip() for t in text.split(",") if t.strip()):
+        lo, dash, hi = part.partition("-")
+        try:
+            out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: write layers as 15-29 or 0,3,5-7") from None
+    if not out or min(out) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: name at least one layer, none below 0 (e.g. 15-29)")
+    return out
+
+
+layer_ranges.__name__ = "layers"
+
+
+def _splice(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .errors import GateCheckpointError, UsageError
+    from .share.splice import splice_checkpoints
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise UsageError(f"--out {args.out} exists: give a new folder, or --overwrite to replace it")
+    try:
+        print(splice_checkpoints(args.base, args.other, args.layers, args.out))
+    except GateCheckpointError:
+        raise
+    except ValueError as err:                  # layers out of range
+        raise UsageError(str(err)) from None
+    return 0
+
+
 def add_commands(sub) -> None:
-    """Add ``recipes`` and ``export`` to the ``trimkv`` parser's sub-commands."""
+    """Add ``recipes``, ``export`` and ``splice`` to the ``trimkv`` parser's sub-commands."""
     r = sub.add_parser("recipes", help="list the recipes shipped with trimkv, or copy one to edit")
     rsub = r.add_subparsers(dest="recipes_command", required=True)
     add_command(rsub, "list", _recipes_list, "the shipped recipes, one line each")
@@ -67,3 +102,13 @@ def add_commands(sub) -> None:
                    help="read the base model's config from here (default: the base model the gates record)")
     e.add_argument("--base-revision", default=None, help="Hub revision of --base-model")
     e.add_argument("--revision", default=None, help="Hub revision of the checkpoint")
+
+    sp = add_command(sub, "splice", _splice, "gates of one checkpoint with some layers' gates taken from another",
+                     description="Write the gates of BASE with the gates of --layers taken from OTHER (two "
+                     "checkpoints of one model, gate type and width; trimkv.share.splice), e.g. distilled gates "
+                     "where the model builds its representations and trace-fitted ones where it reads facts back.")
+    sp.add_argument("base", help="a gate checkpoint folder or Hub id")
+    sp.add_argument("other", help="the checkpoint the --layers come from")
+    sp.add_argument("--layers", type=layer_ranges, required=True, help="layers taken from OTHER, e.g. 15-29 or 0,3,5-7")
+    sp.add_argument("--out", required=True, help="the gate checkpoint folder to write")
+    sp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
