@@ -8,6 +8,13 @@ For every layer and budget M: ``kept`` = the share of the utility an oracle cach
 the step that produces the first answer token of each QA row (``at answer``). The first ``--sink`` tokens (default
 4) are kept by every method and left out of the measure (the attention sink would dominate it); the baseline
 ``recency`` keeps the newest M - sink beside them (StreamingLLM). Averaged over layers and KV heads.
+With ``--pool``, instead: for every gate set, the share the global pool keeps (the top ``(M - sink - window) x layers x
+KV heads`` scores over all heads, against the best tokens of all heads) and the per-head share at the same steps
+(:func:`trimkv.trace.pool.kept_share`; sink and window left out of both).
+
+    python -m bench.trace_gates STORE --pool --gates distilled=checkpoints/smollm2-135m-qa-m64 --utility recon \
+        --budgets 64 --rows 0-15 --json results/trace-pool/trace_measures_recon.json
+
 Not run by tests/test_bench.py (it needs a store); numbers come from here, never from tests.
 """
 from __future__ import annotations
@@ -43,6 +50,8 @@ def main(argv=None) -> dict:
     p.add_argument("--rows", default=None, help="rows LO-HI (default: the last 8)")
     p.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
     p.add_argument("--sink", type=int, default=4, help="first tokens kept by every method, left out of the measure")
+    p.add_argument("--pool", action="store_true", help="the global pool's kept share instead (see the docstring)")
+    p.add_argument("--window", type=int, default=16, help="with --pool: the recent tokens every method keeps")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -59,6 +68,16 @@ def main(argv=None) -> dict:
     steps = answer_steps(store.tokens(rows)["loss_mask"])
     sums: dict[tuple, list[float]] = {}
     t0 = time.perf_counter()
+    if args.pool:
+        from trimkv.trace.pool import kept_share, pool_trace
+
+        for name, g in gates.items():
+            pt = pool_trace(store, g, {args.utility: 1.0}, rows=rows)
+            for M in budgets:
+                share = kept_share(pt, M, sink=args.sink, window=args.window)
+                sums[(name, M, "pool")] = [share["pool"]]
+                sums[(name, M, "per head, same steps")] = [share["per_head"]]
+        layers = []
     for layer in layers:
         lt = store.layer(layer, rows=rows, hidden=any(not g.config.reads_kv for g in gates.values()) or None)
         u = utility_of(lt, {args.utility: 1.0})
@@ -81,14 +100,14 @@ def main(argv=None) -> dict:
         vals = [v for v in vals if v == v]
         table.append([name, str(M), when, f"{sum(vals) / max(len(vals), 1):.3f}"])
     widths = [max(len(r[i]) for r in table) for i in range(4)]
-    print(f"{store!r}: rows {rows[0]}-{rows[-1]}, utility {args.utility!r}, {len(layers)} layers, oracle = 1.000 "
+    print(f"{store!r}: rows {rows[0]}-{rows[-1]}, utility {args.utility!r}, {len(layers) or 'all'} layers, oracle = 1.000 "
           f"(sink {args.sink}; {time.perf_counter() - t0:.0f} s)")
     for i, r in enumerate(table):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
     result = {"benchmark": "trace_gates", "store": str(store.path), "rows": rows, "utility": args.utility,
-              "sink": args.sink,
+              "sink": args.sink, "pool": args.pool, "window": args.window if args.pool else None,
               "gates": dict(g.split("=", 1) for g in args.gates), "rows_table": table}
     if args.json:
         with open(args.json, "w") as f:

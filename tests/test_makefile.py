@@ -45,9 +45,11 @@ def test_every_eval_command_of_a_results_target_passes_the_checks_before_the_mod
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_the_trace_fit_target_runs_commands_that_parse():
-    """`make trace-fit`: trace store -> fitted gates -> their LU-KV budgets, each a command line trimkv accepts, the
-    fit reading the store the trace writes and the profile reading the gates the fit writes."""
+    """`make trace-fit`: trace store -> fitted gates -> their LU-KV budgets -> the hybrid -> its LU-KV budgets, each a
+    command line trimkv accepts, each reading what the one before it writes."""
     commands = make_commands("trace-fit")
-    assert [c[0] for c in commands] == ["trace", "fit-trace", "profile"]
-    trace, fit, profile = (build_parser().parse_args(c) for c in commands)
+    assert [c[0] for c in commands] == ["trace", "fit-trace", "profile", "splice", "profile"]
+    trace, fit, profile, splice, profile2 = (build_parser().parse_args(c) for c in commands)
     assert fit.store == trace.out and profile.gates == fit.out and fit.recent_pairs == 0.5
+    assert splice.other == fit.out and splice.base == "checkpoints/smollm2-135m-qa-m64"
+    assert splice.layers == list(range(15, 30)) and profile2.gates == splice.out

@@ -113,11 +113,11 @@ def pool_loss(shift: torch.Tensor, pt: PoolTrace, rows: list[int], settings: Poo
             continue
         P = settings.pairs
         li = torch.randint(L, (P, 2), generator=generator)
-        hi_ = torch.randint(H, (P, 2), generator=generator)
+        hh = torch.randint(H, (P, 2), generator=generator)
         ii = torch.randint(lo, hi, (P, 2), generator=generator)
-        z, u = pt.logits[li, r, hi_, ii], pt.utility[li, r, hi_, ii]
+        z, u = pt.logits[li, r, hh, ii], pt.utility[li, r, hh, ii]
         age = (pt.pos[r, t] - pt.pos[r, ii]).float()
-        s = age * F.logsigmoid(z + shift[li, hi_])
+        s = age * F.logsigmoid(z + shift[li, hh])
         gap = u[:, 0] - u[:, 1]
         w = gap.abs()
         if float(w.sum()) <= 0:
