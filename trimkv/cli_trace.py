@@ -254,8 +254,9 @@ def add_fit(sub) -> None:
     f = add_command(sub, "fit-trace", _fit, "fit TRIM-KV gates on a trace store, without running the model",
                     description="Fit TRIM-KV gates on a trace store (trimkv.trace.fit): (t - i) log beta is trained "
                     "to order tokens by their utility in the store over sampled steps t, plus the capacity term. "
-                    "The gates are written as a checkpoint; a distillation recipe continues from it with "
-                    "gates.init_from.")
+                    "With --pool-steps, one bias shift per (layer, KV head) then calibrates the scores across "
+                    "heads for the global pool (trimkv.trace.pool). The gates are written as a checkpoint; a "
+                    "distillation recipe continues from it with gates.init_from.")
     f.add_argument("store", help="a trace store folder (trimkv trace --out)")
     f.add_argument("--out", required=True, help="the gate checkpoint folder to write")
     f.add_argument("--init", default=None, metavar="CKPT",
