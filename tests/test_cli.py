@@ -290,3 +290,20 @@ def test_train_output_has_no_library_noise(tiny_run, tmp_path):
     noise = ("Loading weights", "Generating train split", "Setting accelerator", "Traceback")
     assert not [n for n in noise if n in res.stdout + res.stderr], res.stderr
     assert res.stdout.strip().endswith(f"gate checkpoint: {tmp_path / 'quiet' / 'gates'}"), time.perf_counter() - t0
+
+
+def test_integer_lists_take_ranges_where_no_value_is_negative():
+    """``integers`` reads ``0,3,15-17`` as seven values when its range starts at 0 or above (layers, budgets); with a
+    negative floor a leading minus is a sign, never a range."""
+    import argparse
+
+    assert command.integers(0, 29)("0,3,15-17") == [0, 3, 15, 16, 17]
+    assert command.integers(-5, 5)("-3,2") == [-3, 2]
+    for bad in ("a-b", "3-", "15-40"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            command.integers(0, 29)(bad)
+    assert command.fraction("0.5") == 0.5 and command.positive("2") == 2.0
+    for parse, bad in ((command.fraction, "nan"), (command.fraction, "1.5"), (command.positive, "inf"),
+                       (command.positive, "x")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(bad)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .command import add_command
+from .command import add_command, integers
+from .limits import MAX_LAYERS
 
 
 def _recipes_list(args: argparse.Namespace) -> int:
@@ -49,23 +50,6 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def layer_ranges(text: str) -> list[int]:
-    """``15-29`` or ``0,3,5-7`` -> the layer indices."""
-    out = []
-    for part in (t.strip() for t in text.split(",") if t.strip()):
-        lo, dash, hi = part.partition("-")
-        try:
-            out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r}: write layers as 15-29 or 0,3,5-7") from None
-    if not out or min(out) < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: name at least one layer, none below 0 (e.g. 15-29)")
-    return out
-
-
-layer_ranges.__name__ = "layers"
-
-
 def _splice(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -78,7 +62,7 @@ def _splice(args: argparse.Namespace) -> int:
         print(splice_checkpoints(args.base, args.other, args.layers, args.out))
     except GateCheckpointError:
         raise
-    except ValueError as err:                  # layers out of range
+    except ValueError as err:                  # layers beyond these gates' own
         raise UsageError(str(err)) from None
     return 0
 
@@ -109,6 +93,7 @@ def add_commands(sub) -> None:
                      "where the model builds its representations and trace-fitted ones where it reads facts back.")
     sp.add_argument("base", help="a gate checkpoint folder or Hub id")
     sp.add_argument("other", help="the checkpoint the --layers come from")
-    sp.add_argument("--layers", type=layer_ranges, required=True, help="layers taken from OTHER, e.g. 15-29 or 0,3,5-7")
+    sp.add_argument("--layers", type=integers(0, MAX_LAYERS - 1, "a layer index"), required=True,
+                    help="layers taken from OTHER, e.g. 15-29 or 0,3,5-7")
     sp.add_argument("--out", required=True, help="the gate checkpoint folder to write")
     sp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -206,7 +206,8 @@ def _fit(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     store = TraceStore(args.store)
-    missing = sorted(set(args.pool_utility or args.utility) - set(store.targets)) if args.pool_steps else []
+    pool_utility = args.pool_utility or args.utility
+    missing = sorted(set(pool_utility) - set(store.targets)) if args.pool_steps else []
     if missing:        # said before the fit, not after it
         raise DataError(f"the pool calibration ranks by {missing}, which the trace store does not hold (it holds "
                         f"{list(store.targets)}): trace again with them, or choose --pool-utility among these")
@@ -238,12 +239,11 @@ def _fit(args: argparse.Namespace) -> int:
     if args.pool_steps:
         from .trace.pool import PoolSettings, calibrate_pool
 
-        pool = PoolSettings(utility=args.pool_utility or args.utility, steps=args.pool_steps, budget=args.budget,
+        pool = PoolSettings(utility=pool_utility, steps=args.pool_steps, budget=args.budget,
                             eval_rows=args.eval_rows, seed=args.seed)
         print(f"trimkv fit-trace: one bias shift per (layer, KV head) for the global pool, utility {pool.utility}, "
               f"{pool.steps} steps")
-        result = calibrate_pool(store, gates, pool, progress=None if args.quiet else print)
-        summary["pool"] = result
+        summary["pool"] = calibrate_pool(store, gates, pool, progress=None if args.quiet else print)
     path = save_fitted(gates, out, store, settings if args.steps else None, metrics, pool=pool,
                        pool_metrics=summary.get("pool"))
     print(json.dumps({"gates": str(path), **summary}))

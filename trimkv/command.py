@@ -158,35 +158,42 @@ def integer(lo: int | None = None, hi: int | None = None, what: str = "") -> Cal
     return parse
 
 
-def fraction(text: str) -> float:
-    """An argparse type: a number between 0 and 1 (NaN refused)."""
+def _float_where(text: str, ok: Callable[[float], bool], expected: str) -> float:
+    """``float(text)`` if ``ok`` holds for it (NaN and non-numbers never do), else an ArgumentTypeError."""
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
+        value = float("nan")
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number between 0 and 1 (NaN refused)."""
+    return _float_where(text, lambda v: 0.0 <= v <= 1.0, "a fraction between 0 and 1")
 
 
 def positive(text: str) -> float:
     """An argparse type: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text!r}")
-    return value
+    return _float_where(text, lambda v: 0.0 < v < float("inf"), "a finite number above 0")
 
 
 def integers(lo: int | None = None, hi: int | None = None, what: str = "") -> Callable[[str], list[int]]:
-    """An argparse type: comma-separated integers, each in ``[lo, hi]``, at least one."""
+    """An argparse type: comma-separated integers, each in ``[lo, hi]``, at least one. Where no value can be negative
+    (``lo >= 0``), ``a-b`` stands for a to b: ``0,3,15-29``."""
+    ranges = lo is not None and lo >= 0
+
+    def one(item: str) -> list[int]:
+        first, dash, last = item.partition("-") if ranges else (item, "", "")
+        return list(range(int(first), int(last) + 1)) if dash else [int(first)]
+
     def parse(text: str) -> list[int]:
         try:
-            values = [int(t) for t in csv(text)]
+            values = [v for t in csv(text) for v in one(t)]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+            shape = "integers or ranges (e.g. 0,3 or 15-29)" if ranges else "integers"
+            raise argparse.ArgumentTypeError(f"expected comma-separated {shape}, got {text!r}") from None
         if not values:
             raise argparse.ArgumentTypeError("expected at least one integer")
         for v in values:

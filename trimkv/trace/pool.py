@@ -182,7 +182,6 @@ def calibrate_pool(store, gates: RetentionGates, settings: PoolSettings | None =
     """Fit the bias shifts on ``store`` and add them to ``gates``' per-head biases (in place). Returns the shifts'
     range, the held-out :func:`kept_share` before and after, and the time taken."""
     settings = settings or PoolSettings()
-    check_gates(gates)
     t0, cpu0 = time.perf_counter(), time.process_time()
     pt = pool_trace(store, gates, settings.utility)
     R = pt.logits.shape[1]
