@@ -44,11 +44,20 @@ def by_hand(att: torch.Tensor, keep) -> torch.Tensor:
     return want
 
 
+def mean_by_hand(att: torch.Tensor) -> torch.Tensor:
+    """[Hkv, T] the mean over the group's heads and over every later query j > i (0 for the last token)."""
+    n = att.shape[-1]
+    want = torch.zeros(HKV, n)
+    for i in range(n - 1):
+        want[:, i] = att[:, :, i + 1:, i].mean(dim=(1, 2))
+    return want
+
+
 def test_targets_equal_eager_attention(family):
     ids = torch.randint(3, 128, (T,), generator=torch.Generator().manual_seed(1))
     loss_mask = torch.zeros(T, dtype=torch.bool)
     loss_mask[[17, 18, 22]] = True                       # answer tokens: queries 16, 17, 21 produce them
-    plan = TracePlan(layers=(0, 1), horizons=(1, 5), later=True, answer=True, query_chunk=7)
+    plan = TracePlan(layers=(0, 1), horizons=(1, 5), later=True, mean=True, answer=True, query_chunk=7)
     got = trace_row(build_tiny_model(family), ids, torch.arange(T), loss_mask, plan)
     att = eager_attention(build_tiny_model(family), ids)
     for layer in (0, 1):
@@ -59,7 +68,9 @@ def test_targets_equal_eager_attention(family):
         torch.testing.assert_close(t["later@5"], by_hand(att[layer], lambda j, i: j > i + 5), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(t["answer"], by_hand(att[layer], lambda j, i: j in (16, 17, 21)),
                                    atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(t["mean"], mean_by_hand(att[layer]), atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(torch.maximum(t["future@5"], t["later@5"]), t["future"])
+        assert bool((t["mean"] <= t["future"]).all())
         assert float(t["future"][:, -1].abs().max()) == 0.0     # the last token has no later query
         assert float(t["answer"][:, 21:].abs().max()) == 0.0    # nothing after the last answer query reads it
         assert bool((t["future"] >= t["future@5"]).all()) and bool((t["future@5"] >= t["future@1"]).all())
@@ -96,13 +107,13 @@ def test_packed_rows_attend_within_their_document(tiny_model):
     """A row of two documents (positions restart): each document's targets equal those of the document alone."""
     a = torch.randint(3, 128, (10,), generator=torch.Generator().manual_seed(3))
     b = torch.randint(3, 128, (14,), generator=torch.Generator().manual_seed(4))
-    plan = TracePlan(layers=(0, 1), horizons=(3,))
+    plan = TracePlan(layers=(0, 1), horizons=(3,), mean=True)
     none = torch.zeros(24, dtype=torch.bool)
     packed = trace_row(tiny_model(), torch.cat([a, b]), torch.cat([torch.arange(10), torch.arange(14)]), none, plan)
     alone_a = trace_row(tiny_model(), a, torch.arange(10), none[:10], plan)
     alone_b = trace_row(tiny_model(), b, torch.arange(14), none[:14], plan)
     for layer in (0, 1):
-        for name in ("future", "future@3"):
+        for name in ("future", "future@3", "mean"):    # a mean counts its own document's readers only
             torch.testing.assert_close(packed.targets[layer][name][:, :10], alone_a.targets[layer][name])
             torch.testing.assert_close(packed.targets[layer][name][:, 10:], alone_b.targets[layer][name])
         torch.testing.assert_close(packed.keys[layer][:, 10:], alone_b.keys[layer])

@@ -8,7 +8,7 @@ layer at a time, queries in chunks) and keeps the targets it read on the way.
 
 Two passes per row (:func:`trace_row`):
 
-1. the row itself: keys, values, x, and the targets ``future``, ``future@<h>``, ``answer``;
+1. the row itself: keys, values, x, and the targets ``future``, ``future@<h>``, ``later@<h>``, ``mean``, ``answer``;
 2. only with the ``recon`` target (KVzip, Kim et al. 2025, arXiv 2505.23416): a repeat prompt and the row again,
    with the first pass's keys and values as the past; ``recon`` is the attention the first pass's keys receive from
    the second reading's copy of the row. It costs a second forward over 2T keys (about 2-3x the first pass).
@@ -39,13 +39,14 @@ class RowPlan:
 
 @dataclass
 class TracePlan:
-    """Which layers are traced, which keep x (``hidden``), the horizons, whether ``later@<h>`` and ``answer`` are
-    read, chunk size."""
+    """Which layers are traced, which keep x (``hidden``), the horizons, whether ``later@<h>``, ``mean`` and
+    ``answer`` are read, chunk size."""
 
     layers: tuple[int, ...]
     hidden_layers: tuple[int, ...] = ()
     horizons: tuple[int, ...] = ()
     later: bool = False
+    mean: bool = False
     answer: bool = False
     query_chunk: int = 256
 
@@ -76,7 +77,7 @@ class TraceLayer(DynamicLayer, CacheLayer):
         q_idx = torch.arange(past, S, device=q.device)
         if past == 0:                                         # the row itself
             reads = future_reads(self.plan.horizons, self.row.answer_queries if self.plan.answer else None,
-                                 later=self.plan.later)
+                                 later=self.plan.later, mean=self.plan.mean)
             seg = self.row.seg
         else:                                                 # the second reading (recon)
             reads = {"recon": Read(queries=self.row.repeat_queries)}

@@ -140,6 +140,7 @@ def trace_plan(manifest: dict, settings: TraceSettings) -> TracePlan:
     return TracePlan(layers=tuple(manifest["layers"]), hidden_layers=tuple(manifest["hidden_layers"]),
                      horizons=tuple(manifest["horizons"]), answer="answer" in manifest["targets"],
                      later=any(t.startswith("later@") for t in manifest["targets"]),
+                     mean="mean" in manifest["targets"],
                      query_chunk=settings.query_chunk)
 
 

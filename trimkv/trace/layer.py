@@ -12,6 +12,8 @@ group; 0 where ``valid`` is False):
 ``future``          the attention token i receives from every later query j > i of its row (max over j and over
                     the group's query heads): the default target
 ``future@<h>``      the same over the next h queries only (i < j <= i + h), for a few horizons h
+``mean``            the mean attention received from the later queries of its document (mean over the queries and
+                    the group's query heads; H2O's accumulated attention per reader)
 ``answer``          the attention received from the answer tokens of a QA row only (0 for rows without an answer):
                     from the queries that produce them, j with ``loss_mask[j + 1]`` (:mod:`trimkv.trace.targets`)
 ``recon``           a KVzip-style score: attention received while the model reads the context a second time

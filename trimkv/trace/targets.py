@@ -10,6 +10,9 @@ over a set of later queries j > i:
 
     target[hk, i] = max_{h in group(hk)} max_{j in J(i)} p[h, j, i]
 
+or, for ``mean``, the mean over both: ``mean_{h in group(hk)} mean_{j in J(i)} p[h, j, i]`` (H2O's accumulated
+attention per reader, so an old token does not win for having had more readers; Zhang et al. 2023, arXiv 2306.14048).
+
 The max (not a sum) is the form KVzip uses for its reconstruction score (Kim et al., 2025, arXiv 2505.23416: max over
 the repeating queries and over the group's heads); a token that one later query needs badly is worth keeping, however
 many others ignore it. The sets J(i) are :class:`Read` s:
@@ -19,7 +22,11 @@ many others ignore it. The sets J(i) are :class:`Read` s:
 ``Read(horizon=h)``         the next h queries only, ``i < j <= i + h``            -> ``future@<h>``
 ``Read(min_age=h)``         the queries more than h later, ``j > i + h``           -> ``later@<h>``
 ``Read(queries=mask)``      later queries where ``mask[j]`` is set (answers; the repeated context of KVzip)
+``Read(reduce="mean")``     every later query, averaged instead of the max        -> ``mean``
 ==========================  =================================================================================
+
+The max marks a token that one reader needs badly (a fact a question asks for); the mean marks what every reader
+leans on (attention sinks, punctuation, the frequent words most heads park their attention on).
 
 :func:`received_attention` also returns the attention output ``p @ v``, so the frozen model runs on exactly the
 weights the targets were read from.
@@ -37,6 +44,8 @@ TARGETS = {
     "future": "attention received from every later query (max over the queries and the KV group's query heads)",
     "later": "attention received from the queries more than h tokens later (j > i + h), one later@<h> per horizon: "
              "what is left of a token's use once it is h tokens old (an upper bound of its use from step i + h + 1 on)",
+    "mean": "mean attention received from the later queries of its document (mean over the queries and the KV group's "
+            "query heads): H2O's accumulated attention per reader, what every reader leans on",
     "answer": "attention received from the queries that produce the answer tokens of a QA row (the token before each "
               "answer token: j with loss_mask[j + 1]); 0 for rows without an answer",
     "recon": "KVzip-style: attention received from the model's second reading of the row (after a repeat prompt), "
@@ -65,11 +74,17 @@ def target_names(targets, horizons) -> list[str]:
 @dataclass(frozen=True)
 class Read:
     """Which later queries a target reads: ``horizon`` (only ``j <= i + horizon``; None = every later query),
-    ``min_age`` (only ``j > i + min_age``) and ``queries`` ([Tq] bool over the chunked queries; None = all of them)."""
+    ``min_age`` (only ``j > i + min_age``) and ``queries`` ([Tq] bool over the chunked queries; None = all of them);
+    ``reduce``: ``"max"`` or ``"mean"`` over those queries and the group's heads."""
 
     horizon: int | None = None
     min_age: int = 0
     queries: torch.Tensor | None = None
+    reduce: str = "max"
+
+    def __post_init__(self):
+        if self.reduce not in ("max", "mean"):
+            raise ValueError(f"Read(reduce={self.reduce!r}): choose 'max' or 'mean'")
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float, q_idx: torch.Tensor,
@@ -93,6 +108,7 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
     k_idx = torch.arange(S, device=k.device)
     out = torch.empty(Hkv, G, Tq, D, device=q.device, dtype=torch.float32)
     best = {name: torch.zeros(Hkv, S, device=k.device) for name in reads}
+    readers = {name: torch.zeros(S, device=k.device) for name, r in reads.items() if r.reduce == "mean"}
     for c0 in range(0, Tq, chunk):
         c1 = min(c0 + chunk, Tq)
         j = q_idx[c0:c1]
@@ -106,7 +122,8 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
         if not reads:
             continue
         pm = p.amax(dim=1)                                                    # [Hkv, c, S] max over the group
-        later = delta > 0
+        pa = p.mean(dim=1) if readers else None                               # [Hkv, c, S] mean over the group
+        later = (delta > 0) & visible                                         # (a mean counts only its readers)
         for name, read in reads.items():
             m = later
             if read.horizon is not None:
@@ -118,17 +135,26 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
                 if not bool(sel.any()):
                     continue
                 m = m & sel[:, None]
-            best[name] = torch.maximum(best[name], pm.masked_fill(~m, 0.0).amax(dim=1))
+            if read.reduce == "mean":
+                best[name] += pa.masked_fill(~m, 0.0).sum(dim=1)
+                readers[name] += m.sum(dim=0)
+            else:
+                best[name] = torch.maximum(best[name], pm.masked_fill(~m, 0.0).amax(dim=1))
+    for name, n in readers.items():
+        best[name] = best[name] / n.clamp_min(1)
     return out.reshape(H, Tq, D).to(q.dtype), best
 
 
-def future_reads(horizons, answer_queries: torch.Tensor | None = None, later: bool = False) -> dict[str, Read]:
+def future_reads(horizons, answer_queries: torch.Tensor | None = None, later: bool = False,
+                 mean: bool = False) -> dict[str, Read]:
     """The reads of the first pass: ``future``, ``future@<h>`` per horizon (and ``later@<h>`` when ``later``),
-    ``answer`` when ``answer_queries`` [T] bool is given."""
+    ``mean`` when ``mean``, ``answer`` when ``answer_queries`` [T] bool is given."""
     reads = {"future": Read()}
     reads.update({horizon_name(h): Read(horizon=h) for h in horizons})
     if later:
         reads.update({later_name(h): Read(min_age=h) for h in horizons})
+    if mean:
+        reads["mean"] = Read(reduce="mean")
     if answer_queries is not None:
         reads["answer"] = Read(queries=answer_queries)
     return reads
