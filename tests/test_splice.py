@@ -31,6 +31,10 @@ def test_each_layer_comes_from_the_checkpoint_named_for_it():
     assert out.config.extra["spliced"] == {"base": "A", "base_fingerprint": fa, "other": "B", "other_fingerprint": fb,
                                            "layers_from_other": [1, 3]}
     assert layers_text([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    fitted = gates(2)
+    fitted.config.extra = {"trace_fit": {"settings": {"utility": {"answer": 1.0, "mean": 1.0}}}}
+    out = splice_gates(gates(0), fitted, [2])                # how the other's layers were fitted goes with them
+    assert out.config.extra["spliced"]["other_trace_fit"] == fitted.config.extra["trace_fit"]
 
 
 def test_what_cannot_be_spliced():

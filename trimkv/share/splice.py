@@ -20,7 +20,8 @@ SHAPE = ("gate_type", "gate_hidden", "activation", "num_layers", "num_kv_heads",
 
 def splice_gates(base, other, layers, *, base_name: str = "base", other_name: str = "other"):
     """``base`` (:class:`~trimkv.share.PretrainedGates`) with the gates of ``layers`` copied from ``other`` (in
-    place; returned). The config records where each part came from (``extra["spliced"]``)."""
+    place; returned). The config records where each part came from (``extra["spliced"]``), with the other's
+    trace-fit settings when it has them."""
     mine, theirs = base.config, other.config
     diff = [f"{k}: {getattr(mine, k)!r} vs {getattr(theirs, k)!r}" for k in SHAPE
             if getattr(mine, k) != getattr(theirs, k)]
@@ -39,6 +40,8 @@ def splice_gates(base, other, layers, *, base_name: str = "base", other_name: st
         raise ValueError(f"layers must be among 0..{mine.num_layers - 1} (got {bad or 'none'})")
     record = {"base": base_name, "base_fingerprint": base.fingerprint(), "other": other_name,
               "other_fingerprint": other.fingerprint(), "layers_from_other": layers}
+    if "trace_fit" in theirs.extra:            # how the other's layers were fitted (the base's own record stays)
+        record["other_trace_fit"] = theirs.extra["trace_fit"]
     for layer in layers:
         base[layer].load_state_dict(other[layer].state_dict())
     mine.extra = {**mine.extra, "spliced": record}
