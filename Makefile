@@ -96,23 +96,30 @@ train: venv model
 	$(PY) -m trimkv.cli train $(or $(RECIPE),recipes/smollm2-135m-qa-m64.yaml)
 
 # Gates learned from the frozen model's own attention, no backward through it (issue 21): a trace store of 128 QA
-# rows of 1k tokens (~13 min on one thread, 7.3 GB), gates fitted on it (~35 min), their LU-KV head budgets (~1 min),
-# and the hybrid: the distilled gates in layers 0-14, the fitted ones in 15-29 (`trimkv splice`, seconds), with its
-# LU-KV budgets (~3 min). `checkpoints/smollm2-135m-qa-fitted`, `smollm2-135m-lukv-fitted`, `smollm2-135m-qa-hybrid`
-# and `smollm2-135m-lukv-hybrid` were made by these commands (their n = 40 cells: `make eval-n40`). Rerunning resumes
-# the store and keeps finished folders.
-TRACE_STORE ?= runs/traces/qa-1k-s1-128
+# rows of 1k tokens (~13 min on one thread, 7.7 GB), gates fitted on it (~35 min), their LU-KV head budgets (~1 min),
+# the hybrid: the distilled gates in layers 0-14, the fitted ones in 15-29 (`trimkv splice`, seconds), with its LU-KV
+# budgets (~3 min); then layers 15-29 fitted on the answer attention plus the mean attention (~23 min) and their
+# hybrid, with its LU-KV budgets. `checkpoints/smollm2-135m-qa-hybrid-mean` and the `smollm2-135m-lukv-*` budgets were
+# made by these commands, `-qa-fitted` and `-qa-hybrid` by them on a store traced with `--targets future,answer,later`
+# (same rows, x and answer; their n = 40 cells: `make eval-n40`). Rerunning resumes the store, keeps finished folders.
+TRACE_STORE ?= runs/traces/qa-1k-mean
 FITTED      ?= runs/gates-fitted
 DISTILLED   ?= checkpoints/smollm2-135m-qa-m64
+FIT         := --steps 400 --lr 1e-2 --recent-pairs 0.5 --threads 1
 trace-fit: venv model
-	$(PY) -m trimkv.cli trace --data builtin:qa-plain --rows 128 --seq-len 1024 --seed 1 --targets future,answer,later \
+	$(PY) -m trimkv.cli trace --data builtin:qa-plain --rows 128 --seq-len 1024 --seed 1 --targets future,answer,mean \
 	    --hidden all --threads 1 --out $(TRACE_STORE)
-	test -d $(FITTED) || $(PY) -m trimkv.cli fit-trace $(TRACE_STORE) --utility answer --steps 400 --lr 1e-2 \
-	    --recent-pairs 0.5 --threads 1 --out $(FITTED)
+	test -d $(FITTED) || $(PY) -m trimkv.cli fit-trace $(TRACE_STORE) --utility answer $(FIT) --out $(FITTED)
 	test -d $(FITTED)-lukv || $(PY) -m trimkv.cli profile --gates $(FITTED) --threads 1 --out $(FITTED)-lukv
 	test -d $(FITTED)-hybrid || $(PY) -m trimkv.cli splice $(DISTILLED) $(FITTED) --layers 15-29 --out $(FITTED)-hybrid
 	test -d $(FITTED)-hybrid-lukv || $(PY) -m trimkv.cli profile --gates $(FITTED)-hybrid --policies trimkv --threads 1 \
 	    --out $(FITTED)-hybrid-lukv
+	test -d $(FITTED)-upper-mean || $(PY) -m trimkv.cli fit-trace $(TRACE_STORE) --utility answer=1,mean=1 \
+	    --layers 15-29 $(FIT) --out $(FITTED)-upper-mean
+	test -d $(FITTED)-hybrid-mean || $(PY) -m trimkv.cli splice $(DISTILLED) $(FITTED)-upper-mean --layers 15-29 \
+	    --out $(FITTED)-hybrid-mean
+	test -d $(FITTED)-hybrid-mean-lukv || $(PY) -m trimkv.cli profile --gates $(FITTED)-hybrid-mean --policies trimkv \
+	    --threads 1 --out $(FITTED)-hybrid-mean-lukv
 
 # The README's Results: the shipped gates vs the baselines (and the needle oracle), n = $(N) samples a cell. Finished
 # cells in results/ are reused (keyed by model, gates, task, length, budget, policy, n, seed and every setting), and
@@ -152,6 +159,8 @@ FITTED_CKPT ?= checkpoints/smollm2-135m-qa-fitted
 LUKV_FITTED ?= checkpoints/smollm2-135m-lukv-fitted
 HYBRID      ?= checkpoints/smollm2-135m-qa-hybrid
 LUKV_HYBRID ?= checkpoints/smollm2-135m-lukv-hybrid
+HYBRID_MEAN ?= checkpoints/smollm2-135m-qa-hybrid-mean
+LUKV_HYBRID_MEAN ?= checkpoints/smollm2-135m-lukv-hybrid-mean
 EVAL40    := $(PY) -m trimkv.cli eval --threads 1 --n 40 --tasks passkey --lengths 2048
 EVAL40_4K := $(PY) -m trimkv.cli eval --threads 1 --n 40 --tasks passkey --lengths 4096
 TASKS     := $(PY) -m trimkv.cli eval --threads 1 --n $(N) --tasks multikey_needle,variable_tracking --lengths 2048 \
@@ -206,6 +215,17 @@ eval-n40: venv model
 	$(TASKS) --gates $(HYBRID) --policies trimkv --out results/hybrid
 	$(FID) --gates $(HYBRID) --budgets 64,128 --policies trimkv,trimkv-global --out results/hybrid/fidelity
 	$(FID) --gates $(HYBRID) --budgets 47,94 --policies trimkv --head-budgets $(LUKV_HYBRID) --out results/hybrid/fidelity-lukv
+	$(EVAL40) --gates $(HYBRID_MEAN) --budgets 64,128 --policies trimkv --out results/hybrid-mean
+	$(EVAL40) --gates $(HYBRID_MEAN) --budgets 64 --policies trimkv-global --out results/hybrid-mean
+	$(EVAL40) --gates $(HYBRID_MEAN) --budgets 47 --policies trimkv --head-budgets $(LUKV_HYBRID_MEAN) \
+	    --out results/hybrid-mean
+	$(EVAL40_4K) --gates $(HYBRID_MEAN) --budgets 128 --policies trimkv --out results/hybrid-mean
+	$(EVAL40) --seed 1 --gates $(HYBRID_MEAN) --budgets 64 --policies trimkv --out results/hybrid-mean/seed1
+	$(EVAL40) --seed 1 --gates $(GATES) --budgets 64 --policies trimkv --out results/hybrid-mean/seed1
+	$(TASKS) --gates $(HYBRID_MEAN) --policies trimkv --out results/hybrid-mean
+	$(FID) --gates $(HYBRID_MEAN) --budgets 64,128 --policies trimkv,trimkv-global --out results/hybrid-mean/fidelity
+	$(FID) --gates $(HYBRID_MEAN) --budgets 47 --policies trimkv --head-budgets $(LUKV_HYBRID_MEAN) \
+	    --out results/hybrid-mean/fidelity-lukv
 
 eval-full: eval
 	$(EVAL) --tasks passkey --lengths 4096 --budgets 32,64,128 --policies full,oracle,$(POLICIES) --out results/passkey-4k

@@ -45,11 +45,18 @@ def test_every_eval_command_of_a_results_target_passes_the_checks_before_the_mod
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_the_trace_fit_target_runs_commands_that_parse():
-    """`make trace-fit`: trace store -> fitted gates -> their LU-KV budgets -> the hybrid -> its LU-KV budgets, each a
-    command line trimkv accepts, each reading what the one before it writes."""
+    """`make trace-fit`: trace store -> fitted gates -> their LU-KV budgets -> the hybrid -> its LU-KV budgets, then
+    the upper layers fitted on answer + mean -> their hybrid -> its budgets; each a command line trimkv accepts, each
+    reading what the one before it writes."""
     commands = make_commands("trace-fit")
-    assert [c[0] for c in commands] == ["trace", "fit-trace", "profile", "splice", "profile"]
-    trace, fit, profile, splice, profile2 = (build_parser().parse_args(c) for c in commands)
+    assert [c[0] for c in commands] == ["trace", "fit-trace", "profile", "splice", "profile",
+                                        "fit-trace", "splice", "profile"]
+    trace, fit, profile, splice, profile2, fit2, splice2, profile3 = (build_parser().parse_args(c) for c in commands)
+    assert "mean" in trace.targets and "answer" in trace.targets
     assert fit.store == trace.out and profile.gates == fit.out and fit.recent_pairs == 0.5
     assert splice.other == fit.out and splice.base == "checkpoints/smollm2-135m-qa-m64"
     assert splice.layers == list(range(15, 30)) and profile2.gates == splice.out
+    assert fit2.store == trace.out and fit2.layers == list(range(15, 30))
+    assert fit2.utility == {"answer": 1.0, "mean": 1.0} and fit2.recent_pairs == 0.5
+    assert splice2.other == fit2.out and splice2.base == splice.base and splice2.layers == splice.layers
+    assert profile3.gates == splice2.out
