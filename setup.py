@@ -11,7 +11,7 @@ from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
 # = trimkv.shipped.SHIPPED (a test checks they agree)
-SHIPPED = ("recipes", "checkpoints/smollm2-135m-qa-m64", "checkpoints/smollm2-135m-lukv")
+SHIPPED = ("recipes", "checkpoints/smollm2-135m-qa-hybrid-mean", "checkpoints/smollm2-135m-lukv-hybrid-mean")
 
 
 class BuildPyWithShipped(build_py):

@@ -13,8 +13,8 @@ it are skipped):
    and those steps (and a hard ``time_limit`` a little above the budget); tokens/s from its metrics;
 4. ``eval``: :func:`trimkv.eval.batched.run_eval_batched` on the README grid (passkey 2k / 4k / 8k, M = 32 / 64 /
    128, n = 40, the full cache, the new gates and every baseline), fp32 like the CPU cells so the two add up, in
-   priority order until ``--eval-seconds`` are spent (the cells left are listed); then the shipped 2k gates on the
-   same prompts, for the "better than the CPU-trained ones" question;
+   priority order until ``--eval-seconds`` are spent (the cells left are listed); then the distilled 2k gates (the
+   lower layers of the default gates) on the same prompts, for the "better than the CPU-trained ones" question;
 5. the folder (gates, ``train/metrics.jsonl``, ``eval/`` with ``results.md``, ``summary.txt``) bundled into
    ``--out`` (``$OUT`` on the device), without training checkpoints.
 
@@ -45,7 +45,7 @@ except ImportError:  # python bench/gpu_train.py
 
 REPO = gpu_parts.REPO
 RECIPE = REPO / "recipes" / "smollm2-135m-qa-4k-m128-gpu.yaml"
-SHIPPED = REPO / "checkpoints" / "smollm2-135m-qa-m64"
+DISTILLED = REPO / "checkpoints" / "smollm2-135m-qa-m64"      # the default gates' layers 0-14 come from these
 TRAIN_S, EVAL_S = 140.0, 120.0
 BASELINES = ["streaming", "snapkv", "h2o", "tova", "knorm", "keydiff"]
 # The README grid, most wanted first: (name, lengths, policies, gates). ``None`` gates: the ones trained here.
@@ -53,13 +53,13 @@ GRID = [
     ("gates 4k", [4096], ["full", "trimkv"], None),
     ("gates 2k", [2048], ["full", "trimkv"], None),
     ("gates 8k", [8192], ["full", "trimkv"], None),
-    ("shipped 2k/4k", [2048, 4096], ["trimkv"], SHIPPED),
+    ("distilled 2k/4k", [2048, 4096], ["trimkv"], DISTILLED),
     ("baselines", [2048, 4096, 8192], BASELINES, None),
     ("per prompt", [2048, 4096, 8192], ["oracle", "random"], None),
 ]
 # Seconds a group is expected to take on the H200 (guesses: ~1 s per batched cell and 1k tokens of prompt / 8k, 0.6 s
 # a prompt one at a time): a group starts only if its estimate fits what is left of the budget.
-GROUP_ESTIMATE = {"gates 4k": 10, "gates 2k": 6, "gates 8k": 15, "shipped 2k/4k": 10, "baselines": 60,
+GROUP_ESTIMATE = {"gates 4k": 10, "gates 2k": 6, "gates 8k": 15, "distilled 2k/4k": 10, "baselines": 60,
                   "per prompt": 300}
 # Rough seconds of the steps around training and eval on the H200 (model conversion, data, imports, bundling).
 OVERHEAD_S = {"assemble": 5, "size": 40, "data (beyond the sizing)": 20, "load": 20, "bundle": 10}

@@ -132,6 +132,7 @@ def test_the_wheel_carries_the_recipes_and_the_demo_gates(tmp_path):
     assert gates == {"config.json", "model.safetensors", "README.md"}
     allocation = {Path(n).name for n in names if n.startswith(f"trimkv/_shipped/{shipped.DEFAULT_ALLOCATION}/")}
     assert allocation == {"allocation.json", "README.md"}
-    assert not any("smollm2-135m-lukv-" in n for n in names)      # the other allocations stay in the repository
+    folders = {n.split("/")[3] for n in names if n.startswith("trimkv/_shipped/checkpoints/")}
+    assert folders == {Path(shipped.DEFAULT_GATES).name, Path(shipped.DEFAULT_ALLOCATION).name}   # the rest stay
     assert not any(n.startswith(("tests/", "checkpoints/", "recipes/")) for n in names)
     assert wheel.stat().st_size < 30 * 2**20

@@ -6,8 +6,9 @@ rate per method and the KV bytes it needed, then how far bounded decoding drifts
 (learned retention vs StreamingLLM).
 
 Uses the gate checkpoint shipped with trimkv (``checkpoints/`` of a clone, package data of an installed wheel:
-:mod:`trimkv.shipped`); ``--retrain`` trains new gates with a short CPU version of the same recipe first (~10 min on
-2 cores; far from the shipped gates' quality), into ``runs/demo`` under the current folder.
+:mod:`trimkv.shipped`: distilled gates in layers 0-14, trace-fitted ones above); ``--retrain`` first trains new gates
+with a short CPU version of the distillation recipe the lower layers come from (~10 min on 2 cores; far from the
+shipped gates' quality), into ``runs/demo`` under the current folder.
 """
 from __future__ import annotations
 

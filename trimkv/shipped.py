@@ -19,8 +19,9 @@ from .errors import RecipeError
 PACKAGE_DIR = Path(__file__).resolve().parent
 WHEEL_DATA = "_shipped"                                   # trimkv/_shipped/ in an installed wheel
 RECIPES = "recipes"
-DEFAULT_GATES = "checkpoints/smollm2-135m-qa-m64"         # the demo's gates (recipes/smollm2-135m-qa-m64.yaml)
-DEFAULT_ALLOCATION = "checkpoints/smollm2-135m-lukv"      # LU-KV head budgets for them (trimkv profile)
+# the demo's gates: distilled in layers 0-14 (recipes/smollm2-135m-qa-m64.yaml), trace-fitted in 15-29 (make trace-fit)
+DEFAULT_GATES = "checkpoints/smollm2-135m-qa-hybrid-mean"
+DEFAULT_ALLOCATION = "checkpoints/smollm2-135m-lukv-hybrid-mean"   # LU-KV head budgets for them (trimkv profile)
 SHIPPED = (RECIPES, DEFAULT_GATES, DEFAULT_ALLOCATION)    # what setup.py copies into the wheel
 
 
@@ -31,7 +32,7 @@ def shipped_root() -> Path:
 
 
 def default_gates() -> Path:
-    """The gate checkpoint the demo loads (the shipped SmolLM2 QA gates, M = 64)."""
+    """The gate checkpoint the demo loads (the shipped SmolLM2 QA gates, M = 64: distilled below, trace-fitted above)."""
     return shipped_root() / DEFAULT_GATES
 
 
