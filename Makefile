@@ -217,11 +217,14 @@ eval-n40: venv model
 	$(FID) --gates $(HYBRID) --budgets 47,94 --policies trimkv --head-budgets $(LUKV_HYBRID) --out results/hybrid/fidelity-lukv
 	$(EVAL40) --gates $(HYBRID_MEAN) --budgets 64,128 --policies trimkv --out results/hybrid-mean
 	$(EVAL40) --gates $(HYBRID_MEAN) --budgets 64 --policies trimkv-global --out results/hybrid-mean
-	$(EVAL40) --gates $(HYBRID_MEAN) --budgets 47 --policies trimkv --head-budgets $(LUKV_HYBRID_MEAN) \
+	$(EVAL40) --gates $(HYBRID_MEAN) --budgets 47,94 --policies trimkv --head-budgets $(LUKV_HYBRID_MEAN) \
 	    --out results/hybrid-mean
-	$(EVAL40_4K) --gates $(HYBRID_MEAN) --budgets 128 --policies trimkv --out results/hybrid-mean
+	$(EVAL40_4K) --gates $(HYBRID_MEAN) --budgets 128 --policies trimkv,trimkv-global --out results/hybrid-mean
+	$(EVAL40_4K) --gates $(HYBRID_MEAN) --budgets 94 --policies trimkv --head-budgets $(LUKV_HYBRID_MEAN) \
+	    --out results/hybrid-mean
 	$(EVAL40) --seed 1 --gates $(HYBRID_MEAN) --budgets 64 --policies trimkv --out results/hybrid-mean/seed1
 	$(EVAL40) --seed 1 --gates $(GATES) --budgets 64 --policies trimkv --out results/hybrid-mean/seed1
+	$(EVAL40) --seed 1 --budgets 64 --policies full --out results/hybrid-mean/seed1
 	$(TASKS) --gates $(HYBRID_MEAN) --policies trimkv --out results/hybrid-mean
 	$(FID) --gates $(HYBRID_MEAN) --budgets 64,128 --policies trimkv,trimkv-global --out results/hybrid-mean/fidelity
 	$(FID) --gates $(HYBRID_MEAN) --budgets 47 --policies trimkv --head-budgets $(LUKV_HYBRID_MEAN) \
