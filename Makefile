@@ -229,6 +229,9 @@ eval-n40: venv model
 	$(FID) --gates $(HYBRID_MEAN) --budgets 64,128 --policies trimkv,trimkv-global --out results/hybrid-mean/fidelity
 	$(FID) --gates $(HYBRID_MEAN) --budgets 47 --policies trimkv --head-budgets $(LUKV_HYBRID_MEAN) \
 	    --out results/hybrid-mean/fidelity-lukv
+	$(PY) -m trimkv.cli plot accuracy results/lukv-passkey-2k results/kvp/passkey-2k results/lukv-passkey-4k \
+	    results/hybrid-mean --tasks passkey --policies trimkv,trimkv-global,keydiff --x memory \
+	    --out results/hybrid-mean/passkey_vs_memory.png
 
 eval-full: eval
 	$(EVAL) --tasks passkey --lengths 4096 --budgets 32,64,128 --policies full,oracle,$(POLICIES) --out results/passkey-4k

@@ -285,6 +285,23 @@ def test_plot_cli_draws_several_results_folders_together(tmp_path, capsys):
     assert "no metrics.json" in capsys.readouterr().err
 
 
+def test_plot_cli_draws_only_the_tasks_and_policies_asked_for(tmp_path, monkeypatch, capsys):
+    """--tasks / --policies pick records (the full cache stays as the reference); a name the records lack is a usage
+    error that lists what they hold."""
+    from trimkv.eval import plots
+    from trimkv.eval.cli import main
+
+    recs = [dict(task=t, length=2048, policy=p, budget=None if p == "full" else 64, score=0.5)
+            for t in ("passkey", "multikey_needle") for p in ("full", "trimkv", "snapkv")]
+    (tmp_path / "metrics.json").write_text(json.dumps(recs))
+    drawn = []
+    monkeypatch.setattr(plots, "plot_accuracy_vs_budget", lambda records, path, x: drawn.append(records) or path)
+    assert main(["plot", "accuracy", str(tmp_path), "--tasks", "passkey", "--policies", "trimkv"]) == 0
+    assert sorted((r["task"], r["policy"]) for r in drawn[0]) == [("passkey", "full"), ("passkey", "trimkv")]
+    assert main(["plot", "accuracy", str(tmp_path), "--policies", "h2o"]) == 2
+    assert "--policies h2o: not in these records, which hold full, snapkv, trimkv" in capsys.readouterr().err
+
+
 def test_eval_cli_takes_device_and_dtype_and_its_results_reach_the_pushed_card(tokenizer, tmp_path, monkeypatch,
                                                                                fake_hub, capsys):
     """`trimkv eval --device cpu --dtype auto` loads the model so; its metrics.json, given to `trimkv push --results`,

@@ -401,6 +401,8 @@ def _plot_records(args: argparse.Namespace) -> int:
     if missing:
         raise UsageError(f"no {name} in {', '.join(missing)}: run `trimkv eval` with that --out first")
     recs = [r for f in folders for r in read_records(f / name)]
+    recs = _only(recs, "task", args.tasks, "--tasks")
+    recs = _only(recs, "policy", args.policies, "--policies", keep=("full",))
     if args.what == "accuracy":
         default = "accuracy_vs_budget.png" if args.x == "budget" else "accuracy_vs_memory.png"
         out = plots.plot_accuracy_vs_budget(recs, args.out or folders[0] / default, x=args.x)
@@ -408,6 +410,18 @@ def _plot_records(args: argparse.Namespace) -> int:
         out = plots.plot_fidelity(recs, args.out or folders[0] / f"fidelity_{args.metric}.png", metric=args.metric)
     print(out)
     return 0
+
+
+def _only(records: list[dict], field: str, wanted: list[str] | None, option: str, keep=()) -> list[dict]:
+    """The records whose ``field`` is one of ``wanted`` (all when None) or of ``keep``; a UsageError naming what the
+    records hold when one of ``wanted`` is not among them."""
+    if not wanted:
+        return records
+    held = sorted({str(r.get(field)) for r in records})
+    absent = [w for w in wanted if w not in held]
+    if absent:
+        raise UsageError(f"{option} {','.join(absent)}: not in these records, which hold {', '.join(held)}")
+    return [r for r in records if r.get(field) in wanted or r.get(field) in keep]
 
 
 def read_records(path: Path) -> list[dict]:
@@ -511,6 +525,10 @@ def add_commands(sub) -> None:
     p.add_argument("--metric", default="kl", choices=["kl", "top1", "ppl_ratio"], help="fidelity: the y axis")
     p.add_argument("--x", default="budget", choices=["budget", "memory"],
                    help="accuracy: the x axis, the budget M or the KV bytes each cache allocated")
+    p.add_argument("--tasks", type=names(TASK_NAMES, "task"), default=None, metavar="TASK[,TASK...]",
+                   help="accuracy: draw these tasks only (default: every task in the records)")
+    p.add_argument("--policies", type=names(EVAL_POLICY_NAMES, "policy"), default=None, metavar="POLICY[,POLICY...]",
+                   help="accuracy/fidelity: draw these policies only (the full cache is always drawn; default: all)")
     add_model_args(p)
     p.add_argument("--text", default=None, help="retention/kept: text to run (default: eval-split prose)")
     p.add_argument("--task", default=None, choices=TASK_NAMES, metavar="TASK",
