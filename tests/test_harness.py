@@ -300,6 +300,9 @@ def test_plot_cli_draws_only_the_tasks_and_policies_asked_for(tmp_path, monkeypa
     assert sorted((r["task"], r["policy"]) for r in drawn[0]) == [("passkey", "full"), ("passkey", "trimkv")]
     assert main(["plot", "accuracy", str(tmp_path), "--policies", "h2o"]) == 2
     assert "--policies h2o: not in these records, which hold full, snapkv, trimkv" in capsys.readouterr().err
+    (tmp_path / "fidelity.json").write_text("[]")
+    assert main(["plot", "fidelity", str(tmp_path), "--tasks", "passkey"]) == 2    # fidelity records have no task
+    assert "--tasks picks among the accuracy records" in capsys.readouterr().err
 
 
 def test_eval_cli_takes_device_and_dtype_and_its_results_reach_the_pushed_card(tokenizer, tmp_path, monkeypatch,

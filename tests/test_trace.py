@@ -148,6 +148,11 @@ def test_received_attention_reads_only_the_chosen_queries():
     torch.testing.assert_close(got["five"][:, :5], p[:, :, 5, :5].amax(1))
     assert float(got["five"][:, 5:].abs().max()) == 0.0
     assert bool((got["all"][:, 3] >= p[:, :, 9, 3].amax(1)).all())
+    _, alone = received_attention(q, k, v, scaling=8 ** -0.5, q_idx=torch.arange(12), chunk=5,
+                                  reads={"mean": Read(reduce="mean")})              # a mean read on its own
+    later = torch.ones(12, 12, dtype=torch.bool).tril(-1)                             # [j, i]: j > i
+    want = (p.mean(1) * later).sum(1) / later.sum(0).clamp_min(1)
+    torch.testing.assert_close(alone["mean"], want)
 
 
 # ------------------------------------------------------------------------------------------------ the store

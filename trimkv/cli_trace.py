@@ -147,8 +147,8 @@ def add_trace(sub) -> None:
                    help="decoder layers to trace (default: all)")
     t.add_argument("--targets", type=names(Names(lambda: TRACE_TARGETS), "target"), default=None,
                    metavar="T[,T...]", help="targets besides future (default: future,answer; later adds later@<h> "
-                                            "per horizon; mean: the mean attention received, H2O-style; recon adds a second forward, "
-                                            "about 3.5x the cost)"
+                                            "per horizon; mean: the mean attention received, H2O-style; recon "
+                                            "adds a second forward, about 3.5x the cost)"
                    ).names = TRACE_TARGETS
     t.add_argument("--horizons", type=integers(1, MAX_TOKENS, "queries"), default=None,
                    help="one future@<h> target per horizon h (default: 16,64,256)")

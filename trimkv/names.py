@@ -22,5 +22,5 @@ def check_names(owner: str, table, names: tuple[str, ...]) -> None:
 LUKV_GRID = (0.015, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.16)
 # ... and what one budget of an allocation covers: one (layer, KV head), or all KV heads of a layer (`--per`).
 LUKV_GRANULARITIES = ("head", "layer")
-TRACE_TARGETS = ("future", "later", "mean", "answer", "recon")   # trace store targets (trimkv.trace.targets); future@<h>,
-                                                          # later@<h> per horizon
+# trace store targets (trimkv.trace.targets); future@<h>, later@<h> per horizon
+TRACE_TARGETS = ("future", "later", "mean", "answer", "recon")

@@ -400,9 +400,11 @@ def _plot_records(args: argparse.Namespace) -> int:
     missing = [str(f / name) for f in folders if not (f / name).is_file()]
     if missing:
         raise UsageError(f"no {name} in {', '.join(missing)}: run `trimkv eval` with that --out first")
+    if args.tasks and args.what != "accuracy":
+        raise UsageError(f"--tasks picks among the accuracy records; {name} holds one kind of text, not tasks")
     recs = [r for f in folders for r in read_records(f / name)]
     recs = _only(recs, "task", args.tasks, "--tasks")
-    recs = _only(recs, "policy", args.policies, "--policies", keep=("full",))
+    recs = _only(recs, "policy", args.policies, "--policies", keep=(plots.FULL,))
     if args.what == "accuracy":
         default = "accuracy_vs_budget.png" if args.x == "budget" else "accuracy_vs_memory.png"
         out = plots.plot_accuracy_vs_budget(recs, args.out or folders[0] / default, x=args.x)

@@ -107,7 +107,7 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
     kf, vf = k.float(), v.float()
     k_idx = torch.arange(S, device=k.device)
     out = torch.empty(Hkv, G, Tq, D, device=q.device, dtype=torch.float32)
-    best = {name: torch.zeros(Hkv, S, device=k.device) for name in reads}
+    got = {name: torch.zeros(Hkv, S, device=k.device) for name in reads}       # a running max, or a sum (mean)
     readers = {name: torch.zeros(S, device=k.device) for name, r in reads.items() if r.reduce == "mean"}
     for c0 in range(0, Tq, chunk):
         c1 = min(c0 + chunk, Tq)
@@ -121,7 +121,7 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
         out[:, :, c0:c1] = torch.einsum("hgcs,hsd->hgcd", p, vf)
         if not reads:
             continue
-        pm = p.amax(dim=1)                                                    # [Hkv, c, S] max over the group
+        pm = p.amax(dim=1) if len(readers) < len(reads) else None            # [Hkv, c, S] max over the group
         pa = p.mean(dim=1) if readers else None                               # [Hkv, c, S] mean over the group
         later = (delta > 0) & visible                                         # (a mean counts only its readers)
         for name, read in reads.items():
@@ -136,13 +136,13 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
                     continue
                 m = m & sel[:, None]
             if read.reduce == "mean":
-                best[name] += pa.masked_fill(~m, 0.0).sum(dim=1)
+                got[name] += pa.masked_fill(~m, 0.0).sum(dim=1)
                 readers[name] += m.sum(dim=0)
             else:
-                best[name] = torch.maximum(best[name], pm.masked_fill(~m, 0.0).amax(dim=1))
+                got[name] = torch.maximum(got[name], pm.masked_fill(~m, 0.0).amax(dim=1))
     for name, n in readers.items():
-        best[name] = best[name] / n.clamp_min(1)
-    return out.reshape(H, Tq, D).to(q.dtype), best
+        got[name] = got[name] / n.clamp_min(1)
+    return out.reshape(H, Tq, D).to(q.dtype), got
 
 
 def future_reads(horizons, answer_queries: torch.Tensor | None = None, later: bool = False,
