@@ -41,10 +41,27 @@ class Part:
     def argv(self, out: Path, dry: bool) -> list[str]:
         return [a.replace("{out}", str(out)) for a in (self.dry_args if dry else self.gpu_args)]
 
+    def outputs(self, out: Path, dry: bool) -> list[Path]:
+        """What the part writes: its log and every argument under ``{out}/`` (a JSON file, a folder)."""
+        args = self.dry_args if dry else self.gpu_args
+        return [out / f"{self.name}.log"] + [out / a.removeprefix("{out}/") for a in args if a.startswith("{out}/")]
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a folder if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
 
 def run_part(part: Part, out: Path, *, dry: bool, timeout: float, in_process: bool = False) -> dict:
-    """Run one part; its output goes to ``out/<name>.log``. Returns a row of the summary table."""
+    """Run one part; its output goes to ``out/<name>.log``. Returns a row of the summary table. What an earlier run
+    of the part left in ``out`` is deleted first, so that a rerun on a warm machine neither trips over it nor reports
+    it as its own."""
     argv, log = part.argv(out, dry), out / f"{part.name}.log"
+    for path in part.outputs(out, dry):
+        remove(path)
     t0 = time.perf_counter()
     if in_process and not part.subprocess_only:
         ok, text = _in_process(part.module, argv)

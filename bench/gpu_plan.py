@@ -6,7 +6,7 @@ it should take.
 
 A visit is at most 15 minutes of device time, a command at most 600 s and 64 MiB (the working tree that travels with
 every command, plus the paths it carries). The default model's GGUF (~98 MB) does not fit one command beside the
-working tree (~29 MB), so it travels in parts, one per command, and waits in ``/tmp`` on the machine, which keeps it
+working tree (~27 MB), so it travels in parts, one per command, and waits in ``/tmp`` on the machine, which keeps it
 while the machine stays warm (30 s after a command: make the next call at once). The commands, in order:
 
 1. ``make gpu-verify`` carries the wheels and part 0;

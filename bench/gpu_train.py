@@ -13,8 +13,8 @@ it are skipped):
    and those steps (and a hard ``time_limit`` a little above the budget); tokens/s from its metrics;
 4. ``eval``: :func:`trimkv.eval.batched.run_eval_batched` on the README grid (passkey 2k / 4k / 8k, M = 32 / 64 /
    128, n = 40, the full cache, the new gates and every baseline), fp32 like the CPU cells so the two add up, in
-   priority order until ``--eval-seconds`` are spent (the cells left are listed); then the distilled 2k gates (the
-   lower layers of the default gates) on the same prompts, for the "better than the CPU-trained ones" question;
+   priority order until ``--eval-seconds`` are spent (the cells left are listed); then the default 2k gates (what
+   ships, and the warm start) on the same prompts, for the "better than the CPU-trained ones" question;
 5. the folder (gates, ``train/metrics.jsonl``, ``eval/`` with ``results.md``, ``summary.txt``) bundled into
    ``--out`` (``$OUT`` on the device), without training checkpoints.
 
@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from trimkv.shipped import DEFAULT_GATES
+
 try:
     from . import common, gpu_parts, gpu_stage
 except ImportError:  # python bench/gpu_train.py
@@ -45,7 +47,7 @@ except ImportError:  # python bench/gpu_train.py
 
 REPO = gpu_parts.REPO
 RECIPE = REPO / "recipes" / "smollm2-135m-qa-4k-m128-gpu.yaml"
-DISTILLED = REPO / "checkpoints" / "smollm2-135m-qa-m64"      # the default gates' layers 0-14 come from these
+DEFAULT = REPO / DEFAULT_GATES                                   # what ships, and the recipe's warm start
 TRAIN_S, EVAL_S = 140.0, 120.0
 BASELINES = ["streaming", "snapkv", "h2o", "tova", "knorm", "keydiff"]
 # The README grid, most wanted first: (name, lengths, policies, gates). ``None`` gates: the ones trained here.
@@ -53,14 +55,17 @@ GRID = [
     ("gates 4k", [4096], ["full", "trimkv"], None),
     ("gates 2k", [2048], ["full", "trimkv"], None),
     ("gates 8k", [8192], ["full", "trimkv"], None),
-    ("distilled 2k/4k", [2048, 4096], ["trimkv"], DISTILLED),
+    ("default 2k/4k", [2048, 4096], ["trimkv"], DEFAULT),
     ("baselines", [2048, 4096, 8192], BASELINES, None),
     ("per prompt", [2048, 4096, 8192], ["oracle", "random"], None),
 ]
 # Seconds a group is expected to take on the H200 (guesses: ~1 s per batched cell and 1k tokens of prompt / 8k, 0.6 s
 # a prompt one at a time): a group starts only if its estimate fits what is left of the budget.
-GROUP_ESTIMATE = {"gates 4k": 10, "gates 2k": 6, "gates 8k": 15, "distilled 2k/4k": 10, "baselines": 60,
+GROUP_ESTIMATE = {"gates 4k": 10, "gates 2k": 6, "gates 8k": 15, "default 2k/4k": 10, "baselines": 60,
                   "per prompt": 300}
+# What an earlier run left in the folder that a rerun deletes first (it keeps data-cache/ and the dry run's
+# tiny-model/, which are caches).
+EARLIER = ("train", "gates", "eval", "eval-default", "data-*.log", "summary.json", "summary.txt", "train.tar.gz*")
 # Rough seconds of the steps around training and eval on the H200 (model conversion, data, imports, bundling).
 OVERHEAD_S = {"assemble": 5, "size": 40, "data (beyond the sizing)": 20, "load": 20, "bundle": 10}
 
@@ -240,7 +245,7 @@ def evaluate(gates: Path, args, work: Path) -> tuple[dict, str]:
         if not args.dry_run and end - time.perf_counter() < GROUP_ESTIMATE[name]:
             left.append(name)
             continue
-        out = work / ("eval" if which is None else "eval-shipped")
+        out = work / ("eval" if which is None else "eval-default")
         t0 = time.perf_counter()
         run_eval_batched(model, tok, batch_size=args.n if not args.dry_run else 2, tasks=["passkey"],
                          lengths=lengths, policies=policies, gates=str(which or gates), out_dir=out, progress=False,
@@ -280,6 +285,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
     out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else work)
     work.mkdir(parents=True, exist_ok=True)
+    for pattern in EARLIER:             # a rerun on a warm machine starts over (the data cache stays)
+        for path in work.glob(pattern):
+            gpu_parts.remove(path)
     steps = Steps()
     sets = recipe_sets(args, work)
     steps.run("assemble", lambda: assemble(args.dry_run, work))

@@ -61,6 +61,38 @@ def test_plan_carries_each_part_once_under_the_limit(tmp_path):
     assert gpu_plan.visit_seconds(calls) <= gpu_plan.DEVICE_BUDGET_S
 
 
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs the git checkout (the tree a visit sends)")
+def test_this_checkout_leaves_room_for_the_model_in_three_commands(tmp_path):
+    """The working tree travels with every command of a visit, so what the repository tracks eats the room the model's
+    GGUF needs: past ~30 MiB the visit needs more commands than its 15 minutes hold."""
+    tree = gpu_stage.tree_bytes()
+    fix = "keep gates that nothing ships out of the tree (Makefile: ARCHIVED, make archived)"
+    try:
+        calls = gpu_plan.plan(tree=tree, repo=tmp_path)   # nothing staged in tmp_path: parts as staging would cut them
+    except gpu_stage.StageError as err:
+        pytest.fail(f"{err}: {fix}")
+    problems = [p for p in gpu_plan.check(calls, tmp_path) if "not staged yet" not in p]
+    assert len(calls) <= 3 and problems == [], (
+        f"the working tree is {tree / MiB:.1f} MiB, so a GPU visit takes {len(calls)} commands ({problems}): {fix}")
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs the git checkout (the tree a visit sends)")
+def test_the_gates_gpu_train_reads_travel_with_the_tree():
+    """The recipe's warm start and the comparison gates must be tracked (an archived folder would not be there), and
+    the warm start must have the recipe's gate shape."""
+    from trimkv.recipe import load_recipe
+
+    recipe = load_recipe(gpu_train.RECIPE)
+    warm = ROOT / recipe.gates.init_from
+    for folder in (warm, gpu_train.DEFAULT):
+        rel = folder.relative_to(ROOT).as_posix()
+        tracked = subprocess.run(["git", "ls-files", rel], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split()
+        assert f"{rel}/model.safetensors" in tracked and f"{rel}/config.json" in tracked, f"{rel} is not tracked"
+    config = json.loads((warm / "config.json").read_text())
+    assert (config["gate_type"], config["gate_hidden"]) == (recipe.gates.gate_type, recipe.gates.gate_hidden)
+
+
 def test_plan_names_an_oversized_or_missing_carry_and_the_fix(tmp_path):
     repo = _staged_repo(tmp_path, [29 * MiB, 40 * MiB, 30 * MiB])
     (repo / ".gguf_parts" / "part-2").unlink()
@@ -129,9 +161,26 @@ def test_verify_dry_run_runs_parts_tiny_on_this_cpu(tmp_path):
     assert (tmp_path / "out" / "verify.tar.gz").is_file() and (tmp_path / "out" / "summary.txt").is_file()
 
 
+def test_a_rerun_of_a_part_clears_what_the_last_run_left(tmp_path):
+    """A rerun on a warm machine: an earlier run's JSON is deleted before the part runs, so a part that now fails
+    reports its own error, not the earlier numbers."""
+    from bench import gpu_parts
+
+    part = gpu_parts.Part("p", "bench.no_such_module", [], ["--json", "{out}/bench_p.json", "--x", "{out}/p-dir"], 1,
+                          10, summarize=lambda out: json.loads((out / "bench_p.json").read_text())["line"])
+    (tmp_path / "p-dir").mkdir()
+    (tmp_path / "p-dir" / "state").write_text("an earlier run")
+    (tmp_path / "bench_p.json").write_text(json.dumps({"line": "stale numbers"}))
+    row = gpu_parts.run_part(part, tmp_path, dry=True, timeout=10, in_process=True)
+    assert not row["ok"] and "stale" not in row["result"] and "no_such_module" in row["result"]
+    assert not (tmp_path / "p-dir").exists() and not (tmp_path / "bench_p.json").exists()
+
+
 @pytest.mark.slow
 def test_train_dry_run_trains_evaluates_and_bundles_on_this_cpu(tmp_path):
-    rc = gpu_train.main(["--dry-run", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    argv = ["--dry-run", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    assert gpu_train.main(argv) == 0
+    rc = gpu_train.main(argv)               # again in the same folder, as a rerun on a warm machine would
     summary = json.loads((tmp_path / "work" / "summary.json").read_text())
     assert rc == 0, summary["rows"]
     assert [r["part"] for r in summary["rows"]] == ["assemble", "recipe", "data_start", "size", "data", "train", "eval"]

@@ -1,6 +1,8 @@
 """The Makefile's result targets run commands that hold together: every `trimkv eval` line of `make eval`,
 `make eval-n40` and `make eval-full` parses, and passes the checks that run before a model loads (the gate, KVP and
-allocation folders it names exist and fit its policies), so a results table never points at a command that fails."""
+allocation folders it names exist and fit its policies), so a results table never points at a command that fails.
+The gates those commands read but nothing ships are archived (`make archived` restores them from git history): they
+are checked as restored from there, and checked to be out of the working tree."""
 from __future__ import annotations
 
 import re
@@ -32,12 +34,43 @@ def make_commands(target: str) -> list[list[str]]:
     return commands
 
 
+def make_variable(name: str) -> str:
+    out = subprocess.run(["make", "-s", "--no-print-directory", "--eval", f"print-var: ; @echo $({name})", "print-var"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return out.strip()
+
+
+@pytest.fixture(scope="module")
+def archived(tmp_path_factory) -> dict[str, str]:
+    """``folder -> restored copy``: the archived gate folders as ``make archived`` restores them (``git archive`` of
+    ARCHIVE_COMMIT), here into a temporary folder rather than the checkout."""
+    commit, folders = make_variable("ARCHIVE_COMMIT"), make_variable("ARCHIVED").split()
+    if subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=ROOT).returncode != 0:
+        pytest.skip(f"the archive commit {commit[:7]} is not in this clone (shallow?): git fetch --unshallow")
+    dest = tmp_path_factory.mktemp("archived")
+    tar = subprocess.run(["git", "archive", commit, *folders], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=tar, check=True)
+    return {f: str(dest / f) for f in folders}
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_archived_gates_are_out_of_the_tree_and_restore_whole(archived):
+    tracked = subprocess.run(["git", "ls-files", "checkpoints"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert len(archived) == 4
+    for folder, copy in archived.items():
+        assert not any(t.startswith(folder + "/") for t in tracked), f"{folder} is tracked again"
+        assert subprocess.run(["git", "check-ignore", "-q", f"{folder}/config.json"], cwd=ROOT).returncode == 0
+        assert {p.name for p in Path(copy).iterdir()} >= {"config.json", "model.safetensors", "README.md"}
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 @pytest.mark.parametrize("target", ["eval", "eval-n40", "eval-full"])
-def test_every_eval_command_of_a_results_target_passes_the_checks_before_the_model(target):
+def test_every_eval_command_of_a_results_target_passes_the_checks_before_the_model(target, archived):
     commands = [c for c in make_commands(target) if c[0] == "eval"]
     assert commands, f"make -n {target} printed no trimkv eval command"
     for argv in commands:
+        argv = [archived.get(a, a) for a in argv]      # an archived folder: its restored copy
         args = build_parser().parse_args(argv)
         _resolve_eval_args(args)                  # raises UsageError / AllocationError / ... naming the problem
         assert args.out and not re.search(r"runs/eval-", args.out), argv     # results go to a named folder
