@@ -93,3 +93,21 @@ def test_the_trace_fit_target_runs_commands_that_parse():
     assert fit2.utility == {"answer": 1.0, "mean": 1.0} and fit2.recent_pairs == 0.5
     assert splice2.other == fit2.out and splice2.base == splice.base and splice2.layers == splice.layers
     assert profile3.gates == splice2.out
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_the_gpu_image_target_pins_the_image_and_runs_the_source_tree():
+    """`make test-gpu-image`: the image's pins replace the lock's (one pin per name), and the suite runs from the
+    source tree on PYTHONPATH, as on the GPU (torch 2.11 is below the library's floor: it is not installed)."""
+    pins = [line.split("==") for line in (ROOT / "constraints-gpu-image.txt").read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert all(len(p) == 2 for p in pins) and {"torch", "triton", "transformers"} <= {n for n, _ in pins}
+    out = subprocess.run(["make", "-n", "-B", "test-gpu-image", "GPU_IMAGE_PYTHON=python3"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    merge = next(line for line in out.replace("\\\n", " ").splitlines() if line.startswith("grep -v -i -E"))
+    merged = subprocess.run(["sh", "-c", merge.replace("> .venv-gpu-image/constraints.txt", "")], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    names = [line.split("==")[0].lower() for line in merged if "==" in line]
+    assert len(names) == len(set(names)) and "torch==2.11.0" in merged
+    assert {f"{n}=={v}" for n, v in pins} <= set(merged)
+    assert out.rstrip().splitlines()[-1].startswith(f"PYTHONPATH={ROOT} .venv-gpu-image/bin/python -m pytest")
