@@ -102,8 +102,8 @@ def test_the_gpu_image_target_pins_the_image_and_runs_the_source_tree():
     pins = [line.split("==") for line in (ROOT / "constraints-gpu-image.txt").read_text().splitlines()
             if line and not line.startswith("#")]
     assert all(len(p) == 2 for p in pins) and {"torch", "triton", "transformers"} <= {n for n, _ in pins}
-    out = subprocess.run(["make", "-n", "-B", "test-gpu-image", "GPU_IMAGE_PYTHON=python3"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["make", "-n", "-B", "--no-print-directory", "test-gpu-image", "GPU_IMAGE_PYTHON=python3"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
     merge = next(line for line in out.replace("\\\n", " ").splitlines() if line.startswith("grep -v -i -E"))
     merged = subprocess.run(["sh", "-c", merge.replace("> .venv-gpu-image/constraints.txt", "")], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout.splitlines()
