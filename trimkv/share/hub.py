@@ -66,7 +66,7 @@ def _download(repo_id: str, revision: str | None, local_files_only: bool | None)
     except (OSError, ValueError) as err:  # hub errors: not found, gated, offline, invalid id, incomplete cache
         where = f"{repo_id}@{revision}" if revision else repo_id
         how = "offline (HF_HUB_OFFLINE=1 or local_files_only=True) and not in the local Hub cache" if offline \
-            else "could not be fetched from the Hub"
+            else "not reachable on the Hub"
         raise CheckpointNotFoundError(
             f"{where!r} is neither a local folder nor a cached/reachable Hub repo: it is {how} "
             f"({type(err).__name__}: {err}). Check the path or repo id, log in for private repos, "
