@@ -111,3 +111,11 @@ def test_the_gpu_image_target_pins_the_image_and_runs_the_source_tree():
     assert len(names) == len(set(names)) and "torch==2.11.0" in merged
     assert {f"{n}=={v}" for n, v in pins} <= set(merged)
     assert out.rstrip().splitlines()[-1].startswith(f"PYTHONPATH={ROOT} .venv-gpu-image/bin/python -m pytest")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_archived_names_the_fix_when_the_commit_is_missing(tmp_path):
+    target = str(tmp_path / "gates")
+    run = subprocess.run(["make", "-s", "--no-print-directory", f"ARCHIVED={target}", "ARCHIVE_COMMIT=" + "0" * 40,
+                          target], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode != 0 and "git fetch --unshallow" in run.stderr and not (tmp_path / "gates").exists()
