@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from trimkv.shipped import DEFAULT_GATES
+from trimkv.shipped import default_gates
 
 try:
     from . import common, gpu_parts, gpu_stage
@@ -47,7 +47,7 @@ except ImportError:  # python bench/gpu_train.py
 
 REPO = gpu_parts.REPO
 RECIPE = REPO / "recipes" / "smollm2-135m-qa-4k-m128-gpu.yaml"
-DEFAULT = REPO / DEFAULT_GATES                                   # what ships, and the recipe's warm start
+DEFAULT = default_gates()                # what ships, and the recipe's warm start
 TRAIN_S, EVAL_S = 140.0, 120.0
 BASELINES = ["streaming", "snapkv", "h2o", "tova", "knorm", "keydiff"]
 # The README grid, most wanted first: (name, lengths, policies, gates). ``None`` gates: the ones trained here.

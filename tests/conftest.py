@@ -23,7 +23,8 @@ def _triton_version() -> tuple[int, ...] | None:
         return None
 
 
-if not torch.cuda.is_available() and (_triton_version() or TRITON_FLOOR) >= TRITON_FLOOR:
+_TRITON = _triton_version()
+if not torch.cuda.is_available() and (_TRITON is None or _TRITON >= TRITON_FLOOR):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # where device-generic tests build every tensor
